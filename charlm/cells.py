@@ -1,0 +1,116 @@
+"""The recurrent cells of model-spec.md, written from scratch: one time step, nothing else.
+
+Shapes: B batch, D input size, H hidden size, G gates (1 for the RNN, 4 for the LSTM).
+Parameters use torch.nn's names and layout (weight_ih [G*H, D], weight_hh [G*H, H],
+bias_ih [G*H], bias_hh [G*H]; LSTM gate order i, f, g, o), so their values copy straight
+into torch.nn.RNN / torch.nn.LSTM, which the tests use as the reference.
+
+Each cell splits a step in two so a layer can project all T inputs in one matmul:
+    gx = project_input(x)   = W_ih x_t + b_ih + b_hh       (any number of steps at once)
+    state = step(gx, state)  adds W_hh h_{t-1} and applies the gate equations
+`forward(x, state)` is the two together: the plain one-step cell.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+State = tuple[torch.Tensor, ...]  # per cell: (h,) for the RNN, (h, c) for the LSTM, each [B, H]
+
+
+class _Cell(nn.Module):
+    gates = 1
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        gh = self.gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gh, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(gh, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(gh))
+        self.bias_hh = nn.Parameter(torch.empty(gh))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialisation, gate block by gate block (each block is one [H, D] / [H, H] matrix):
+        - weight_ih: Glorot/Xavier uniform, so a gate's input term starts with unit-order
+          variance whatever D is (D is V for one-hot input, E for an embedding);
+        - weight_hh: orthogonal (Saxe et al. 2014): the recurrent map starts norm-preserving,
+          so gradients neither vanish nor explode through the first long BPTT windows;
+        - biases: zero, except where a cell says otherwise (the LSTM forget gate)."""
+        H = self.hidden_size
+        with torch.no_grad():
+            for k in range(self.gates):
+                nn.init.xavier_uniform_(self.weight_ih[k * H:(k + 1) * H])
+                nn.init.orthogonal_(self.weight_hh[k * H:(k + 1) * H])
+            self.bias_ih.zero_()
+            self.bias_hh.zero_()
+
+    def project_input(self, x: torch.Tensor) -> torch.Tensor:
+        """W_ih x + b_ih + b_hh for x [..., D] -> [..., G*H] (both biases folded in here)."""
+        return F.linear(x, self.weight_ih, self.bias_ih + self.bias_hh)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+        return tuple(zeros.clone() for _ in range(self.state_size))
+
+    def forward(self, x: torch.Tensor, state: State) -> State:
+        """One time step from the raw input x [B, D]; returns the new state."""
+        return self.step(self.project_input(x), state)
+
+
+class RNNCell(_Cell):
+    """Vanilla (Elman) RNN: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
+
+    (model-spec's W_xh = weight_ih, b_h = b_ih + b_hh; the two-bias form is torch.nn's.)
+    """
+
+    gates = 1
+    state_size = 1
+
+    def step(self, gx: torch.Tensor, state: State) -> State:
+        (h,) = state
+        h = torch.tanh(torch.addmm(gx, h, self.weight_hh.t()))  # [B, H]
+        return (h,)
+
+
+class LSTMCell(_Cell):
+    """LSTM with gates i, f, g, o computed from [h_{t-1}, x_t]:
+
+        i_t = sigmoid(W_ii x_t + b_ii + W_hi h_{t-1} + b_hi)    input gate
+        f_t = sigmoid(W_if x_t + b_if + W_hf h_{t-1} + b_hf)    forget gate
+        g_t = tanh   (W_ig x_t + b_ig + W_hg h_{t-1} + b_hg)    candidate values
+        o_t = sigmoid(W_io x_t + b_io + W_ho h_{t-1} + b_ho)    output gate
+        c_t = f_t * c_{t-1} + i_t * g_t
+        h_t = o_t * tanh(c_t)
+    """
+
+    gates = 4
+    state_size = 2
+    forget_bias = 1.0
+
+    def reset_parameters(self) -> None:
+        """As `_Cell`, plus forget-gate bias 1 (Gers et al. 2000; Jozefowicz et al. 2015):
+        f_t starts near sigmoid(1) = 0.73 instead of 0.5, so the cell keeps its memory and
+        passes gradient back through c from the first steps, instead of halving it each step.
+        It is put on bias_ih alone so the sum b_ih + b_hh, which the equations use, is 1."""
+        super().reset_parameters()
+        H = self.hidden_size
+        with torch.no_grad():
+            self.bias_ih[H:2 * H].fill_(self.forget_bias)
+
+    def step(self, gx: torch.Tensor, state: State) -> State:
+        h, c = state
+        gates = torch.addmm(gx, h, self.weight_hh.t())  # [B, 4H]
+        # chunk, not slicing: its backward is one concatenation instead of a zero-filled
+        # [B, 4H] gradient per gate.
+        i, f, g, o = gates.chunk(4, dim=1)  # each [B, H]
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * c + i * g  # [B, H]
+        h = o * torch.tanh(c)  # [B, H]
+        return (h, c)
+
+
+CELLS = {"rnn": RNNCell, "lstm": LSTMCell}

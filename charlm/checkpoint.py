@@ -1,0 +1,118 @@
+"""Versioned, atomic checkpoint files, loaded without executing code from them.
+
+A checkpoint is a dict of plain Python values and tensors written with torch.save and read
+with torch.load(weights_only=True), which refuses anything else (no arbitrary unpickling).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from charlm import __version__
+from charlm.config import ConfigError, ModelConfig, validate_config
+from charlm.errors import UserError
+from charlm.model import CharLM, build_model
+from charlm.vocab import Vocab
+
+FORMAT = "charlm-checkpoint"
+FORMAT_VERSION = 1
+LAST, BEST = "last.pt", "best.pt"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, damaged, foreign or inconsistent."""
+
+
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """A checkpoint file, or a run dir (its best.pt, else its last.pt)."""
+    path = Path(spec)
+    if path.is_dir():
+        for name in (BEST, LAST):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"run dir {path} holds no checkpoint ({BEST} or {LAST}); train first")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def save_checkpoint(payload: dict, path: Path) -> None:
+    """Write atomically: temp file in the same folder, fsync, rename, fsync the folder.
+
+    A crash at any moment leaves either the old file or the new one, never half of one."""
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "charlm_version": __version__, **payload}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; "
+                              "the previous checkpoint is unchanged") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(spec: str | Path) -> dict:
+    """The payload of a checkpoint file or run dir, on the CPU, checked for format and version."""
+    path = resolve_checkpoint(spec)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} is not a charlm checkpoint or holds objects that are not plain data; "
+                              "refusing to load it (loading never runs code from a file)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is damaged or not a checkpoint ({reason})") from None
+    _check_format(payload, path)
+    return payload
+
+
+def _check_format(payload: object, path: Path) -> None:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a charlm checkpoint")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version!r}, newer than this charlm "
+                              f"({__version__}) reads (format {FORMAT_VERSION}); upgrade charlm")
+    for key in ("config", "vocab", "model"):
+        if key not in payload:
+            raise CheckpointError(f"{path} is incomplete: it has no {key!r} entry")
+
+
+def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu") -> tuple[CharLM, Vocab]:
+    """Rebuild the model and vocabulary a checkpoint describes, with its weights, in eval mode."""
+    try:
+        model_cfg = validate_config(payload["config"], "checkpoint config").model
+        vocab = Vocab.from_dict(payload["vocab"])
+    except (ConfigError, KeyError, TypeError, AssertionError) as err:
+        raise CheckpointError(f"checkpoint has an invalid config or vocabulary: {err}") from None
+    model = build_model(model_cfg, len(vocab))
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, TypeError) as err:
+        first = str(err).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else (first[0] if first else "")
+        raise CheckpointError(f"checkpoint weights do not match its config and vocabulary "
+                              f"({len(vocab)} characters): {detail}") from None
+    return model.to(device).eval(), vocab
+
+
+def describe_model(cfg: ModelConfig) -> str:
+    input_desc = f"embedding {cfg.embedding_dim}" if cfg.input == "embedding" else "one-hot"
+    return f"{cfg.type.upper()} {cfg.num_layers}x{cfg.hidden_size}, {input_desc} input, dropout {cfg.dropout}"

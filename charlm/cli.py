@@ -1,0 +1,206 @@
+"""The `charlm` command: parse options, call the library, print. No tensor math here.
+
+Every UserError (and every option click rejects) ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from charlm.checkpoint import describe_model, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from charlm.config import load_config, sample_settings, validate_config, with_absolute_paths
+from charlm.data import read_text, read_text_file
+from charlm.errors import UserError
+from charlm.evaluate import evaluate_text
+from charlm.rundir import CONFIG
+from charlm.runtime import resolve_device
+from charlm.sample import generate, make_generator
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, sample and evaluate character-level RNN/LSTM language models.")
+err_console = Console(stderr=True, highlight=False)
+
+CHECKPOINT_HELP = "A checkpoint file, or a run dir (its best.pt, else last.pt)."
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run dir (default: runs/<config file stem>)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a config key: --set train.lr=1e-3 (repeatable)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (overrides train.device)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the run dir from its last.pt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in the run dir."),
+) -> None:
+    """Train a model from a YAML config."""
+    from charlm.trainer import train as run_training  # noqa: PLC0415 - keeps `charlm --help` fast
+
+    if config is None:
+        if not (resume and out is not None):
+            raise UserError("give --config FILE (or --resume --out RUN_DIR to continue a run with its own config)")
+        config = out / CONFIG
+    sets = list(overrides) + ([f"train.device={device}"] if device else [])
+    cfg = with_absolute_paths(load_config(config, sets))
+    run_dir = out if out is not None else Path("runs") / config.stem
+    outcome = run_training(cfg, run_dir, resume=resume, overwrite=overwrite)
+    _report_training(outcome, run_dir)
+    if outcome.signal is not None:
+        raise typer.Exit(128 + outcome.signal)
+
+
+def _report_training(outcome, run_dir: Path) -> None:
+    console = Console(highlight=False)
+    if outcome.stop_reason == "interrupted":
+        name = signal.Signals(outcome.signal).name
+        console.print(f"{name}: stopped at step {outcome.step}; saved {run_dir / 'last.pt'}. "
+                      f"Resume with: charlm train --resume --out {run_dir}")
+        return
+    minutes = outcome.elapsed / 60
+    console.print(f"done: {outcome.step} steps, {outcome.epoch} full epochs, {minutes:.1f} min")
+    if outcome.best_val_loss is not None:
+        bpc = outcome.best_val_loss / 0.6931471805599453
+        console.print(f"best val loss {outcome.best_val_loss:.4f} nats ({bpc:.4f} bpc) at step {outcome.best_step}: "
+                      f"{run_dir / 'best.pt'}")
+    console.print(f"sample with: charlm sample --checkpoint {run_dir} --prompt \"...\"")
+
+
+@app.command()
+def sample(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help=CHECKPOINT_HELP),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to start from (default: sample.prompt)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a UTF-8 file."),
+    length: Optional[int] = typer.Option(None, "--length", "-n", help="Characters to generate per sample."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy; <1 safer, >1 wilder."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Draw only from the k most likely characters."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Draw only from the nucleus of probability p, in (0, 1]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Draw this many samples in one batch.", min=1, max=10_000),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Generate text from a trained model, streamed as it is drawn."""
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    payload = load_checkpoint(checkpoint)
+    model, vocab = model_from_checkpoint(payload, resolve_device(device))
+    settings = sample_settings(validate_config(payload["config"], "checkpoint config").sample, length=length,
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    text = read_text_file(prompt_file) if prompt_file is not None else prompt
+    text = _default_prompt(settings.prompt, vocab) if text is None or text == "" else text
+    prompt_ids = vocab.encode_strict(text, "the prompt")
+    generator, used_seed = make_generator(next(model.parameters()).device, settings.seed)
+    stream = sys.stdout
+    on_step = None
+    if num_samples == 1:
+        stream.write(text)
+        on_step = lambda ids: (stream.write(vocab.chars[int(ids[0])]), stream.flush())  # noqa: E731
+    out = generate(model, prompt_ids, settings.length, num_samples, settings.temperature, settings.top_k,
+                   settings.top_p, generator, on_step)
+    if num_samples == 1:
+        stream.write("\n")
+    else:
+        for k, row in enumerate(out):
+            stream.write(f"==> sample {k + 1} <==\n{text}{vocab.decode(row)}\n")
+    stream.flush()
+    if settings.seed is None:
+        err_console.print(f"[dim]seed {used_seed} (pass --seed {used_seed} to draw the same text again)[/]")
+
+
+def _default_prompt(configured: str, vocab) -> str:
+    if configured and all(c in vocab.chars for c in configured):
+        return configured
+    return vocab.chars[0]
+
+
+@app.command(name="eval")
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help=CHECKPOINT_HELP),
+    text: str = typer.Option(..., "--text", help="Text to score: a file, folder or glob of UTF-8 text."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Parallel streams the text is cut into.", min=1),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Measure loss, bits per character and perplexity on a text."""
+    payload = load_checkpoint(checkpoint)
+    model, vocab = model_from_checkpoint(payload, resolve_device(device))
+    result = evaluate_text(model, vocab, read_text(text), batch_size)
+    if as_json:
+        print(json.dumps({**result.to_dict(), "checkpoint": str(resolve_checkpoint(checkpoint)), "text": text}))
+        return
+    console = Console(highlight=False)
+    console.print(f"loss {result.loss_nats:.4f} nats/char | {result.bpc:.4f} bits/char | "
+                  f"perplexity {result.perplexity:.3f} | {result.chars:,} characters scored")
+    if result.oov_chars:
+        console.print(f"{result.oov_chars:,} characters not in the model's vocabulary were skipped "
+                      "(neither fed to the model nor scored)")
+
+
+@app.command()
+def info(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help=CHECKPOINT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Describe a checkpoint: model, size, vocabulary, progress, best validation loss."""
+    payload = load_checkpoint(checkpoint)
+    model, vocab = model_from_checkpoint(payload)
+    cfg = validate_config(payload["config"], "checkpoint config")
+    best = payload.get("best_val_loss")
+    facts = {
+        "checkpoint": str(resolve_checkpoint(checkpoint)), "model": describe_model(cfg.model),
+        "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(vocab),
+        "step": payload.get("step"), "epoch": payload.get("epoch"),
+        "best_val_loss": best, "best_val_bpc": None if best is None else best / 0.6931471805599453,
+        "best_step": payload.get("best_step"), "device": payload.get("device"),
+        "elapsed_seconds": payload.get("elapsed"), "data": cfg.data.path,
+    }
+    if as_json:
+        print(json.dumps(facts))
+        return
+    console = Console(highlight=False)
+    for key, value in facts.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+        console.print(f"{key.replace('_', ' '):>16}  {shown}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run the app; user errors become one line on stderr and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="charlm", standalone_mode=False)
+    except UserError as err:
+        _fail(str(err))
+    except BrokenPipeError:
+        sys.exit(0)  # e.g. `charlm sample ... | head`
+    except Exception as err:  # noqa: BLE001 - typer's (vendored) click exceptions have no public base class
+        _exit_for_click_error(err)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_for_click_error(err: Exception) -> None:
+    """Option-parsing errors (bad value, unknown option, missing option) -> one line, exit 2."""
+    if type(err).__name__ == "NoArgsIsHelpError":
+        print(err.format_message(), file=sys.stderr)
+        sys.exit(2)
+    if type(err).__name__ == "Abort":
+        sys.exit(130)
+    if hasattr(err, "format_message") and getattr(err, "exit_code", None) == 2:
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        _fail(err.format_message() + hint)
+    raise err
+
+
+def _fail(message: str) -> None:
+    for line in message.splitlines() or [message]:
+        print(f"charlm: error: {line}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

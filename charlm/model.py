@@ -1,0 +1,70 @@
+"""CharLM: characters -> (one-hot | embedding) -> recurrent stack -> dropout -> linear head.
+
+Shape letters: B batch, T time, V vocabulary, E embedding, H hidden, L layers.
+The loss is computed outside the model; callers treat the state as opaque and use
+`init_state` / `detach_state`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from charlm.cells import State
+from charlm.layers import RecurrentStack
+
+if TYPE_CHECKING:
+    from charlm.config import ModelConfig
+
+
+class CharLM(nn.Module):
+    def __init__(self, vocab_size: int, cell: str = "lstm", hidden_size: int = 256, num_layers: int = 2,
+                 dropout: float = 0.0, input: str = "embedding", embedding_dim: int = 64):
+        super().__init__()
+        assert input in ("onehot", "embedding"), f"unknown input kind {input!r}"
+        self.vocab_size = vocab_size
+        # Embedding init: torch's N(0, 1), so each input feature has unit variance, which the
+        # layer-0 Xavier init assumes. One-hot input needs no parameters: x_t is a basis vector
+        # and layer 0's weight_ih [4H, V] plays the embedding's role.
+        self.embedding = nn.Embedding(vocab_size, embedding_dim) if input == "embedding" else None
+        input_size = embedding_dim if self.embedding is not None else vocab_size
+        self.rnn = RecurrentStack(cell, input_size, hidden_size, num_layers, dropout)
+        self.dropout = nn.Dropout(dropout)
+        # Head init: torch's Linear default U(+-1/sqrt(H)); logits start small, so the first
+        # loss is close to the uniform ln V and no character starts out favoured.
+        self.head = nn.Linear(hidden_size, vocab_size)
+
+    def init_state(self, batch_size: int, device=None) -> State:
+        param = self.head.weight
+        return self.rnn.init_state(batch_size, device=device or param.device, dtype=param.dtype)
+
+    @staticmethod
+    def detach_state(state: State) -> State:
+        return tuple(s.detach() for s in state)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [T, B] -> x [T, B, D] (D = E, or V for one-hot)."""
+        if self.embedding is not None:
+            return self.embedding(idx)
+        return F.one_hot(idx, self.vocab_size).to(self.head.weight.dtype)
+
+    def forward(self, idx: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """idx [B, T] -> logits [B, T, V] and the state after the last step."""
+        if state is None:
+            state = self.init_state(idx.shape[0], idx.device)
+        x = self.embed(idx.t())  # [T, B, D]
+        h, state = self.rnn(x, state)  # [T, B, H]
+        logits = self.head(self.dropout(h))  # [T, B, V]
+        return logits.transpose(0, 1), state  # [B, T, V] (a view)
+
+
+def build_model(cfg: "ModelConfig", vocab_size: int) -> CharLM:
+    return CharLM(vocab_size, cell=cfg.type, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                  dropout=cfg.dropout, input=cfg.input, embedding_dim=cfg.embedding_dim)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

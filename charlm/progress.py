@@ -1,0 +1,53 @@
+"""The training display: a rich progress bar on a terminal, plain lines elsewhere (CI logs)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+_TOTAL = 1000  # the bar counts thousandths of the budget (steps or time, whichever ends first)
+
+
+def _fmt_rate(chars_per_sec: float) -> str:
+    return f"{chars_per_sec / 1000:.1f}k" if chars_per_sec >= 1000 else f"{chars_per_sec:.0f}"
+
+
+class TrainingDisplay:
+    def __init__(self, console: Optional[Console] = None):
+        self.console = console or Console(highlight=False)
+        self.live = self.console.is_terminal
+        self.fields = {"step": "0", "loss": "-", "val": "-", "lr": "-", "rate": "-"}
+        self._progress = Progress(
+            TextColumn("step {task.fields[step]}"), BarColumn(bar_width=24),
+            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  lr {task.fields[lr]}  "
+                       "{task.fields[rate]} chars/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, disable=not self.live, transient=False)
+        self._task = self._progress.add_task("train", total=_TOTAL, **self.fields)
+
+    def __enter__(self) -> "TrainingDisplay":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+    def update(self, fraction: float, step: int, max_steps: Optional[int]) -> None:
+        self.fields["step"] = f"{step}/{max_steps}" if max_steps else str(step)
+        self._progress.update(self._task, completed=min(fraction, 1.0) * _TOTAL, **self.fields)
+
+    def on_log(self, step: int, epoch: int, loss: float, lr: float, grad_norm: float, chars_per_sec: float) -> None:
+        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=_fmt_rate(chars_per_sec))
+        if not self.live:
+            self.message(f"step {step} epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
+                         f"grad norm {grad_norm:.3f} | {_fmt_rate(chars_per_sec)} chars/s")
+
+    def on_eval(self, step: int, val_loss: float, val_bpc: float, best: bool, seconds: float) -> None:
+        self.fields["val"] = f"{val_loss:.4f} ({val_bpc:.3f} bpc)"
+        marker = "  [bold green]new best[/]" if best else ""
+        self.message(f"step {step} | val loss {val_loss:.4f} nats | {val_bpc:.4f} bpc | eval {seconds:.1f}s{marker}")

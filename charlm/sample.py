@@ -1,0 +1,75 @@
+"""Text generation: a pure `pick_next` rule and a state-caching generation loop."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+
+def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Draw one id per row of logits [B, V] -> [B] (int64).
+
+    temperature 0 is greedy (argmax). top_k keeps the k highest logits; top_p keeps the
+    smallest set of most likely ids whose probability reaches p (the nucleus); both apply
+    after temperature scaling, top_k first."""
+    assert temperature >= 0, "temperature must be >= 0"
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # [B, V]
+    if top_k is not None and top_k < logits.shape[-1]:
+        values, indices = logits.topk(top_k, dim=-1)  # [B, k]
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+    if top_p is not None and top_p < 1.0:
+        logits = _nucleus(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)  # [B, V]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top-p nucleus of its row."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the ids ranked above each one
+    sorted_logits[mass_before >= top_p] = float("-inf")  # the top id always has mass_before 0
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
+
+
+def make_generator(device: torch.device, seed: Optional[int]) -> tuple[torch.Generator, int]:
+    """A generator on `device`, seeded with `seed` or a fresh random seed; returns both."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        seed = generator.seed()
+    generator.manual_seed(seed)
+    return generator, seed
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_samples: int = 1,
+             temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+             generator: Optional[torch.Generator] = None,
+             on_step: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+    """Continue a prompt (ids [P], P >= 1) by `length` ids in `num_samples` parallel samples.
+
+    The prompt is run once to warm up the state, which is then cached: each new id costs one
+    step. `on_step` receives each new column of ids [N] as soon as it is drawn (for streaming).
+    Returns the generated ids [N, length] (without the prompt)."""
+    assert length >= 1, "length must be at least 1"
+    assert prompt_ids.numel() >= 1, "generation needs a prompt of at least one character"
+    model.eval()
+    device = next(model.parameters()).device
+    logits, state = model(prompt_ids.to(device).long()[None], None)  # [1, P, V]
+    logits = logits[:, -1].expand(num_samples, -1)  # [N, V]
+    state = tuple(s.repeat(1, num_samples, 1) for s in state)  # each [L, N, H]
+    out = torch.empty(num_samples, length, dtype=torch.long)
+    for t in range(length):
+        nxt = pick_next(logits, temperature, top_k, top_p, generator)  # [N]
+        out[:, t] = nxt.cpu()
+        if on_step is not None:
+            on_step(out[:, t])
+        if t + 1 < length:
+            logits, state = model(nxt[:, None], state)  # [N, 1, V]
+            logits = logits[:, -1]
+    return out

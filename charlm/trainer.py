@@ -1,0 +1,284 @@
+"""The training loop: optimise, clip, carry and detach state, evaluate, checkpoint.
+
+The trainer only uses the model's forward, init_state and detach_state: it does not know
+which recurrent model it trains.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from charlm.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from charlm.config import Config, TrainConfig
+from charlm.data import Corpus, TBPTTBatches, load_corpus
+from charlm.errors import UserError
+from charlm.evaluate import EvalResult, evaluate_ids
+from charlm.model import build_model, count_parameters
+from charlm.progress import TrainingDisplay
+from charlm.rundir import MetricsLog, prepare_run_dir, write_config
+from charlm.runtime import describe_device, resolve_device, rng_state, seed_everything, set_rng_state
+
+
+class Budget:
+    """How far a run is through train.max_steps / train.max_time: the larger fraction wins."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.max_steps, self.max_seconds = cfg.max_steps, cfg.max_time_seconds
+
+    def fraction(self, step: int, elapsed: float) -> float:
+        parts = []
+        if self.max_steps is not None:
+            parts.append(step / self.max_steps)
+        if self.max_seconds is not None:
+            parts.append(elapsed / self.max_seconds)
+        return max(parts)
+
+    def reached(self, step: int, elapsed: float) -> bool:
+        return self.fraction(step, elapsed) >= 1.0
+
+
+def learning_rate(cfg: TrainConfig, step: int, fraction: float) -> float:
+    """Linear warmup over warmup_steps, then constant, or cosine from lr to min_lr over the budget."""
+    warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_schedule == "constant":
+        return cfg.lr * warmup
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
+    return (cfg.min_lr + (cfg.lr - cfg.min_lr) * cosine) * warmup
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay applies to weight matrices only, never to biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+class StopRequests:
+    """Turns SIGINT / SIGTERM into a flag the loop checks between steps, so a step is never cut in half."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __enter__(self) -> "StopRequests":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    step: int
+    epoch: int
+    elapsed: float
+    stop_reason: str  # "budget" or "interrupted"
+    best_val_loss: Optional[float]
+    best_step: Optional[int]
+    last_val: Optional[EvalResult]
+    signal: Optional[int] = None
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    epoch: int = 0
+    window: int = 0
+    elapsed_before: float = 0.0  # training seconds of earlier sessions of this run
+    best_val_loss: Optional[float] = None
+    best_step: Optional[int] = None
+    last_eval_step: int = -1
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, corpus: Corpus, device: torch.device, display: TrainingDisplay):
+        self.cfg, self.run_dir, self.corpus, self.device, self.display = cfg, run_dir, corpus, device, display
+        seed_everything(cfg.train.seed)
+        self.model = build_model(cfg.model, len(corpus.vocab)).to(device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.batches = TBPTTBatches(corpus.train_ids, cfg.train.batch_size, cfg.train.seq_len)
+        self.budget = Budget(cfg.train)
+        self.pos = _Progress()
+        self.state = self.model.init_state(cfg.train.batch_size)
+        self.last_val: Optional[EvalResult] = None
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def payload(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(), "vocab": self.corpus.vocab.to_dict(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.pos.step, "epoch": self.pos.epoch, "window": self.pos.window,
+            "elapsed": self.elapsed(), "train_state": [s.detach().cpu() for s in self.state],
+            "rng": rng_state(), "best_val_loss": self.pos.best_val_loss, "best_step": self.pos.best_step,
+            "val_loss": self.last_val.loss_nats if self.last_val else None,
+            "device": describe_device(self.device), "data_fingerprint": self.corpus.fingerprint,
+            "num_parameters": count_parameters(self.model),
+        }
+
+    def restore(self, payload: dict) -> None:
+        check_resumable(payload, self.cfg, self.corpus)
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state = tuple(s.to(self.device) for s in payload["train_state"])
+        set_rng_state(payload["rng"])
+        self.pos = _Progress(step=payload["step"], epoch=payload["epoch"], window=payload["window"],
+                             elapsed_before=payload["elapsed"], best_val_loss=payload["best_val_loss"],
+                             best_step=payload["best_step"], last_eval_step=payload["step"])
+
+    def save(self, best: bool) -> None:
+        payload = self.payload()
+        save_checkpoint(payload, self.run_dir / LAST)
+        if best:
+            save_checkpoint(payload, self.run_dir / BEST)
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return self.pos.elapsed_before + (time.perf_counter() - self._t0)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One TBPTT window: forward with the carried state, backward, clip, AdamW step."""
+        if self.pos.window == 0:
+            self.state = self.model.init_state(self.cfg.train.batch_size)  # a new epoch starts from scratch
+        x, y = self.batches.window(self.pos.window)  # [B, T] each
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        logits, state = self.model(x, self.state)  # [B, T, V]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # norm before clipping
+        lr = learning_rate(self.cfg.train, self.pos.step, self.budget.fraction(self.pos.step, self.elapsed()))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.state = self.model.detach_state(state)  # carry the state, cut the graph
+        self._advance()
+        return loss.detach(), grad_norm.detach(), x.numel()
+
+    def _advance(self) -> None:
+        self.pos.step += 1
+        self.pos.window += 1
+        if self.pos.window == self.batches.windows_per_epoch:
+            self.pos.epoch, self.pos.window = self.pos.epoch + 1, 0
+
+    def evaluate_and_save(self, metrics: MetricsLog) -> None:
+        started = time.perf_counter()
+        result = evaluate_ids(self.model, self.corpus.val_ids, self.cfg.train.eval_batch_size)
+        best = self.pos.best_val_loss is None or result.loss_nats < self.pos.best_val_loss
+        if best:
+            self.pos.best_val_loss, self.pos.best_step = result.loss_nats, self.pos.step
+        self.last_val, self.pos.last_eval_step = result, self.pos.step
+        seconds = time.perf_counter() - started
+        metrics.write("eval", step=self.pos.step, epoch=self.pos.epoch, val_loss=result.loss_nats,
+                      val_bpc=result.bpc, best_val_loss=self.pos.best_val_loss, elapsed=self.elapsed(),
+                      eval_seconds=seconds)
+        self.display.on_eval(self.pos.step, result.loss_nats, result.bpc, best, seconds)
+        self.save(best)
+
+    def run(self, metrics: MetricsLog) -> TrainOutcome:
+        cfg = self.cfg.train
+        self._t0 = time.perf_counter()
+        self.model.train()
+        # Interval statistics stay on the device: reading them every step would sync a GPU.
+        zero = torch.zeros((), device=self.device)
+        loss_sum, norm_max, chars, steps, tick = zero, zero, 0, 0, time.perf_counter()
+        with StopRequests() as stop:
+            while not self.budget.reached(self.pos.step, self.elapsed()) and stop.signal is None:
+                loss, grad_norm, n = self.train_step()
+                loss_sum, norm_max = loss_sum + loss, torch.maximum(norm_max, grad_norm)
+                chars, steps = chars + n, steps + 1
+                if self.pos.step % cfg.log_interval == 0:
+                    rate = chars / (time.perf_counter() - tick)
+                    self._log(metrics, float(loss_sum) / steps, float(norm_max), rate)
+                    loss_sum, norm_max, chars, steps, tick = zero, zero, 0, 0, time.perf_counter()
+                if self.pos.step % cfg.eval_interval == 0:
+                    self.evaluate_and_save(metrics)
+                    tick = time.perf_counter()  # eval time is not training throughput
+                self.display.update(self.budget.fraction(self.pos.step, self.elapsed()), self.pos.step, cfg.max_steps)
+            if stop.signal is not None:
+                self.save(best=False)
+            elif self.pos.last_eval_step != self.pos.step:
+                self.evaluate_and_save(metrics)
+        reason = "interrupted" if stop.signal is not None else "budget"
+        metrics.write("end", step=self.pos.step, epoch=self.pos.epoch, elapsed=self.elapsed(), reason=reason,
+                      best_val_loss=self.pos.best_val_loss, best_step=self.pos.best_step)
+        return TrainOutcome(self.run_dir, self.pos.step, self.pos.epoch, self.elapsed(), reason,
+                            self.pos.best_val_loss, self.pos.best_step, self.last_val, stop.signal)
+
+    def _log(self, metrics: MetricsLog, loss: float, grad_norm: float, rate: float) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        metrics.write("train", step=self.pos.step, epoch=self.pos.epoch, loss=loss, lr=lr,
+                      grad_norm=grad_norm, chars_per_sec=rate, elapsed=self.elapsed())
+        self.display.on_log(self.pos.step, self.pos.epoch, loss, lr, grad_norm, rate)
+
+
+def check_resumable(payload: dict, cfg: Config, corpus: Corpus) -> None:
+    """A checkpoint resumes only with the same model, data and batch layout."""
+    saved, now = payload["config"], cfg.to_dict()
+    changed = [f"{section}.{key}" for section in ("model", "data") for key in now[section]
+               if saved.get(section, {}).get(key) != now[section][key]]
+    changed += [f"train.{key}" for key in ("batch_size", "seq_len")
+                if saved.get("train", {}).get(key) != now["train"][key]]
+    if changed:
+        raise CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config; "
+                              "resume with the run's own config (omit --config) or start a new run")
+    if payload.get("data_fingerprint") != corpus.fingerprint:
+        raise CheckpointError("cannot resume: the training text has changed since the checkpoint was written")
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
+          display: Optional[TrainingDisplay] = None) -> TrainOutcome:
+    """Train a model as `cfg` says, writing the run into `run_dir`."""
+    display = display or TrainingDisplay()
+    prepare_run_dir(run_dir, resume, overwrite)
+    payload = load_checkpoint(run_dir / LAST) if resume else None
+    corpus = load_corpus(cfg.data.path, cfg.data.val_path, cfg.data.val_fraction)
+    device = resolve_device(cfg.train.device)
+    trainer = Trainer(cfg, run_dir, corpus, device, display)
+    if payload is not None:
+        trainer.restore(payload)
+        if trainer.budget.reached(trainer.pos.step, trainer.pos.elapsed_before):
+            raise UserError(f"the run in {run_dir} already reached its budget (step {trainer.pos.step}); "
+                            "raise train.max_steps or train.max_time with --set to train further")
+    write_config(run_dir, cfg.to_dict())
+    _announce(display, trainer, corpus, device, payload is not None)
+    metrics = MetricsLog(run_dir)
+    metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),
+                  num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
+                  train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel())
+    try:
+        with display:
+            return trainer.run(metrics)
+    finally:
+        metrics.close()
+
+
+def _announce(display: TrainingDisplay, trainer: Trainer, corpus: Corpus, device: torch.device, resumed: bool) -> None:
+    cfg = trainer.cfg
+    display.message(f"device: {describe_device(device)}")
+    display.message(f"data: {corpus.train_ids.numel():,} train / {corpus.val_ids.numel():,} val characters, "
+                    f"vocabulary {len(corpus.vocab)}"
+                    + (f" ({corpus.val_oov_chars:,} val characters not in it are skipped)" if corpus.val_oov_chars else ""))
+    display.message(f"model: {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size}, "
+                    f"{count_parameters(trainer.model):,} parameters; "
+                    f"{trainer.batches.windows_per_epoch} steps per epoch")
+    if resumed:
+        display.message(f"resuming from step {trainer.pos.step} (epoch {trainer.pos.epoch})")
