@@ -71,6 +71,8 @@ def _fsync_dir(folder: Path) -> None:
 def load_checkpoint(spec: str | Path) -> dict:
     """The payload of a checkpoint file or run dir, on the CPU, checked for format and version."""
     path = resolve_checkpoint(spec)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is foreign or cut short
+        raise CheckpointError(f"{path} is damaged or not a checkpoint (not a complete torch archive)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

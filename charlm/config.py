@@ -176,7 +176,7 @@ def _parse_yaml(text: str, source: str) -> Any:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        if "\t" in text and "tab" in str(err).lower():
+        if "\t" in text and "'\\t'" in str(err):
             problem = "tabs are not allowed for indentation in YAML; use spaces"
         raise ConfigError(f"{source}: invalid YAML{where}: {problem}") from None
 

@@ -114,15 +114,15 @@ def load_corpus(path: str, val_path: str | None, val_fraction: float) -> Corpus:
         train_text, val_text = text, read_text(val_path)
     else:
         train_text, val_text = split_text(text, val_fraction)
-    if len(val_text) < 2:
-        raise DataError(f"the validation text has {len(val_text)} character(s); it needs at least 2 "
-                        "(use more text, a larger data.val_fraction or data.val_path)")
     vocab = Vocab.from_text(train_text)
+    val = vocab.encode(val_text)
+    if val.ids.numel() < 2:
+        raise DataError(f"the validation text has {val.ids.numel()} character(s) that occur in the training "
+                        "text; it needs at least 2 (use more text, a larger data.val_fraction or data.val_path)")
     digest = hashlib.sha256()
     digest.update(train_text.encode("utf-8"))
     digest.update(b"\x00")
     digest.update(val_text.encode("utf-8"))
-    val = vocab.encode(val_text)
     return Corpus(vocab, vocab.encode(train_text).ids, val.ids, val.oov_chars, digest.hexdigest())
 
 

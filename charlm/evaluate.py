@@ -16,6 +16,7 @@ from charlm.vocab import Vocab
 
 IGNORE = -100  # target id of padding: not scored
 _LOGITS_BUDGET = 1 << 22  # logits held at once (S x window x V), so a big vocabulary stays in memory
+MIN_STREAM = 512  # characters per stream at least: a stream's first characters lack context
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,16 @@ class EvalResult:
         return asdict(self)
 
 
-def stream_layout(ids: torch.Tensor, streams: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stream_layout(ids: torch.Tensor, streams: int, min_stream: int = MIN_STREAM) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut N ids into S parallel streams so every one of the N - 1 predictions is made once.
 
+    S is at most `streams`, and small enough that each stream holds `min_stream` predictions.
     inputs[s, j] = ids[s*L + j], targets[s, j] = ids[s*L + j + 1]; the tail of the last
     stream is padded (input 0, target IGNORE). Returns two int64 tensors [S, L].
     """
     predictions = ids.numel() - 1
     assert predictions >= 1, "need at least two characters to score one"
-    streams = max(1, min(streams, predictions))
+    streams = max(1, min(streams, predictions // min_stream))
     length = -(-predictions // streams)
     inputs = torch.zeros(streams * length, dtype=torch.long)
     targets = torch.full((streams * length,), IGNORE, dtype=torch.long)
@@ -48,13 +50,14 @@ def stream_layout(ids: torch.Tensor, streams: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, window: int | None = None) -> EvalResult:
+def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, window: int | None = None,
+                 min_stream: int = MIN_STREAM) -> EvalResult:
     """Score `ids` with S streams read in windows, state carried from window to window.
 
     Each stream starts from a zero state, so its first few characters see less context than
     in one long pass; with S = 1 the result is exactly one long pass."""
     device = next(model.parameters()).device
-    inputs, targets = stream_layout(ids, streams)  # [S, L]
+    inputs, targets = stream_layout(ids, streams, min_stream)  # [S, L]
     if window is None:
         window = max(1, min(512, _LOGITS_BUDGET // (inputs.shape[0] * model.vocab_size)))
     was_training = model.training
@@ -65,7 +68,9 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, w
             x = inputs[:, start:start + window].to(device)  # [S, W]
             y = targets[:, start:start + window].to(device)  # [S, W]
             logits, state = model(x, state)  # [S, W, V]
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+            if logits.dtype not in (torch.float32, torch.float64):
+                logits = logits.float()  # sum half-precision logits in float32
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                      ignore_index=IGNORE, reduction="sum").item()
             count += int((y != IGNORE).sum())
     finally:

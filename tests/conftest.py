@@ -1,0 +1,68 @@
+"""Shared fixtures: small texts, tiny configs, and ways to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+# A short, varied English text; tests repeat it to get the length they need.
+PARAGRAPH = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, "
+    "it was the age of foolishness, it was the epoch of belief, it was the epoch of "
+    "incredulity, it was the season of Light, it was the season of Darkness.\n"
+)
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "input.txt"
+    path.write_text(PARAGRAPH * 20, encoding="utf-8")
+    return path
+
+
+def tiny_config(data_path: Path, **sections) -> dict:
+    """A config that trains in about a second; `sections` update its parts."""
+    config = {
+        "data": {"path": str(data_path), "val_fraction": 0.2},
+        "model": {"type": "lstm", "hidden_size": 16, "num_layers": 1, "embedding_dim": 8},
+        "train": {"batch_size": 4, "seq_len": 16, "lr": 0.01, "max_steps": 6, "eval_interval": 3,
+                  "log_interval": 2, "device": "cpu"},
+        "sample": {"length": 20},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    def write(config: dict, name: str = "tiny.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        return path
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m charlm ARGS` in a fresh process, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "charlm", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def needs_shared_data(path: Path):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (shared corpora not mounted)")

@@ -1,0 +1,207 @@
+"""The real CLI end to end on tiny data, and every user mistake as one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from charlm.cli import main
+import yaml
+
+from conftest import PARAGRAPH, run_cli, tiny_config
+
+
+def call(capsys, *argv):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def assert_user_error(result, fragment):
+    code, _, err = result
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("charlm: error: "), err
+    assert fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run trained once per module through the real entry point (a subprocess)."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    text_file = tmp_path / "input.txt"
+    text_file.write_text(PARAGRAPH * 20, encoding="utf-8")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(text_file)), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "--config", str(config), "--out", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    return run_dir, config, result
+
+
+def test_train_sample_eval_info_end_to_end(trained, cli, text_file):
+    run_dir, _, result = trained
+    assert "device: cpu" in result.stdout and "val loss" in result.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    events = [json.loads(line)["event"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "end" and "train" in events and "eval" in events
+
+    first = cli("sample", "--checkpoint", str(run_dir), "--prompt", "It was", "--length", "40", "--seed", "3")
+    again = cli("sample", "--checkpoint", str(run_dir), "--prompt", "It was", "--length", "40", "--seed", "3")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == again.stdout and first.stdout.startswith("It was") and len(first.stdout) == 6 + 40 + 1
+
+    evaluated = cli("eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert {"loss_nats", "bpc", "perplexity", "chars", "oov_chars"} <= set(report)
+    assert report["chars"] == len(PARAGRAPH * 20) - 1 and report["oov_chars"] == 0
+
+    info = cli("info", "--checkpoint", str(run_dir), "--json")
+    facts = json.loads(info.stdout)
+    assert facts["step"] == 6 and facts["vocab_size"] > 20 and facts["parameters"] > 1000
+    assert facts["device"] == "cpu" and facts["best_val_loss"] is not None
+
+
+def test_python_dash_m_and_help(cli):
+    result = cli("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "sample" in result.stdout
+
+
+def test_greedy_batched_samples_and_eval_with_oov(trained, capsys, tmp_path):
+    run_dir = trained[0]
+    code, out, err = call(capsys, "sample", "--checkpoint", str(run_dir), "--prompt", "It", "--length", "10",
+                          "--temperature", "0", "--num-samples", "3")
+    assert code == 0, err
+    samples = [line for line in out.splitlines() if line.startswith("It")]
+    assert len(samples) == 3 and len(set(samples)) == 1  # greedy: all three identical
+    odd = tmp_path / "odd.txt"
+    odd.write_text("It was the best ~~ of times", encoding="utf-8")
+    code, out, err = call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(odd), "--json")
+    assert json.loads(out)["oov_chars"] == 2
+
+
+def test_resume_gives_exactly_the_same_parameters(tmp_path, text_file, write_config, cli):
+    """20 steps in one run == 10 steps + resume + 10 steps (dropout on, so RNG state matters too)."""
+    config = write_config(tiny_config(text_file, model={"dropout": 0.2, "num_layers": 2},
+                                      train={"max_steps": 20, "eval_interval": 5, "lr_schedule": "constant",
+                                             "warmup_steps": 8}))
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli("train", "--config", str(config), "--out", str(whole)).returncode == 0
+    assert cli("train", "--config", str(config), "--out", str(split), "--set", "train.max_steps=10").returncode == 0
+    resumed = cli("train", "--resume", "--out", str(split), "--set", "train.max_steps=20")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 10" in resumed.stdout
+    a = torch.load(whole / "last.pt", weights_only=True)
+    b = torch.load(split / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_run_dir_is_never_silently_overwritten(trained, capsys, tmp_path):
+    run_dir, config = tmp_path / "run", trained[1]
+    shutil.copytree(trained[0], run_dir)
+    before = (run_dir / "last.pt").read_bytes()
+    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(run_dir)), "already holds a run")
+    assert (run_dir / "last.pt").read_bytes() == before
+    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(run_dir), "--resume"),
+                      "already reached its budget")
+    code, _, err = call(capsys, "train", "--config", str(config), "--out", str(run_dir), "--overwrite")
+    assert code == 0, err
+
+
+def write(tmp_path, name, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("data,fragment", [
+    (None, "data path not found"),
+    (b"", "is empty"),
+    (b"\x7fELF\x00\x00binary", "binary file"),
+    (b"good text then \xe9 latin-1", "not valid UTF-8: bad byte 0xe9 at byte offset 15"),
+    (b"abc" * 7, "one window needs train.batch_size x train.seq_len + 1 = 65"),
+])
+def test_bad_training_data(tmp_path, write_config, capsys, data, fragment):
+    path = tmp_path / "data.txt"
+    if data is not None:
+        path.write_bytes(data)
+    config = write_config(tiny_config(path))
+    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "r")), fragment)
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["--set", "train.batch_size=-1"], "train.batch_size: input should be greater than 0"),
+    (["--set", "model.hidden_size=0"], "model.hidden_size: input should be greater than 0"),
+    (["--set", "train.lr=abc"], "train.lr: input should be a valid number"),
+    (["--set", "train.lrate=1"], "did you mean 'lr'?"),
+    (["--device", "cuda:7"], "CUDA"),
+    (["--device", "tpu"], "train.device: must be auto, cpu, cuda, cuda:N or mps"),
+])
+def test_bad_config_values(tmp_path, text_file, write_config, capsys, overrides, fragment):
+    if "cuda:7" in overrides and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    config = write_config(tiny_config(text_file))
+    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "r"), *overrides),
+                      fragment)
+
+
+def test_bad_yaml_and_unknown_key(tmp_path, capsys):
+    bad = write(tmp_path, "bad.yaml", b"data: [oops\n")
+    assert_user_error(call(capsys, "train", "--config", str(bad)), "invalid YAML at line")
+    typo = write(tmp_path, "typo.yaml", b"data:\n  path: x\ntrain:\n  max_step: 3\n")
+    code, _, err = call(capsys, "train", "--config", str(typo))
+    assert code == 2 and "train.max_step: unknown key; did you mean 'max_steps'?" in err
+    assert_user_error(call(capsys, "train", "--config", str(tmp_path / "none.yaml")), "config file not found")
+    assert_user_error(call(capsys, "train"), "give --config FILE")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--prompt", "Zebra{}"], "the prompt has 3 character(s) the model never saw"),
+    (["--length", "0"], "--length: input should be greater than 0"),
+    (["--length", "99999999999"], "--length: input should be less than or equal to 1000000"),
+    (["--top-p", "0"], "--top-p: input should be greater than 0"),
+    (["--top-p", "1.5"], "--top-p: input should be less than or equal to 1"),
+    (["--top-k", "-3"], "--top-k: input should be greater than 0"),
+    (["--temperature", "-1"], "--temperature: input should be greater than or equal to 0"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--length", "many"], "Invalid value for '--length'"),
+    (["--prompt", "a", "--prompt-file", "f"], "not both"),
+])
+def test_bad_sample_options(trained, capsys, args, fragment):
+    assert_user_error(call(capsys, "sample", "--checkpoint", str(trained[0]), *args), fragment)
+
+
+def test_bad_checkpoints(tmp_path, capsys, text_file):
+    assert_user_error(call(capsys, "sample", "--checkpoint", str(tmp_path / "missing.pt")), "checkpoint not found")
+    junk = write(tmp_path, "junk.pt", b"this is not a checkpoint at all")
+    for command in (["sample"], ["eval", "--text", str(text_file)], ["info"]):
+        assert_user_error(call(capsys, *command, "--checkpoint", str(junk)), "damaged or not a checkpoint")
+
+
+def test_malicious_checkpoint_is_refused_by_every_command(tmp_path, capsys, text_file, write_config):
+    from test_checkpoint import write_exploit
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    run_dir.mkdir()
+    write_exploit(run_dir / "last.pt", marker)
+    config = write_config(tiny_config(text_file))
+    for command in (["sample", "--checkpoint", str(run_dir)], ["eval", "--checkpoint", str(run_dir), "--text", str(text_file)],
+                    ["info", "--checkpoint", str(run_dir)], ["train", "--config", str(config), "--out", str(run_dir), "--resume"]):
+        assert_user_error(call(capsys, *command), "refusing to load it")
+    assert not marker.exists()
+
+
+def test_eval_text_errors(trained, capsys, tmp_path):
+    run_dir = trained[0]
+    assert_user_error(call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(tmp_path / "no.txt")),
+                      "data path not found")
+    unknown = write(tmp_path, "unknown.txt", "½¾¼".encode())
+    assert_user_error(call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(unknown)), "at least 2")

@@ -1,0 +1,137 @@
+"""Config loading: every shipped config validates; every bad key, type or range names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from charlm.config import (Config, ConfigError, SampleConfig, load_config, parse_duration, sample_settings,
+                           with_absolute_paths)
+from conftest import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_required_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"shakespeare_rnn.yaml", "shakespeare_lstm.yaml", "stdlib_lstm.yaml", "tiny.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads_and_opens_with_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    head = path.read_text(encoding="utf-8").splitlines()[:4]
+    assert any(f"charlm train --config configs/{path.name}" in line for line in head)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+MINIMAL = "data:\n  path: x.txt\ntrain:\n  max_steps: 10\n"
+
+
+def problem(tmp_path: Path, text: str, *overrides: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), overrides)
+    return str(err.value)
+
+
+def test_defaults_fill_in(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.model.type == "lstm" and cfg.train.lr == 2e-3 and cfg.data.val_fraction == 0.1
+
+
+@pytest.mark.parametrize("text,expected", [
+    (MINIMAL + "  lr: -0.1\n", "train.lr: input should be greater than 0 (got -0.1)"),
+    (MINIMAL + "  batch_size: 0\n", "train.batch_size: input should be greater than 0"),
+    (MINIMAL + "  batch_size: many\n", "train.batch_size: input should be a valid integer"),
+    (MINIMAL + "  lerning_rate: 1\n", "train.lerning_rate: unknown key"),
+    (MINIMAL + "  lr_schedul: cosine\n", "did you mean 'lr_schedule'?"),
+    (MINIMAL + "model:\n  hiden_size: 3\n", "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
+    (MINIMAL + "model:\n  type: gru2\n", "model.type: input should be 'rnn' or 'lstm'"),
+    (MINIMAL + "model:\n  dropout: 1.5\n", "model.dropout: input should be less than 1"),
+    (MINIMAL + "  device: gpu\n", "train.device: must be auto, cpu, cuda, cuda:N or mps"),
+    (MINIMAL + "  max_time: soon\n", "train.max_time: must be a duration"),
+    (MINIMAL + "sample:\n  top_p: 1.5\n", "sample.top_p: input should be less than or equal to 1"),
+    (MINIMAL + "sample:\n  temperature: -1\n", "sample.temperature: input should be greater than or equal to 0"),
+    (MINIMAL + "modle:\n  type: rnn\n", "modle: unknown section; did you mean 'model'?"),
+    ("train:\n  max_steps: 3\n", "data: required key is missing"),
+    ("data:\n  path: x\ntrain:\n  lr: 0.1\n", "set train.max_steps or train.max_time"),
+    ("- a\n- b\n", "must be a YAML mapping"),
+    ("", "the config file is empty"),
+    ("data:\n\tpath: x\n", "tabs are not allowed"),
+    ("data:\n  path: x\n  path: y\ntrain:\n  max_steps: 1\n", "duplicate key 'path'"),
+    ("data: [unclosed\n", "invalid YAML at line"),
+])
+def test_bad_config_names_the_problem(tmp_path, text, expected):
+    message = problem(tmp_path, text)
+    assert expected in message
+    assert str(tmp_path / "c.yaml") in message
+
+
+def test_every_problem_on_its_own_line(tmp_path):
+    message = problem(tmp_path, MINIMAL + "  lr: -1\n  batch_size: 0\n")
+    assert len(message.splitlines()) == 2
+
+
+def test_overrides_are_typed_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.lr=1e-3", "model.type=rnn", "sample.top_k=null",
+                                                 "train.max_time=90s", "model.dropout=0.25"])
+    assert cfg.train.lr == 1e-3 and cfg.model.type == "rnn" and cfg.sample.top_k is None
+    assert cfg.train.max_time_seconds == 90 and cfg.model.dropout == 0.25
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.lrr=1", "unknown key; did you mean 'lr'?"),
+    ("trian.lr=1", "unknown section 'trian'; did you mean 'train'?"),
+    ("train.lr", "expected KEY=VALUE"),
+    ("lr=1", "the key must be section.name"),
+    ("train.lr=[1", "cannot parse value"),
+    ("train.lr=fast", "train.lr: input should be a valid number"),
+])
+def test_bad_overrides(tmp_path, override, expected):
+    assert expected in problem(tmp_path, MINIMAL, override)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"data:\n  path: caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text .* offset 17"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400), (45, 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10 minutes", "m", "-5s", "0s", True])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(load_config(write(tmp_path, MINIMAL)))
+    assert cfg.data.path == str(tmp_path / "x.txt")
+    builtin = with_absolute_paths(load_config(write(tmp_path, MINIMAL), ["data.path=builtin:python-stdlib"]))
+    assert builtin.data.path == "builtin:python-stdlib"
+
+
+def test_sample_settings_validate_cli_options():
+    base = SampleConfig()
+    assert sample_settings(base, length=7, top_k=None).length == 7
+    with pytest.raises(ConfigError, match="--top-p: input should be greater than 0"):
+        sample_settings(base, top_p=0.0)
+    with pytest.raises(ConfigError, match="--length: input should be less than or equal to 1000000"):
+        sample_settings(base, length=10**9)

@@ -1,0 +1,96 @@
+"""Evaluation: closed forms, hand-computed cross-entropy, carried state and OOV rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from charlm.evaluate import IGNORE, evaluate_ids, evaluate_text, stream_layout
+from charlm.model import CharLM
+from charlm.vocab import Vocab
+
+
+class Uniform(torch.nn.Module):
+    """A 'model' whose logits are all zero: every character has probability 1/V."""
+
+    def __init__(self, V):
+        super().__init__()
+        self.vocab_size = V
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, state=None):
+        return torch.zeros(*idx.shape, self.vocab_size) + 0 * self.dummy, state
+
+
+def test_uniform_logits_give_ln_v_and_log2_v():
+    result = evaluate_ids(Uniform(65), torch.randint(0, 65, (1000,)), streams=7, min_stream=1)
+    assert result.loss_nats == pytest.approx(math.log(65))
+    assert result.bpc == pytest.approx(math.log2(65))
+    assert result.perplexity == pytest.approx(65)
+    assert result.chars == 999
+
+
+def test_stream_layout_scores_every_prediction_once():
+    ids = torch.arange(11)
+    inputs, targets = stream_layout(ids, 3, min_stream=1)  # 10 predictions -> 3 streams of 4, 2 padded
+    assert inputs.shape == (3, 4)
+    scored = targets[targets != IGNORE]
+    assert torch.equal(scored.sort().values, torch.arange(1, 11))
+    assert torch.equal(targets[inputs != 0][:3], inputs[inputs != 0][:3] + 1)
+
+
+def tiny_model(V=5):
+    torch.manual_seed(0)
+    return CharLM(V, "lstm", hidden_size=4, num_layers=2, input="onehot").double().eval()
+
+
+def test_matches_hand_computed_cross_entropy():
+    model = tiny_model()
+    ids = torch.tensor([0, 3, 1, 4, 4, 2, 0, 1])
+    logits, _ = model(ids[None, :-1])
+    probs = torch.softmax(logits[0], dim=-1)
+    by_hand = -sum(math.log(probs[t, ids[t + 1]].item()) for t in range(7)) / 7
+    result = evaluate_ids(model, ids, streams=1, window=3)
+    assert result.loss_nats == pytest.approx(by_hand, abs=1e-12)
+
+
+def test_windows_with_carried_state_equal_one_long_pass():
+    model = tiny_model()
+    ids = torch.randint(0, 5, (200,))
+    logits, _ = model(ids[None, :-1])
+    one_pass = F.cross_entropy(logits[0], ids[1:]).item()
+    for window in (1, 7, 64, 500):
+        assert evaluate_ids(model, ids, streams=1, window=window).loss_nats == pytest.approx(one_pass, abs=1e-12)
+
+
+def test_parallel_streams_are_independent_passes():
+    model = tiny_model()
+    ids = torch.randint(0, 5, (41,))  # 40 predictions -> 4 streams of 10
+    total = 0.0
+    for s in range(4):
+        part = ids[s * 10: s * 10 + 11]
+        total += evaluate_ids(model, part, streams=1).loss_nats * 10
+    assert evaluate_ids(model, ids, streams=4, min_stream=10).loss_nats == pytest.approx(total / 40, abs=1e-12)
+
+
+def test_streams_are_long_enough_for_context():
+    inputs, _ = stream_layout(torch.arange(2001), streams=64, min_stream=500)
+    assert inputs.shape == (4, 500)
+
+
+def test_oov_characters_are_dropped_and_counted():
+    vocab = Vocab(list("abcde"))
+    model = tiny_model()
+    with_oov = evaluate_text(model, vocab, "abXcdYYea", streams=1)
+    clean = evaluate_text(model, vocab, "abcdea", streams=1)
+    assert with_oov.oov_chars == 3 and with_oov.chars == 5
+    assert with_oov.loss_nats == pytest.approx(clean.loss_nats)
+
+
+def test_eval_restores_training_mode():
+    model = tiny_model().train()
+    evaluate_ids(model, torch.randint(0, 5, (30,)))
+    assert model.training

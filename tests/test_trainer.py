@@ -1,0 +1,91 @@
+"""The trainer, through its library entry point: schedule, learning, best checkpoint."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from charlm.checkpoint import load_checkpoint, model_from_checkpoint
+from charlm.config import TrainConfig, validate_config
+from charlm.data import load_corpus
+from charlm.evaluate import evaluate_ids
+from charlm.progress import TrainingDisplay
+from charlm.rundir import read_metrics
+from charlm.trainer import Budget, learning_rate, train
+from conftest import tiny_config
+
+
+def schedule(**kwargs):
+    return TrainConfig(max_steps=100, lr=1.0, **kwargs)
+
+
+def test_warmup_then_constant():
+    cfg = schedule(lr_schedule="constant", warmup_steps=4)
+    assert [learning_rate(cfg, s, 0.0) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_cosine_runs_from_lr_to_min_lr_over_the_budget():
+    cfg = schedule(lr_schedule="cosine", min_lr=0.1)
+    assert learning_rate(cfg, 0, 0.0) == pytest.approx(1.0)
+    assert learning_rate(cfg, 50, 0.5) == pytest.approx(0.55)
+    assert learning_rate(cfg, 100, 1.0) == pytest.approx(0.1)
+
+
+def test_budget_is_whichever_ends_first():
+    budget = Budget(TrainConfig(max_steps=100, max_time="10s"))
+    assert budget.fraction(50, 2.0) == 0.5 and budget.fraction(10, 8.0) == 0.8
+    assert budget.reached(100, 0.0) and budget.reached(1, 10.0) and not budget.reached(99, 9.9)
+
+
+def quiet():
+    from rich.console import Console
+    return TrainingDisplay(Console(quiet=True))
+
+
+def bigram_entropy(text: str) -> float:
+    """H(next char | current char) in nats: what a model that looks back one character can reach."""
+    pairs, firsts = Counter(zip(text, text[1:])), Counter(text[:-1])
+    n = len(text) - 1
+    return -sum(c / n * math.log(c / firsts[a]) for (a, _), c in pairs.items())
+
+
+def test_small_lstm_memorises_a_short_text(tmp_path, write_config):
+    sentence = "the quick brown fox jumps over the lazy dog; "
+    path = tmp_path / "fox.txt"
+    path.write_text(sentence * 200, encoding="utf-8")
+    # The sentence repeats, so the next character is certain given enough context (entropy 0),
+    # while a model that sees one character back cannot go below the bigram entropy (~0.3 nats).
+    # Ending well under a third of that means the LSTM uses longer context: it has memorised.
+    floor = bigram_entropy(sentence * 200)
+    assert floor > 0.25
+    cfg = validate_config(tiny_config(path, model={"hidden_size": 48}, data={"val_fraction": 0.1},
+                                      train={"max_steps": 300, "eval_interval": 300, "log_interval": 300,
+                                             "batch_size": 8, "seq_len": 32, "lr": 0.01, "lr_schedule": "cosine"}))
+    outcome = train(cfg, tmp_path / "run", display=quiet())
+    final_train = [m for m in read_metrics(tmp_path / "run") if m["event"] == "train"][-1]["loss"]
+    assert final_train < floor / 3
+    assert outcome.best_val_loss < floor / 3
+
+
+def test_best_checkpoint_holds_the_lowest_val_loss(text_file, tmp_path):
+    cfg = validate_config(tiny_config(text_file, train={"max_steps": 24, "eval_interval": 4, "lr": 0.05}))
+    outcome = train(cfg, tmp_path / "run", display=quiet())
+    evals = [m for m in read_metrics(tmp_path / "run") if m["event"] == "eval"]
+    assert [m["step"] for m in evals] == [4, 8, 12, 16, 20, 24]
+    best_eval = min(evals, key=lambda m: m["val_loss"])
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["step"] == best_eval["step"] == outcome.best_step
+    assert best["best_val_loss"] == pytest.approx(best_eval["val_loss"])
+    # re-evaluating the saved weights gives the recorded loss
+    model, _ = model_from_checkpoint(best)
+    corpus = load_corpus(str(text_file), None, 0.2)
+    assert evaluate_ids(model, corpus.val_ids, 64).loss_nats == pytest.approx(best_eval["val_loss"], abs=1e-6)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 24
+
+
+def test_max_time_budget_stops_training(text_file, tmp_path):
+    cfg = validate_config(tiny_config(text_file, train={"max_steps": None, "max_time": "2s", "eval_interval": 10_000}))
+    outcome = train(cfg, tmp_path / "run", display=quiet())
+    assert outcome.stop_reason == "budget" and 2.0 <= outcome.elapsed < 6.0 and outcome.step > 5
