@@ -6,6 +6,7 @@ Every UserError (and every option click rejects) ends as one line on stderr and 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -65,7 +66,7 @@ def _report_training(outcome, run_dir: Path) -> None:
     minutes = outcome.elapsed / 60
     console.print(f"done: {outcome.step} steps, {outcome.epoch} full epochs, {minutes:.1f} min")
     if outcome.best_val_loss is not None:
-        bpc = outcome.best_val_loss / 0.6931471805599453
+        bpc = outcome.best_val_loss / math.log(2)
         console.print(f"best val loss {outcome.best_val_loss:.4f} nats ({bpc:.4f} bpc) at step {outcome.best_step}: "
                       f"{run_dir / 'best.pt'}")
     console.print(f"sample with: charlm sample --checkpoint {run_dir} --prompt \"...\"")
@@ -155,7 +156,7 @@ def info(
         "checkpoint": str(resolve_checkpoint(checkpoint)), "model": describe_model(cfg.model),
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(vocab),
         "step": payload.get("step"), "epoch": payload.get("epoch"),
-        "best_val_loss": best, "best_val_bpc": None if best is None else best / 0.6931471805599453,
+        "best_val_loss": best, "best_val_bpc": None if best is None else best / math.log(2),
         "best_step": payload.get("best_step"), "device": payload.get("device"),
         "elapsed_seconds": payload.get("elapsed"), "data": cfg.data.path,
     }

@@ -82,6 +82,34 @@ class StopRequests:
             signal.signal(sig, handler)
 
 
+class _IntervalStats:
+    """Loss, largest pre-clip gradient norm and throughput since the last log line.
+
+    Sums stay on the device: reading them every step would make a GPU wait."""
+
+    def __init__(self, device: torch.device):
+        self._zero = torch.zeros((), device=device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.norm_max, self.chars, self.steps = self._zero, self._zero, 0, 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, chars: int) -> None:
+        self.loss_sum, self.norm_max = self.loss_sum + loss, torch.maximum(self.norm_max, grad_norm)
+        self.chars, self.steps = self.chars + chars, self.steps + 1
+
+    def exclude(self, seconds: float) -> None:
+        self.started += seconds
+
+    def flush(self) -> tuple[float, float, float]:
+        """(mean loss, max grad norm, chars per second) of the interval, then start a new one."""
+        stats = (float(self.loss_sum) / self.steps, float(self.norm_max),
+                 self.chars / max(time.perf_counter() - self.started, 1e-9))
+        self._reset()
+        return stats
+
+
 @dataclass
 class TrainOutcome:
     run_dir: Path
@@ -197,21 +225,16 @@ class Trainer:
         cfg = self.cfg.train
         self._t0 = time.perf_counter()
         self.model.train()
-        # Interval statistics stay on the device: reading them every step would sync a GPU.
-        zero = torch.zeros((), device=self.device)
-        loss_sum, norm_max, chars, steps, tick = zero, zero, 0, 0, time.perf_counter()
+        interval = _IntervalStats(self.device)
         with StopRequests() as stop:
             while not self.budget.reached(self.pos.step, self.elapsed()) and stop.signal is None:
-                loss, grad_norm, n = self.train_step()
-                loss_sum, norm_max = loss_sum + loss, torch.maximum(norm_max, grad_norm)
-                chars, steps = chars + n, steps + 1
+                interval.add(*self.train_step())
                 if self.pos.step % cfg.log_interval == 0:
-                    rate = chars / (time.perf_counter() - tick)
-                    self._log(metrics, float(loss_sum) / steps, float(norm_max), rate)
-                    loss_sum, norm_max, chars, steps, tick = zero, zero, 0, 0, time.perf_counter()
+                    self._log(metrics, *interval.flush())
                 if self.pos.step % cfg.eval_interval == 0:
+                    started = time.perf_counter()
                     self.evaluate_and_save(metrics)
-                    tick = time.perf_counter()  # eval time is not training throughput
+                    interval.exclude(time.perf_counter() - started)  # eval time is not training throughput
                 self.display.update(self.budget.fraction(self.pos.step, self.elapsed()), self.pos.step, cfg.max_steps)
             if stop.signal is not None:
                 self.save(best=False)

@@ -205,3 +205,48 @@ def test_eval_text_errors(trained, capsys, tmp_path):
                       "data path not found")
     unknown = write(tmp_path, "unknown.txt", "½¾¼".encode())
     assert_user_error(call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(unknown)), "at least 2")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_samples_and_evaluates_on_cpu(tmp_path, text_file, write_config, cli):
+    config = write_config(tiny_config(text_file))
+    run_dir = tmp_path / "run"
+    trained = cli("train", "--config", str(config), "--out", str(run_dir), "--device", "cuda")
+    assert trained.returncode == 0 and "device: cuda" in trained.stdout, trained.stderr
+    sampled = cli("sample", "--checkpoint", str(run_dir), "--device", "cpu", "--length", "20", "--seed", "1")
+    assert sampled.returncode == 0, sampled.stderr
+    on_cpu = json.loads(cli("eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--json",
+                            "--device", "cpu").stdout)
+    on_gpu = json.loads(cli("eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--json",
+                            "--device", "cuda").stdout)
+    assert on_cpu["loss_nats"] == pytest.approx(on_gpu["loss_nats"], abs=1e-4)
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path, text_file, write_config):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = write_config(tiny_config(text_file, train={"max_steps": None, "max_time": "5m", "log_interval": 1,
+                                                        "eval_interval": 100_000}))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "charlm", "train", "--config", str(config), "--out", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and '"train"' in metrics.read_text()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "SIGINT: stopped at step" in out and "--resume" in out and "Traceback" not in err
+    step = torch.load(run_dir / "last.pt", weights_only=True)["step"]
+    assert step >= 1
+    resumed = run_cli("train", "--resume", "--out", str(run_dir), "--set", "train.max_time=null",
+                      "--set", f"train.max_steps={step + 3}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == step + 3

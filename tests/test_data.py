@@ -8,6 +8,7 @@ import torch
 from charlm.corpora import python_stdlib_files
 from charlm.data import DataError, TBPTTBatches, load_corpus, read_text, split_text
 from charlm.vocab import Vocab
+from conftest import SHAKESPEARE, needs_shared_data
 
 
 def test_vocab_round_trip_with_astral_characters():
@@ -109,3 +110,11 @@ def test_builtin_stdlib_corpus():
     assert len(files) > 300
     assert not any(part in ("site-packages", "test", "tests") for f in files for part in f.parts[-4:-1])
     assert sum(f.stat().st_size for f in files) > 5_000_000
+
+
+@needs_shared_data(SHAKESPEARE)
+def test_tiny_shakespeare_split_and_vocabulary():
+    corpus = load_corpus(str(SHAKESPEARE), None, 0.1)
+    assert len(corpus.vocab) == 65
+    assert corpus.train_ids.numel() == 1_003_854 and corpus.val_ids.numel() == 111_540  # 90/10, contiguous
+    assert corpus.val_oov_chars == 0
