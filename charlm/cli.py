@@ -22,7 +22,7 @@ from charlm.errors import UserError
 from charlm.evaluate import evaluate_text
 from charlm.rundir import CONFIG
 from charlm.runtime import resolve_device
-from charlm.sample import generate, make_generator
+from charlm.sample import generate, make_generator, prompt_context
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, sample and evaluate character-level RNN/LSTM language models.")
@@ -94,7 +94,7 @@ def sample(
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     text = read_text_file(prompt_file) if prompt_file is not None else prompt
     text = _default_prompt(settings.prompt, vocab) if text is None or text == "" else text
-    prompt_ids = vocab.encode_strict(text, "the prompt")
+    prompt_ids = vocab.encode_strict(prompt_context(text, vocab.chars), "the prompt")
     generator, used_seed = make_generator(next(model.parameters()).device, settings.seed)
     stream = sys.stdout
     on_step = None

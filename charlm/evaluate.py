@@ -16,7 +16,8 @@ from charlm.vocab import Vocab
 
 IGNORE = -100  # target id of padding: not scored
 _LOGITS_BUDGET = 1 << 22  # logits held at once (S x window x V), so a big vocabulary stays in memory
-MIN_STREAM = 512  # characters per stream at least: a stream's first characters lack context
+MIN_STREAM = 512  # predictions per stream at least, so the warmup overhead stays small
+WARMUP = 256  # unscored characters a stream reads before its part, to enter it with real context
 
 
 @dataclass(frozen=True)
@@ -31,33 +32,50 @@ class EvalResult:
         return asdict(self)
 
 
-def stream_layout(ids: torch.Tensor, streams: int, min_stream: int = MIN_STREAM) -> tuple[torch.Tensor, torch.Tensor]:
+def stream_layout(ids: torch.Tensor, streams: int, min_stream: int = MIN_STREAM,
+                  warmup: int = WARMUP) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut N ids into S parallel streams so every one of the N - 1 predictions is made once.
 
-    S is at most `streams`, and small enough that each stream holds `min_stream` predictions.
-    inputs[s, j] = ids[s*L + j], targets[s, j] = ids[s*L + j + 1]; the tail of the last
-    stream is padded (input 0, target IGNORE). Returns two int64 tensors [S, L].
+    S is at most `streams`, and small enough that each stream makes `min_stream` predictions.
+    Stream s scores ids[s*L+1 : (s+1)*L+1]. So that it does not start from a blank state,
+    stream s > 0 first reads the W ids before its part, unscored (its "warmup"); stream 0
+    starts at the true beginning of the text and is padded at its end instead:
+
+                  W columns           L columns
+        row 0     [ part 0 ............ ][ pad ]
+        row s     [ warmup ][ part s .............. ]     (targets IGNORE outside the parts)
+
+    Returns inputs and targets, int64 [S, W + L].
     """
     predictions = ids.numel() - 1
     assert predictions >= 1, "need at least two characters to score one"
     streams = max(1, min(streams, predictions // min_stream))
     length = -(-predictions // streams)
-    inputs = torch.zeros(streams * length, dtype=torch.long)
-    targets = torch.full((streams * length,), IGNORE, dtype=torch.long)
-    inputs[:predictions] = ids[:-1]
-    targets[:predictions] = ids[1:]
-    return inputs.view(streams, length), targets.view(streams, length)
+    width = min(warmup, length) if streams > 1 else 0
+    flat_inputs = torch.zeros(streams * length, dtype=torch.long)
+    flat_targets = torch.full((streams * length,), IGNORE, dtype=torch.long)
+    flat_inputs[:predictions] = ids[:-1]
+    flat_targets[:predictions] = ids[1:]
+    parts_in, parts_out = flat_inputs.view(streams, length), flat_targets.view(streams, length)  # [S, L]
+    inputs = torch.zeros(streams, width + length, dtype=torch.long)
+    targets = torch.full((streams, width + length), IGNORE, dtype=torch.long)
+    inputs[0, :length], targets[0, :length] = parts_in[0], parts_out[0]
+    inputs[1:, width:], targets[1:, width:] = parts_in[1:], parts_out[1:]
+    if width:
+        inputs[1:, :width] = parts_in[:-1, length - width:]  # the end of the previous part
+    return inputs, targets
 
 
 @torch.no_grad()
 def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, window: int | None = None,
-                 min_stream: int = MIN_STREAM) -> EvalResult:
+                 min_stream: int = MIN_STREAM, warmup: int = WARMUP) -> EvalResult:
     """Score `ids` with S streams read in windows, state carried from window to window.
 
-    Each stream starts from a zero state, so its first few characters see less context than
-    in one long pass; with S = 1 the result is exactly one long pass."""
+    With S = 1 this is exactly one long pass; with more streams each one is warmed up on the
+    text before it (see stream_layout), which makes the result agree with one long pass to
+    within the model's memory of more than `warmup` characters back."""
     device = next(model.parameters()).device
-    inputs, targets = stream_layout(ids, streams, min_stream)  # [S, L]
+    inputs, targets = stream_layout(ids, streams, min_stream, warmup)  # [S, W + L]
     if window is None:
         window = max(1, min(512, _LOGITS_BUDGET // (inputs.shape[0] * model.vocab_size)))
     was_training = model.training

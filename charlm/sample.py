@@ -37,6 +37,18 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
 
 
+def prompt_context(prompt: str, vocab_chars: list[str]) -> str:
+    """The text the state is warmed up on: the prompt, after a newline when it lacks one.
+
+    A model only meets a blank state at the very start of its training streams, so a prompt
+    read from a blank state begins mid-nowhere (and "ROMEO:" continues as gibberish). A
+    newline is where text most often starts afresh, so it gives the prompt a familiar start.
+    The newline is context only: it is not printed."""
+    if "\n" in vocab_chars and not prompt.startswith("\n"):
+        return "\n" + prompt
+    return prompt
+
+
 def make_generator(device: torch.device, seed: Optional[int]) -> tuple[torch.Generator, int]:
     """A generator on `device`, seeded with `seed` or a fresh random seed; returns both."""
     generator = torch.Generator(device=device)

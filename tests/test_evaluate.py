@@ -34,12 +34,16 @@ def test_uniform_logits_give_ln_v_and_log2_v():
 
 
 def test_stream_layout_scores_every_prediction_once():
-    ids = torch.arange(11)
-    inputs, targets = stream_layout(ids, 3, min_stream=1)  # 10 predictions -> 3 streams of 4, 2 padded
-    assert inputs.shape == (3, 4)
+    ids = torch.arange(100, 111)  # 10 predictions -> 3 streams of 4 (2 padded), warmup 2
+    inputs, targets = stream_layout(ids, 3, min_stream=1, warmup=2)
+    assert inputs.shape == (3, 6)
     scored = targets[targets != IGNORE]
-    assert torch.equal(scored.sort().values, torch.arange(1, 11))
-    assert torch.equal(targets[inputs != 0][:3], inputs[inputs != 0][:3] + 1)
+    assert torch.equal(scored.sort().values, torch.arange(101, 111))
+    mask = targets != IGNORE
+    assert torch.equal(targets[mask], inputs[mask] + 1)  # every target is its input's successor
+    assert inputs[0, :4].tolist() == [100, 101, 102, 103]  # stream 0 starts at the text's start
+    assert inputs[1].tolist() == [102, 103, 104, 105, 106, 107]  # warmup = the 2 ids before its part
+    assert (targets[1, :2] == IGNORE).all()
 
 
 def tiny_model(V=5):
@@ -73,12 +77,21 @@ def test_parallel_streams_are_independent_passes():
     for s in range(4):
         part = ids[s * 10: s * 10 + 11]
         total += evaluate_ids(model, part, streams=1).loss_nats * 10
-    assert evaluate_ids(model, ids, streams=4, min_stream=10).loss_nats == pytest.approx(total / 40, abs=1e-12)
+    assert evaluate_ids(model, ids, streams=4, min_stream=10, warmup=0).loss_nats == pytest.approx(total / 40, abs=1e-12)
+
+
+def test_warmed_up_streams_agree_with_one_long_pass():
+    model = tiny_model()
+    ids = torch.randint(0, 5, (4001,))
+    one_pass = evaluate_ids(model, ids, streams=1).loss_nats
+    cold = evaluate_ids(model, ids, streams=40, min_stream=100, warmup=0).loss_nats
+    warm = evaluate_ids(model, ids, streams=40, min_stream=100, warmup=50).loss_nats
+    assert abs(warm - one_pass) < 1e-6 < abs(cold - one_pass)
 
 
 def test_streams_are_long_enough_for_context():
-    inputs, _ = stream_layout(torch.arange(2001), streams=64, min_stream=500)
-    assert inputs.shape == (4, 500)
+    inputs, _ = stream_layout(torch.arange(2001), streams=64, min_stream=500, warmup=100)
+    assert inputs.shape == (4, 600)
 
 
 def test_oov_characters_are_dropped_and_counted():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from charlm.model import CharLM
-from charlm.sample import generate, make_generator, pick_next
+from charlm.sample import generate, make_generator, pick_next, prompt_context
 
 
 def rows(n=6, V=20, seed=0):
@@ -91,3 +91,9 @@ def test_streaming_callback_sees_every_column():
     out = generate(model(), torch.tensor([0]), 8, on_step=lambda ids: seen.append(int(ids[0])),
                    generator=make_generator(torch.device("cpu"), 0)[0])
     assert seen == out[0].tolist()
+
+
+def test_prompt_context_starts_on_a_new_line():
+    assert prompt_context("ROMEO:", ["\n", "R"]) == "\nROMEO:"
+    assert prompt_context("\nROMEO:", ["\n", "R"]) == "\nROMEO:"
+    assert prompt_context("ROMEO:", ["R"]) == "ROMEO:"  # no newline in the vocabulary: as given
