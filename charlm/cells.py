@@ -1,14 +1,16 @@
 """The recurrent cells of model-spec.md, written from scratch: one time step, nothing else.
 
-Shapes: B batch, D input size, H hidden size, G gates (1 for the RNN, 4 for the LSTM).
+Shapes: B batch, D input size, H hidden size, G gates (RNN 1, LSTM 4, GRU 3).
 Parameters use torch.nn's names and layout (weight_ih [G*H, D], weight_hh [G*H, H],
-bias_ih [G*H], bias_hh [G*H]; LSTM gate order i, f, g, o), so their values copy straight
-into torch.nn.RNN / torch.nn.LSTM, which the tests use as the reference.
+bias_ih [G*H], bias_hh [G*H]; LSTM gate order i, f, g, o; GRU r, z, n), so their values
+copy straight into torch.nn.RNN / LSTM / GRU, which the tests use as the reference.
 
 Each cell splits a step in two so a layer can project all T inputs in one matmul:
-    gx = project_input(x)   = W_ih x_t + b_ih + b_hh       (any number of steps at once)
+    gx = project_input(x)   = W_ih x_t + biases           (any number of steps at once)
     state = step(gx, state)  adds W_hh h_{t-1} and applies the gate equations
-`forward(x, state)` is the two together: the plain one-step cell.
+`forward(x, state)` is the two together: the plain one-step cell. These steps, run by
+autograd, are the readable reference; layers.py also runs the same equations as native
+step loops with a hand-written backward, tested against them.
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ class _Cell(nn.Module):
             self.bias_ih.zero_()
             self.bias_hh.zero_()
 
+    def input_bias(self) -> torch.Tensor:
+        """The biases that act on the input side: b_ih + b_hh (both fold in here)."""
+        return self.bias_ih + self.bias_hh
+
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
-        """W_ih x + b_ih + b_hh for x [..., D] -> [..., G*H] (both biases folded in here)."""
-        return F.linear(x, self.weight_ih, self.bias_ih + self.bias_hh)
+        """W_ih x + input_bias() for x [..., D] -> [..., G*H]."""
+        return F.linear(x, self.weight_ih, self.input_bias())
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
@@ -113,4 +119,38 @@ class LSTMCell(_Cell):
         return (h, c)
 
 
-CELLS = {"rnn": RNNCell, "lstm": LSTMCell}
+class GRUCell(_Cell):
+    """GRU (Cho et al. 2014) in torch.nn's form, gates r (reset), z (update), n (new):
+
+        r_t = sigmoid(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)
+        z_t = sigmoid(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)
+        n_t = tanh   (W_in x_t + b_in + r_t * (W_hn h_{t-1} + b_hn))
+        h_t = (1 - z_t) * n_t + z_t * h_{t-1}
+
+    b_hn sits inside r_t * (...), so only the r and z parts of bias_hh fold into gx.
+    """
+
+    gates = 3
+    state_size = 1
+
+    def input_bias(self) -> torch.Tensor:
+        H = self.hidden_size
+        return torch.cat([self.bias_ih[:2 * H] + self.bias_hh[:2 * H], self.bias_ih[2 * H:]])
+
+    def recurrent_bias(self) -> torch.Tensor:
+        """[0, 0, b_hn]: the part of bias_hh that stays on the hidden side."""
+        H = self.hidden_size
+        return torch.cat([self.bias_hh.new_zeros(2 * H), self.bias_hh[2 * H:]])
+
+    def step(self, gx: torch.Tensor, state: State) -> State:
+        (h,) = state
+        gh = torch.addmm(self.recurrent_bias(), h, self.weight_hh.t())  # [B, 3H]
+        xr, xz, xn = gx.chunk(3, dim=1)
+        hr, hz, hn = gh.chunk(3, dim=1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return ((1 - z) * n + z * h,)
+
+
+CELLS = {"rnn": RNNCell, "lstm": LSTMCell, "gru": GRUCell}

@@ -97,13 +97,18 @@ def _check_format(payload: object, path: Path) -> None:
             raise CheckpointError(f"{path} is incomplete: it has no {key!r} entry")
 
 
-def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu") -> tuple[CharLM, Vocab]:
-    """Rebuild the model and vocabulary a checkpoint describes, with its weights, in eval mode."""
+def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu",
+                          backend: str | None = None) -> tuple[CharLM, Vocab]:
+    """Rebuild the model and vocabulary a checkpoint describes, with its weights, in eval mode.
+
+    `backend` runs the same weights through another backend than the one trained with."""
     try:
         model_cfg = validate_config(payload["config"], "checkpoint config").model
         vocab = Vocab.from_dict(payload["vocab"])
     except (ConfigError, KeyError, TypeError, AssertionError) as err:
         raise CheckpointError(f"checkpoint has an invalid config or vocabulary: {err}") from None
+    if backend is not None:
+        model_cfg = model_cfg.model_copy(update={"backend": backend})
     model = build_model(model_cfg, len(vocab))
     try:
         model.load_state_dict(payload["model"])
@@ -117,4 +122,5 @@ def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu") -> 
 
 def describe_model(cfg: ModelConfig) -> str:
     input_desc = f"embedding {cfg.embedding_dim}" if cfg.input == "embedding" else "one-hot"
-    return f"{cfg.type.upper()} {cfg.num_layers}x{cfg.hidden_size}, {input_desc} input, dropout {cfg.dropout}"
+    return (f"{cfg.type.upper()} {cfg.num_layers}x{cfg.hidden_size}, {input_desc} input, dropout {cfg.dropout}, "
+            f"{cfg.backend} backend")

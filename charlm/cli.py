@@ -20,6 +20,7 @@ from charlm.config import load_config, sample_settings, validate_config, with_ab
 from charlm.data import read_text, read_text_file
 from charlm.errors import UserError
 from charlm.evaluate import evaluate_text
+from charlm.layers import BACKENDS
 from charlm.rundir import CONFIG
 from charlm.runtime import resolve_device
 from charlm.sample import generate, make_generator, prompt_context
@@ -29,6 +30,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err_console = Console(stderr=True, highlight=False)
 
 CHECKPOINT_HELP = "A checkpoint file, or a run dir (its best.pt, else last.pt)."
+BACKEND_HELP = "Run the weights with another backend: native, fused or reference (default: as trained)."
+
+
+def _check_backend(backend: Optional[str]) -> Optional[str]:
+    if backend is not None and backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    return backend
 
 
 @app.command()
@@ -84,12 +92,13 @@ def sample(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text."),
     num_samples: int = typer.Option(1, "--num-samples", help="Draw this many samples in one batch.", min=1, max=10_000),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
 ) -> None:
     """Generate text from a trained model, streamed as it is drawn."""
     if prompt is not None and prompt_file is not None:
         raise UserError("give --prompt or --prompt-file, not both")
     payload = load_checkpoint(checkpoint)
-    model, vocab = model_from_checkpoint(payload, resolve_device(device))
+    model, vocab = model_from_checkpoint(payload, resolve_device(device), _check_backend(backend))
     settings = sample_settings(validate_config(payload["config"], "checkpoint config").sample, length=length,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     text = read_text_file(prompt_file) if prompt_file is not None else prompt
@@ -126,10 +135,11 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     batch_size: int = typer.Option(64, "--batch-size", help="Parallel streams the text is cut into.", min=1),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
 ) -> None:
     """Measure loss, bits per character and perplexity on a text."""
     payload = load_checkpoint(checkpoint)
-    model, vocab = model_from_checkpoint(payload, resolve_device(device))
+    model, vocab = model_from_checkpoint(payload, resolve_device(device), _check_backend(backend))
     result = evaluate_text(model, vocab, read_text(text), batch_size)
     if as_json:
         print(json.dumps({**result.to_dict(), "checkpoint": str(resolve_checkpoint(checkpoint)), "text": text}))

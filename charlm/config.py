@@ -52,12 +52,13 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    type: Literal["rnn", "lstm"] = "lstm"
+    type: Literal["rnn", "lstm", "gru"] = "lstm"
     hidden_size: int = Field(256, gt=0)
     num_layers: int = Field(2, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     input: Literal["onehot", "embedding"] = "embedding"
     embedding_dim: int = Field(64, gt=0)
+    backend: Literal["native", "fused", "reference"] = "native"
 
 
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")

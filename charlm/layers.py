@@ -1,8 +1,16 @@
-"""Run a cell over time and stack layers: state in, state out.
+"""Run cells over time and stack layers: state in, state out, three interchangeable backends.
 
 Tensors here are time-major: x [T, B, D], outputs [T, B, H], so step t reads a contiguous
-[B, G*H] slice. A stack's state is a tuple of [L, B, H] tensors: (h,) for the RNN and
-(h, c) for the LSTM, the same layout as torch.nn.RNN / torch.nn.LSTM.
+[B, G*H] slice. A stack's state is a tuple of [L, B, H] tensors: (h,) for the RNN and GRU,
+(h, c) for the LSTM, the same layout as torch.nn.RNN / LSTM / GRU.
+
+Backends (same parameters, so a checkpoint moves freely between them):
+- reference: the cells' step() in a Python loop, differentiated by autograd. The readable
+  definition the others are tested against.
+- native: the same equations as step loops with a hand-written backward (one
+  autograd.Function per layer over all T steps): in C++ on the CPU (charlm/csrc), in
+  PyTorch elsewhere (see native.py).
+- fused: torch's own kernels (torch.lstm / gru / rnn_tanh: oneDNN on CPU, cuDNN on GPU).
 """
 
 from __future__ import annotations
@@ -10,39 +18,129 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from charlm.cells import CELLS, State
+from charlm.cells import CELLS, GRUCell, LSTMCell, RNNCell, State
+from charlm.native import step_loops
+
+BACKENDS = ("native", "fused", "reference")
 
 
-class RecurrentLayer(nn.Module):
-    """One cell unrolled over T steps (backpropagation through time is autograd's)."""
+def _project(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """W_ih x_t + bias for all T steps in one matmul: x [T, B, D] -> [T, B, G*H] (a new tensor)."""
+    T, B, D = x.shape
+    return torch.addmm(bias, x.reshape(T * B, D), w_ih.t()).view(T, B, -1)
 
-    def __init__(self, cell: nn.Module):
-        super().__init__()
-        self.cell = cell
 
-    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        gx = self.cell.project_input(x)  # [T, B, G*H]: all input projections in one matmul
-        outputs = []
-        # unbind, not gx[t]: indexing would give each step a zero-filled [T, B, G*H] gradient
-        # in backward (quadratic in T); unbind's backward stacks all T gradients once.
-        for gx_t in gx.unbind(0):
-            state = self.cell.step(gx_t, state)
-            outputs.append(state[0])
-        return torch.stack(outputs), state  # [T, B, H]
+def _projection_grads(ctx, dgx: torch.Tensor, x: torch.Tensor, w_ih: torch.Tensor):
+    """Grads of x, w_ih and bias from the grad of the projected input dgx [T, B, G*H]."""
+    flat = dgx.reshape(-1, dgx.shape[2])  # [T*B, G*H]
+    dx = (flat @ w_ih).view_as(x) if ctx.needs_input_grad[0] else None
+    return dx, flat.t() @ x.reshape(-1, x.shape[2]), flat.sum(0)
+
+
+class _LSTMLayer(torch.autograd.Function):
+    """One LSTM layer over T steps: forward and hand-written backward in the native loops."""
+
+    @staticmethod
+    def forward(ctx, x, w_ih, bias, h0, c0, w_hh):
+        loops = step_loops(x)
+        gates = _project(x, w_ih, bias)
+        hs, cs = loops.lstm_forward(gates, h0, c0, w_hh)  # gates now hold the activations
+        ctx.loops = loops
+        ctx.save_for_backward(x, w_ih, gates, hs, cs, h0, c0, w_hh)
+        return hs, hs[-1].clone(), cs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dhs, dh_last, dc_last):
+        x, w_ih, gates, hs, cs, h0, c0, w_hh = ctx.saved_tensors
+        dgx, dh0, dc0, dw_hh = ctx.loops.lstm_backward(dhs.contiguous(), dh_last, dc_last, gates, hs, cs, h0, c0, w_hh)
+        return (*_projection_grads(ctx, dgx, x, w_ih), dh0, dc0, dw_hh)
+
+
+class _RNNLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_ih, bias, h0, w_hh):
+        loops = step_loops(x)
+        hs = loops.rnn_forward(_project(x, w_ih, bias), h0, w_hh)  # [T, B, H]
+        ctx.loops = loops
+        ctx.save_for_backward(x, w_ih, hs, h0, w_hh)
+        return hs, hs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dhs, dh_last):
+        x, w_ih, hs, h0, w_hh = ctx.saved_tensors
+        dgx, dh0, dw_hh = ctx.loops.rnn_backward(dhs.contiguous(), dh_last, hs, h0, w_hh)
+        return (*_projection_grads(ctx, dgx, x, w_ih), dh0, dw_hh)
+
+
+class _GRULayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_ih, bias, h0, w_hh, b_hn):
+        loops = step_loops(x)
+        hs, acts, ghn = loops.gru_forward(_project(x, w_ih, bias), h0, w_hh, b_hn)  # [T, B, H], [T, B, 3H], [T, B, H]
+        ctx.loops = loops
+        ctx.save_for_backward(x, w_ih, acts, ghn, hs, h0, w_hh)
+        return hs, hs[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dhs, dh_last):
+        x, w_ih, acts, ghn, hs, h0, w_hh = ctx.saved_tensors
+        dgx, dh0, dw_hh, db_hn = ctx.loops.gru_backward(dhs.contiguous(), dh_last, acts, ghn, hs, h0, w_hh)
+        return (*_projection_grads(ctx, dgx, x, w_ih), dh0, dw_hh, db_hn)
+
+
+def native_loop(cell: nn.Module, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    """Run `cell` over x [T, B, D] with the native step loop -> outputs [T, B, H], state."""
+    x = x.contiguous()
+    h0 = state[0].contiguous()
+    bias = cell.input_bias()
+    if isinstance(cell, LSTMCell):
+        hs, h, c = _LSTMLayer.apply(x, cell.weight_ih, bias, h0, state[1].contiguous(), cell.weight_hh)
+        return hs, (h, c)
+    if isinstance(cell, GRUCell):
+        hs, h = _GRULayer.apply(x, cell.weight_ih, bias, h0, cell.weight_hh, cell.bias_hh[2 * cell.hidden_size:])
+        return hs, (h,)
+    assert isinstance(cell, RNNCell), f"no native loop for {type(cell).__name__}"
+    hs, h = _RNNLayer.apply(x, cell.weight_ih, bias, h0, cell.weight_hh)
+    return hs, (h,)
+
+
+def reference_loop(cell: nn.Module, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    """The cell's step() once per time step, differentiated by autograd."""
+    gx = cell.project_input(x)  # [T, B, G*H]: all input projections in one matmul
+    outputs = []
+    # unbind, not gx[t]: indexing would give each step a zero-filled [T, B, G*H] gradient
+    # in backward (quadratic in T); unbind's backward stacks all T gradients once.
+    for gx_t in gx.unbind(0):
+        state = cell.step(gx_t, state)
+        outputs.append(state[0])
+    return torch.stack(outputs), state  # [T, B, H]
+
+
+_FUSED = {"rnn": torch.rnn_tanh, "lstm": torch.lstm, "gru": torch.gru}
 
 
 class RecurrentStack(nn.Module):
     """L layers: layer k's h_t is layer k+1's x_t, with dropout between layers."""
 
-    def __init__(self, cell_type: str, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0):
+    def __init__(self, cell_type: str, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0,
+                 backend: str = "native"):
         super().__init__()
         cell_class = CELLS[cell_type]
-        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.cell_type, self.hidden_size, self.num_layers = cell_type, hidden_size, num_layers
         self.layers = nn.ModuleList(
-            RecurrentLayer(cell_class(input_size if k == 0 else hidden_size, hidden_size))
-            for k in range(num_layers))
+            cell_class(input_size if k == 0 else hidden_size, hidden_size) for k in range(num_layers))
         self.dropout = nn.Dropout(dropout)
         self.state_size = cell_class.state_size
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        assert name in BACKENDS, f"unknown backend {name!r}; choose from {BACKENDS}"
+        self._backend = name
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         shape = (self.num_layers, batch_size, self.hidden_size)
@@ -50,10 +148,20 @@ class RecurrentStack(nn.Module):
 
     def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """x [T, B, D], state tuple of [L, B, H] -> top layer outputs [T, B, H], new state."""
+        if self.backend == "fused":
+            return self._fused(x, state)
+        run = native_loop if self.backend == "native" else reference_loop
         finals = []
-        for k, layer in enumerate(self.layers):
-            x, layer_state = layer(x, tuple(s[k] for s in state))
+        for k, cell in enumerate(self.layers):
+            x, layer_state = run(cell, x, tuple(s[k] for s in state))
             if k < self.num_layers - 1:
                 x = self.dropout(x)
             finals.append(layer_state)
         return x, tuple(torch.stack(parts) for parts in zip(*finals))  # each [L, B, H]
+
+    def _fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        weights = [w for cell in self.layers for w in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)]
+        hx = state if self.cell_type == "lstm" else state[0]
+        out, *final = _FUSED[self.cell_type](x, hx, weights, True, self.num_layers, self.dropout.p,
+                                             self.training, False, False)
+        return out, (tuple(final) if self.cell_type == "lstm" else (final[0],))

@@ -254,10 +254,10 @@ class Trainer:
 
 
 def check_resumable(payload: dict, cfg: Config, corpus: Corpus) -> None:
-    """A checkpoint resumes only with the same model, data and batch layout."""
+    """A checkpoint resumes only with the same model, data and batch layout (the backend may change)."""
     saved, now = payload["config"], cfg.to_dict()
     changed = [f"{section}.{key}" for section in ("model", "data") for key in now[section]
-               if saved.get(section, {}).get(key) != now[section][key]]
+               if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "model.backend"]
     changed += [f"train.{key}" for key in ("batch_size", "seq_len")
                 if saved.get("train", {}).get(key) != now["train"][key]]
     if changed:

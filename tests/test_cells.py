@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from charlm.cells import LSTMCell, RNNCell
+from charlm.cells import GRUCell, LSTMCell, RNNCell
 from charlm.layers import RecurrentStack
 
-REFERENCE = {"rnn": nn.RNN, "lstm": nn.LSTM}
+REFERENCE = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+KINDS = ["rnn", "lstm", "gru"]
 NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
@@ -18,9 +19,9 @@ def reference_for(stack: RecurrentStack, kind: str, input_size: int) -> nn.Modul
     ref = REFERENCE[kind](input_size, stack.hidden_size, stack.num_layers)
     ref = ref.to(next(stack.parameters()).dtype)
     with torch.no_grad():
-        for k, layer in enumerate(stack.layers):
+        for k, cell in enumerate(stack.layers):
             for name in NAMES:
-                getattr(ref, f"{name}_l{k}").copy_(getattr(layer.cell, name))
+                getattr(ref, f"{name}_l{k}").copy_(getattr(cell, name))
     return ref
 
 
@@ -29,13 +30,14 @@ def run_reference(ref: nn.Module, kind: str, x: torch.Tensor, state: tuple) -> t
     return out, (final if kind == "lstm" else (final,))
 
 
-@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["reference", "native", "fused"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("layers,batch", [(1, 1), (2, 3), (3, 5)])
-def test_stack_matches_torch_nn(kind, dtype, tol, layers, batch):
+def test_stack_matches_torch_nn(kind, backend, dtype, tol, layers, batch):
     torch.manual_seed(layers * 10 + batch)
     T, D, H = 7, 5, 6
-    stack = RecurrentStack(kind, D, H, layers).to(dtype)
+    stack = RecurrentStack(kind, D, H, layers, backend=backend).to(dtype)
     ref = reference_for(stack, kind, D)
     x = torch.randn(T, batch, D, dtype=dtype)
     state = tuple(torch.randn(layers, batch, H, dtype=dtype) for _ in range(stack.state_size))
@@ -50,13 +52,13 @@ def test_stack_matches_torch_nn(kind, dtype, tol, layers, batch):
     weights = torch.randn_like(out)
     (out * weights).sum().add(sum(s.sum() for s in final)).backward()
     (ref_out * weights).sum().add(sum(s.sum() for s in ref_final)).backward()
-    for k, layer in enumerate(stack.layers):
+    for k, cell in enumerate(stack.layers):
         for name in NAMES:
-            torch.testing.assert_close(getattr(layer.cell, name).grad, getattr(ref, f"{name}_l{k}").grad,
+            torch.testing.assert_close(getattr(cell, name).grad, getattr(ref, f"{name}_l{k}").grad,
                                        atol=tol * 10, rtol=0, msg=f"grad of {name} layer {k}")
 
 
-@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_zero_initial_state_matches_torch_default(kind):
     torch.manual_seed(0)
     stack = RecurrentStack(kind, 4, 5, 2).double()
@@ -67,7 +69,7 @@ def test_zero_initial_state_matches_torch_default(kind):
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("cell_class", [RNNCell, LSTMCell])
+@pytest.mark.parametrize("cell_class", [RNNCell, LSTMCell, GRUCell])
 def test_gradcheck_one_step(cell_class):
     torch.manual_seed(0)
     cell = cell_class(3, 4).double()

@@ -250,3 +250,31 @@ def test_ctrl_c_saves_and_resumes(tmp_path, text_file, write_config):
                       "--set", f"train.max_steps={step + 3}")
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == step + 3
+
+
+def test_checkpoint_runs_with_every_backend(trained, capsys, text_file):
+    """Trained with the native backend; the same weights evaluate and sample alike on the others."""
+    run_dir = trained[0]
+    losses = {}
+    for backend in ("native", "fused", "reference"):
+        code, out, err = call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--json",
+                              "--backend", backend)
+        assert code == 0, err
+        losses[backend] = json.loads(out)["loss_nats"]
+    assert losses["fused"] == pytest.approx(losses["native"], abs=1e-5)
+    assert losses["reference"] == pytest.approx(losses["native"], abs=1e-5)
+    greedy = {backend: call(capsys, "sample", "--checkpoint", str(run_dir), "--prompt", "It", "--length", "30",
+                            "--temperature", "0", "--backend", backend)[1] for backend in ("native", "fused")}
+    assert greedy["native"] == greedy["fused"]
+    assert_user_error(call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file),
+                           "--backend", "turbo"), "--backend must be one of native, fused, reference")
+
+
+def test_resume_may_switch_backend(tmp_path, text_file, write_config, capsys):
+    config = write_config(tiny_config(text_file, train={"max_steps": 4}))
+    run_dir = tmp_path / "run"
+    assert call(capsys, "train", "--config", str(config), "--out", str(run_dir))[0] == 0
+    code, _, err = call(capsys, "train", "--resume", "--out", str(run_dir), "--set", "train.max_steps=6",
+                        "--set", "model.backend=fused")
+    assert code == 0, err
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 6

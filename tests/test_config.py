@@ -53,7 +53,7 @@ def test_defaults_fill_in(tmp_path):
     (MINIMAL + "  lerning_rate: 1\n", "train.lerning_rate: unknown key"),
     (MINIMAL + "  lr_schedul: cosine\n", "did you mean 'lr_schedule'?"),
     (MINIMAL + "model:\n  hiden_size: 3\n", "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
-    (MINIMAL + "model:\n  type: gru2\n", "model.type: input should be 'rnn' or 'lstm'"),
+    (MINIMAL + "model:\n  type: gru2\n", "model.type: input should be 'rnn', 'lstm' or 'gru'"),
     (MINIMAL + "model:\n  dropout: 1.5\n", "model.dropout: input should be less than 1"),
     (MINIMAL + "  device: gpu\n", "train.device: must be auto, cpu, cuda, cuda:N or mps"),
     (MINIMAL + "  max_time: soon\n", "train.max_time: must be a duration"),

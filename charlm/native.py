@@ -1,0 +1,159 @@
+"""The native step loops: charlm/csrc/recurrent.cpp built on first use, or the same loops in PyTorch.
+
+Both provide lstm_forward/backward, rnn_forward/backward and gru_forward/backward with the
+signatures documented in recurrent.cpp. The C++ build is used on the CPU for float32/float64;
+the PyTorch loops everywhere else (CUDA, other dtypes) and wherever the build fails, which
+is announced once, in one line, on stderr. CHARLM_NO_CPP=1 skips the build.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+_SOURCE = Path(__file__).parent / "csrc" / "recurrent.cpp"
+# -ffast-math lets gcc vectorise exp/tanh through glibc's libmvec; -march=native is right
+# because the build happens on the machine that runs it.
+_CFLAGS = ["-O3", "-ffast-math", "-march=native", "-fopenmp-simd"]
+_loaded: dict = {}
+
+
+def _build() -> Optional[object]:
+    from torch.utils import cpp_extension  # noqa: PLC0415 - heavy, and only needed once
+
+    cpp_extension.load(name="charlm_recurrent", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                       extra_ldflags=["-lmvec"], is_python_module=False, verbose=False)
+    return torch.ops.charlm
+
+
+def cpp_loops() -> Optional[object]:
+    """torch.ops.charlm once built (None if disabled or if the build failed)."""
+    if "ops" not in _loaded:
+        _loaded["ops"] = None
+        if os.environ.get("CHARLM_NO_CPP", "") not in ("", "0"):
+            return None
+        try:
+            _loaded["ops"] = _build()
+        except Exception as err:  # noqa: BLE001 - any build failure means: use the PyTorch loops
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"charlm: the C++ step loop could not be built ({reason[:160]}); "
+                  "using the PyTorch step loop (slower)", file=sys.stderr)
+    return _loaded["ops"]
+
+
+def step_loops(like: torch.Tensor):
+    """The loop implementation for tensors like `like`: C++ on the CPU when built, else PyTorch."""
+    if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64):
+        ops = cpp_loops()
+        if ops is not None:
+            return ops
+    return TORCH_LOOPS
+
+
+# --- the same loops in PyTorch ------------------------------------------------------------
+
+
+def _previous_states(h0: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
+    return torch.cat([h0.unsqueeze(0), hs[:-1]]).reshape(-1, hs.shape[2])  # [T*B, H]
+
+
+def lstm_forward(gates, h0, c0, w_hh):
+    """In place: gates [T, B, 4H] (input part on entry) become the activations i f g o."""
+    T, B, G = gates.shape
+    H = G // 4
+    hs, cs = gates.new_empty(T, B, H), gates.new_empty(T, B, H)
+    h, c = h0, c0
+    for t in range(T):
+        a = gates[t].addmm_(h, w_hh.t())  # [B, 4H]
+        a[:, :2 * H].sigmoid_()
+        a[:, 2 * H:3 * H].tanh_()
+        a[:, 3 * H:].sigmoid_()
+        i, f, g, o = a.chunk(4, dim=1)
+        c = torch.mul(f, c, out=cs[t]).addcmul_(i, g)
+        h = torch.tanh(c, out=hs[t]).mul_(o)
+    return hs, cs
+
+
+def lstm_backward(dhs, dh_last, dc_last, acts, hs, cs, h0, c0, w_hh):
+    T, B, G = acts.shape
+    dg = torch.empty_like(acts)
+    dh_next, dc = dh_last.clone(), dc_last.clone()
+    for t in range(T - 1, -1, -1):
+        i, f, g, o = acts[t].chunk(4, dim=1)
+        c_prev = cs[t - 1] if t > 0 else c0
+        dh = dhs[t] + dh_next
+        tc = torch.tanh(cs[t])
+        dc = dc + dh * o * (1 - tc * tc)
+        di, df, dgg, do = dg[t].chunk(4, dim=1)
+        torch.mul(dc * g, i * (1 - i), out=di)
+        torch.mul(dc * c_prev, f * (1 - f), out=df)
+        torch.mul(dc * i, 1 - g * g, out=dgg)
+        torch.mul(dh * tc, o * (1 - o), out=do)
+        dc = dc * f
+        dh_next = dg[t] @ w_hh
+    dw = dg.reshape(-1, G).t() @ _previous_states(h0, hs)
+    return dg, dh_next, dc, dw
+
+
+def rnn_forward(gates, h0, w_hh):
+    """In place: gates [T, B, H] (input part on entry) become the outputs h_t."""
+    h = h0
+    for t in range(gates.shape[0]):
+        h = gates[t].addmm_(h, w_hh.t()).tanh_()
+    return gates
+
+
+def rnn_backward(dhs, dh_last, hs, h0, w_hh):
+    dg = torch.empty_like(hs)
+    dh_next = dh_last.clone()
+    for t in range(hs.shape[0] - 1, -1, -1):
+        torch.mul(dhs[t] + dh_next, 1 - hs[t] * hs[t], out=dg[t])
+        dh_next = dg[t] @ w_hh
+    dw = dg.reshape(-1, hs.shape[2]).t() @ _previous_states(h0, hs)
+    return dg, dh_next, dw
+
+
+def gru_forward(gx, h0, w_hh, b_hn):
+    T, B, G = gx.shape
+    H = G // 3
+    acts, ghn, hs = torch.empty_like(gx), gx.new_empty(T, B, H), gx.new_empty(T, B, H)
+    bias = torch.cat([b_hn.new_zeros(2 * H), b_hn])
+    h = h0
+    for t in range(T):
+        gh = torch.addmm(bias, h, w_hh.t())  # [B, 3H]
+        xr, xz, xn = gx[t].chunk(3, dim=1)
+        hr, hz, hn = gh.chunk(3, dim=1)
+        r, z, n = acts[t].chunk(3, dim=1)
+        torch.sigmoid(xr + hr, out=r)
+        torch.sigmoid(xz + hz, out=z)
+        torch.tanh(xn + r * hn, out=n)
+        ghn[t] = hn
+        h = torch.add(n, z * (h - n), out=hs[t])  # (1 - z) * n + z * h
+    return hs, acts, ghn
+
+
+def gru_backward(dhs, dh_last, acts, ghn, hs, h0, w_hh):
+    T, B, G = acts.shape
+    dgx, dgh = torch.empty_like(acts), torch.empty_like(acts)
+    dh_next = dh_last.clone()
+    for t in range(T - 1, -1, -1):
+        r, z, n = acts[t].chunk(3, dim=1)
+        h_prev = hs[t - 1] if t > 0 else h0
+        dh = dhs[t] + dh_next
+        dpn = dh * (1 - z) * (1 - n * n)
+        dpr = dpn * ghn[t] * r * (1 - r)
+        dpz = dh * (h_prev - n) * z * (1 - z)
+        dgx[t] = torch.cat([dpr, dpz, dpn], dim=1)
+        dgh[t] = torch.cat([dpr, dpz, dpn * r], dim=1)
+        dh_next = torch.addmm(dh * z, dgh[t], w_hh)
+    flat = dgh.reshape(-1, G)
+    return dgx, dh_next, flat.t() @ _previous_states(h0, hs), flat[:, 2 * (G // 3):].sum(0)
+
+
+TORCH_LOOPS = SimpleNamespace(lstm_forward=lstm_forward, lstm_backward=lstm_backward, rnn_forward=rnn_forward,
+                              rnn_backward=rnn_backward, gru_forward=gru_forward, gru_backward=gru_backward)

@@ -1,0 +1,111 @@
+"""The native step loops (C++ and PyTorch) against the autograd reference: values, gradients, gradcheck."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import charlm.layers as layers
+import charlm.native as native
+from charlm.layers import RecurrentStack, native_loop
+from charlm.native import TORCH_LOOPS, cpp_loops
+
+KINDS = ["rnn", "lstm", "gru"]
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def loops(request, monkeypatch):
+    """Run each test with the C++ loops and with the PyTorch loops."""
+    if request.param == "torch":
+        monkeypatch.setattr(layers, "step_loops", lambda like: TORCH_LOOPS)
+    elif cpp_loops() is None:
+        pytest.skip("the C++ step loop is not built here")
+    return request.param
+
+
+def run(stack, x, state):
+    out, final = stack(x, state)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    ((out * weights).sum() + sum((s * 0.7).sum() for s in final)).backward()
+    grads = {name: p.grad.clone() for name, p in stack.named_parameters()}
+    stack.zero_grad()
+    return out.detach(), [s.detach() for s in final], grads
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_native_equals_reference(loops, kind, dtype, tol):
+    torch.manual_seed(3)
+    stack = RecurrentStack(kind, 6, 8, 2).to(dtype)
+    x = torch.randn(9, 4, 6, dtype=dtype)
+    state = tuple(torch.randn(2, 4, 8, dtype=dtype) for _ in range(stack.state_size))
+    stack.backend = "reference"
+    ref = run(stack, x, state)
+    stack.backend = "native"
+    got = run(stack, x, state)
+    torch.testing.assert_close(got[0], ref[0], atol=tol, rtol=0)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, atol=tol, rtol=0)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], atol=tol * 10, rtol=0, msg=name)
+
+
+class NativeLayer(torch.nn.Module):
+    """A cell run by native_loop, so functional_call can swap in parameters for gradcheck."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x, state):
+        out, final = native_loop(self.cell, x, state)
+        return (out, *final)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_layer_gradcheck(loops, kind):
+    """gradcheck of the hand-written backward: input, initial state and every weight, in float64."""
+    torch.manual_seed(0)
+    layer = NativeLayer(RecurrentStack(kind, 3, 4, 1).double().layers[0])
+    names = [name for name, _ in layer.named_parameters()]
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    state = [torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(layer.cell.state_size)]
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    n = len(state)
+
+    def run_layer(x, *rest):
+        return torch.func.functional_call(layer, dict(zip(names, rest[n:])), (x, tuple(rest[:n])))
+
+    assert torch.autograd.gradcheck(run_layer, (x, *state, *params))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_cpp_loops_build_here():
+    assert cpp_loops() is not None
+
+
+def test_failed_build_falls_back_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.delenv("CHARLM_NO_CPP", raising=False)
+
+    def broken():
+        raise RuntimeError("Error building extension 'charlm_recurrent'\nlong compiler output")
+
+    monkeypatch.setattr(native, "_build", broken)
+    assert native.step_loops(torch.zeros(1)) is TORCH_LOOPS
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not be built" in err and "PyTorch step loop" in err
+    native.step_loops(torch.zeros(1))
+    assert capsys.readouterr().err == ""  # said once
+
+
+def test_no_cpp_switch(monkeypatch):
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("CHARLM_NO_CPP", "1")
+    assert native.step_loops(torch.zeros(1)) is TORCH_LOOPS
+
+
+def test_other_dtypes_use_the_torch_loops():
+    assert native.step_loops(torch.zeros(1, dtype=torch.bfloat16)) is TORCH_LOOPS
