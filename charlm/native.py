@@ -19,7 +19,7 @@ import torch
 _SOURCE = Path(__file__).parent / "csrc" / "recurrent.cpp"
 # -ffast-math lets gcc vectorise exp/tanh through glibc's libmvec; -march=native is right
 # because the build happens on the machine that runs it.
-_CFLAGS = ["-O3", "-ffast-math", "-march=native", "-fopenmp-simd"]
+_CFLAGS = ["-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 _loaded: dict = {}
 
 
@@ -27,7 +27,7 @@ def _build() -> Optional[object]:
     from torch.utils import cpp_extension  # noqa: PLC0415 - heavy, and only needed once
 
     cpp_extension.load(name="charlm_recurrent", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-                       extra_ldflags=["-lmvec"], is_python_module=False, verbose=False)
+                       extra_ldflags=["-lmvec", "-fopenmp"], is_python_module=False, verbose=False)
     return torch.ops.charlm
 
 

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -48,12 +49,22 @@ template <typename T>
 inline T tanh_(T x) { return T(1) - T(2) / (fast_exp(T(2) * x) + T(1)); }
 inline double tanh_(double x) { return std::tanh(x); }
 
+// Runs row(b) for every batch row b, split across threads when each part has enough work
+// (about 32k gate values) to pay for waking a thread; MKL's threads would only spin meanwhile.
+template <typename F>
+void for_each_row(int64_t B, int64_t values_per_row, const F& row) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / values_per_row);
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) row(b);
+  });
+}
+
 // ---- LSTM ---------------------------------------------------------------------------------
 
 // a: gate pre-activations [B, 4H], overwritten with activations i f g o.
 template <typename T>
 void lstm_cell_forward(T* a, const T* c_prev, T* h, T* c, int64_t B, int64_t H) {
-  for (int64_t b = 0; b < B; ++b) {
+  for_each_row(B, 4 * H, [&](int64_t b) {
     T* row = a + b * 4 * H;
     const T* cp = c_prev + b * H;
     T* hb = h + b * H;
@@ -66,7 +77,7 @@ void lstm_cell_forward(T* a, const T* c_prev, T* h, T* c, int64_t B, int64_t H) 
       cb[j] = cn;
       hb[j] = o * tanh_(cn);
     }
-  }
+  });
 }
 
 // One step back: dh = grad of h_t (from the output and from step t+1), dc = grad of c_t (in/out:
@@ -74,7 +85,7 @@ void lstm_cell_forward(T* a, const T* c_prev, T* h, T* c, int64_t B, int64_t H) 
 template <typename T>
 void lstm_cell_backward(const T* a, const T* c, const T* c_prev, const T* dh_out, const T* dh_next, T* dc,
                         T* dg, int64_t B, int64_t H) {
-  for (int64_t b = 0; b < B; ++b) {
+  for_each_row(B, 4 * H, [&](int64_t b) {
     const T* row = a + b * 4 * H;
     T* drow = dg + b * 4 * H;
     const T* cb = c + b * H;
@@ -94,7 +105,7 @@ void lstm_cell_backward(const T* a, const T* c, const T* c_prev, const T* dh_out
       drow[3 * H + j] = dh * tc * o * (T(1) - o);
       dcb[j] = dct * f;
     }
-  }
+  });
 }
 
 void check_inputs(const Tensor& gx, const Tensor& h0, const Tensor& w_hh, int64_t gates) {
@@ -103,6 +114,12 @@ void check_inputs(const Tensor& gx, const Tensor& h0, const Tensor& w_hh, int64_
   const int64_t H = w_hh.size(1);
   TORCH_CHECK(w_hh.size(0) == gates * H && gx.size(2) == gates * H, "gate sizes do not match");
   TORCH_CHECK(h0.size(0) == gx.size(1) && h0.size(1) == H, "state must be [B, H]");
+}
+
+// W_hh^T as the per-step GEMM operand [H, G*H]. A contiguous copy makes each step's GEMM
+// ~20% faster, which pays for the copy over a long window but not over one step (generation).
+Tensor recurrent_operand(const Tensor& w_hh, int64_t steps) {
+  return steps >= 16 ? w_hh.t().contiguous() : w_hh.t();
 }
 
 // Previous hidden states of every step: [h0, h_0 .. h_{T-2}] as [T*B, H], for dW_hh in one matmul.
@@ -117,7 +134,7 @@ std::tuple<Tensor, Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Te
   const int64_t T = gates.size(0), B = gates.size(1), H = w_hh.size(1);
   Tensor hs = at::empty({T, B, H}, gates.options());
   Tensor cs = at::empty({T, B, H}, gates.options());
-  const Tensor w_t = w_hh.t().contiguous();  // [H, 4H]: a plain row-major GEMM operand is fastest
+  const Tensor w_t = recurrent_operand(w_hh, T);
   Tensor h_prev = h0.contiguous(), c_prev = c0.contiguous();
   for (int64_t t = 0; t < T; ++t) {
     Tensor a = gates[t];
@@ -176,7 +193,7 @@ void rnn_cell_backward(const T* h, const T* dh_out, const T* dh_next, T* dg, int
 Tensor rnn_forward(Tensor gates, const Tensor& h0, const Tensor& w_hh) {
   check_inputs(gates, h0, w_hh, 1);
   const int64_t T = gates.size(0), B = gates.size(1), H = w_hh.size(1);
-  const Tensor w_t = w_hh.t().contiguous();
+  const Tensor w_t = recurrent_operand(w_hh, T);
   Tensor h_prev = h0.contiguous();
   for (int64_t t = 0; t < T; ++t) {
     Tensor h = gates[t];
@@ -211,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward(const Tensor& dhs, const Tensor&
 
 template <typename T>
 void gru_cell_forward(const T* gx, const T* gh, const T* h_prev, T* a, T* ghn, T* h, int64_t B, int64_t H) {
-  for (int64_t b = 0; b < B; ++b) {
+  for_each_row(B, 3 * H, [&](int64_t b) {
     const T* x = gx + b * 3 * H;
     const T* g = gh + b * 3 * H;
     const T* hp = h_prev + b * H;
@@ -226,7 +243,7 @@ void gru_cell_forward(const T* gx, const T* gh, const T* h_prev, T* a, T* ghn, T
       gn[j] = g[2 * H + j];
       hb[j] = (T(1) - z) * n + z * hp[j];
     }
-  }
+  });
 }
 
 // Writes the input-side grads dgx [B, 3H], hidden-side grads dgh [B, 3H] and the direct
@@ -234,7 +251,7 @@ void gru_cell_forward(const T* gx, const T* gh, const T* h_prev, T* a, T* ghn, T
 template <typename T>
 void gru_cell_backward(const T* a, const T* ghn, const T* h_prev, const T* dh_out, const T* dh_next, T* dgx, T* dgh,
                        T* dh_direct, int64_t B, int64_t H) {
-  for (int64_t b = 0; b < B; ++b) {
+  for_each_row(B, 3 * H, [&](int64_t b) {
     const T* row = a + b * 3 * H;
     const T* gn = ghn + b * H;
     const T* hp = h_prev + b * H;
@@ -254,7 +271,7 @@ void gru_cell_backward(const T* a, const T* ghn, const T* h_prev, const T* dh_ou
       dhh[j] = dpr; dhh[H + j] = dpz; dhh[2 * H + j] = dpn * r;
       dd[j] = dh * z;
     }
-  }
+  });
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h0, const Tensor& w_hh, const Tensor& b_hn) {
@@ -265,7 +282,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h
   Tensor hs = at::empty({T, B, H}, gx.options());
   Tensor gh = at::empty({B, 3 * H}, gx.options());
   Tensor bias = at::cat({at::zeros({2 * H}, gx.options()), b_hn.contiguous()});
-  const Tensor w_t = w_hh.t().contiguous();
+  const Tensor w_t = recurrent_operand(w_hh, T);
   Tensor h_prev = h0.contiguous();
   for (int64_t t = 0; t < T; ++t) {
     at::addmm_out(gh, bias, h_prev, w_t);
