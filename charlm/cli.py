@@ -72,11 +72,15 @@ def _report_training(outcome, run_dir: Path) -> None:
                       f"Resume with: charlm train --resume --out {run_dir}")
         return
     minutes = outcome.elapsed / 60
-    console.print(f"done: {outcome.step} steps, {outcome.epoch} full epochs, {minutes:.1f} min")
+    if outcome.stop_reason == "early_stop":
+        console.print(f"stopped early at step {outcome.step}: the val loss has not improved for "
+                      f"train.patience evaluations ({minutes:.1f} min)")
+    else:
+        console.print(f"done: {outcome.step} steps, {outcome.epoch} full epochs, {minutes:.1f} min")
     if outcome.best_val_loss is not None:
         bpc = outcome.best_val_loss / math.log(2)
         console.print(f"best val loss {outcome.best_val_loss:.4f} nats ({bpc:.4f} bpc) at step {outcome.best_step}: "
-                      f"{run_dir / 'best.pt'}")
+                      f"{run_dir / 'best.pt'} is the model to use")
     console.print(f"sample with: charlm sample --checkpoint {run_dir} --prompt \"...\"")
 
 

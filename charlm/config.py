@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -66,7 +66,7 @@ _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
 
 class TrainConfig(_Section):
     device: str = "auto"
-    seed: int = 1337
+    seed: int = Field(1337, ge=0)
     batch_size: int = Field(32, gt=0)
     seq_len: int = Field(128, gt=0)
     lr: float = Field(2e-3, gt=0)
@@ -81,6 +81,35 @@ class TrainConfig(_Section):
     eval_interval: int = Field(500, gt=0)
     log_interval: int = Field(50, gt=0)
     eval_batch_size: int = Field(64, gt=0)
+    checkpoint_interval: Optional[Union[int, str]] = None  # steps, or a duration such as "10m"
+    patience: Optional[int] = Field(None, gt=0)
+    max_bad_steps: int = Field(10, gt=0)
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
+    max_rollbacks: int = Field(3, ge=0)
+
+    @field_validator("checkpoint_interval", mode="before")
+    @classmethod
+    def _steps_or_duration(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value <= 0:
+                raise ValueError(f"must be a positive number of steps or a duration such as 10m (got {value})")
+            return value
+        try:
+            parse_duration(value if isinstance(value, str) else "")
+        except ValueError:
+            raise ValueError(f"must be a number of steps or a duration such as 10m (got {value!r})") from None
+        return value
+
+    @property
+    def checkpoint_steps(self) -> Optional[int]:
+        return self.checkpoint_interval if isinstance(self.checkpoint_interval, int) else None
+
+    @property
+    def checkpoint_seconds(self) -> Optional[float]:
+        value = self.checkpoint_interval
+        return parse_duration(value) if isinstance(value, str) else None
 
     @field_validator("device")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import yaml
@@ -19,29 +20,113 @@ class RunDirError(UserError):
     """A run dir that cannot be used as asked (would overwrite a run, cannot be written, ...)."""
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Make sure training may write into `run_dir`, creating it, or refuse with advice."""
+LOCK = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class RunLock:
+    """`run_dir/.lock` holds the pid of the one process training into the dir.
+
+    A second process refuses; a lock left by a process that no longer runs (kill -9, power
+    loss) is taken over, with a notice."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path, self.notices = run_dir, run_dir / LOCK, []
+
+    def __enter__(self) -> "RunLock":
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RunDirError(f"run dir {self.run_dir} exists and is not a directory; choose another --out")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._acquire()
+        except OSError as err:
+            raise RunDirError(f"cannot write to run dir {self.run_dir}: {err.strerror or err}; "
+                              "choose another --out") from None
+        return self
+
+    def _acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = self._owner()
+            if owner is not None and owner != os.getpid() and _pid_alive(owner):
+                raise RunDirError(f"run dir {self.run_dir} is in use by another charlm train (pid {owner}); "
+                                  "wait for it to finish or choose another --out") from None
+            self.notices.append(f"taking over the lock of {self.run_dir} left by pid {owner}, "
+                                "which is no longer running")
+            tmp = self.path.with_name(f"{LOCK}.{os.getpid()}")
+            tmp.write_text(str(os.getpid()))
+            os.replace(tmp, self.path)
+            return
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self._owner() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> list[str]:
+    """Make sure training may write into `run_dir` (already created and locked), or refuse.
+
+    Returns notices for the user: what was moved aside or cleaned up."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other; choose one")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"run dir {run_dir} exists and is not a directory; choose another --out")
+    notices = _remove_unfinished_writes(run_dir)
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if resume:
         if not (run_dir / LAST).is_file():
             raise RunDirError(f"nothing to resume: {run_dir / LAST} does not exist; train without --resume")
-        return
+        return notices
     if existing and not overwrite:
         raise RunDirError(f"run dir {run_dir} already holds a run ({', '.join(existing)}); "
                           "add --resume to continue it, --overwrite to replace it, or --out to use another dir")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name in existing:
-            (run_dir / name).unlink()
+        if existing:
+            notices.append(_move_aside(run_dir, existing))
         probe = run_dir / ".charlm-write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise RunDirError(f"cannot write to run dir {run_dir}: {err.strerror or err}; choose another --out") from None
+    return notices
+
+
+def _move_aside(run_dir: Path, names: list[str]) -> str:
+    """--overwrite keeps the replaced run: its files move into a dated subfolder."""
+    folder = run_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
+    suffix = 1
+    while folder.exists():
+        folder = run_dir / f"{folder.name.split('.')[0]}.{suffix}"
+        suffix += 1
+    folder.mkdir()
+    for name in names:
+        os.replace(run_dir / name, folder / name)
+    return (f"--overwrite: moved the earlier run's {', '.join(names)} to {folder}/ "
+            "(delete that folder when you no longer need it)")
+
+
+def _remove_unfinished_writes(run_dir: Path) -> list[str]:
+    """Temp files of checkpoint writes cut short by a crash: incomplete by construction."""
+    leftovers = [p for p in run_dir.glob(".*.tmp-*") if p.is_file()]
+    for path in leftovers:
+        path.unlink()
+    return [f"removed {len(leftovers)} unfinished checkpoint write(s) left by an interrupted run"] if leftovers else []
 
 
 def write_config(run_dir: Path, config: dict) -> None:

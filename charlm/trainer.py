@@ -1,4 +1,4 @@
-"""The training loop: optimise, clip, carry and detach state, evaluate, checkpoint.
+"""The training loop: optimise, clip, carry and detach state, evaluate, checkpoint, recover.
 
 The trainer only uses the model's forward, init_state and detach_state: it does not know
 which recurrent model it trains.
@@ -6,10 +6,9 @@ which recurrent model it trains.
 
 from __future__ import annotations
 
-import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,49 +16,19 @@ import torch
 import torch.nn.functional as F
 
 from charlm.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
-from charlm.config import Config, TrainConfig
+from charlm.config import Config
 from charlm.data import Corpus, TBPTTBatches, load_corpus
 from charlm.errors import UserError
 from charlm.evaluate import EvalResult, evaluate_ids
 from charlm.model import build_model, count_parameters
+from charlm.optim import Budget, build_optimizer, learning_rate
 from charlm.progress import TrainingDisplay
-from charlm.rundir import MetricsLog, prepare_run_dir, write_config
+from charlm.rundir import MetricsLog, RunLock, prepare_run_dir, write_config
 from charlm.runtime import describe_device, resolve_device, rng_state, seed_everything, set_rng_state
 
 
-class Budget:
-    """How far a run is through train.max_steps / train.max_time: the larger fraction wins."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.max_steps, self.max_seconds = cfg.max_steps, cfg.max_time_seconds
-
-    def fraction(self, step: int, elapsed: float) -> float:
-        parts = []
-        if self.max_steps is not None:
-            parts.append(step / self.max_steps)
-        if self.max_seconds is not None:
-            parts.append(elapsed / self.max_seconds)
-        return max(parts)
-
-    def reached(self, step: int, elapsed: float) -> bool:
-        return self.fraction(step, elapsed) >= 1.0
-
-
-def learning_rate(cfg: TrainConfig, step: int, fraction: float) -> float:
-    """Linear warmup over warmup_steps, then constant, or cosine from lr to min_lr over the budget."""
-    warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    if cfg.lr_schedule == "constant":
-        return cfg.lr * warmup
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
-    return (cfg.min_lr + (cfg.lr - cfg.min_lr) * cosine) * warmup
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay applies to weight matrices only, never to biases."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+class TrainingDiverged(UserError):
+    """Non-finite losses that rolling back with a lower learning rate did not cure."""
 
 
 class StopRequests:
@@ -104,7 +73,7 @@ class _IntervalStats:
 
     def flush(self) -> tuple[float, float, float]:
         """(mean loss, max grad norm, chars per second) of the interval, then start a new one."""
-        stats = (float(self.loss_sum) / self.steps, float(self.norm_max),
+        stats = (float(self.loss_sum) / max(self.steps, 1), float(self.norm_max),
                  self.chars / max(time.perf_counter() - self.started, 1e-9))
         self._reset()
         return stats
@@ -116,7 +85,7 @@ class TrainOutcome:
     step: int
     epoch: int
     elapsed: float
-    stop_reason: str  # "budget" or "interrupted"
+    stop_reason: str  # "budget", "early_stop" or "interrupted"
     best_val_loss: Optional[float]
     best_step: Optional[int]
     last_val: Optional[EvalResult]
@@ -125,13 +94,18 @@ class TrainOutcome:
 
 @dataclass
 class _Progress:
+    """Everything about where a run is that a checkpoint must carry, besides tensors."""
+
     step: int = 0
     epoch: int = 0
     window: int = 0
-    elapsed_before: float = 0.0  # training seconds of earlier sessions of this run
+    elapsed: float = 0.0  # training seconds of earlier sessions of this run (at the last restore)
     best_val_loss: Optional[float] = None
     best_step: Optional[int] = None
-    last_eval_step: int = -1
+    evals_since_best: int = 0
+    lr_scale: float = 1.0  # cut by train.rollback_lr_factor at each rollback
+    rollbacks: int = 0
+    skipped_steps: int = 0
 
 
 class Trainer:
@@ -145,75 +119,129 @@ class Trainer:
         self.pos = _Progress()
         self.state = self.model.init_state(cfg.train.batch_size)
         self.last_val: Optional[EvalResult] = None
+        self.last_eval_step, self.bad_streak = -1, 0
+        self._t0 = time.perf_counter()
+        self._saved_at = (0, 0.0)  # (step, elapsed) of the last checkpoint
 
     # --- checkpoints --------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return self.pos.elapsed + (time.perf_counter() - self._t0)
 
     def payload(self) -> dict:
         return {
             "config": self.cfg.to_dict(), "vocab": self.corpus.vocab.to_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "step": self.pos.step, "epoch": self.pos.epoch, "window": self.pos.window,
-            "elapsed": self.elapsed(), "train_state": [s.detach().cpu() for s in self.state],
-            "rng": rng_state(), "best_val_loss": self.pos.best_val_loss, "best_step": self.pos.best_step,
+            "progress": {**asdict(self.pos), "elapsed": self.elapsed()},
+            "step": self.pos.step, "epoch": self.pos.epoch, "elapsed": self.elapsed(),
+            "best_val_loss": self.pos.best_val_loss, "best_step": self.pos.best_step,
+            "train_state": [s.detach().cpu() for s in self.state], "rng": rng_state(),
             "val_loss": self.last_val.loss_nats if self.last_val else None,
             "device": describe_device(self.device), "data_fingerprint": self.corpus.fingerprint,
             "num_parameters": count_parameters(self.model),
         }
 
     def restore(self, payload: dict) -> None:
-        check_resumable(payload, self.cfg, self.corpus)
+        """Continue exactly where the checkpoint left off."""
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.state = tuple(s.to(self.device) for s in payload["train_state"])
         set_rng_state(payload["rng"])
-        self.pos = _Progress(step=payload["step"], epoch=payload["epoch"], window=payload["window"],
-                             elapsed_before=payload["elapsed"], best_val_loss=payload["best_val_loss"],
-                             best_step=payload["best_step"], last_eval_step=payload["step"])
+        self.pos = _Progress(**payload["progress"])
+        self._t0 = time.perf_counter()
+        self.last_eval_step, self.bad_streak = self.pos.step, 0
+        self._saved_at = (self.pos.step, self.pos.elapsed)
 
-    def save(self, best: bool) -> None:
+    def save(self, best: bool = False) -> None:
         payload = self.payload()
         save_checkpoint(payload, self.run_dir / LAST)
         if best:
             save_checkpoint(payload, self.run_dir / BEST)
+        self._saved_at = (self.pos.step, self.elapsed())
 
-    # --- the loop -----------------------------------------------------------------------
+    def checkpoint_due(self) -> bool:
+        cfg = self.cfg.train
+        step, when = self._saved_at
+        if cfg.checkpoint_steps is not None and self.pos.step - step >= cfg.checkpoint_steps:
+            return True
+        return cfg.checkpoint_seconds is not None and self.elapsed() - when >= cfg.checkpoint_seconds
 
-    def elapsed(self) -> float:
-        return self.pos.elapsed_before + (time.perf_counter() - self._t0)
+    # --- one step -----------------------------------------------------------------------
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One TBPTT window: forward with the carried state, backward, clip, AdamW step."""
+    def forward_backward(self) -> tuple[torch.Tensor, torch.Tensor, tuple, int]:
+        """Loss and gradients of the next TBPTT window, from the carried state."""
         if self.pos.window == 0:
             self.state = self.model.init_state(self.cfg.train.batch_size)  # a new epoch starts from scratch
         x, y = self.batches.window(self.pos.window)  # [B, T] each
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         logits, state = self.model(x, self.state)  # [B, T, V]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = self.loss(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = self.cfg.train.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # norm before clipping
+        return loss.detach(), grad_norm.detach(), self.model.detach_state(state), x.numel()
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def apply_update(self, state: tuple) -> None:
         lr = learning_rate(self.cfg.train, self.pos.step, self.budget.fraction(self.pos.step, self.elapsed()))
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * self.pos.lr_scale
         self.optimizer.step()
-        self.state = self.model.detach_state(state)  # carry the state, cut the graph
-        self._advance()
-        return loss.detach(), grad_norm.detach(), x.numel()
+        self.state = state  # carry the state (detached: the graph is cut here)
 
-    def _advance(self) -> None:
+    def advance(self) -> None:
         self.pos.step += 1
         self.pos.window += 1
         if self.pos.window == self.batches.windows_per_epoch:
             self.pos.epoch, self.pos.window = self.pos.epoch + 1, 0
+
+    # --- recovering from non-finite steps -------------------------------------------------
+
+    def skip_bad_step(self, metrics: MetricsLog, loss: float, grad_norm: float) -> None:
+        """No update; the carried state, possibly poisoned, restarts from zero."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state = self.model.init_state(self.cfg.train.batch_size)
+        self.bad_streak += 1
+        self.pos.skipped_steps += 1
+        metrics.write("skip", step=self.pos.step, loss=loss, grad_norm=grad_norm, streak=self.bad_streak)
+        self.display.message(f"step {self.pos.step}: non-finite loss or gradient (loss {loss}, grad norm "
+                             f"{grad_norm}); update skipped ({self.bad_streak} in a row)")
+        if self.bad_streak >= self.cfg.train.max_bad_steps:
+            self.roll_back(metrics)
+
+    def roll_back(self, metrics: MetricsLog) -> None:
+        """Back to the last checkpoint with the learning rate cut, or give up."""
+        cfg = self.cfg.train
+        if self.pos.rollbacks >= cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"training diverged: {cfg.max_bad_steps} non-finite steps in a row after {self.pos.rollbacks} "
+                f"rollback(s) (learning rate now x{self.pos.lr_scale:g}); lower train.lr or train.grad_clip and "
+                f"resume from {self.run_dir / LAST} with --resume")
+        rollbacks, lr_scale = self.pos.rollbacks + 1, self.pos.lr_scale * cfg.rollback_lr_factor
+        elapsed, skipped = self.elapsed(), self.pos.skipped_steps
+        self.restore(load_checkpoint(self.run_dir / LAST))
+        # Steps and weights go back; wall time and the count of skipped steps do not.
+        self.pos.rollbacks, self.pos.lr_scale, self.pos.skipped_steps = rollbacks, lr_scale, skipped
+        self.pos.elapsed = elapsed
+        metrics.write("rollback", step=self.pos.step, lr_scale=lr_scale, rollbacks=rollbacks)
+        self.display.message(f"rolled back to step {self.pos.step} ({LAST}) with the learning rate cut to "
+                             f"x{lr_scale:g} (rollback {rollbacks} of at most {cfg.max_rollbacks})")
+
+    # --- evaluation ---------------------------------------------------------------------
 
     def evaluate_and_save(self, metrics: MetricsLog) -> None:
         started = time.perf_counter()
         result = evaluate_ids(self.model, self.corpus.val_ids, self.cfg.train.eval_batch_size)
         best = self.pos.best_val_loss is None or result.loss_nats < self.pos.best_val_loss
         if best:
-            self.pos.best_val_loss, self.pos.best_step = result.loss_nats, self.pos.step
-        self.last_val, self.pos.last_eval_step = result, self.pos.step
+            self.pos.best_val_loss, self.pos.best_step, self.pos.evals_since_best = result.loss_nats, self.pos.step, 0
+        else:
+            self.pos.evals_since_best += 1
+        self.last_val, self.last_eval_step = result, self.pos.step
         seconds = time.perf_counter() - started
         metrics.write("eval", step=self.pos.step, epoch=self.pos.epoch, val_loss=result.loss_nats,
                       val_bpc=result.bpc, best_val_loss=self.pos.best_val_loss, elapsed=self.elapsed(),
@@ -221,28 +249,50 @@ class Trainer:
         self.display.on_eval(self.pos.step, result.loss_nats, result.bpc, best, seconds)
         self.save(best)
 
+    def out_of_patience(self) -> bool:
+        patience = self.cfg.train.patience
+        return patience is not None and self.pos.evals_since_best >= patience
+
+    # --- the loop -----------------------------------------------------------------------
+
     def run(self, metrics: MetricsLog) -> TrainOutcome:
         cfg = self.cfg.train
-        self._t0 = time.perf_counter()
         self.model.train()
         interval = _IntervalStats(self.device)
+        reason = "budget"
         with StopRequests() as stop:
-            while not self.budget.reached(self.pos.step, self.elapsed()) and stop.signal is None:
-                interval.add(*self.train_step())
+            while not self.budget.reached(self.pos.step, self.elapsed()):
+                if stop.signal is not None:
+                    reason = "interrupted"
+                    break
+                loss, grad_norm, state, chars = self.forward_backward()
+                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                    self.advance()
+                    self.skip_bad_step(metrics, float(loss), float(grad_norm))
+                    continue
+                self.bad_streak = 0
+                self.apply_update(state)
+                self.advance()
+                interval.add(loss, grad_norm, chars)
                 if self.pos.step % cfg.log_interval == 0:
                     self._log(metrics, *interval.flush())
                 if self.pos.step % cfg.eval_interval == 0:
                     started = time.perf_counter()
                     self.evaluate_and_save(metrics)
                     interval.exclude(time.perf_counter() - started)  # eval time is not training throughput
+                    if self.out_of_patience():
+                        reason = "early_stop"
+                        break
+                elif self.checkpoint_due():
+                    self.save()
                 self.display.update(self.budget.fraction(self.pos.step, self.elapsed()), self.pos.step, cfg.max_steps)
-            if stop.signal is not None:
-                self.save(best=False)
-            elif self.pos.last_eval_step != self.pos.step:
+            if reason == "interrupted":
+                self.save()
+            elif self.last_eval_step != self.pos.step:
                 self.evaluate_and_save(metrics)
-        reason = "interrupted" if stop.signal is not None else "budget"
         metrics.write("end", step=self.pos.step, epoch=self.pos.epoch, elapsed=self.elapsed(), reason=reason,
-                      best_val_loss=self.pos.best_val_loss, best_step=self.pos.best_step)
+                      best_val_loss=self.pos.best_val_loss, best_step=self.pos.best_step,
+                      skipped_steps=self.pos.skipped_steps, rollbacks=self.pos.rollbacks)
         return TrainOutcome(self.run_dir, self.pos.step, self.pos.epoch, self.elapsed(), reason,
                             self.pos.best_val_loss, self.pos.best_step, self.last_val, stop.signal)
 
@@ -265,33 +315,40 @@ def check_resumable(payload: dict, cfg: Config, corpus: Corpus) -> None:
                               "resume with the run's own config (omit --config) or start a new run")
     if payload.get("data_fingerprint") != corpus.fingerprint:
         raise CheckpointError("cannot resume: the training text has changed since the checkpoint was written")
+    if "progress" not in payload or "optimizer" not in payload:
+        raise CheckpointError("cannot resume: the checkpoint holds no training state (optimizer, progress)")
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
           display: Optional[TrainingDisplay] = None) -> TrainOutcome:
-    """Train a model as `cfg` says, writing the run into `run_dir`."""
+    """Train a model as `cfg` says, writing the run into `run_dir` (locked while training)."""
     display = display or TrainingDisplay()
-    prepare_run_dir(run_dir, resume, overwrite)
-    payload = load_checkpoint(run_dir / LAST) if resume else None
-    corpus = load_corpus(cfg.data.path, cfg.data.val_path, cfg.data.val_fraction)
-    device = resolve_device(cfg.train.device)
-    trainer = Trainer(cfg, run_dir, corpus, device, display)
-    if payload is not None:
-        trainer.restore(payload)
-        if trainer.budget.reached(trainer.pos.step, trainer.pos.elapsed_before):
-            raise UserError(f"the run in {run_dir} already reached its budget (step {trainer.pos.step}); "
-                            "raise train.max_steps or train.max_time with --set to train further")
-    write_config(run_dir, cfg.to_dict())
-    _announce(display, trainer, corpus, device, payload is not None)
-    metrics = MetricsLog(run_dir)
-    metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),
-                  num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
-                  train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel())
-    try:
-        with display:
-            return trainer.run(metrics)
-    finally:
-        metrics.close()
+    with RunLock(run_dir) as lock:
+        for notice in lock.notices + prepare_run_dir(run_dir, resume, overwrite):
+            display.message(notice)
+        payload = load_checkpoint(run_dir / LAST) if resume else None
+        corpus = load_corpus(cfg.data.path, cfg.data.val_path, cfg.data.val_fraction)
+        device = resolve_device(cfg.train.device)
+        trainer = Trainer(cfg, run_dir, corpus, device, display)
+        if payload is not None:
+            check_resumable(payload, cfg, corpus)
+            trainer.restore(payload)
+            if trainer.budget.reached(trainer.pos.step, trainer.pos.elapsed):
+                raise UserError(f"the run in {run_dir} already reached its budget (step {trainer.pos.step}); "
+                                "raise train.max_steps or train.max_time with --set to train further")
+        write_config(run_dir, cfg.to_dict())
+        if payload is None:
+            trainer.save()  # from the first moment on, the run dir holds a loadable last.pt
+        _announce(display, trainer, corpus, device, payload is not None)
+        metrics = MetricsLog(run_dir)
+        metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),
+                      num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
+                      train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel())
+        try:
+            with display:
+                return trainer.run(metrics)
+        finally:
+            metrics.close()
 
 
 def _announce(display: TrainingDisplay, trainer: Trainer, corpus: Corpus, device: torch.device, resumed: bool) -> None:
@@ -300,8 +357,8 @@ def _announce(display: TrainingDisplay, trainer: Trainer, corpus: Corpus, device
     display.message(f"data: {corpus.train_ids.numel():,} train / {corpus.val_ids.numel():,} val characters, "
                     f"vocabulary {len(corpus.vocab)}"
                     + (f" ({corpus.val_oov_chars:,} val characters not in it are skipped)" if corpus.val_oov_chars else ""))
-    display.message(f"model: {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size}, "
-                    f"{count_parameters(trainer.model):,} parameters; "
+    display.message(f"model: {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size} ({cfg.model.backend} "
+                    f"backend), {count_parameters(trainer.model):,} parameters; "
                     f"{trainer.batches.windows_per_epoch} steps per epoch")
     if resumed:
         display.message(f"resuming from step {trainer.pos.step} (epoch {trainer.pos.epoch})")
