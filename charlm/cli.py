@@ -27,7 +27,7 @@ from charlm.sample import generate, make_generator, prompt_context
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, sample and evaluate character-level RNN/LSTM language models.")
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 CHECKPOINT_HELP = "A checkpoint file, or a run dir (its best.pt, else last.pt)."
 BACKEND_HELP = "Run the weights with another backend: native, fused or reference (default: as trained)."
@@ -65,7 +65,7 @@ def train(
 
 
 def _report_training(outcome, run_dir: Path) -> None:
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     if outcome.stop_reason == "interrupted":
         name = signal.Signals(outcome.signal).name
         console.print(f"{name}: stopped at step {outcome.step}; saved {run_dir / 'last.pt'}. "
@@ -148,7 +148,7 @@ def evaluate(
     if as_json:
         print(json.dumps({**result.to_dict(), "checkpoint": str(resolve_checkpoint(checkpoint)), "text": text}))
         return
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"loss {result.loss_nats:.4f} nats/char | {result.bpc:.4f} bits/char | "
                   f"perplexity {result.perplexity:.3f} | {result.chars:,} characters scored")
     if result.oov_chars:
@@ -177,7 +177,7 @@ def info(
     if as_json:
         print(json.dumps(facts))
         return
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     for key, value in facts.items():
         shown = f"{value:.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
         console.print(f"{key.replace('_', ' '):>16}  {shown}")

@@ -8,8 +8,11 @@ is announced once, in one line, on stderr. CHARLM_NO_CPP=1 skips the build.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -17,17 +20,46 @@ from typing import Optional
 import torch
 
 _SOURCE = Path(__file__).parent / "csrc" / "recurrent.cpp"
-# -ffast-math lets gcc vectorise exp/tanh through glibc's libmvec; -march=native is right
-# because the build happens on the machine that runs it.
+# -ffast-math lets gcc vectorise the gate loops; -march=native is right because the build
+# happens on the machine that runs it; -fopenmp lets the gate loops use torch's threads.
 _CFLAGS = ["-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+_LDFLAGS = ["-lmvec", "-fopenmp"]
 _loaded: dict = {}
 
 
-def _build() -> Optional[object]:
-    from torch.utils import cpp_extension  # noqa: PLC0415 - heavy, and only needed once
+def _library_path() -> Path:
+    """Where the built library is cached: keyed by the source, flags, torch and machine."""
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode(),
+                 sys.version.encode(), platform.machine().encode(), platform.node().encode()):
+        key.update(part)
+    cache = Path(os.environ.get("CHARLM_CACHE_DIR") or Path.home() / ".cache" / "charlm")
+    return cache / f"recurrent-{key.hexdigest()[:16]}.so"
 
-    cpp_extension.load(name="charlm_recurrent", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-                       extra_ldflags=["-lmvec", "-fopenmp"], is_python_module=False, verbose=False)
+
+def _build() -> object:
+    """Load the cached library, or build it first.
+
+    torch's JIT loader holds a lock file in its build folder while it runs, which a process
+    killed at that moment leaves behind, and every later load then waits on it forever. So
+    each build happens in a private temporary folder and the finished library is renamed
+    into the cache (atomic; concurrent builders just both rename), and a cached library is
+    loaded directly, with no lock at all."""
+    path = _library_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from torch.utils import cpp_extension  # noqa: PLC0415 - heavy, and only needed to build
+
+        print("charlm: building the C++ step loop (once per machine and version, ~10 s)", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder:
+            name = f"charlm_recurrent_{path.stem.split('-')[1]}"
+            # copies: cpp_extension.load appends to the lists it is given
+            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=list(_CFLAGS),
+                               extra_ldflags=list(_LDFLAGS), build_directory=folder, is_python_module=False,
+                               verbose=False)
+            os.replace(Path(folder) / f"{name}.so", path)
+        return torch.ops.charlm  # cpp_extension.load has loaded it into this process
+    torch.ops.load_library(str(path))
     return torch.ops.charlm
 
 

@@ -16,7 +16,7 @@ def _fmt_rate(chars_per_sec: float) -> str:
 
 class TrainingDisplay:
     def __init__(self, console: Optional[Console] = None):
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self.live = self.console.is_terminal
         self.fields = {"step": "0", "loss": "-", "val": "-", "lr": "-", "rate": "-"}
         self._progress = Progress(

@@ -336,9 +336,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
             if trainer.budget.reached(trainer.pos.step, trainer.pos.elapsed):
                 raise UserError(f"the run in {run_dir} already reached its budget (step {trainer.pos.step}); "
                                 "raise train.max_steps or train.max_time with --set to train further")
-        write_config(run_dir, cfg.to_dict())
         if payload is None:
-            trainer.save()  # from the first moment on, the run dir holds a loadable last.pt
+            trainer.save()  # from here on the run dir always holds a loadable last.pt
+        write_config(run_dir, cfg.to_dict())
         _announce(display, trainer, corpus, device, payload is not None)
         metrics = MetricsLog(run_dir)
         metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),

@@ -135,3 +135,57 @@ def test_sample_settings_validate_cli_options():
         sample_settings(base, top_p=0.0)
     with pytest.raises(ConfigError, match="--length: input should be less than or equal to 1000000"):
         sample_settings(base, length=10**9)
+
+
+# --- property-based: config loading either succeeds or raises the one user-error type -------
+
+import tempfile  # noqa: E402
+
+import yaml  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from charlm.config import apply_override  # noqa: E402
+from charlm.errors import UserError  # noqa: E402
+
+_scalars = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | st.text(max_size=12)
+_documents = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.sampled_from(["data", "model", "train", "sample", "path", "lr",
+                                                             "max_steps", "type", "x"]) | st.text(max_size=6),
+                                            inner, max_size=5), max_leaves=25)
+
+
+def _load_text(text: str, overrides=()):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "c.yaml"
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        try:
+            return load_config(path, overrides)
+        except UserError:
+            return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(_documents)
+def test_random_yaml_documents(document):
+    _load_text(yaml.safe_dump(document))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_random_yaml_text(text):
+    _load_text(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=30) | st.builds(lambda k, v: f"{k}={v}", st.sampled_from(
+    ["train.lr", "train.max_steps", "model.type", "sample.top_p", "data.path", "train.max_time", "x.y", "train"]),
+    st.text(max_size=10)), max_size=4))
+def test_random_overrides(overrides):
+    _load_text(MINIMAL, overrides)
+    raw = {"data": {"path": "x"}, "train": {"max_steps": 1}}
+    for assignment in overrides:
+        try:
+            apply_override(raw, assignment)
+        except UserError:
+            pass

@@ -109,3 +109,22 @@ def test_no_cpp_switch(monkeypatch):
 
 def test_other_dtypes_use_the_torch_loops():
     assert native.step_loops(torch.zeros(1, dtype=torch.bfloat16)) is TORCH_LOOPS
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_a_build_killed_midway_blocks_nothing(tmp_path):
+    """A build folder left with a lock file (its process killed) must not stall later loads."""
+    import subprocess
+    import sys
+
+    assert cpp_loops() is not None
+    library = native._library_path()
+    cache = tmp_path / "cache"
+    (cache / ".build-killed").mkdir(parents=True)
+    (cache / ".build-killed" / "lock").write_text("")
+    shutil.copy(library, cache / library.name)
+    code = "import charlm.native as n; assert n.cpp_loops() is not None; print('loaded')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**__import__("os").environ, "CHARLM_CACHE_DIR": str(cache)})
+    assert result.returncode == 0 and "loaded" in result.stdout, result.stderr
+    assert "building" not in result.stderr  # the cached library was used as is
