@@ -106,6 +106,8 @@ def sample(
     settings = sample_settings(validate_config(payload["config"], "checkpoint config").sample, length=length,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     text = read_text_file(prompt_file) if prompt_file is not None else prompt
+    if prompt_file is not None and not text:
+        raise UserError(f"prompt file {prompt_file} is empty; put the prompt text in it")
     text = _default_prompt(settings.prompt, vocab) if text is None or text == "" else text
     prompt_ids = vocab.encode_strict(prompt_context(text, vocab.chars), "the prompt")
     generator, used_seed = make_generator(next(model.parameters()).device, settings.seed)

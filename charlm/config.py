@@ -152,7 +152,7 @@ class SampleConfig(_Section):
     temperature: float = Field(0.8, ge=0)
     top_k: Optional[int] = Field(None, gt=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0)
 
 
 class Config(_Section):

@@ -278,3 +278,62 @@ def test_resume_may_switch_backend(tmp_path, text_file, write_config, capsys):
                         "--set", "model.backend=fused")
     assert code == 0, err
     assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 6
+
+
+BAD_TEXTS = {
+    "missing": (None, "data path not found"),
+    "empty": (b"", "is empty"),
+    "newlines": (b"\n\n\n\n", "holds only whitespace"),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00", "looks like a binary file"),
+    "latin-1": (b"na\xefve text", "not valid UTF-8: bad byte 0xef at byte offset 2"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TEXTS))
+def test_eval_rejects_bad_text(trained, capsys, tmp_path, kind):
+    content, fragment = BAD_TEXTS[kind]
+    path = tmp_path / "text.txt"
+    if content is not None:
+        path.write_bytes(content)
+    assert_user_error(call(capsys, "eval", "--checkpoint", str(trained[0]), "--text", str(path)), fragment)
+
+
+def test_eval_rejects_a_folder_without_text(trained, capsys, tmp_path):
+    (tmp_path / "only-binary").mkdir()
+    (tmp_path / "only-binary" / "x.bin").write_bytes(b"\x00\x01")
+    assert_user_error(call(capsys, "eval", "--checkpoint", str(trained[0]), "--text", str(tmp_path / "only-binary")),
+                      "holds no text files")
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (None, "file not found"),
+    (b"", "is empty"),
+    (b"\x00\x00binary", "looks like a binary file"),
+    (b"It \xff", "not valid UTF-8: bad byte 0xff at byte offset 3"),
+])
+def test_sample_rejects_bad_prompt_files(trained, capsys, tmp_path, content, fragment):
+    path = tmp_path / "prompt.txt"
+    if content is not None:
+        path.write_bytes(content)
+    assert_user_error(call(capsys, "sample", "--checkpoint", str(trained[0]), "--prompt-file", str(path)), fragment)
+
+
+@pytest.mark.parametrize("command,option,value", [
+    ("sample", "--num-samples", "-1"), ("sample", "--seed", "-5"), ("sample", "--length", "-5"),
+    ("sample", "--top-k", "0"), ("eval", "--batch-size", "0"), ("eval", "--batch-size", "-2"),
+])
+def test_negative_or_zero_numbers(trained, capsys, text_file, command, option, value):
+    extra = ["--text", str(text_file)] if command == "eval" else []
+    code, _, err = call(capsys, command, "--checkpoint", str(trained[0]), *extra, option, value)
+    assert code == 2 and option in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key", ["train.batch_size", "train.seq_len", "train.max_steps", "train.eval_interval",
+                                 "train.log_interval", "train.eval_batch_size", "train.checkpoint_interval",
+                                 "train.patience", "train.max_bad_steps", "model.hidden_size", "model.num_layers",
+                                 "model.embedding_dim", "train.lr", "sample.length"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_every_size_must_be_positive(tmp_path, text_file, write_config, capsys, key, value):
+    config = write_config(tiny_config(text_file))
+    code, _, err = call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "r"), "--set", f"{key}={value}")
+    assert code == 2 and key in err and "Traceback" not in err
