@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import sys
 from pathlib import Path
@@ -14,10 +15,12 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from charlm.checkpoint import describe_model, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from charlm.config import load_config, sample_settings, validate_config, with_absolute_paths
 from charlm.data import read_text, read_text_file
+from charlm.download import KNOWN_CORPORA, download
 from charlm.errors import UserError
 from charlm.evaluate import evaluate_text
 from charlm.layers import BACKENDS
@@ -183,6 +186,40 @@ def info(
     for key, value in facts.items():
         shown = f"{value:.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
         console.print(f"{key.replace('_', ' '):>16}  {shown}")
+
+
+@app.command(name="download")
+def download_corpus(
+    name: Optional[str] = typer.Argument(None, help=f"A known corpus: {', '.join(KNOWN_CORPORA)}."),
+    folder: Path = typer.Option(Path("data"), "--dir", help="Where known corpora go: DIR/NAME/FILE."),
+    url: Optional[str] = typer.Option(None, "--url", help="Fetch any URL instead of a known corpus."),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected SHA-256 of the file at --url."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the file fetched from --url."),
+) -> None:
+    """Fetch a corpus, check its SHA-256 and write it atomically; print its path."""
+    if (name is None) == (url is None):
+        raise UserError("give a corpus NAME or --url URL --out FILE (not both); known corpora: "
+                        + ", ".join(KNOWN_CORPORA))
+    if name is not None:
+        if name not in KNOWN_CORPORA:
+            raise UserError(f"unknown corpus {name!r}; known corpora: {', '.join(KNOWN_CORPORA)} "
+                            "(or use --url URL --sha256 HEX --out FILE)")
+        known = KNOWN_CORPORA[name]
+        url, sha256, out = known.url, known.sha256, folder / name / known.filename
+    elif out is None:
+        raise UserError("--url needs --out FILE: where to write what it fetches")
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise UserError(f"--sha256 must be 64 hexadecimal digits (got {sha256!r})")
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task(f"downloading {out.name}", total=None)
+        result = download(url, out, sha256, lambda done, total: bar.update(task, completed=done, total=total))
+    if not result.fetched:
+        err_console.print(f"{out} is already here with the expected SHA-256; nothing downloaded")
+    elif sha256 is None:
+        err_console.print(f"[yellow]warning:[/] no --sha256 given, so the file is unchecked; its SHA-256 is "
+                          f"{result.sha256} (pass --sha256 {result.sha256} to check it next time)")
+    print(result.path)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
