@@ -26,7 +26,9 @@ from charlm.evaluate import evaluate_text
 from charlm.layers import BACKENDS
 from charlm.rundir import CONFIG
 from charlm.runtime import resolve_device
-from charlm.sample import generate, make_generator, prompt_context
+from charlm.sample import generate, make_generator, prompt_ids
+from charlm.text import TextSettings
+from charlm.vocab import EOS_TOKEN
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, sample and evaluate character-level RNN/LSTM language models.")
@@ -100,41 +102,66 @@ def sample(
     num_samples: int = typer.Option(1, "--num-samples", help="Draw this many samples in one batch.", min=1, max=10_000),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    stop_at_end: bool = typer.Option(False, "--stop-at-end", help="End each sample at its document's end marker "
+                                     "(models trained with data.documents: lines)."),
 ) -> None:
     """Generate text from a trained model, streamed as it is drawn."""
-    if prompt is not None and prompt_file is not None:
-        raise UserError("give --prompt or --prompt-file, not both")
     payload = load_checkpoint(checkpoint)
     model, vocab = model_from_checkpoint(payload, resolve_device(device), _check_backend(backend))
-    settings = sample_settings(validate_config(payload["config"], "checkpoint config").sample, length=length,
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    text = read_text_file(prompt_file) if prompt_file is not None else prompt
-    if prompt_file is not None and not text:
-        raise UserError(f"prompt file {prompt_file} is empty; put the prompt text in it")
-    text = _default_prompt(settings.prompt, vocab) if text is None or text == "" else text
-    prompt_ids = vocab.encode_strict(prompt_context(text, vocab.chars), "the prompt")
+    cfg = validate_config(payload["config"], "checkpoint config")
+    settings = sample_settings(cfg.sample, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed)
+    if stop_at_end and not vocab.documents:
+        raise UserError("--stop-at-end needs a model trained with data.documents: lines (it has no end marker)")
+    text = _prompt_text(prompt, prompt_file, settings.prompt)
+    context, unknown = prompt_ids(vocab, text, TextSettings.from_config(cfg.data))
+    if unknown:
+        err_console.print(f"warning: the prompt's characters {', '.join(map(repr, unknown[:10]))} never occurred in "
+                          "training; they are read as <unk>")
     generator, used_seed = make_generator(next(model.parameters()).device, settings.seed)
-    stream = sys.stdout
-    on_step = None
-    if num_samples == 1:
-        stream.write(text)
-        on_step = lambda ids: (stream.write(vocab.chars[int(ids[0])]), stream.flush())  # noqa: E731
-    out = generate(model, prompt_ids, settings.length, num_samples, settings.temperature, settings.top_k,
-                   settings.top_p, generator, on_step)
-    if num_samples == 1:
-        stream.write("\n")
-    else:
-        for k, row in enumerate(out):
-            stream.write(f"==> sample {k + 1} <==\n{text}{vocab.decode(row)}\n")
-    stream.flush()
+    stop_id = vocab.special_id(EOS_TOKEN) if stop_at_end else None
+    _print_samples(vocab, text, num_samples, stop_id, lambda on_step: generate(
+        model, context, settings.length, num_samples, settings.temperature, settings.top_k, settings.top_p,
+        generator, on_step, stop_id))
     if settings.seed is None:
         err_console.print(f"[dim]seed {used_seed} (pass --seed {used_seed} to draw the same text again)[/]")
 
 
-def _default_prompt(configured: str, vocab) -> str:
-    if configured and all(c in vocab.chars for c in configured):
-        return configured
-    return vocab.chars[0]
+def _prompt_text(prompt: Optional[str], prompt_file: Optional[Path], default: str) -> str:
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        text = read_text_file(prompt_file)
+        if not text:
+            raise UserError(f"prompt file {prompt_file} is empty; put the prompt text in it")
+        return text
+    return prompt if prompt else default
+
+
+def _print_samples(vocab, prompt: str, num_samples: int, stop_id: Optional[int], run) -> None:
+    """One sample streams as it is drawn; several are printed one after another when done."""
+    stream = sys.stdout
+    if num_samples == 1:
+        decoder, done = vocab.stream_decoder(), [False]
+
+        def on_step(ids) -> None:
+            index = int(ids[0])
+            if done[0] or index == stop_id:
+                done[0] = True
+                return
+            stream.write(decoder.feed(index))
+            stream.flush()
+
+        stream.write(prompt)
+        run(on_step)
+        stream.write(decoder.flush() + "\n")
+    else:
+        for k, row in enumerate(run(None)):
+            row = row.tolist()
+            if stop_id is not None and stop_id in row:
+                row = row[:row.index(stop_id)]
+            stream.write(f"==> sample {k + 1} <==\n{prompt}{vocab.decode(row)}\n")
+    stream.flush()
 
 
 @app.command(name="eval")
@@ -149,16 +176,22 @@ def evaluate(
     """Measure loss, bits per character and perplexity on a text."""
     payload = load_checkpoint(checkpoint)
     model, vocab = model_from_checkpoint(payload, resolve_device(device), _check_backend(backend))
-    result = evaluate_text(model, vocab, read_text(text), batch_size)
+    data = validate_config(payload["config"], "checkpoint config").data
+    result = evaluate_text(model, vocab, read_text(text), batch_size, TextSettings.from_config(data))
     if as_json:
         print(json.dumps({**result.to_dict(), "checkpoint": str(resolve_checkpoint(checkpoint)), "text": text}))
         return
     console = Console(highlight=False, soft_wrap=True)
-    console.print(f"loss {result.loss_nats:.4f} nats/char | {result.bpc:.4f} bits/char | "
-                  f"perplexity {result.perplexity:.3f} | {result.chars:,} characters scored")
+    if result.unit == "bytes":
+        console.print(f"loss {result.loss_nats:.4f} nats/byte | {result.bits_per_byte:.4f} bits/byte | "
+                      f"{result.bpc:.4f} bits/char | perplexity {result.perplexity:.3f} per byte | "
+                      f"{result.bytes:,} bytes ({result.chars:,} characters) scored")
+    else:
+        console.print(f"loss {result.loss_nats:.4f} nats/char | {result.bpc:.4f} bits/char | "
+                      f"perplexity {result.perplexity:.3f} | {result.chars:,} characters scored")
     if result.oov_chars:
-        console.print(f"{result.oov_chars:,} characters not in the model's vocabulary were skipped "
-                      "(neither fed to the model nor scored)")
+        how = "scored as <unk>" if result.oov_rule != "skipped" else "skipped (neither fed to the model nor scored)"
+        console.print(f"{result.oov_chars:,} characters not in the model's vocabulary were {how}")
 
 
 @app.command()

@@ -49,6 +49,13 @@ class DataConfig(_Section):
     path: str = Field(min_length=1)
     val_path: Optional[str] = None
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    unit: Literal["chars", "bytes"] = "chars"
+    normalize: Literal["none", "NFC", "NFKC"] = "none"
+    newlines: Literal["keep", "lf"] = "keep"
+    documents: Literal["none", "lines"] = "none"
+    min_freq: int = Field(1, gt=0)
+    max_vocab: Optional[int] = Field(None, ge=2)
+    on_decode_error: Literal["error", "skip"] = "error"
 
 
 class ModelConfig(_Section):

@@ -1,46 +1,19 @@
-"""Read training text, split train/val, and cut the token stream into TBPTT batches."""
+"""Find and read text sources, and cut a token stream into TBPTT batches."""
 
 from __future__ import annotations
 
 import glob
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from charlm.corpora import builtin_files, is_builtin
-from charlm.errors import UserError
-from charlm.vocab import Vocab
-
-_SNIFF_BYTES = 8192
-
-
-class DataError(UserError):
-    """A data path or text that cannot be used for training or evaluation."""
-
-
-def _looks_binary(raw: bytes) -> bool:
-    return b"\x00" in raw[:_SNIFF_BYTES]
+from charlm.text import SNIFF_BYTES, DataError, TextSettings, iter_file_text, iter_sources_text, looks_binary
 
 
 def read_text_file(path: Path) -> str:
     """The strict UTF-8 text of one file, or a DataError that says what is wrong with it."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"expected a file but found a directory: {path}") from None
-    except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror}") from None
-    if _looks_binary(raw):
-        raise DataError(f"{path} looks like a binary file (it contains NUL bytes); give a UTF-8 text file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not valid UTF-8: bad byte 0x{raw[err.start]:02x} at byte offset {err.start}; "
-                        "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    return "".join(iter_file_text(path))
 
 
 def _folder_text_files(folder: Path) -> list[Path]:
@@ -50,7 +23,7 @@ def _folder_text_files(folder: Path) -> list[Path]:
         if any(part.startswith(".") for part in path.relative_to(folder).parts):
             continue
         with path.open("rb") as handle:
-            if not _looks_binary(handle.read(_SNIFF_BYTES)):
+            if not looks_binary(handle.read(SNIFF_BYTES)):
                 files.append(path)
     return files
 
@@ -75,55 +48,14 @@ def resolve_sources(spec: str) -> list[Path]:
     raise DataError(f"data path not found: {spec}")
 
 
-def read_text(spec: str) -> str:
-    """All the text a data path names, files joined in order (a newline added between files)."""
-    pieces = []
-    for path in resolve_sources(spec):
-        text = read_text_file(path)
-        if pieces and not pieces[-1].endswith("\n"):
-            pieces.append("\n")
-        pieces.append(text)
-    text = "".join(pieces)
+def read_text(spec: str, settings: TextSettings = TextSettings()) -> str:
+    """All the text a data path names, transformed, files joined in order (a newline added between files)."""
+    text = "".join(iter_sources_text(resolve_sources(spec), settings))
     if not text:
         raise DataError(f"{spec} is empty; give a file with text in it")
     if not text.strip():
         raise DataError(f"{spec} holds only whitespace; give a file with text in it")
     return text
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """Encoded training and validation streams with the vocabulary built from the training text."""
-
-    vocab: Vocab
-    train_ids: torch.Tensor  # [N_train] compact ids
-    val_ids: torch.Tensor  # [N_val] compact ids
-    val_oov_chars: int  # val characters dropped because training never saw them
-    fingerprint: str  # sha256 of the train and val text: a resumed run must see the same data
-
-
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """First (1 - val_fraction) for training, the contiguous tail for validation."""
-    cut = int(len(text) * (1.0 - val_fraction))
-    return text[:cut], text[cut:]
-
-
-def load_corpus(path: str, val_path: str | None, val_fraction: float) -> Corpus:
-    text = read_text(path)
-    if val_path is not None:
-        train_text, val_text = text, read_text(val_path)
-    else:
-        train_text, val_text = split_text(text, val_fraction)
-    vocab = Vocab.from_text(train_text)
-    val = vocab.encode(val_text)
-    if val.ids.numel() < 2:
-        raise DataError(f"the validation text has {val.ids.numel()} character(s) that occur in the training "
-                        "text; it needs at least 2 (use more text, a larger data.val_fraction or data.val_path)")
-    digest = hashlib.sha256()
-    digest.update(train_text.encode("utf-8"))
-    digest.update(b"\x00")
-    digest.update(val_text.encode("utf-8"))
-    return Corpus(vocab, vocab.encode(train_text).ids, val.ids, val.oov_chars, digest.hexdigest())
 
 
 class TBPTTBatches:

@@ -6,12 +6,13 @@ The same code gives the validation loss during training and `charlm eval`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from charlm.data import DataError
+from charlm.text import DataError, TextSettings, transform, units_of
 from charlm.vocab import Vocab
 
 IGNORE = -100  # target id of padding: not scored
@@ -23,11 +24,15 @@ WARMUP = 256  # unscored characters a stream reads before its part, to enter it 
 
 @dataclass(frozen=True)
 class EvalResult:
-    loss_nats: float  # mean cross-entropy per scored character
-    bpc: float  # the same in bits
-    perplexity: float
-    chars: int  # characters scored (every in-vocabulary character except the first)
-    oov_chars: int = 0  # characters dropped because they are not in the vocabulary
+    loss_nats: float  # mean cross-entropy per predicted unit (character, or byte in byte mode)
+    bpc: float  # bits per character
+    perplexity: float  # per unit
+    chars: int  # characters scored (every in-vocabulary character but the first)
+    oov_chars: int = 0  # characters outside the vocabulary
+    oov_rule: str = "skipped"  # what happened to them: "skipped", or "scored as <unk>"
+    unit: str = "chars"
+    bytes: Optional[int] = None  # byte mode: bytes scored
+    bits_per_byte: Optional[float] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,10 +104,24 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, w
     return EvalResult(loss_nats=mean, bpc=mean / math.log(2), perplexity=math.exp(mean), chars=count)
 
 
-def evaluate_text(model: torch.nn.Module, vocab: Vocab, text: str, streams: int = 64) -> EvalResult:
-    """Score a text; characters outside the vocabulary are dropped (neither fed nor scored) and counted."""
-    encoded = vocab.encode(text)
+def evaluate_text(model: torch.nn.Module, vocab: Vocab, text: str, streams: int = 64,
+                  settings: Optional[TextSettings] = None) -> EvalResult:
+    """Score a text prepared as the training text was (`settings`).
+
+    Characters outside the vocabulary are scored as <unk> when the vocabulary has it, else
+    dropped (neither fed nor scored); either way they are counted. In byte mode the loss is
+    per byte, and bpc divides the same total by the text's characters, so the two modes
+    compare on the same file."""
+    settings = settings or TextSettings(unit=vocab.unit, documents="lines" if vocab.documents else "none")
+    text = transform(text, settings)
+    encoded = vocab.map_units(units_of(text, settings))
     if encoded.ids.numel() < 2:
         raise DataError(f"the text has {encoded.ids.numel()} character(s) the model knows; at least 2 are needed")
     result = evaluate_ids(model, encoded.ids, streams)
-    return EvalResult(**{**result.to_dict(), "oov_chars": encoded.oov_chars})
+    rule = "scored as <unk>" if encoded.unk else "skipped"
+    if vocab.unit == "chars":
+        return replace(result, oov_chars=encoded.oov_chars, oov_rule=rule)
+    total_bits = result.loss_nats * result.chars / math.log(2)
+    chars = max(len(text) - 1, 1)
+    return replace(result, bpc=total_bits / chars, chars=chars, unit="bytes", bytes=result.chars,
+                   bits_per_byte=total_bits / result.chars)

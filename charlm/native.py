@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from charlm.cache import cache_root
+
 _SOURCE = Path(__file__).parent / "csrc" / "recurrent.cpp"
 # -ffast-math lets gcc vectorise the gate loops; -march=native is right because the build
 # happens on the machine that runs it; -fopenmp lets the gate loops use torch's threads.
@@ -33,8 +35,7 @@ def _library_path() -> Path:
     for part in (_SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode(),
                  sys.version.encode(), platform.machine().encode(), platform.node().encode()):
         key.update(part)
-    cache = Path(os.environ.get("CHARLM_CACHE_DIR") or Path.home() / ".cache" / "charlm")
-    return cache / f"recurrent-{key.hexdigest()[:16]}.so"
+    return cache_root() / f"recurrent-{key.hexdigest()[:16]}.so"
 
 
 def _build() -> object:

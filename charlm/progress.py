@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 
 _TOTAL = 1000  # the bar counts thousandths of the budget (steps or time, whichever ends first)
 
@@ -33,6 +35,14 @@ class TrainingDisplay:
 
     def __exit__(self, *exc) -> None:
         self._progress.stop()
+
+    @contextmanager
+    def byte_progress(self, description: str) -> Iterator[Callable[[int, int], None]]:
+        """A transient bar for work measured in bytes; yields update(done, total)."""
+        with Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=self.console, disable=not self.live, transient=True) as bar:
+            task = bar.add_task(description, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
 
     def message(self, text: str) -> None:
         self.console.print(text)

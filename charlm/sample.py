@@ -6,6 +6,10 @@ from typing import Callable, Optional
 
 import torch
 
+from charlm.errors import UserError
+from charlm.text import BOS, EOS, TextSettings, transform, units_of
+from charlm.vocab import UNK, Vocab
+
 
 
 def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -49,6 +53,31 @@ def prompt_context(prompt: str, vocab_chars: list[str]) -> str:
     return prompt
 
 
+def prompt_ids(vocab: Vocab, prompt: str, settings: TextSettings) -> tuple[torch.Tensor, list[str]]:
+    """Ids that warm the state up for `prompt`, and the prompt's characters the model never saw.
+
+    Documents mode: <bos> then the prompt (a document's first characters). Otherwise the
+    prompt after a newline (see prompt_context). Unseen characters become <unk> when the
+    vocabulary has it (the caller warns); without <unk> they are an error."""
+    unknown = vocab.unknown_chars(prompt)
+    if unknown and UNK not in vocab.specials:
+        shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise UserError(f"the prompt has {len(unknown)} character(s) the model never saw in training: {shown}; "
+                        "remove them or retrain on text that contains them")
+    text = transform(prompt, settings)
+    if vocab.documents:
+        units = units_of(text, settings) if text.strip() else torch.tensor([BOS], dtype=torch.int32)
+        if units[-1] == EOS:
+            units = units[:-1]  # the prompt's line goes on
+    else:
+        newline_known = vocab.unit == "bytes" or "\n" in vocab.chars
+        units = units_of(prompt_context(text, ["\n"] if newline_known else []), settings)
+    ids = vocab.map_units(units).ids.long()
+    if ids.numel() == 0:  # e.g. the default "\n" for a vocabulary without a newline
+        ids = torch.tensor([vocab.offset])
+    return ids, unknown
+
+
 def make_generator(device: torch.device, seed: Optional[int]) -> tuple[torch.Generator, int]:
     """A generator on `device`, seeded with `seed` or a fresh random seed; returns both."""
     generator = torch.Generator(device=device)
@@ -62,12 +91,13 @@ def make_generator(device: torch.device, seed: Optional[int]) -> tuple[torch.Gen
 def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_samples: int = 1,
              temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              generator: Optional[torch.Generator] = None,
-             on_step: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+             on_step: Optional[Callable[[torch.Tensor], None]] = None, stop_id: Optional[int] = None) -> torch.Tensor:
     """Continue a prompt (ids [P], P >= 1) by `length` ids in `num_samples` parallel samples.
 
     The prompt is run once to warm up the state, which is then cached: each new id costs one
     step. `on_step` receives each new column of ids [N] as soon as it is drawn (for streaming).
-    Returns the generated ids [N, length] (without the prompt)."""
+    With `stop_id`, generation ends once every sample has drawn it (each sample's text ends
+    at its first stop_id). Returns the generated ids [N, length'] (without the prompt)."""
     assert length >= 1, "length must be at least 1"
     assert prompt_ids.numel() >= 1, "generation needs a prompt of at least one character"
     model.eval()
@@ -76,11 +106,16 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_
     logits = logits[:, -1].expand(num_samples, -1)  # [N, V]
     state = tuple(s.repeat(1, num_samples, 1) for s in state)  # each [L, N, H]
     out = torch.empty(num_samples, length, dtype=torch.long)
+    finished = torch.zeros(num_samples, dtype=torch.bool)
     for t in range(length):
         nxt = pick_next(logits, temperature, top_k, top_p, generator)  # [N]
         out[:, t] = nxt.cpu()
         if on_step is not None:
             on_step(out[:, t])
+        if stop_id is not None:
+            finished |= out[:, t] == stop_id
+            if bool(finished.all()):
+                return out[:, :t + 1]
         if t + 1 < length:
             logits, state = model(nxt[:, None], state)  # [N, 1, V]
             logits = logits[:, -1]

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from charlm.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from charlm.config import Config
-from charlm.data import Corpus, TBPTTBatches, load_corpus
+from charlm.corpus import Corpus, load_corpus
+from charlm.data import TBPTTBatches
 from charlm.errors import UserError
 from charlm.evaluate import EvalResult, evaluate_ids
 from charlm.model import build_model, count_parameters
@@ -327,7 +328,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
         for notice in lock.notices + prepare_run_dir(run_dir, resume, overwrite):
             display.message(notice)
         payload = load_checkpoint(run_dir / LAST) if resume else None
-        corpus = load_corpus(cfg.data.path, cfg.data.val_path, cfg.data.val_fraction)
+        with display.byte_progress("encoding the corpus") as progress:
+            corpus = load_corpus(cfg.data, progress)
+        for notice in corpus.notices:
+            display.message(notice)
         device = resolve_device(cfg.train.device)
         trainer = Trainer(cfg, run_dir, corpus, device, display)
         if payload is not None:

@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tempfile
+
 import pytest
 import yaml
+
+# The tests build the C++ step loop and encode corpora into a cache of their own, never the user's.
+os.environ["CHARLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="charlm-test-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from charlm.corpora import python_stdlib_files
-from charlm.data import DataError, TBPTTBatches, load_corpus, read_text, split_text
+from charlm.config import DataConfig
+from charlm.corpus import load_corpus
+from charlm.data import DataError, TBPTTBatches, read_text
 from charlm.vocab import Vocab
 from conftest import SHAKESPEARE, needs_shared_data
 
@@ -16,7 +18,7 @@ def test_vocab_round_trip_with_astral_characters():
     vocab = Vocab.from_text(text)
     assert vocab.chars == sorted(set(text)) and "𠀀" in vocab.chars
     ids = vocab.encode(text).ids
-    assert ids.numel() == len(text) and ids.dtype == torch.int16
+    assert ids.numel() == len(text) and ids.dtype == torch.uint8
     assert vocab.decode(ids) == text
     assert Vocab.from_dict(vocab.to_dict()) == vocab
 
@@ -65,15 +67,22 @@ def test_missing_paths(tmp_path):
         read_text(str(tmp_path / "empty"))
 
 
-def test_split_is_a_contiguous_tail():
-    train, val = split_text("abcdefghij", 0.1)
-    assert (train, val) == ("abcdefghi", "j")
+def corpus_of(path, cache, **data):
+    return load_corpus(DataConfig(path=str(path), **data), cache=cache)
+
+
+def test_split_is_a_contiguous_tail(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghij" * 10, encoding="utf-8")
+    corpus = corpus_of(path, tmp_path / "cache", val_fraction=0.1)
+    assert corpus.vocab.decode(corpus.train_ids) == ("abcdefghij" * 10)[:90]
+    assert corpus.vocab.decode(corpus.val_ids) == "abcdefghij"
 
 
 def test_corpus_vocab_comes_from_training_text(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("aaaabbbbcc" * 9 + "abxyzabcab", encoding="utf-8")
-    corpus = load_corpus(str(path), None, 0.1)
+    corpus = corpus_of(path, tmp_path / "cache")
     assert corpus.vocab.chars == ["a", "b", "c"]
     assert corpus.val_oov_chars == 3 and corpus.val_ids.numel() == 7
 
@@ -82,7 +91,7 @@ def test_validation_needs_known_characters(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("aaaabbbbcc" * 9 + "xyzxyzxyzx", encoding="utf-8")
     with pytest.raises(DataError, match="validation text has 0 character"):
-        load_corpus(str(path), None, 0.1)
+        corpus_of(path, tmp_path / "cache")
 
 
 def test_tbptt_windows_continue_each_stream():
@@ -113,8 +122,8 @@ def test_builtin_stdlib_corpus():
 
 
 @needs_shared_data(SHAKESPEARE)
-def test_tiny_shakespeare_split_and_vocabulary():
-    corpus = load_corpus(str(SHAKESPEARE), None, 0.1)
+def test_tiny_shakespeare_split_and_vocabulary(tmp_path):
+    corpus = corpus_of(SHAKESPEARE, tmp_path / "cache")
     assert len(corpus.vocab) == 65
     assert corpus.train_ids.numel() == 1_003_854 and corpus.val_ids.numel() == 111_540  # 90/10, contiguous
     assert corpus.val_oov_chars == 0

@@ -9,7 +9,7 @@ import pytest
 
 from charlm.checkpoint import load_checkpoint, model_from_checkpoint
 from charlm.config import TrainConfig, validate_config
-from charlm.data import load_corpus
+from charlm.corpus import load_corpus
 from charlm.evaluate import evaluate_ids
 from charlm.progress import TrainingDisplay
 from charlm.rundir import read_metrics
@@ -80,7 +80,7 @@ def test_best_checkpoint_holds_the_lowest_val_loss(text_file, tmp_path):
     assert best["best_val_loss"] == pytest.approx(best_eval["val_loss"])
     # re-evaluating the saved weights gives the recorded loss
     model, _ = model_from_checkpoint(best)
-    corpus = load_corpus(str(text_file), None, 0.2)
+    corpus = load_corpus(cfg.data)
     assert evaluate_ids(model, corpus.val_ids, 64).loss_nats == pytest.approx(best_eval["val_loss"], abs=1e-6)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 24
 
