@@ -94,8 +94,8 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, w
             logits, state = model(x, state)  # [S, W, V]
             if logits.dtype not in (torch.float32, torch.float64):
                 logits = logits.float()  # sum half-precision logits in float32
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                     ignore_index=IGNORE, reduction="none")  # [S*W]
+            flat = logits.transpose(0, 1).reshape(-1, logits.shape[-1])  # [W*S, V], time-major: no copy
+            losses = F.cross_entropy(flat, y.t().reshape(-1), ignore_index=IGNORE, reduction="none")  # [W*S]
             total += losses.double().sum().item()  # summed in float64: a 1 MB text is 10^6 terms
             count += int((y != IGNORE).sum())
     finally:

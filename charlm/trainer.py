@@ -185,7 +185,10 @@ class Trainer:
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        """Mean cross-entropy of logits [B, T, V]. CharLM's logits are a transposed view of a
+        time-major tensor: flattening them time-major avoids copying all B*T*V of them."""
+        flat = logits.transpose(0, 1).reshape(-1, logits.shape[-1])  # [T*B, V]
+        return F.cross_entropy(flat, targets.t().reshape(-1))
 
     def apply_update(self, state: tuple) -> None:
         lr = learning_rate(self.cfg.train, self.pos.step, self.budget.fraction(self.pos.step, self.elapsed()))

@@ -114,16 +114,6 @@ class Vocab:
         settings = settings or TextSettings(unit=self.unit, documents="lines" if self.documents else "none")
         return self.map_units(units_of(transform(text, settings), settings))
 
-    def encode_strict(self, text: str, what: str = "text", settings: Optional[TextSettings] = None) -> torch.Tensor:
-        """Ids of `text`; unknown characters are an error unless <unk> exists (then a warning is the caller's)."""
-        if UNK not in self.specials and self.unit == "chars":
-            unknown = sorted(set(text) - set(self.chars) - ({"\n"} if self.documents else set()))
-            if unknown:
-                shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-                raise UserError(f"{what} has {len(unknown)} character(s) the model never saw in training: "
-                                f"{shown}; remove them or retrain on text that contains them")
-        return self.encode(text, settings).ids
-
     def unknown_chars(self, text: str) -> list[str]:
         if self.unit == "bytes":
             return []

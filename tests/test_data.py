@@ -29,9 +29,11 @@ def test_vocab_drops_and_counts_unknown_characters():
     assert vocab.decode(encoded.ids) == "abc" and encoded.oov_chars == 3
 
 
-def test_encode_strict_names_unknown_characters():
+def test_prompts_with_unseen_characters_fail_without_unk():
+    from charlm.sample import prompt_ids
+    from charlm.text import TextSettings
     with pytest.raises(Exception, match=r"2 character\(s\) the model never saw.*'x', 'y'"):
-        Vocab.from_text("abc").encode_strict("axy", "the prompt")
+        prompt_ids(Vocab.from_text("abc"), "axy", TextSettings())
 
 
 def test_read_file_folder_and_glob(tmp_path):
