@@ -54,7 +54,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in the run dir."),
 ) -> None:
     """Train a model from a YAML config."""
-    from charlm.trainer import train as run_training  # noqa: PLC0415 - keeps `charlm --help` fast
+    from charlm.run import train as run_training  # noqa: PLC0415 - keeps `charlm --help` fast
 
     if config is None:
         if not (resume and out is not None):
@@ -64,7 +64,8 @@ def train(
     cfg = with_absolute_paths(load_config(config, sets))
     run_dir = out if out is not None else Path("runs") / config.stem
     outcome = run_training(cfg, run_dir, resume=resume, overwrite=overwrite)
-    _report_training(outcome, run_dir)
+    if outcome.main:
+        _report_training(outcome, run_dir)
     if outcome.signal is not None:
         raise typer.Exit(128 + outcome.signal)
 

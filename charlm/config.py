@@ -93,6 +93,9 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(10, gt=0)
     rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
     max_rollbacks: int = Field(3, ge=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
 
     @field_validator("checkpoint_interval", mode="before")
     @classmethod

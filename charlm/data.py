@@ -90,8 +90,8 @@ class TBPTTBatches:
     def chars_per_epoch(self) -> int:
         return self.inputs.numel()
 
-    def window(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets of window k: two int64 tensors [B, T] (T shorter for the last)."""
+    def window(self, k: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of window k for streams `rows`: int64 [B', T] (T shorter for the last)."""
         assert 0 <= k < self.windows_per_epoch, f"window {k} outside 0..{self.windows_per_epoch - 1}"
         cols = slice(k * self.seq_len, (k + 1) * self.seq_len)
-        return self.inputs[:, cols].long(), self.targets[:, cols].long()
+        return self.inputs[rows, cols].long(), self.targets[rows, cols].long()

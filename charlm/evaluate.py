@@ -73,22 +73,22 @@ def stream_layout(ids: torch.Tensor, streams: int, min_stream: int = MIN_STREAM,
 
 
 @torch.no_grad()
-def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, window: int | None = None,
-                 min_stream: int = MIN_STREAM, warmup: int = WARMUP) -> EvalResult:
-    """Score `ids` with S streams read in windows, state carried from window to window.
+def evaluate_totals(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, window: int | None = None,
+                    min_stream: int = MIN_STREAM, warmup: int = WARMUP, part: tuple[int, int] = (0, 1)
+                    ) -> tuple[float, int]:
+    """Summed cross-entropy (nats) and number of predictions of `ids`, state carried through.
 
-    With S = 1 this is exactly one long pass; with more streams each one is warmed up on the
-    text before it (see stream_layout), which makes the result agree with one long pass to
-    within the model's memory of more than `warmup` characters back."""
+    `part` = (k, n) scores only streams k, k+n, k+2n, ...: n processes share the work."""
     device = next(model.parameters()).device
     inputs, targets = stream_layout(ids, streams, min_stream, warmup)  # [S, W + L]
+    inputs, targets = inputs[part[0]::part[1]], targets[part[0]::part[1]]
     if window is None:
-        window = max(1, min(64, _LOGITS_BUDGET // (inputs.shape[0] * model.vocab_size)))
+        window = max(1, min(64, _LOGITS_BUDGET // (max(inputs.shape[0], 1) * model.vocab_size)))
     was_training = model.training
     model.eval()
     state, total, count = None, 0.0, 0
     try:
-        for start in range(0, inputs.shape[1], window):
+        for start in range(0, inputs.shape[1] if inputs.shape[0] else 0, window):
             x = inputs[:, start:start + window].to(device)  # [S, W]
             y = targets[:, start:start + window].to(device)  # [S, W]
             logits, state = model(x, state)  # [S, W, V]
@@ -100,8 +100,22 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, w
             count += int((y != IGNORE).sum())
     finally:
         model.train(was_training)
+    return total, count
+
+
+def result_of(total: float, count: int) -> EvalResult:
     mean = total / count
     return EvalResult(loss_nats=mean, bpc=mean / math.log(2), perplexity=math.exp(mean), chars=count)
+
+
+def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, window: int | None = None,
+                 min_stream: int = MIN_STREAM, warmup: int = WARMUP) -> EvalResult:
+    """Score `ids` with S streams read in windows, state carried from window to window.
+
+    With S = 1 this is exactly one long pass; with more streams each one is warmed up on the
+    text before it (see stream_layout), which makes the result agree with one long pass to
+    within the model's memory of more than `warmup` characters back."""
+    return result_of(*evaluate_totals(model, ids, streams, window, min_stream, warmup))
 
 
 def evaluate_text(model: torch.nn.Module, vocab: Vocab, text: str, streams: int = 64,

@@ -89,7 +89,15 @@ class _GRULayer(torch.autograd.Function):
 
 
 def native_loop(cell: nn.Module, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-    """Run `cell` over x [T, B, D] with the native step loop -> outputs [T, B, H], state."""
+    """Run `cell` over x [T, B, D] with the native step loop -> outputs [T, B, H], state.
+
+    Under autocast the recurrence still runs in the parameters' precision (the loops are
+    float32/float64): autocast then speeds up the layers around it."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _native_loop(cell, x.to(cell.weight_ih.dtype), tuple(s.to(cell.weight_ih.dtype) for s in state))
+
+
+def _native_loop(cell: nn.Module, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
     x = x.contiguous()
     h0 = state[0].contiguous()
     bias = cell.input_bias()

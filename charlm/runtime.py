@@ -1,14 +1,21 @@
-"""Device resolution, seeding and RNG state: the only module that asks torch about hardware."""
+"""Process runtime: devices, seeding, RNG state and stop signals; the only module that asks torch about hardware."""
 
 from __future__ import annotations
+
+import signal
+from typing import Optional
 
 import torch
 
 from charlm.errors import UserError
 
 
-def resolve_device(spec: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; an explicit device must exist."""
+def resolve_device(spec: str, local_rank: Optional[int] = None) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; an explicit device must exist.
+
+    Under torchrun (`local_rank` given) 'auto' and 'cuda' mean this process's own GPU."""
+    if local_rank is not None and spec in ("auto", "cuda") and torch.cuda.is_available():
+        spec = f"cuda:{local_rank}"
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda"):
@@ -46,3 +53,43 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequests:
+    """Turns SIGINT / SIGTERM into a flag the loop checks between steps, so a step is never cut in half."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __enter__(self) -> "StopRequests":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """bf16/fp16 only where this device can run them; a clear error otherwise."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"train.precision bf16 needs a GPU with bfloat16 support; {describe_device(device)} has none "
+                        "(use fp16 or fp32)")
+    if precision != "fp32" and device.type == "mps":
+        raise UserError("train.precision bf16/fp16 is not supported on mps here; use fp32")
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a training step (a no-op for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (its small range underflows gradients); disabled otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -1,12 +1,13 @@
 """The training loop: optimise, clip, carry and detach state, evaluate, checkpoint, recover.
 
 The trainer only uses the model's forward, init_state and detach_state: it does not know
-which recurrent model it trains.
+which recurrent model it trains. Under torchrun it trains this rank's slice of the streams
+(see distributed.py); one process is the same loop with a world of one.
 """
 
 from __future__ import annotations
 
-import signal
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,70 +15,26 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from charlm import distributed
 from charlm.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from charlm.config import Config
-from charlm.corpus import Corpus, load_corpus
+from charlm.corpus import Corpus
 from charlm.data import TBPTTBatches
+from charlm.distributed import World
 from charlm.errors import UserError
-from charlm.evaluate import EvalResult, evaluate_ids
+from charlm.evaluate import EvalResult, evaluate_totals, result_of
 from charlm.model import build_model, count_parameters
 from charlm.optim import Budget, build_optimizer, learning_rate
-from charlm.progress import TrainingDisplay
-from charlm.rundir import MetricsLog, RunLock, prepare_run_dir, write_config
-from charlm.runtime import describe_device, resolve_device, rng_state, seed_everything, set_rng_state
+from charlm.progress import IntervalStats, TrainingDisplay
+from charlm.rundir import MetricsLog
+from charlm.runtime import (StopRequests, autocast, describe_device, grad_scaler, rng_state, seed_everything,
+                            set_rng_state)
 
 
 class TrainingDiverged(UserError):
     """Non-finite losses that rolling back with a lower learning rate did not cure."""
-
-
-class StopRequests:
-    """Turns SIGINT / SIGTERM into a flag the loop checks between steps, so a step is never cut in half."""
-
-    def __init__(self):
-        self.signal: Optional[int] = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def __enter__(self) -> "StopRequests":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class _IntervalStats:
-    """Loss, largest pre-clip gradient norm and throughput since the last log line.
-
-    Sums stay on the device: reading them every step would make a GPU wait."""
-
-    def __init__(self, device: torch.device):
-        self._zero = torch.zeros((), device=device)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.loss_sum, self.norm_max, self.chars, self.steps = self._zero, self._zero, 0, 0
-        self.started = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, chars: int) -> None:
-        self.loss_sum, self.norm_max = self.loss_sum + loss, torch.maximum(self.norm_max, grad_norm)
-        self.chars, self.steps = self.chars + chars, self.steps + 1
-
-    def exclude(self, seconds: float) -> None:
-        self.started += seconds
-
-    def flush(self) -> tuple[float, float, float]:
-        """(mean loss, max grad norm, chars per second) of the interval, then start a new one."""
-        stats = (float(self.loss_sum) / max(self.steps, 1), float(self.norm_max),
-                 self.chars / max(time.perf_counter() - self.started, 1e-9))
-        self._reset()
-        return stats
 
 
 @dataclass
@@ -91,6 +48,7 @@ class TrainOutcome:
     best_step: Optional[int]
     last_val: Optional[EvalResult]
     signal: Optional[int] = None
+    main: bool = True  # the process that reports (rank 0 under torchrun)
 
 
 @dataclass
@@ -110,54 +68,102 @@ class _Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, corpus: Corpus, device: torch.device, display: TrainingDisplay):
+    def __init__(self, cfg: Config, run_dir: Path, corpus: Corpus, device: torch.device, display: TrainingDisplay,
+                 world: World = World()):
         self.cfg, self.run_dir, self.corpus, self.device, self.display = cfg, run_dir, corpus, device, display
-        seed_everything(cfg.train.seed)
+        self.world = world
+        train = cfg.train
+        distributed.check_batch(world, train.batch_size, train.gradient_accumulation_steps)
+        seed_everything(train.seed)
         self.model = build_model(cfg.model, len(corpus.vocab)).to(device)
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.batches = TBPTTBatches(corpus.train_ids, cfg.train.batch_size, cfg.train.seq_len)
-        self.budget = Budget(cfg.train)
+        self.optimizer = build_optimizer(self.model, train)
+        if world.rank:
+            torch.manual_seed(train.seed + 7919 * world.rank)  # same weights on every rank, its own dropout
+        self.net = self._wrap(self.model)
+        self.scaler = grad_scaler(device, train.precision)
+        self.batches = TBPTTBatches(corpus.train_ids, train.batch_size, train.seq_len)
+        self.rows = world.rows(train.batch_size)  # this rank's streams
+        self.local_batch = train.batch_size // world.size
+        self.budget = Budget(train)
         self.pos = _Progress()
-        self.state = self.model.init_state(cfg.train.batch_size)
+        self.state = self.model.init_state(self.local_batch)
         self.last_val: Optional[EvalResult] = None
         self.last_eval_step, self.bad_streak = -1, 0
         self._t0 = time.perf_counter()
         self._saved_at = (0, 0.0)  # (step, elapsed) of the last checkpoint
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel under torchrun; torch.compile when asked (the plain model is kept for saving)."""
+        self.ddp = None
+        net = model
+        if self.world.enabled:
+            self.ddp = net = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.train.compile:
+            try:
+                net = torch.compile(net)
+            except Exception as err:  # noqa: BLE001 - any failure: train eagerly
+                self._compile_failed(err)
+        return net
+
+    def _compile_failed(self, err: Exception) -> None:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        self.display.message(f"warning: torch.compile is unavailable here ({reason}); training without it")
+        self.net = self.ddp or self.model
+
+    def forward(self, x: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        """The wrapped model's forward; a compiled model that fails on first use falls back to eager."""
+        try:
+            return self.net(x, state)
+        except Exception as err:  # noqa: BLE001 - only compile failures are retried
+            if not self.cfg.train.compile or self.net is (self.ddp or self.model):
+                raise
+            self._compile_failed(err)
+            return self.net(x, state)
 
     # --- checkpoints --------------------------------------------------------------------
 
     def elapsed(self) -> float:
         return self.pos.elapsed + (time.perf_counter() - self._t0)
 
-    def payload(self) -> dict:
+    def payload(self, state: tuple) -> dict:
         return {
             "config": self.cfg.to_dict(), "vocab": self.corpus.vocab.to_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "progress": {**asdict(self.pos), "elapsed": self.elapsed()},
             "step": self.pos.step, "epoch": self.pos.epoch, "elapsed": self.elapsed(),
             "best_val_loss": self.pos.best_val_loss, "best_step": self.pos.best_step,
-            "train_state": [s.detach().cpu() for s in self.state], "rng": rng_state(),
+            "train_state": [s.detach().cpu() for s in state], "rng": rng_state(),
             "val_loss": self.last_val.loss_nats if self.last_val else None,
             "device": describe_device(self.device), "data_fingerprint": self.corpus.fingerprint,
-            "num_parameters": count_parameters(self.model),
+            "num_parameters": count_parameters(self.model), "world_size": self.world.size,
         }
 
     def restore(self, payload: dict) -> None:
-        """Continue exactly where the checkpoint left off."""
+        """Continue exactly where the checkpoint left off (this rank's streams of its state)."""
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        self.state = tuple(s.to(self.device) for s in payload["train_state"])
+        if payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        self.state = tuple(s[:, self.rows].to(self.device) for s in payload["train_state"])
         set_rng_state(payload["rng"])
+        if self.world.rank:
+            torch.manual_seed(self.cfg.train.seed + 7919 * self.world.rank + payload["step"])
         self.pos = _Progress(**payload["progress"])
         self._t0 = time.perf_counter()
         self.last_eval_step, self.bad_streak = self.pos.step, 0
         self._saved_at = (self.pos.step, self.pos.elapsed)
 
     def save(self, best: bool = False) -> None:
-        payload = self.payload()
-        save_checkpoint(payload, self.run_dir / LAST)
-        if best:
-            save_checkpoint(payload, self.run_dir / BEST)
+        """Every rank calls this together: the global state is gathered; rank 0 writes."""
+        state = distributed.gather_rows(self.state, self.world)
+        if self.world.main:
+            payload = self.payload(state)
+            save_checkpoint(payload, self.run_dir / LAST)
+            if best:
+                save_checkpoint(payload, self.run_dir / BEST)
+        distributed.barrier(self.world)  # nobody reads last.pt (a rollback) before it is written
         self._saved_at = (self.pos.step, self.elapsed())
 
     def checkpoint_due(self) -> bool:
@@ -165,36 +171,54 @@ class Trainer:
         step, when = self._saved_at
         if cfg.checkpoint_steps is not None and self.pos.step - step >= cfg.checkpoint_steps:
             return True
-        return cfg.checkpoint_seconds is not None and self.elapsed() - when >= cfg.checkpoint_seconds
+        if cfg.checkpoint_seconds is None:
+            return False
+        return distributed.any_rank(self.elapsed() - when >= cfg.checkpoint_seconds, self.world, self.device)
 
     # --- one step -----------------------------------------------------------------------
 
     def forward_backward(self) -> tuple[torch.Tensor, torch.Tensor, tuple, int]:
-        """Loss and gradients of the next TBPTT window, from the carried state."""
+        """Loss and gradients of the next TBPTT window, from the carried state.
+
+        With gradient_accumulation_steps k, this rank's streams go through in k micro-batches
+        whose gradients add up to those of the whole batch (each loss is divided by k)."""
+        train = self.cfg.train
         if self.pos.window == 0:
-            self.state = self.model.init_state(self.cfg.train.batch_size)  # a new epoch starts from scratch
-        x, y = self.batches.window(self.pos.window)  # [B, T] each
+            self.state = self.model.init_state(self.local_batch)  # a new epoch starts from scratch
+        x, y = self.batches.window(self.pos.window, self.rows)  # [B/W, T] each
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        logits, state = self.model(x, self.state)  # [B, T, V]
-        loss = self.loss(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = self.cfg.train.grad_clip or float("inf")
+        k = train.gradient_accumulation_steps
+        micro = self.local_batch // k
+        loss_sum, finals = torch.zeros((), device=self.device), []
+        for j in range(k):
+            rows = slice(j * micro, (j + 1) * micro)
+            sync = j == k - 1 or not self.world.enabled  # DDP averages gradients once, after the last
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), autocast(self.device, train.precision):
+                logits, state = self.forward(x[rows], tuple(s[:, rows] for s in self.state))  # [b, T, V]
+                loss = self.loss(logits, y[rows]) / k
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+            finals.append(self.model.detach_state(state))
+        self.scaler.unscale_(self.optimizer)
+        max_norm = train.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # norm before clipping
-        return loss.detach(), grad_norm.detach(), self.model.detach_state(state), x.numel()
+        state = tuple(torch.cat(parts, dim=1) for parts in zip(*finals))  # [L, B/W, H]
+        return loss_sum, grad_norm.detach(), state, x.numel()
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of logits [B, T, V]. CharLM's logits are a transposed view of a
         time-major tensor: flattening them time-major avoids copying all B*T*V of them."""
         flat = logits.transpose(0, 1).reshape(-1, logits.shape[-1])  # [T*B, V]
-        return F.cross_entropy(flat, targets.t().reshape(-1))
+        return F.cross_entropy(flat.float(), targets.t().reshape(-1))
 
     def apply_update(self, state: tuple) -> None:
         lr = learning_rate(self.cfg.train, self.pos.step, self.budget.fraction(self.pos.step, self.elapsed()))
         for group in self.optimizer.param_groups:
             group["lr"] = lr * self.pos.lr_scale
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.state = state  # carry the state (detached: the graph is cut here)
 
     def advance(self) -> None:
@@ -208,7 +232,7 @@ class Trainer:
     def skip_bad_step(self, metrics: MetricsLog, loss: float, grad_norm: float) -> None:
         """No update; the carried state, possibly poisoned, restarts from zero."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.state = self.model.init_state(self.cfg.train.batch_size)
+        self.state = self.model.init_state(self.local_batch)
         self.bad_streak += 1
         self.pos.skipped_steps += 1
         metrics.write("skip", step=self.pos.step, loss=loss, grad_norm=grad_norm, streak=self.bad_streak)
@@ -237,9 +261,16 @@ class Trainer:
 
     # --- evaluation ---------------------------------------------------------------------
 
+    def validate(self) -> EvalResult:
+        """The whole val split; under torchrun each rank scores its share and the sums are reduced."""
+        total, count = evaluate_totals(self.model, self.corpus.val_ids, self.cfg.train.eval_batch_size,
+                                       part=(self.world.rank, self.world.size))
+        total, count = distributed.sum_over_ranks([total, float(count)], self.world, self.device)
+        return result_of(total, int(count))
+
     def evaluate_and_save(self, metrics: MetricsLog) -> None:
         started = time.perf_counter()
-        result = evaluate_ids(self.model, self.corpus.val_ids, self.cfg.train.eval_batch_size)
+        result = self.validate()
         best = self.pos.best_val_loss is None or result.loss_nats < self.pos.best_val_loss
         if best:
             self.pos.best_val_loss, self.pos.best_step, self.pos.evals_since_best = result.loss_nats, self.pos.step, 0
@@ -259,25 +290,28 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------
 
+    def stop_now(self, stop: StopRequests) -> bool:
+        """Budget spent or a signal received, on any rank: then on every rank, at the same step."""
+        local = stop.signal is not None or self.budget.reached(self.pos.step, self.elapsed())
+        return distributed.any_rank(local, self.world, self.device)
+
     def run(self, metrics: MetricsLog) -> TrainOutcome:
         cfg = self.cfg.train
-        self.model.train()
-        interval = _IntervalStats(self.device)
+        self.net.train()
+        interval = IntervalStats(self.device)
         reason = "budget"
         with StopRequests() as stop:
-            while not self.budget.reached(self.pos.step, self.elapsed()):
-                if stop.signal is not None:
-                    reason = "interrupted"
-                    break
+            while not self.stop_now(stop):
                 loss, grad_norm, state, chars = self.forward_backward()
-                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                bad = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+                if distributed.any_rank(bad, self.world, self.device):
                     self.advance()
                     self.skip_bad_step(metrics, float(loss), float(grad_norm))
                     continue
                 self.bad_streak = 0
                 self.apply_update(state)
                 self.advance()
-                interval.add(loss, grad_norm, chars)
+                interval.add(loss, grad_norm, chars * self.world.size)
                 if self.pos.step % cfg.log_interval == 0:
                     self._log(metrics, *interval.flush())
                 if self.pos.step % cfg.eval_interval == 0:
@@ -290,6 +324,9 @@ class Trainer:
                 elif self.checkpoint_due():
                     self.save()
                 self.display.update(self.budget.fraction(self.pos.step, self.elapsed()), self.pos.step, cfg.max_steps)
+            signal_seen = distributed.any_rank(stop.signal is not None, self.world, self.device)
+            if signal_seen and reason == "budget":
+                reason = "interrupted"
             if reason == "interrupted":
                 self.save()
             elif self.last_eval_step != self.pos.step:
@@ -298,7 +335,7 @@ class Trainer:
                       best_val_loss=self.pos.best_val_loss, best_step=self.pos.best_step,
                       skipped_steps=self.pos.skipped_steps, rollbacks=self.pos.rollbacks)
         return TrainOutcome(self.run_dir, self.pos.step, self.pos.epoch, self.elapsed(), reason,
-                            self.pos.best_val_loss, self.pos.best_step, self.last_val, stop.signal)
+                            self.pos.best_val_loss, self.pos.best_step, self.last_val, stop.signal, self.world.main)
 
     def _log(self, metrics: MetricsLog, loss: float, grad_norm: float, rate: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -321,51 +358,3 @@ def check_resumable(payload: dict, cfg: Config, corpus: Corpus) -> None:
         raise CheckpointError("cannot resume: the training text has changed since the checkpoint was written")
     if "progress" not in payload or "optimizer" not in payload:
         raise CheckpointError("cannot resume: the checkpoint holds no training state (optimizer, progress)")
-
-
-def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
-          display: Optional[TrainingDisplay] = None) -> TrainOutcome:
-    """Train a model as `cfg` says, writing the run into `run_dir` (locked while training)."""
-    display = display or TrainingDisplay()
-    with RunLock(run_dir) as lock:
-        for notice in lock.notices + prepare_run_dir(run_dir, resume, overwrite):
-            display.message(notice)
-        payload = load_checkpoint(run_dir / LAST) if resume else None
-        with display.byte_progress("encoding the corpus") as progress:
-            corpus = load_corpus(cfg.data, progress)
-        for notice in corpus.notices:
-            display.message(notice)
-        device = resolve_device(cfg.train.device)
-        trainer = Trainer(cfg, run_dir, corpus, device, display)
-        if payload is not None:
-            check_resumable(payload, cfg, corpus)
-            trainer.restore(payload)
-            if trainer.budget.reached(trainer.pos.step, trainer.pos.elapsed):
-                raise UserError(f"the run in {run_dir} already reached its budget (step {trainer.pos.step}); "
-                                "raise train.max_steps or train.max_time with --set to train further")
-        if payload is None:
-            trainer.save()  # from here on the run dir always holds a loadable last.pt
-        write_config(run_dir, cfg.to_dict())
-        _announce(display, trainer, corpus, device, payload is not None)
-        metrics = MetricsLog(run_dir)
-        metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),
-                      num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
-                      train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel())
-        try:
-            with display:
-                return trainer.run(metrics)
-        finally:
-            metrics.close()
-
-
-def _announce(display: TrainingDisplay, trainer: Trainer, corpus: Corpus, device: torch.device, resumed: bool) -> None:
-    cfg = trainer.cfg
-    display.message(f"device: {describe_device(device)}")
-    display.message(f"data: {corpus.train_ids.numel():,} train / {corpus.val_ids.numel():,} val characters, "
-                    f"vocabulary {len(corpus.vocab)}"
-                    + (f" ({corpus.val_oov_chars:,} val characters not in it are skipped)" if corpus.val_oov_chars else ""))
-    display.message(f"model: {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size} ({cfg.model.backend} "
-                    f"backend), {count_parameters(trainer.model):,} parameters; "
-                    f"{trainer.batches.windows_per_epoch} steps per epoch")
-    if resumed:
-        display.message(f"resuming from step {trainer.pos.step} (epoch {trainer.pos.epoch})")

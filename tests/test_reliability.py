@@ -21,7 +21,8 @@ from charlm.cli import main
 from charlm.config import validate_config
 from charlm.progress import TrainingDisplay
 from charlm.rundir import read_metrics
-from charlm.trainer import TrainingDiverged, train
+from charlm.run import train
+from charlm.trainer import TrainingDiverged
 from conftest import run_cli, tiny_config
 from test_cli import assert_user_error, call
 
@@ -140,12 +141,10 @@ def test_endless_nans_give_up_with_a_clear_message(tmp_path, text_file, monkeypa
 def test_early_stopping(tmp_path, text_file, monkeypatch):
     losses = iter([2.0, 1.5, 1.6, 1.7, 1.4])  # best at the 2nd eval, then two without improvement
 
-    def fake_eval(model, ids, streams):
-        from charlm.evaluate import EvalResult
-        loss = next(losses)
-        return EvalResult(loss, loss / 0.693, 1.0, 10)
+    def fake_totals(model, ids, streams, part=(0, 1)):
+        return next(losses) * 10, 10
 
-    monkeypatch.setattr(trainer_module, "evaluate_ids", fake_eval)
+    monkeypatch.setattr(trainer_module, "evaluate_totals", fake_totals)
     cfg = validate_config(tiny_config(text_file, train={"max_steps": 50, "eval_interval": 2, "patience": 2}))
     outcome = train(cfg, tmp_path / "run", display=quiet())
     assert outcome.stop_reason == "early_stop" and outcome.step == 8

@@ -13,7 +13,8 @@ from charlm.corpus import load_corpus
 from charlm.evaluate import evaluate_ids
 from charlm.progress import TrainingDisplay
 from charlm.rundir import read_metrics
-from charlm.trainer import Budget, learning_rate, train
+from charlm.optim import Budget, learning_rate
+from charlm.run import train
 from conftest import tiny_config
 
 

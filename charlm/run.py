@@ -1,0 +1,129 @@
+"""One training run from start to end: run dir, data, device, process group, trainer, report.
+
+Under torchrun rank 0 alone touches the run dir (lock, config, metrics, checkpoints) and
+builds the corpus cache; the other ranks wait for it, then everyone trains in lockstep.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.console import Console
+
+from charlm import distributed
+from charlm.checkpoint import LAST, load_checkpoint
+from charlm.config import Config
+from charlm.corpus import Corpus, load_corpus
+from charlm.distributed import World
+from charlm.errors import UserError
+from charlm.model import count_parameters
+from charlm.progress import TrainingDisplay
+from charlm.rundir import MetricsLog, RunLock, prepare_run_dir, write_config
+from charlm.runtime import check_precision, describe_device, resolve_device
+from charlm.trainer import Trainer, TrainOutcome, check_resumable
+
+
+class _NoMetrics:
+    """What ranks other than 0 log: nothing."""
+
+    def write(self, event: str, **fields) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
+          display: Optional[TrainingDisplay] = None) -> TrainOutcome:
+    """Train a model as `cfg` says, writing the run into `run_dir` (locked while training)."""
+    world = distributed.world_from_env()
+    device = resolve_device(cfg.train.device, world.local_rank if world.enabled else None)
+    check_precision(device, cfg.train.precision)
+    distributed.start(world, device)
+    try:
+        if not world.main:
+            display = TrainingDisplay(Console(quiet=True))
+        display = display or TrainingDisplay()
+        if world.main:
+            with RunLock(run_dir) as lock:
+                return _train_locked(cfg, run_dir, resume, overwrite, display, world, device, lock.notices)
+        return _train_locked(cfg, run_dir, resume, overwrite, display, world, device, [])
+    finally:
+        distributed.stop(world)
+
+
+def _train_locked(cfg, run_dir, resume, overwrite, display, world: World, device, notices) -> TrainOutcome:
+    if world.main:
+        failed = False
+        try:
+            notices = notices + prepare_run_dir(run_dir, resume, overwrite)
+            corpus = _load_corpus(cfg, display)
+        except Exception:
+            failed = True
+            raise
+        finally:
+            _agree_or_fail(failed, world, device)  # the other ranks must not wait for a rank 0 that gave up
+    else:
+        _agree_or_fail(False, world, device)
+        corpus = load_corpus(cfg.data)  # from the cache rank 0 just built
+    for notice in notices:
+        display.message(notice)
+    payload = load_checkpoint(run_dir / LAST) if resume else None
+    trainer = Trainer(cfg, run_dir, corpus, device, display, world)
+    if payload is not None:
+        check_resumable(payload, cfg, corpus)
+        trainer.restore(payload)
+        if trainer.budget.reached(trainer.pos.step, trainer.pos.elapsed):
+            raise UserError(f"the run in {run_dir} already reached its budget (step {trainer.pos.step}); "
+                            "raise train.max_steps or train.max_time with --set to train further")
+    else:
+        trainer.save()  # from here on the run dir always holds a loadable last.pt
+    metrics = MetricsLog(run_dir) if world.main else _NoMetrics()
+    if world.main:
+        write_config(run_dir, cfg.to_dict())
+        _announce(display, trainer, corpus, device, payload is not None, world)
+    metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),
+                  num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
+                  train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel(), world_size=world.size)
+    try:
+        with display:
+            return trainer.run(metrics)
+    finally:
+        metrics.close()
+
+
+def _load_corpus(cfg: Config, display: TrainingDisplay) -> Corpus:
+    with display.byte_progress("encoding the corpus") as progress:
+        corpus = load_corpus(cfg.data, progress)
+    for notice in corpus.notices:
+        display.message(notice)
+    return corpus
+
+
+def _agree_or_fail(failed: bool, world: World, device: torch.device) -> None:
+    if distributed.any_rank(failed, world, device) and not failed:
+        raise UserError("rank 0 could not start the run (its error is in its own output)")
+
+
+def _announce(display: TrainingDisplay, trainer: Trainer, corpus: Corpus, device: torch.device, resumed: bool,
+              world: World) -> None:
+    cfg = trainer.cfg
+    where = describe_device(device) + (f", {world.size} processes (torchrun)" if world.enabled else "")
+    display.message(f"device: {where}")
+    skipped = f" ({corpus.val_oov_chars:,} val characters not in it)" if corpus.val_oov_chars else ""
+    display.message(f"data: {corpus.train_ids.numel():,} train / {corpus.val_ids.numel():,} val units, "
+                    f"vocabulary {len(corpus.vocab)}{skipped}")
+    display.message(f"model: {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size} ({cfg.model.backend} "
+                    f"backend), {count_parameters(trainer.model):,} parameters; "
+                    f"{trainer.batches.windows_per_epoch} steps per epoch")
+    extras = [f"precision {cfg.train.precision}"] if cfg.train.precision != "fp32" else []
+    if cfg.train.gradient_accumulation_steps > 1:
+        extras.append(f"{cfg.train.gradient_accumulation_steps} accumulation steps per update")
+    if world.enabled:
+        extras.append(f"global batch {cfg.train.batch_size} = {world.size} x {trainer.local_batch} streams")
+    if extras:
+        display.message("training: " + ", ".join(extras))
+    if resumed:
+        display.message(f"resuming from step {trainer.pos.step} (epoch {trainer.pos.epoch})")
