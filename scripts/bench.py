@@ -44,15 +44,21 @@ def make_model(kind: str, backend: str, hidden: int, layers: int, device: torch.
     return CharLM(V, cell=kind, hidden_size=hidden, num_layers=layers, embedding_dim=E, backend=backend).to(device)
 
 
-def train_step(model, optimizer, x, y) -> None:
-    logits, _ = model(x)
-    loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train_step(model, optimizer, x, y, precision: str = "fp32") -> None:
+    dtype = PRECISION[precision]
+    with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype is not None):
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
-def bench_training(kind: str, batch: int, seq: int, hidden: int, rounds: int, device: torch.device) -> dict:
+def bench_training(kind: str, batch: int, seq: int, hidden: int, rounds: int, device: torch.device,
+                   precision: str = "fp32") -> dict:
     """Median chars/s of native and fused, interleaved round by round."""
     models = {b: make_model(kind, b, hidden, 2, device) for b in ("native", "fused")}
     optimizers = {b: torch.optim.AdamW(m.parameters(), lr=1e-3) for b, m in models.items()}
@@ -63,7 +69,7 @@ def bench_training(kind: str, batch: int, seq: int, hidden: int, rounds: int, de
         for b, model in models.items():
             sync(device)
             start = time.perf_counter()
-            train_step(model, optimizers[b], x, y)
+            train_step(model, optimizers[b], x, y, precision)
             sync(device)
             if r >= 2:
                 times[b].append(time.perf_counter() - start)
@@ -115,12 +121,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller texts (< 60 s on 2 cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISION), help="autocast for training steps")
     args = parser.parse_args()
     device = torch.device(args.device)
     rounds = 5 if args.quick else 25
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     native_kind = "C++ step loop" if device.type == "cpu" and cpp_loops() is not None else "PyTorch step loop"
-    print(f"device: {where}; torch {torch.__version__}; native backend = {native_kind}")
+    print(f"device: {where}; torch {torch.__version__}; native backend = {native_kind}; precision {args.precision}")
     results: dict = {}
 
     shapes = [("lstm", 32, 128, 256), ("rnn", 32, 128, 256), ("gru", 32, 128, 256)]
@@ -129,7 +136,7 @@ def main() -> None:
     print(f"\ntraining step (forward + backward + AdamW), median of {rounds} interleaved rounds, E={E}, L=2")
     print(f"{'model':6} {'B':>4} {'T':>4} {'H':>4}  {'native chars/s':>15} {'fused chars/s':>15} {'native/fused':>13}")
     for kind, batch, seq, hidden in shapes:
-        speed = bench_training(kind, batch, seq, hidden, rounds, device)
+        speed = bench_training(kind, batch, seq, hidden, rounds, device, args.precision)
         ratio = speed["native"] / speed["fused"]
         print(f"{kind:6} {batch:>4} {seq:>4} {hidden:>4}  {speed['native']:>15,.0f} {speed['fused']:>15,.0f} {ratio:>13.2f}")
         if (batch, seq, hidden) == (32, 128, 256):
@@ -165,6 +172,7 @@ def main() -> None:
             results[f"{kind}_fused_peak_rss_mb"] = rss["fused"]
 
     results["device"] = where
+    results["precision"] = args.precision
     if args.json:
         print(json.dumps(results))
 
