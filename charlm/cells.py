@@ -15,6 +15,8 @@ step loops with a hand-written backward, tested against them.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,9 +64,9 @@ class _Cell(nn.Module):
         zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
         return tuple(zeros.clone() for _ in range(self.state_size))
 
-    def forward(self, x: torch.Tensor, state: State) -> State:
+    def forward(self, x: torch.Tensor, state: State, record: Optional[dict] = None) -> State:
         """One time step from the raw input x [B, D]; returns the new state."""
-        return self.step(self.project_input(x), state)
+        return self.step(self.project_input(x), state, record)
 
 
 class RNNCell(_Cell):
@@ -76,9 +78,10 @@ class RNNCell(_Cell):
     gates = 1
     state_size = 1
 
-    def step(self, gx: torch.Tensor, state: State) -> State:
+    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None) -> State:
         (h,) = state
         h = torch.tanh(torch.addmm(gx, h, self.weight_hh.t()))  # [B, H]
+        _record(record, hidden=h)
         return (h,)
 
 
@@ -107,7 +110,7 @@ class LSTMCell(_Cell):
         with torch.no_grad():
             self.bias_ih[H:2 * H].fill_(self.forget_bias)
 
-    def step(self, gx: torch.Tensor, state: State) -> State:
+    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None) -> State:
         h, c = state
         gates = torch.addmm(gx, h, self.weight_hh.t())  # [B, 4H]
         # chunk, not slicing: its backward is one concatenation instead of a zero-filled
@@ -116,6 +119,7 @@ class LSTMCell(_Cell):
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c = f * c + i * g  # [B, H]
         h = o * torch.tanh(c)  # [B, H]
+        _record(record, input=i, forget=f, candidate=g, output=o, cell=c, hidden=h)
         return (h, c)
 
 
@@ -142,7 +146,7 @@ class GRUCell(_Cell):
         H = self.hidden_size
         return torch.cat([self.bias_hh.new_zeros(2 * H), self.bias_hh[2 * H:]])
 
-    def step(self, gx: torch.Tensor, state: State) -> State:
+    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None) -> State:
         (h,) = state
         gh = torch.addmm(self.recurrent_bias(), h, self.weight_hh.t())  # [B, 3H]
         xr, xz, xn = gx.chunk(3, dim=1)
@@ -150,7 +154,17 @@ class GRUCell(_Cell):
         r = torch.sigmoid(xr + hr)
         z = torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)
-        return ((1 - z) * n + z * h,)
+        h = (1 - z) * n + z * h
+        _record(record, reset=r, update=z, new=n, hidden=h)
+        return (h,)
 
 
 CELLS = {"rnn": RNNCell, "lstm": LSTMCell, "gru": GRUCell}
+
+
+def _record(record: Optional[dict], **activations: torch.Tensor) -> None:
+    """Append this step's activations ([B, H] each) to `record`: what the equations computed,
+    exposed for inspection (charlm viz) without a second implementation."""
+    if record is not None:
+        for name, value in activations.items():
+            record.setdefault(name, []).append(value.detach())

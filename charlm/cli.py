@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -24,6 +25,7 @@ from charlm.download import KNOWN_CORPORA, download
 from charlm.errors import UserError
 from charlm.evaluate import evaluate_text
 from charlm.layers import BACKENDS
+from charlm.progress import TrainingDisplay
 from charlm.rundir import CONFIG
 from charlm.runtime import resolve_device
 from charlm.sample import generate, make_generator, prompt_ids
@@ -52,6 +54,7 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (overrides train.device)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the run dir from its last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in the run dir."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain lines at each evaluation only: no bar, no samples."),
 ) -> None:
     """Train a model from a YAML config."""
     from charlm.run import train as run_training  # noqa: PLC0415 - keeps `charlm --help` fast
@@ -63,7 +66,8 @@ def train(
     sets = list(overrides) + ([f"train.device={device}"] if device else [])
     cfg = with_absolute_paths(load_config(config, sets))
     run_dir = out if out is not None else Path("runs") / config.stem
-    outcome = run_training(cfg, run_dir, resume=resume, overwrite=overwrite)
+    outcome = run_training(cfg, run_dir, resume=resume, overwrite=overwrite,
+                           display=TrainingDisplay(quiet=quiet))
     if outcome.main:
         _report_training(outcome, run_dir)
     if outcome.signal is not None:
@@ -254,6 +258,75 @@ def download_corpus(
         err_console.print(f"[yellow]warning:[/] no --sha256 given, so the file is unchecked; its SHA-256 is "
                           f"{result.sha256} (pass --sha256 {result.sha256} to check it next time)")
     print(result.path)
+
+
+@app.command()
+def plot(
+    run_dirs: List[Path] = typer.Argument(..., help="One or more run dirs to overlay."),
+    out: Path = typer.Option(Path("loss.png"), "--out", "-o", help="PNG file to write."),
+    unit: str = typer.Option("nats", "--unit", help="nats (loss per character) or bpc (bits per character)."),
+) -> None:
+    """Plot train and val loss against step and wall time (needs matplotlib: charlm[plot])."""
+    from charlm.plots import plot_runs  # noqa: PLC0415
+
+    if unit not in ("nats", "bpc"):
+        raise UserError(f"--unit must be nats or bpc (got {unit!r})")
+    for notice in plot_runs(run_dirs, out, unit):
+        err_console.print(notice)
+    print(out)
+
+
+@app.command()
+def runs(folder: Path = typer.Argument(Path("runs"), help="Folder holding run dirs.")) -> None:
+    """A table of the runs in a folder: model, size, steps, best val loss, time, state."""
+    from rich.table import Table  # noqa: PLC0415
+
+    from charlm.plots import find_runs, summarize  # noqa: PLC0415
+
+    table = Table(title=f"runs in {folder}")
+    for column in ("run", "model", "params", "steps", "best val (nats)", "best bpc", "time", "state"):
+        table.add_column(column, justify="right" if column not in ("run", "model", "state") else "left")
+    for run_dir in find_runs(folder):
+        r = summarize(run_dir)
+        best = "-" if r.best_val is None else f"{r.best_val:.4f}"
+        bpc = "-" if r.best_val is None else f"{r.best_val / math.log(2):.4f}"
+        table.add_row(r.name, r.model, "-" if r.parameters is None else f"{r.parameters:,}", f"{r.steps:,}", best, bpc,
+                      f"{r.elapsed / 60:.1f} min", r.state)
+    Console(highlight=False, soft_wrap=True).print(table)
+
+
+@app.command()
+def viz(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help=CHECKPOINT_HELP),
+    text: Optional[str] = typer.Option(None, "--text", help="A UTF-8 text file to look at."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Or a text given on the command line."),
+    out: Path = typer.Option(Path("viz.html"), "--out", "-o", help="HTML page to write (self-contained)."),
+    max_chars: int = typer.Option(20_000, "--max-chars", help="Characters of the text to show.", min=2),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Write an HTML page: each character coloured by surprisal, or by any unit's gates."""
+    from charlm.page import render_page  # noqa: PLC0415
+    from charlm.viz import inspect  # noqa: PLC0415
+
+    if (text is None) == (prompt is None):
+        raise UserError("give --text FILE or --prompt TEXT (one of them)")
+    payload = load_checkpoint(checkpoint)
+    model, vocab = model_from_checkpoint(payload, resolve_device(device))
+    cfg = validate_config(payload["config"], "checkpoint config")
+    content = read_text(text) if text is not None else prompt
+    if len(content) > max_chars:
+        err_console.print(f"showing the first {max_chars:,} of {len(content):,} characters (--max-chars)")
+        content = content[:max_chars]
+    inspection = inspect(model, vocab, content, TextSettings.from_config(cfg.data), cfg.model.type)
+    if len(inspection.chars) < 2:
+        raise UserError("the text has fewer than 2 characters the model knows; nothing to show")
+    source = Path(text).name if text is not None else "a prompt"
+    page = render_page(inspection, f"charlm viz: {describe_model(cfg.model)}, on {source}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    print(out)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

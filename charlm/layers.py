@@ -15,6 +15,8 @@ Backends (same parameters, so a checkpoint moves freely between them):
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -112,14 +114,15 @@ def _native_loop(cell: nn.Module, x: torch.Tensor, state: State) -> tuple[torch.
     return hs, (h,)
 
 
-def reference_loop(cell: nn.Module, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+def reference_loop(cell: nn.Module, x: torch.Tensor, state: State,
+                   record: Optional[dict] = None) -> tuple[torch.Tensor, State]:
     """The cell's step() once per time step, differentiated by autograd."""
     gx = cell.project_input(x)  # [T, B, G*H]: all input projections in one matmul
     outputs = []
     # unbind, not gx[t]: indexing would give each step a zero-filled [T, B, G*H] gradient
     # in backward (quadratic in T); unbind's backward stacks all T gradients once.
     for gx_t in gx.unbind(0):
-        state = cell.step(gx_t, state)
+        state = cell.step(gx_t, state, record)
         outputs.append(state[0])
     return torch.stack(outputs), state  # [T, B, H]
 
@@ -154,14 +157,22 @@ class RecurrentStack(nn.Module):
         shape = (self.num_layers, batch_size, self.hidden_size)
         return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.state_size))
 
-    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """x [T, B, D], state tuple of [L, B, H] -> top layer outputs [T, B, H], new state."""
-        if self.backend == "fused":
+    def forward(self, x: torch.Tensor, state: State, record: Optional[list] = None) -> tuple[torch.Tensor, State]:
+        """x [T, B, D], state tuple of [L, B, H] -> top layer outputs [T, B, H], new state.
+
+        With `record` (a list), the reference steps run whatever the backend, and record[k]
+        becomes layer k's activations by name, each a list of T tensors [B, H]."""
+        if self.backend == "fused" and record is None:
             return self._fused(x, state)
-        run = native_loop if self.backend == "native" else reference_loop
         finals = []
         for k, cell in enumerate(self.layers):
-            x, layer_state = run(cell, x, tuple(s[k] for s in state))
+            if record is not None:
+                record.append({})
+                x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state), record[k])
+            elif self.backend == "native":
+                x, layer_state = native_loop(cell, x, tuple(s[k] for s in state))
+            else:
+                x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state))
             if k < self.num_layers - 1:
                 x = self.dropout(x)
             finals.append(layer_state)

@@ -51,12 +51,15 @@ class CharLM(nn.Module):
             return self.embedding(idx)
         return F.one_hot(idx, self.vocab_size).to(self.head.weight.dtype)
 
-    def forward(self, idx: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """idx [B, T] -> logits [B, T, V] and the state after the last step."""
+    def forward(self, idx: torch.Tensor, state: State | None = None,
+                record: list | None = None) -> tuple[torch.Tensor, State]:
+        """idx [B, T] -> logits [B, T, V] and the state after the last step.
+
+        `record`: a list that receives each layer's gate activations (see RecurrentStack)."""
         if state is None:
             state = self.init_state(idx.shape[0], idx.device)
         x = self.embed(idx.t())  # [T, B, D]
-        h, state = self.rnn(x, state)  # [T, B, H]
+        h, state = self.rnn(x, state, record)  # [T, B, H]
         logits = self.head(self.dropout(h))  # [T, B, V]
         return logits.transpose(0, 1), state  # [B, T, V] (a view)
 

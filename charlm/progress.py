@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -18,15 +19,33 @@ def _fmt_rate(chars_per_sec: float) -> str:
     return f"{chars_per_sec / 1000:.1f}k" if chars_per_sec >= 1000 else f"{chars_per_sec:.0f}"
 
 
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """A tiny chart of recent losses, one block character per value."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(_SPARKS[min(int((v - low) / span * (len(_SPARKS) - 1) + 0.5), len(_SPARKS) - 1)] for v in values)
+
+
 class TrainingDisplay:
-    def __init__(self, console: Optional[Console] = None):
+    """A live bar on a terminal (with a loss sparkline, best val, and a sample at each eval);
+    plain lines elsewhere; with quiet, only the evaluations."""
+
+    def __init__(self, console: Optional[Console] = None, quiet: bool = False):
         self.console = console or Console(highlight=False, soft_wrap=True)
-        self.live = self.console.is_terminal
-        self.fields = {"step": "0", "loss": "-", "val": "-", "lr": "-", "rate": "-"}
+        self.quiet = quiet
+        self.live = self.console.is_terminal and not quiet
+        self.wants_samples = not quiet and not self.console.quiet
+        self.losses: deque = deque(maxlen=30)
+        self.fields = {"step": "0", "loss": "-", "spark": "", "val": "-", "best": "-", "lr": "-", "rate": "-"}
         self._progress = Progress(
-            TextColumn("step {task.fields[step]}"), BarColumn(bar_width=24),
-            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  lr {task.fields[lr]}  "
-                       "{task.fields[rate]} chars/s"),
+            TextColumn("step {task.fields[step]}"), BarColumn(bar_width=20),
+            TextColumn("loss {task.fields[loss]} {task.fields[spark]}  val {task.fields[val]}  "
+                       "best {task.fields[best]}  lr {task.fields[lr]}  {task.fields[rate]} chars/s"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=self.console, disable=not self.live, transient=False)
         self._task = self._progress.add_task("train", total=_TOTAL, **self.fields)
@@ -54,15 +73,25 @@ class TrainingDisplay:
         self._progress.update(self._task, completed=min(fraction, 1.0) * _TOTAL, **self.fields)
 
     def on_log(self, step: int, epoch: int, loss: float, lr: float, grad_norm: float, chars_per_sec: float) -> None:
-        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=_fmt_rate(chars_per_sec))
-        if not self.live:
+        self.losses.append(loss)
+        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=_fmt_rate(chars_per_sec),
+                           spark=sparkline(list(self.losses)))
+        if not self.live and not self.quiet:
             self.message(f"step {step} epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
                          f"grad norm {grad_norm:.3f} | {_fmt_rate(chars_per_sec)} chars/s")
 
-    def on_eval(self, step: int, val_loss: float, val_bpc: float, best: bool, seconds: float) -> None:
+    def on_eval(self, step: int, val_loss: float, val_bpc: float, best: bool, seconds: float,
+                best_loss: Optional[float] = None) -> None:
         self.fields["val"] = f"{val_loss:.4f} ({val_bpc:.3f} bpc)"
+        if best_loss is not None:
+            self.fields["best"] = f"{best_loss:.4f}"
         marker = "  [bold green]new best[/]" if best else ""
         self.message(f"step {step} | val loss {val_loss:.4f} nats | {val_bpc:.4f} bpc | eval {seconds:.1f}s{marker}")
+
+    def on_sample(self, step: int, text: str) -> None:
+        """A short sample from the model as it is now: see it learn."""
+        shown = text.replace("\n", "⏎ ").strip()
+        self.console.print(f"  sample at step {step}: ", shown, sep="", markup=False, highlight=False)
 
 
 class IntervalStats:

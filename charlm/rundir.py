@@ -23,7 +23,7 @@ class RunDirError(UserError):
 LOCK = ".lock"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -58,7 +58,7 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             owner = self._owner()
-            if owner is not None and owner != os.getpid() and _pid_alive(owner):
+            if owner is not None and owner != os.getpid() and pid_alive(owner):
                 raise RunDirError(f"run dir {self.run_dir} is in use by another charlm train (pid {owner}); "
                                   "wait for it to finish or choose another --out") from None
             self.notices.append(f"taking over the lock of {self.run_dir} left by pid {owner}, "

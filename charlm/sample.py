@@ -100,7 +100,16 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_
     at its first stop_id). Returns the generated ids [N, length'] (without the prompt)."""
     assert length >= 1, "length must be at least 1"
     assert prompt_ids.numel() >= 1, "generation needs a prompt of at least one character"
+    was_training = model.training
     model.eval()
+    try:
+        return _generate(model, prompt_ids, length, num_samples, temperature, top_k, top_p, generator, on_step,
+                         stop_id)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompt_ids, length, num_samples, temperature, top_k, top_p, generator, on_step, stop_id):
     device = next(model.parameters()).device
     logits, state = model(prompt_ids.to(device).long()[None], None)  # [1, P, V]
     logits = logits[:, -1].expand(num_samples, -1)  # [N, V]

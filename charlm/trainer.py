@@ -29,6 +29,8 @@ from charlm.model import build_model, count_parameters
 from charlm.optim import Budget, build_optimizer, learning_rate
 from charlm.progress import IntervalStats, TrainingDisplay
 from charlm.rundir import MetricsLog
+from charlm.sample import generate, prompt_ids
+from charlm.text import TextSettings
 from charlm.runtime import (StopRequests, autocast, describe_device, grad_scaler, rng_state, seed_everything,
                             set_rng_state)
 
@@ -281,8 +283,20 @@ class Trainer:
         metrics.write("eval", step=self.pos.step, epoch=self.pos.epoch, val_loss=result.loss_nats,
                       val_bpc=result.bpc, best_val_loss=self.pos.best_val_loss, elapsed=self.elapsed(),
                       eval_seconds=seconds)
-        self.display.on_eval(self.pos.step, result.loss_nats, result.bpc, best, seconds)
+        self.display.on_eval(self.pos.step, result.loss_nats, result.bpc, best, seconds, self.pos.best_val_loss)
+        if self.world.main and self.display.wants_samples:
+            self.display.on_sample(self.pos.step, self.preview())
         self.save(best)
+
+    def preview(self, length: int = 120) -> str:
+        """A short sample from the sample section's prompt. Its own generator: the training
+        RNG (dropout) is untouched, so a run with previews equals one without."""
+        cfg = self.cfg
+        generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + self.pos.step)
+        context, _ = prompt_ids(self.corpus.vocab, cfg.sample.prompt, TextSettings.from_config(cfg.data))
+        out = generate(self.model, context, length, 1, cfg.sample.temperature, cfg.sample.top_k, cfg.sample.top_p,
+                       generator)
+        return self.corpus.vocab.decode(out[0])
 
     def out_of_patience(self) -> bool:
         patience = self.cfg.train.patience
