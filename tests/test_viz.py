@@ -82,7 +82,7 @@ def viz_run(tmp_path_factory):
     import yaml
     folder = tmp_path_factory.mktemp("viz")
     text = folder / "input.txt"
-    text.write_text(('He said "stop (now)" and left.\n' * 3 + PARAGRAPH) * 30, encoding="utf-8")
+    text.write_text(('He said "stop (now)" and left.\n' * 3 + PARAGRAPH) * 60, encoding="utf-8")  # > 20,000
     config = folder / "c.yaml"
     config.write_text(yaml.safe_dump(tiny_config(text, model={"num_layers": 2}, train={"max_steps": 20})))
     assert run_cli("train", "--config", str(config), "--out", str(folder / "run")).returncode == 0
