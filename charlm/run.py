@@ -48,8 +48,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
         display = display or TrainingDisplay()
         if world.main:
             with RunLock(run_dir) as lock:
-                return _train_locked(cfg, run_dir, resume, overwrite, display, world, device, lock.notices)
-        return _train_locked(cfg, run_dir, resume, overwrite, display, world, device, [])
+                outcome = _train_locked(cfg, run_dir, resume, overwrite, display, world, device, lock.notices)
+        else:
+            outcome = _train_locked(cfg, run_dir, resume, overwrite, display, world, device, [])
+        # A rank that tears its gloo connections down while another still finishes up can abort
+        # the other one; leave together.
+        distributed.barrier(world)
+        return outcome
     finally:
         distributed.stop(world)
 
