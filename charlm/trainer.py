@@ -200,6 +200,7 @@ class Trainer:
                 logits, state = self.forward(x[rows], tuple(s[:, rows] for s in self.state))  # [b, T, V]
                 loss = self.loss(logits, y[rows]) / k
             self.scaler.scale(loss).backward()
+            del logits  # [b, T, V] can be large (6,000 symbols): not kept into the next micro-batch
             loss_sum += loss.detach().float()
             finals.append(self.model.detach_state(state))
         self.scaler.unscale_(self.optimizer)

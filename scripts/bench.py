@@ -8,7 +8,8 @@ Training: one full step (forward, loss, backward, AdamW) per round; the variants
 take turns within each round (interleaved), so a noisy machine slows them alike; the
 median over rounds is reported. `fused` runs the same parameters through torch.lstm /
 torch.gru / torch.rnn_tanh, the kernels behind torch.nn.LSTM / GRU / RNN.
-Peak RSS: each variant again in a fresh subprocess (ru_maxrss after a few steps).
+Peak RSS: each variant again in a fresh subprocess (VmHWM after a few steps; ru_maxrss would
+include the parent's memory at fork time).
 """
 
 from __future__ import annotations
@@ -97,6 +98,15 @@ def bench_eval(ids: torch.Tensor, backend: str, device: torch.device) -> float:
     return ids.numel() / (time.perf_counter() - start)
 
 
+def own_peak_rss_kb() -> int:
+    """This process's peak resident set (VmHWM restarts at exec, unlike ru_maxrss)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: may include the parent's
+
+
 def peak_rss_mb(kind: str, backend: str, batch: int, seq: int, hidden: int, device: str) -> float:
     """Peak RSS of a fresh process that trains a few steps of one variant."""
     code = ("import sys, resource, torch; sys.argv=['bench']; import bench; "
@@ -104,7 +114,7 @@ def peak_rss_mb(kind: str, backend: str, batch: int, seq: int, hidden: int, devi
             "o=torch.optim.AdamW(m.parameters()); "
             f"x=torch.randint(0,bench.V,({batch},{seq}),device=d); "
             "[bench.train_step(m,o,x,x) for _ in range(3)]; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(bench.own_peak_rss_kb())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=__file__.rsplit("/", 1)[0])
     return int(out.stdout.strip().splitlines()[-1]) / 1024

@@ -10,6 +10,8 @@ folder. Every measurement runs in a fresh process, so its peak RSS is its own:
   encode  - cold cache: stream, count, build the vocabulary, write the memory-mapped ids
   start   - the same corpus again: the cache hit
   train   - a few training steps on it, after reading every token once (the worst case)
+  model   - the same training steps on random ids, no corpus: the model's own cost, so that
+            "peak RSS <= 2 x token array + model" can be checked
 Then a 65-symbol vocabulary (Shakespeare) against a 6,000-symbol one (Tang poems) at equal
 model size: step time and peak RSS.
 """
@@ -30,14 +32,53 @@ SOURCES = [SHARED / "tinyshakespeare" / "input.txt", SHARED / "chinese" / "tang_
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set (VmHWM restarts at exec, unlike ru_maxrss)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: may include the parent's
+
+
+def train_steps(ids, vocab_size: int, steps: int) -> dict:
+    """A few training steps of the benchmark model (LSTM 2x256, B=64, T=64) on `ids`."""
+    import torch  # noqa: PLC0415
+
+    from charlm.config import validate_config  # noqa: PLC0415
+    from charlm.data import TBPTTBatches  # noqa: PLC0415
+    from charlm.model import build_model  # noqa: PLC0415
+    from charlm.optim import build_optimizer  # noqa: PLC0415
+    from charlm.trainer import Trainer  # noqa: PLC0415
+
+    cfg = validate_config({"data": {"path": "unused.txt"}, "model": {"hidden_size": 256, "num_layers": 2},
+                           "train": {"max_steps": 1, "batch_size": 64, "seq_len": 64}})
+    model = build_model(cfg.model, vocab_size)
+    optimizer = build_optimizer(model, cfg.train)
+    batches = TBPTTBatches(ids, 64, 64)
+    state, times = model.init_state(64), []
+    for step in range(steps):
+        start = time.perf_counter()
+        x, y = batches.window(step % batches.windows_per_epoch)
+        logits, state = model(x, state)
+        loss = Trainer.loss(logits, y)
+        del logits
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        state = model.detach_state(state)
+        times.append(time.perf_counter() - start)
+    del torch
+    return {"ms_per_step": 1000 * sorted(times[2:])[len(times[2:]) // 2]}
 
 
 def worker(mode: str, path: str, cache: str, extra: dict) -> dict:
     """Runs inside a fresh process; returns its measurements."""
-    import torch  # noqa: PLC0415 - imported after start so the parent stays light
+    if mode == "model":  # the same training with no corpus at all: what the model alone costs
+        import torch  # noqa: PLC0415
+        ids = torch.randint(0, extra["vocab"], (64 * 64 * 4 + 1,), generator=torch.Generator().manual_seed(0))
+        return {**train_steps(ids, extra["vocab"], extra.get("steps", 6)), "peak_rss_mb": peak_rss_mb()}
 
-    from charlm.config import DataConfig, validate_config  # noqa: PLC0415
+    from charlm.config import DataConfig  # noqa: PLC0415
     from charlm.corpus import load_corpus  # noqa: PLC0415
 
     started = time.perf_counter()
@@ -46,33 +87,11 @@ def worker(mode: str, path: str, cache: str, extra: dict) -> dict:
               "token_mb": (corpus.train_ids.numel() + corpus.val_ids.numel()) * corpus.train_ids.element_size() / 2**20,
               "vocab": len(corpus.vocab)}
     if mode == "train":
-        from charlm.data import TBPTTBatches  # noqa: PLC0415
-        from charlm.model import build_model, count_parameters  # noqa: PLC0415
-        from charlm.optim import build_optimizer  # noqa: PLC0415
-        from charlm.trainer import Trainer  # noqa: PLC0415
-
         if extra.get("touch_all"):
-            result["checksum"] = int(corpus.train_ids.long().sum())  # every page of the token file read once
-        cfg = validate_config({"data": {"path": path}, "model": {"hidden_size": 256, "num_layers": 2},
-                               "train": {"max_steps": 1, "batch_size": 64, "seq_len": 64}})
-        model = build_model(cfg.model, len(corpus.vocab))
-        optimizer = build_optimizer(model, cfg.train)
-        batches = TBPTTBatches(corpus.train_ids, 64, 64)
-        state, times = model.init_state(64), []
-        for step in range(extra.get("steps", 12)):
-            start = time.perf_counter()
-            x, y = batches.window(step)
-            logits, state = model(x, state)
-            loss = Trainer.loss(logits, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            state = model.detach_state(state)
-            times.append(time.perf_counter() - start)
-        result["ms_per_step"] = 1000 * sorted(times[2:])[len(times[2:]) // 2]
-        result["model_mb"] = count_parameters(model) * 4 * 3 / 2**20  # weights + two AdamW moments
+            ids, chunk = corpus.train_ids, 1 << 22  # every page of the token file read once, chunk by chunk
+            result["checksum"] = sum(int(ids[i:i + chunk].long().sum()) for i in range(0, ids.numel(), chunk))
+        result.update(train_steps(corpus.train_ids, len(corpus.vocab), extra.get("steps", 12)))
     result["peak_rss_mb"] = peak_rss_mb()
-    del torch
     return result
 
 
@@ -116,12 +135,14 @@ def main() -> None:
         print(f"encode (cold cache): {encode['seconds']:.1f} s, {encode['tokens']:,} tokens, vocabulary "
               f"{encode['vocab']:,}, token array {encode['token_mb']:.0f} MB, peak RSS {encode['peak_rss_mb']:.0f} MB")
         print(f"start (cache hit):   {start['seconds']:.2f} s, peak RSS {start['peak_rss_mb']:.0f} MB")
-        bound = 2 * train["token_mb"] + train["model_mb"]
-        print(f"training, every token read: peak RSS {train['peak_rss_mb']:.0f} MB "
-              f"(2 x token array + model = {bound:.0f} MB)")
+        model = run_worker("model", big, tmp / "cache", vocab=train["vocab"], steps=6)
+        bound = 2 * train["token_mb"] + model["peak_rss_mb"]
+        print(f"training, every token read: peak RSS {train['peak_rss_mb']:.0f} MB; the same training with no "
+              f"corpus: {model['peak_rss_mb']:.0f} MB; bound 2 x token array + that = {bound:.0f} MB")
         results.update(corpus_mb=size_mb, encode_s=encode["seconds"], cache_hit_s=start["seconds"],
                        tokens=encode["tokens"], token_mb=encode["token_mb"], encode_peak_rss_mb=encode["peak_rss_mb"],
-                       train_peak_rss_mb=train["peak_rss_mb"], rss_bound_mb=bound)
+                       train_peak_rss_mb=train["peak_rss_mb"], model_only_peak_rss_mb=model["peak_rss_mb"],
+                       rss_bound_mb=bound)
 
         if all(p.exists() for p in SOURCES):
             print("\nequal model (LSTM 2x256, embedding 64, B=64, T=64): small vs large vocabulary")
