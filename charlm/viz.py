@@ -126,11 +126,14 @@ def _with_units(ins: Inspection, recorded: list[dict], shown: list[str]) -> Insp
     track = FEATURE_CHANNEL[ins.cell_type]
     scores = []
     for name, feature in features.items():
+        if feature.min() == feature.max():  # e.g. no quotes in the text: nothing to correlate with
+            continue
         units = []
         for k, layer in enumerate(recorded):
             r = _correlations(layer[track].float(), feature)
             for unit in r.abs().topk(min(5, r.numel())).indices.tolist():
-                units.append((k, unit, round(float(r[unit]), 3)))
+                if r[unit] != 0:
+                    units.append((k, unit, round(float(r[unit]), 3)))
         units.sort(key=lambda u: -abs(u[2]))
         ins.features.append({"name": name, "units": units[:8]})
         scores.extend(units)

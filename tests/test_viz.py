@@ -72,7 +72,13 @@ def test_inspection_surprisal_is_the_models_loss():
     assert sum(ins.surprisal[1:]) / (len(ids) - 1) == pytest.approx(nats / 0.6931471805599453, rel=1e-4)
     assert "".join(ins.chars) == PARAGRAPH and len(ins.top5[5]) == 5
     assert ins.channels["forget"][0].shape == (len(PARAGRAPH), 8)
-    assert {f["name"] for f in ins.features} == {"inside quotes", "inside parentheses", "position in line"}
+    assert [f["name"] for f in ins.features] == ["position in line"]  # no quotes or brackets: nothing to track
+    quoted = 'He said "stop (now)" and left.\n' * 4
+    vocab = Vocab(sorted(set(quoted)))
+    model = CharLM(len(vocab), "lstm", hidden_size=8, num_layers=1).eval()
+    features = inspect(model, vocab, quoted, TextSettings(), "lstm").features
+    assert {f["name"] for f in features} == {"inside quotes", "inside parentheses", "position in line"}
+    assert all(f["units"] and all(r != 0 for _, _, r in f["units"]) for f in features)
 
 
 # --- the page -----------------------------------------------------------------------------
