@@ -8,7 +8,9 @@ copy straight into torch.nn.RNN / LSTM / GRU, which the tests use as the referen
 Each cell splits a step in two so a layer can project all T inputs in one matmul:
     gx = project_input(x)   = W_ih x_t + biases           (any number of steps at once)
     state = step(gx, state)  adds W_hh h_{t-1} and applies the gate equations
-`forward(x, state)` is the two together: the plain one-step cell. These steps, run by
+`forward(x, state)` is the two together: the plain one-step cell. `step` takes an optional
+`weight_hh` in place of the parameter: a layer passes a DropConnect-masked copy of it
+(model.weight_dropout), the same for every step of a window. These steps, run by
 autograd, are the readable reference; layers.py also runs the same equations as native
 step loops with a hand-written backward, tested against them.
 """
@@ -78,9 +80,11 @@ class RNNCell(_Cell):
     gates = 1
     state_size = 1
 
-    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None) -> State:
+    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None,
+             weight_hh: Optional[torch.Tensor] = None) -> State:
         (h,) = state
-        h = torch.tanh(torch.addmm(gx, h, self.weight_hh.t()))  # [B, H]
+        w_hh = self.weight_hh if weight_hh is None else weight_hh
+        h = torch.tanh(torch.addmm(gx, h, w_hh.t()))  # [B, H]
         _record(record, hidden=h)
         return (h,)
 
@@ -110,9 +114,11 @@ class LSTMCell(_Cell):
         with torch.no_grad():
             self.bias_ih[H:2 * H].fill_(self.forget_bias)
 
-    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None) -> State:
+    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None,
+             weight_hh: Optional[torch.Tensor] = None) -> State:
         h, c = state
-        gates = torch.addmm(gx, h, self.weight_hh.t())  # [B, 4H]
+        w_hh = self.weight_hh if weight_hh is None else weight_hh
+        gates = torch.addmm(gx, h, w_hh.t())  # [B, 4H]
         # chunk, not slicing: its backward is one concatenation instead of a zero-filled
         # [B, 4H] gradient per gate.
         i, f, g, o = gates.chunk(4, dim=1)  # each [B, H]
@@ -146,9 +152,11 @@ class GRUCell(_Cell):
         H = self.hidden_size
         return torch.cat([self.bias_hh.new_zeros(2 * H), self.bias_hh[2 * H:]])
 
-    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None) -> State:
+    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None,
+             weight_hh: Optional[torch.Tensor] = None) -> State:
         (h,) = state
-        gh = torch.addmm(self.recurrent_bias(), h, self.weight_hh.t())  # [B, 3H]
+        w_hh = self.weight_hh if weight_hh is None else weight_hh
+        gh = torch.addmm(self.recurrent_bias(), h, w_hh.t())  # [B, 3H]
         xr, xz, xn = gx.chunk(3, dim=1)
         hr, hz, hn = gh.chunk(3, dim=1)
         r = torch.sigmoid(xr + hr)

@@ -122,5 +122,6 @@ def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu",
 
 def describe_model(cfg: ModelConfig) -> str:
     input_desc = f"embedding {cfg.embedding_dim}" if cfg.input == "embedding" else "one-hot"
-    return (f"{cfg.type.upper()} {cfg.num_layers}x{cfg.hidden_size}, {input_desc} input, dropout {cfg.dropout}, "
-            f"{cfg.backend} backend")
+    weight_drop = f", weight dropout {cfg.weight_dropout}" if cfg.weight_dropout else ""
+    return (f"{cfg.type.upper()} {cfg.num_layers}x{cfg.hidden_size}, {input_desc} input, dropout {cfg.dropout}"
+            f"{weight_drop}, {cfg.backend} backend")

@@ -63,6 +63,7 @@ class ModelConfig(_Section):
     hidden_size: int = Field(256, gt=0)
     num_layers: int = Field(2, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    weight_dropout: float = Field(0.0, ge=0, lt=1)  # DropConnect on the recurrent weights
     input: Literal["onehot", "embedding"] = "embedding"
     embedding_dim: int = Field(64, gt=0)
     backend: Literal["native", "fused", "reference"] = "native"

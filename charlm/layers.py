@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from charlm.cells import CELLS, GRUCell, LSTMCell, RNNCell, State
@@ -90,39 +91,42 @@ class _GRULayer(torch.autograd.Function):
         return (*_projection_grads(ctx, dgx, x, w_ih), dh0, dw_hh, db_hn)
 
 
-def native_loop(cell: nn.Module, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+def native_loop(cell: nn.Module, x: torch.Tensor, state: State,
+                weight_hh: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
     """Run `cell` over x [T, B, D] with the native step loop -> outputs [T, B, H], state.
 
+    `weight_hh` replaces the cell's recurrent weight for every step (weight dropout).
     Under autocast the recurrence still runs in the parameters' precision (the loops are
     float32/float64): autocast then speeds up the layers around it."""
+    w_hh = cell.weight_hh if weight_hh is None else weight_hh
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _native_loop(cell, x.to(cell.weight_ih.dtype), tuple(s.to(cell.weight_ih.dtype) for s in state))
+        return _native_loop(cell, x.to(cell.weight_ih.dtype), tuple(s.to(cell.weight_ih.dtype) for s in state), w_hh)
 
 
-def _native_loop(cell: nn.Module, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+def _native_loop(cell: nn.Module, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
     x = x.contiguous()
     h0 = state[0].contiguous()
     bias = cell.input_bias()
     if isinstance(cell, LSTMCell):
-        hs, h, c = _LSTMLayer.apply(x, cell.weight_ih, bias, h0, state[1].contiguous(), cell.weight_hh)
+        hs, h, c = _LSTMLayer.apply(x, cell.weight_ih, bias, h0, state[1].contiguous(), w_hh)
         return hs, (h, c)
     if isinstance(cell, GRUCell):
-        hs, h = _GRULayer.apply(x, cell.weight_ih, bias, h0, cell.weight_hh, cell.bias_hh[2 * cell.hidden_size:])
+        hs, h = _GRULayer.apply(x, cell.weight_ih, bias, h0, w_hh, cell.bias_hh[2 * cell.hidden_size:])
         return hs, (h,)
     assert isinstance(cell, RNNCell), f"no native loop for {type(cell).__name__}"
-    hs, h = _RNNLayer.apply(x, cell.weight_ih, bias, h0, cell.weight_hh)
+    hs, h = _RNNLayer.apply(x, cell.weight_ih, bias, h0, w_hh)
     return hs, (h,)
 
 
-def reference_loop(cell: nn.Module, x: torch.Tensor, state: State,
-                   record: Optional[dict] = None) -> tuple[torch.Tensor, State]:
-    """The cell's step() once per time step, differentiated by autograd."""
+def reference_loop(cell: nn.Module, x: torch.Tensor, state: State, record: Optional[dict] = None,
+                   weight_hh: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
+    """The cell's step() once per time step, differentiated by autograd (`weight_hh` as in native_loop)."""
     gx = cell.project_input(x)  # [T, B, G*H]: all input projections in one matmul
     outputs = []
     # unbind, not gx[t]: indexing would give each step a zero-filled [T, B, G*H] gradient
     # in backward (quadratic in T); unbind's backward stacks all T gradients once.
     for gx_t in gx.unbind(0):
-        state = cell.step(gx_t, state, record)
+        state = cell.step(gx_t, state, record, weight_hh)
         outputs.append(state[0])
     return torch.stack(outputs), state  # [T, B, H]
 
@@ -131,16 +135,23 @@ _FUSED = {"rnn": torch.rnn_tanh, "lstm": torch.lstm, "gru": torch.gru}
 
 
 class RecurrentStack(nn.Module):
-    """L layers: layer k's h_t is layer k+1's x_t, with dropout between layers."""
+    """L layers: layer k's h_t is layer k+1's x_t, with dropout between layers.
+
+    `weight_dropout` is DropConnect on the recurrent weights (Wan et al. 2013; the AWD-LSTM's
+    "weight drop", Merity et al. 2017): while training, each forward call zeroes a random
+    fraction p of every weight_hh entry (the rest scaled by 1/(1-p)) and uses that one mask for
+    all T steps. Unlike dropout on h_t it regularises the recurrence itself, and it costs one
+    elementwise op per layer per window, not per step. Off in eval mode."""
 
     def __init__(self, cell_type: str, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0,
-                 backend: str = "native"):
+                 backend: str = "native", weight_dropout: float = 0.0):
         super().__init__()
         cell_class = CELLS[cell_type]
         self.cell_type, self.hidden_size, self.num_layers = cell_type, hidden_size, num_layers
         self.layers = nn.ModuleList(
             cell_class(input_size if k == 0 else hidden_size, hidden_size) for k in range(num_layers))
         self.dropout = nn.Dropout(dropout)
+        self.weight_dropout = weight_dropout
         self.state_size = cell_class.state_size
         self.backend = backend
 
@@ -152,6 +163,12 @@ class RecurrentStack(nn.Module):
     def backend(self, name: str) -> None:
         assert name in BACKENDS, f"unknown backend {name!r}; choose from {BACKENDS}"
         self._backend = name
+
+    def recurrent_weights(self) -> list[torch.Tensor]:
+        """Each layer's weight_hh for this forward call: masked while training with weight_dropout."""
+        if not (self.training and self.weight_dropout > 0):
+            return [cell.weight_hh for cell in self.layers]
+        return [F.dropout(cell.weight_hh, self.weight_dropout) for cell in self.layers]
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         shape = (self.num_layers, batch_size, self.hidden_size)
@@ -165,21 +182,22 @@ class RecurrentStack(nn.Module):
         if self.backend == "fused" and record is None:
             return self._fused(x, state)
         finals = []
-        for k, cell in enumerate(self.layers):
+        for k, (cell, w_hh) in enumerate(zip(self.layers, self.recurrent_weights())):
             if record is not None:
                 record.append({})
-                x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state), record[k])
+                x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state), record[k], w_hh)
             elif self.backend == "native":
-                x, layer_state = native_loop(cell, x, tuple(s[k] for s in state))
+                x, layer_state = native_loop(cell, x, tuple(s[k] for s in state), w_hh)
             else:
-                x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state))
+                x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state), weight_hh=w_hh)
             if k < self.num_layers - 1:
                 x = self.dropout(x)
             finals.append(layer_state)
         return x, tuple(torch.stack(parts) for parts in zip(*finals))  # each [L, B, H]
 
     def _fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        weights = [w for cell in self.layers for w in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)]
+        weights = [w for cell, w_hh in zip(self.layers, self.recurrent_weights())
+                   for w in (cell.weight_ih, w_hh, cell.bias_ih, cell.bias_hh)]
         hx = state if self.cell_type == "lstm" else state[0]
         out, *final = _FUSED[self.cell_type](x, hx, weights, True, self.num_layers, self.dropout.p,
                                              self.training, False, False)

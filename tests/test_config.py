@@ -189,3 +189,12 @@ def test_random_overrides(overrides):
             apply_override(raw, assignment)
         except UserError:
             pass
+
+
+def test_weight_dropout_is_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(MINIMAL + "model:\n  weight_dropout: 1.0\n")
+    with pytest.raises(ConfigError, match="model.weight_dropout: input should be less than 1"):
+        load_config(path)
+    path.write_text(MINIMAL + "model:\n  weight_dropout: 0.3\n")
+    assert load_config(path).model.weight_dropout == 0.3

@@ -128,3 +128,46 @@ def test_a_build_killed_midway_blocks_nothing(tmp_path):
                             env={**__import__("os").environ, "CHARLM_CACHE_DIR": str(cache)})
     assert result.returncode == 0 and "loaded" in result.stdout, result.stderr
     assert "building" not in result.stderr  # the cached library was used as is
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_dropout_is_one_mask_per_window(loops, kind):
+    """Training with weight_dropout = running the plain stack with each weight_hh replaced by
+    F.dropout(weight_hh) drawn once (same RNG draws): one mask for all T steps, gradient
+    reaching the parameter through the mask."""
+    torch.manual_seed(4)
+    x = torch.randn(7, 3, 5, dtype=torch.float64)
+    dropped = RecurrentStack(kind, 5, 6, 2, weight_dropout=0.4).double().train()
+    plain = RecurrentStack(kind, 5, 6, 2).double().train()
+    plain.load_state_dict(dropped.state_dict())
+    state = tuple(torch.randn(2, 3, 6, dtype=torch.float64) for _ in range(plain.state_size))
+    torch.manual_seed(11)
+    masks = [torch.nn.functional.dropout(torch.ones_like(cell.weight_hh), 0.4) for cell in plain.layers]
+    # the plain stack with masked weights, by the autograd reference
+    with torch.no_grad():
+        originals = [cell.weight_hh.clone() for cell in plain.layers]
+        for cell, mask in zip(plain.layers, masks):
+            cell.weight_hh.mul_(mask)
+    plain.backend = "reference"
+    want_out, want_final, want_grads = run(plain, x, state)
+    for backend in ("native", "reference", "fused"):
+        dropped.backend = backend
+        torch.manual_seed(11)
+        out, final, grads = run(dropped, x, state)
+        torch.testing.assert_close(out, want_out, atol=1e-10, rtol=0, msg=backend)
+        for a, b in zip(final, want_final):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=backend)
+        for k, mask in enumerate(masks):
+            name = f"layers.{k}.weight_hh"
+            # d/dW of f(W * m) = m * f'(W * m): the masked stack's grad, times the mask
+            torch.testing.assert_close(grads[name], want_grads[name] * mask, atol=1e-9, rtol=0, msg=backend)
+            assert (grads[name][mask == 0] == 0).all()
+        torch.testing.assert_close(grads["layers.0.weight_ih"], want_grads["layers.0.weight_ih"], atol=1e-9, rtol=0)
+    # eval mode: no mask, the weights as they are
+    dropped.eval()
+    dropped.backend = "reference"
+    with torch.no_grad():
+        for cell, w in zip(plain.layers, originals):
+            cell.weight_hh.copy_(w)
+    plain.eval()
+    torch.testing.assert_close(dropped(x, state)[0], plain(x, state)[0], atol=0, rtol=0)
