@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from charlm import distributed
 from charlm.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
-from charlm.config import Config
+from charlm.config import Config, ConfigError, validate_config
 from charlm.corpus import Corpus
 from charlm.data import TBPTTBatches
 from charlm.distributed import World
@@ -359,9 +359,18 @@ class Trainer:
         self.display.on_log(self.pos.step, self.pos.epoch, loss, lr, grad_norm, rate)
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A checkpoint's config with the keys added since it was written at their defaults
+    (which reproduce what it did), so they do not read as changed."""
+    try:
+        return validate_config(saved, "checkpoint config").to_dict()
+    except ConfigError:
+        return saved
+
+
 def check_resumable(payload: dict, cfg: Config, corpus: Corpus) -> None:
     """A checkpoint resumes only with the same model, data and batch layout (the backend may change)."""
-    saved, now = payload["config"], cfg.to_dict()
+    saved, now = _with_defaults(payload["config"]), cfg.to_dict()
     changed = [f"{section}.{key}" for section in ("model", "data") for key in now[section]
                if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "model.backend"]
     changed += [f"train.{key}" for key in ("batch_size", "seq_len")

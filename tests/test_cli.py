@@ -88,8 +88,9 @@ def test_greedy_batched_samples_and_eval_with_oov(trained, capsys, tmp_path):
 
 
 def test_resume_gives_exactly_the_same_parameters(tmp_path, text_file, write_config, cli):
-    """20 steps in one run == 10 steps + resume + 10 steps (dropout on, so RNG state matters too)."""
-    config = write_config(tiny_config(text_file, model={"dropout": 0.2, "num_layers": 2},
+    """20 steps in one run == 10 steps + resume + 10 steps (dropout and weight dropout on, so
+    RNG state matters too)."""
+    config = write_config(tiny_config(text_file, model={"dropout": 0.2, "weight_dropout": 0.3, "num_layers": 2},
                                       train={"max_steps": 20, "eval_interval": 5, "lr_schedule": "constant",
                                              "warmup_steps": 8}))
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -276,6 +277,19 @@ def test_resume_may_switch_backend(tmp_path, text_file, write_config, capsys):
     assert call(capsys, "train", "--config", str(config), "--out", str(run_dir))[0] == 0
     code, _, err = call(capsys, "train", "--resume", "--out", str(run_dir), "--set", "train.max_steps=6",
                         "--set", "model.backend=fused")
+    assert code == 0, err
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 6
+
+
+def test_resumes_a_checkpoint_written_before_a_model_key_existed(tmp_path, text_file, write_config, capsys):
+    """Keys added later (model.weight_dropout) read as their defaults, not as a changed config."""
+    config = write_config(tiny_config(text_file, train={"max_steps": 4}))
+    run_dir = tmp_path / "run"
+    assert call(capsys, "train", "--config", str(config), "--out", str(run_dir))[0] == 0
+    payload = torch.load(run_dir / "last.pt", weights_only=True)
+    del payload["config"]["model"]["weight_dropout"]
+    torch.save(payload, run_dir / "last.pt")
+    code, _, err = call(capsys, "train", "--resume", "--out", str(run_dir), "--set", "train.max_steps=6")
     assert code == 0, err
     assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 6
 
