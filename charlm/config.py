@@ -77,6 +77,7 @@ class TrainConfig(_Section):
     seed: int = Field(1337, ge=0)
     batch_size: int = Field(32, gt=0)
     seq_len: int = Field(128, gt=0)
+    random_offsets: bool = False  # shift each epoch's window boundaries by a random 0..T-1
     lr: float = Field(2e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = Field(0.0, ge=0)

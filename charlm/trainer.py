@@ -83,7 +83,7 @@ class Trainer:
             torch.manual_seed(train.seed + 7919 * world.rank)  # same weights on every rank, its own dropout
         self.net = self._wrap(self.model)
         self.scaler = grad_scaler(device, train.precision)
-        self.batches = TBPTTBatches(corpus.train_ids, train.batch_size, train.seq_len)
+        self.batches = TBPTTBatches(corpus.train_ids, train.batch_size, train.seq_len, train.random_offsets, train.seed)
         self.rows = world.rows(train.batch_size)  # this rank's streams
         self.local_batch = train.batch_size // world.size
         self.budget = Budget(train)
@@ -187,7 +187,7 @@ class Trainer:
         train = self.cfg.train
         if self.pos.window == 0:
             self.state = self.model.init_state(self.local_batch)  # a new epoch starts from scratch
-        x, y = self.batches.window(self.pos.window, self.rows)  # [B/W, T] each
+        x, y = self.batches.window(self.pos.window, self.rows, self.pos.epoch)  # [B/W, T] each
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         k = train.gradient_accumulation_steps
@@ -373,7 +373,7 @@ def check_resumable(payload: dict, cfg: Config, corpus: Corpus) -> None:
     saved, now = _with_defaults(payload["config"]), cfg.to_dict()
     changed = [f"{section}.{key}" for section in ("model", "data") for key in now[section]
                if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "model.backend"]
-    changed += [f"train.{key}" for key in ("batch_size", "seq_len")
+    changed += [f"train.{key}" for key in ("batch_size", "seq_len", "random_offsets")
                 if saved.get("train", {}).get(key) != now["train"][key]]
     if changed:
         raise CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config; "

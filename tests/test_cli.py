@@ -281,6 +281,27 @@ def test_resume_may_switch_backend(tmp_path, text_file, write_config, capsys):
     assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 6
 
 
+def test_resume_with_random_offsets_crosses_epochs_exactly(tmp_path, text_file, write_config, cli):
+    """With train.random_offsets each epoch reads shifted windows; 40 steps (2.7 epochs) in one
+    run == 20 + resume + 20, and the run differs from one without the shifts."""
+    config = write_config(tiny_config(text_file, train={"max_steps": 40, "eval_interval": 10, "batch_size": 8,
+                                                        "seq_len": 32, "random_offsets": True,
+                                                        "lr_schedule": "constant"}))
+    runs = {name: tmp_path / name for name in ("whole", "split", "plain")}
+    assert cli("train", "--config", str(config), "--out", str(runs["whole"])).returncode == 0
+    assert cli("train", "--config", str(config), "--out", str(runs["split"]), "--set", "train.max_steps=20").returncode == 0
+    resumed = cli("train", "--resume", "--out", str(runs["split"]), "--set", "train.max_steps=40")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "15 steps per epoch" in resumed.stdout
+    plain = cli("train", "--config", str(config), "--out", str(runs["plain"]), "--set", "train.random_offsets=false")
+    assert plain.returncode == 0, plain.stderr
+    a, b, c = (torch.load(runs[name] / "last.pt", weights_only=True) for name in ("whole", "split", "plain"))
+    assert a["progress"]["epoch"] == 2
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert not torch.equal(a["model"]["head.weight"], c["model"]["head.weight"])
+
+
 def test_resumes_a_checkpoint_written_before_a_model_key_existed(tmp_path, text_file, write_config, capsys):
     """Keys added later (model.weight_dropout) read as their defaults, not as a changed config."""
     config = write_config(tiny_config(text_file, train={"max_steps": 4}))

@@ -111,9 +111,41 @@ def test_tbptt_windows_continue_each_stream():
     assert torch.equal(seen.sort().values, torch.arange(100))  # one epoch = every position once
 
 
+def test_random_offsets_shift_each_epoch_within_a_window():
+    ids = torch.arange(0, 101, dtype=torch.int32)
+    batches = TBPTTBatches(ids, batch_size=4, seq_len=10, random_offsets=True, seed=5)
+    assert batches.length == (100 - 9) // 4 == 22 and batches.windows_per_epoch == 3
+    offsets = [batches.offset(e) for e in range(40)]
+    assert offsets[0] == 0 and all(0 <= s < 10 for s in offsets)
+    assert len(set(offsets)) > 3  # they do move
+    assert offsets == [TBPTTBatches(ids, 4, 10, True, seed=5).offset(e) for e in range(40)]  # from seed and epoch alone
+    assert offsets != [TBPTTBatches(ids, 4, 10, True, seed=6).offset(e) for e in range(40)]
+    for epoch in range(40):
+        s = offsets[epoch]
+        windows = [batches.window(k, epoch=epoch) for k in range(3)]
+        x = torch.cat([w[0] for w in windows], dim=1)  # [4, 22]
+        y = torch.cat([w[1] for w in windows], dim=1)
+        torch.testing.assert_close(y, x + 1)
+        # stream b is ids[s + 22b : s + 22(b+1)], read window after window
+        torch.testing.assert_close(x, torch.arange(s, s + 88).view(4, 22))
+    assert int(batches.window(2, epoch=offsets.index(9))[1].max()) <= 100  # the largest shift still fits
+
+
+def test_random_offsets_off_is_the_plain_layout():
+    ids = torch.arange(0, 101, dtype=torch.int32)
+    plain, off = TBPTTBatches(ids, 4, 10), TBPTTBatches(ids, 4, 10, random_offsets=False, seed=3)
+    for epoch in (0, 1, 7):
+        assert off.offset(epoch) == 0
+        for k in range(3):
+            assert torch.equal(off.window(k, epoch=epoch)[0], plain.window(k)[0])
+
+
 def test_tbptt_needs_one_window():
     with pytest.raises(DataError, match=r"batch_size x train.seq_len \+ 1 = 41"):
         TBPTTBatches(torch.arange(40), batch_size=4, seq_len=10)
+    with pytest.raises(DataError, match=r"\+ 9 for train.random_offsets"):
+        TBPTTBatches(torch.arange(41), batch_size=4, seq_len=10, random_offsets=True)
+    TBPTTBatches(torch.arange(50), batch_size=4, seq_len=10, random_offsets=True)
 
 
 def test_builtin_stdlib_corpus():
