@@ -85,6 +85,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # validate/save/sample an average of the weights
     max_steps: Optional[int] = Field(None, gt=0)
     max_time: Optional[str] = None
     eval_interval: int = Field(500, gt=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -42,3 +43,52 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging), kept beside them.
+
+    After update n (counting from 1) the average moves towards the weights by 1 - d_n, with
+    d_n = min(decay, n / (n + 9)): the first updates count nearly in full, so the average does
+    not start anchored to the random initial weights, and later ones settle to `decay`, an
+    average over the last ~1 / (1 - decay) steps. Training moves the weights; validation,
+    best.pt and sampling use the average, which sits nearer the middle of the region the late,
+    noisy steps wander in and usually generalises better than the last step's weights."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        assert 0.0 < decay < 1.0, f"decay {decay} outside (0, 1)"
+        self.decay, self.updates = decay, 0
+        self.names = [name for name, t in model.state_dict().items() if t.is_floating_point()]
+        weights = model.state_dict()
+        self.average = {name: weights[name].detach().clone() for name in self.names}
+
+    def rate(self) -> float:
+        """The weight given to the model in the next update: 1 - d_n."""
+        n = self.updates + 1
+        return 1.0 - min(self.decay, n / (n + 9))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        weights = model.state_dict()
+        averages = [self.average[name] for name in self.names]
+        torch._foreach_lerp_(averages, [weights[name].detach() for name in self.names], self.rate())
+        self.updates += 1
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with the averaged weights in place of its own."""
+        return {**model.state_dict(), **self.average}
+
+    def load(self, weights: dict[str, torch.Tensor], updates: int) -> None:
+        for name in self.names:
+            self.average[name].copy_(weights[name])
+        self.updates = updates
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """Run the block with the averaged weights in the model; its own weights come back after."""
+        own = {name: t.detach().clone() for name, t in model.state_dict().items() if name in self.average}
+        model.load_state_dict(self.average, strict=False)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(own, strict=False)

@@ -126,6 +126,12 @@ def _announce(display: TrainingDisplay, trainer: Trainer, corpus: Corpus, device
     extras = [f"precision {cfg.train.precision}"] if cfg.train.precision != "fp32" else []
     if cfg.train.gradient_accumulation_steps > 1:
         extras.append(f"{cfg.train.gradient_accumulation_steps} accumulation steps per update")
+    if cfg.model.weight_dropout:
+        extras.append(f"weight dropout {cfg.model.weight_dropout:g}")
+    if cfg.train.random_offsets:
+        extras.append("random window offsets per epoch")
+    if cfg.train.ema_decay:
+        extras.append(f"validating an average of the weights (ema_decay {cfg.train.ema_decay:g})")
     if world.enabled:
         extras.append(f"global batch {cfg.train.batch_size} = {world.size} x {trainer.local_batch} streams")
     if extras:

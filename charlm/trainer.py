@@ -26,7 +26,7 @@ from charlm.distributed import World
 from charlm.errors import UserError
 from charlm.evaluate import EvalResult, evaluate_totals, result_of
 from charlm.model import build_model, count_parameters
-from charlm.optim import Budget, build_optimizer, learning_rate
+from charlm.optim import Budget, WeightAverage, build_optimizer, learning_rate
 from charlm.progress import IntervalStats, TrainingDisplay
 from charlm.rundir import MetricsLog
 from charlm.sample import generate, prompt_ids
@@ -79,6 +79,7 @@ class Trainer:
         seed_everything(train.seed)
         self.model = build_model(cfg.model, len(corpus.vocab)).to(device)
         self.optimizer = build_optimizer(self.model, train)
+        self.ema = WeightAverage(self.model, train.ema_decay) if train.ema_decay else None
         if world.rank:
             torch.manual_seed(train.seed + 7919 * world.rank)  # same weights on every rank, its own dropout
         self.net = self._wrap(self.model)
@@ -128,10 +129,19 @@ class Trainer:
     def elapsed(self) -> float:
         return self.pos.elapsed + (time.perf_counter() - self._t0)
 
+    def evaluated_weights(self):
+        """A context in which the model holds the weights that are validated, saved as "model"
+        and sampled from: the average with train.ema_decay, else the weights themselves."""
+        return self.ema.applied(self.model) if self.ema else contextlib.nullcontext(self.model)
+
     def payload(self, state: tuple) -> dict:
+        # "model" is what sample and eval load; with an average, the optimiser's own weights
+        # go to "raw_model" so that a resume continues from them.
+        weights = {"model": self.ema.state_dict(self.model), "raw_model": self.model.state_dict(),
+                   "ema_updates": self.ema.updates} if self.ema else {"model": self.model.state_dict()}
         return {
             "config": self.cfg.to_dict(), "vocab": self.corpus.vocab.to_dict(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **weights, "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": {**asdict(self.pos), "elapsed": self.elapsed()},
             "step": self.pos.step, "epoch": self.pos.epoch, "elapsed": self.elapsed(),
@@ -144,7 +154,11 @@ class Trainer:
 
     def restore(self, payload: dict) -> None:
         """Continue exactly where the checkpoint left off (this rank's streams of its state)."""
-        self.model.load_state_dict(payload["model"])
+        self.model.load_state_dict(payload.get("raw_model", payload["model"]))
+        if self.ema is not None:  # an average switched on at this resume starts from the weights
+            averaged = "raw_model" in payload
+            self.ema.load(payload["model"] if averaged else self.model.state_dict(),
+                          payload.get("ema_updates", 0) if averaged else 0)
         self.optimizer.load_state_dict(payload["optimizer"])
         if payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
@@ -222,6 +236,8 @@ class Trainer:
             group["lr"] = lr * self.pos.lr_scale
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.state = state  # carry the state (detached: the graph is cut here)
 
     def advance(self) -> None:
@@ -266,8 +282,9 @@ class Trainer:
 
     def validate(self) -> EvalResult:
         """The whole val split; under torchrun each rank scores its share and the sums are reduced."""
-        total, count = evaluate_totals(self.model, self.corpus.val_ids, self.cfg.train.eval_batch_size,
-                                       part=(self.world.rank, self.world.size))
+        with self.evaluated_weights():
+            total, count = evaluate_totals(self.model, self.corpus.val_ids, self.cfg.train.eval_batch_size,
+                                           part=(self.world.rank, self.world.size))
         total, count = distributed.sum_over_ranks([total, float(count)], self.world, self.device)
         return result_of(total, int(count))
 
@@ -295,8 +312,9 @@ class Trainer:
         cfg = self.cfg
         generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + self.pos.step)
         context, _ = prompt_ids(self.corpus.vocab, cfg.sample.prompt, TextSettings.from_config(cfg.data))
-        out = generate(self.model, context, length, 1, cfg.sample.temperature, cfg.sample.top_k, cfg.sample.top_p,
-                       generator)
+        with self.evaluated_weights():
+            out = generate(self.model, context, length, 1, cfg.sample.temperature, cfg.sample.top_k,
+                           cfg.sample.top_p, generator)
         return self.corpus.vocab.decode(out[0])
 
     def out_of_patience(self) -> bool:

@@ -89,10 +89,10 @@ def test_greedy_batched_samples_and_eval_with_oov(trained, capsys, tmp_path):
 
 def test_resume_gives_exactly_the_same_parameters(tmp_path, text_file, write_config, cli):
     """20 steps in one run == 10 steps + resume + 10 steps (dropout and weight dropout on, so
-    RNG state matters too)."""
+    RNG state matters too; the weight average carries over as well)."""
     config = write_config(tiny_config(text_file, model={"dropout": 0.2, "weight_dropout": 0.3, "num_layers": 2},
                                       train={"max_steps": 20, "eval_interval": 5, "lr_schedule": "constant",
-                                             "warmup_steps": 8}))
+                                             "warmup_steps": 8, "ema_decay": 0.8}))
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert cli("train", "--config", str(config), "--out", str(whole)).returncode == 0
     assert cli("train", "--config", str(config), "--out", str(split), "--set", "train.max_steps=10").returncode == 0
@@ -101,9 +101,10 @@ def test_resume_gives_exactly_the_same_parameters(tmp_path, text_file, write_con
     assert "resuming from step 10" in resumed.stdout
     a = torch.load(whole / "last.pt", weights_only=True)
     b = torch.load(split / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 20
+    assert a["step"] == b["step"] == 20 and a["ema_updates"] == b["ema_updates"] == 20
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+        assert torch.equal(a["raw_model"][name], b["raw_model"][name]), name
 
 
 def test_run_dir_is_never_silently_overwritten(trained, capsys, tmp_path):

@@ -6,6 +6,7 @@ import math
 from collections import Counter
 
 import pytest
+import torch
 
 from charlm.checkpoint import load_checkpoint, model_from_checkpoint
 from charlm.config import TrainConfig, validate_config
@@ -13,7 +14,7 @@ from charlm.corpus import load_corpus
 from charlm.evaluate import evaluate_ids
 from charlm.progress import TrainingDisplay
 from charlm.rundir import read_metrics
-from charlm.optim import Budget, learning_rate
+from charlm.optim import Budget, WeightAverage, learning_rate
 from charlm.run import train
 from conftest import tiny_config
 
@@ -84,6 +85,46 @@ def test_best_checkpoint_holds_the_lowest_val_loss(text_file, tmp_path):
     corpus = load_corpus(cfg.data)
     assert evaluate_ids(model, corpus.val_ids, 64).loss_nats == pytest.approx(best_eval["val_loss"], abs=1e-6)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 24
+
+
+def test_weight_average_by_hand():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        model.bias.fill_(4.0)
+    average = WeightAverage(model, decay=0.5)
+    expected = torch.tensor([1.0, -2.0, 4.0])
+    for n, value in enumerate([3.0, -1.0, 0.5, 2.0, 7.0, -3.0, 1.5, 0.0, 2.5, 6.0, -4.0], start=1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(value)
+        rate = 1 - min(0.5, n / (n + 9))  # 0.9, 0.818..., ..., then 0.5 from n = 10 on
+        assert average.rate() == pytest.approx(rate)
+        average.update(model)
+        expected = expected + rate * (value - expected)
+        got = torch.cat([average.average["weight"].flatten(), average.average["bias"]])
+        torch.testing.assert_close(got, expected)
+    assert average.updates == 11 and average.rate() == 0.5
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    with average.applied(model):
+        torch.testing.assert_close(model.weight.flatten(), expected[:2])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, own[name])  # the model's own weights come back exactly
+
+
+def test_ema_validates_and_saves_the_average(text_file, tmp_path):
+    cfg = validate_config(tiny_config(text_file, train={"max_steps": 24, "eval_interval": 8, "lr": 0.05,
+                                                        "ema_decay": 0.9}))
+    train(cfg, tmp_path / "run", display=quiet())
+    evals = [m for m in read_metrics(tmp_path / "run") if m["event"] == "eval"]
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["ema_updates"] == 24
+    assert not torch.equal(last["model"]["head.weight"], last["raw_model"]["head.weight"])
+    corpus = load_corpus(cfg.data)
+    model, _ = model_from_checkpoint(last)  # what sample and eval load: the average
+    assert evaluate_ids(model, corpus.val_ids, 64).loss_nats == pytest.approx(evals[-1]["val_loss"], abs=1e-6)
+    raw = model_from_checkpoint({**last, "model": last["raw_model"]})[0]
+    assert evaluate_ids(raw, corpus.val_ids, 64).loss_nats != pytest.approx(evals[-1]["val_loss"], abs=1e-6)
 
 
 def test_max_time_budget_stops_training(text_file, tmp_path):
