@@ -58,9 +58,11 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
         assert 0.0 < decay < 1.0, f"decay {decay} outside (0, 1)"
         self.decay, self.updates = decay, 0
-        self.names = [name for name, t in model.state_dict().items() if t.is_floating_point()]
-        weights = model.state_dict()
+        weights = model.state_dict()  # tensors sharing the parameters' storage, updated in place
+        self.names = [name for name, t in weights.items() if t.is_floating_point()]
+        self._live = [weights[name] for name in self.names]
         self.average = {name: weights[name].detach().clone() for name in self.names}
+        self._averages = [self.average[name] for name in self.names]
 
     def rate(self) -> float:
         """The weight given to the model in the next update: 1 - d_n."""
@@ -68,10 +70,9 @@ class WeightAverage:
         return 1.0 - min(self.decay, n / (n + 9))
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        weights = model.state_dict()
-        averages = [self.average[name] for name in self.names]
-        torch._foreach_lerp_(averages, [weights[name].detach() for name in self.names], self.rate())
+    def update(self) -> None:
+        """Move the average towards the model's current weights (one fused pass, every step)."""
+        torch._foreach_lerp_(self._averages, self._live, self.rate())
         self.updates += 1
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

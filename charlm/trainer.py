@@ -237,7 +237,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update()
         self.state = state  # carry the state (detached: the graph is cut here)
 
     def advance(self) -> None:

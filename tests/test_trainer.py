@@ -100,7 +100,7 @@ def test_weight_average_by_hand():
                 p.fill_(value)
         rate = 1 - min(0.5, n / (n + 9))  # 0.9, 0.818..., ..., then 0.5 from n = 10 on
         assert average.rate() == pytest.approx(rate)
-        average.update(model)
+        average.update()
         expected = expected + rate * (value - expected)
         got = torch.cat([average.average["weight"].flatten(), average.average["bias"]])
         torch.testing.assert_close(got, expected)
