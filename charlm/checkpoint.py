@@ -6,7 +6,6 @@ with torch.load(weights_only=True), which refuses anything else (no arbitrary un
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from charlm import __version__
+from charlm.atomic import atomic_open
 from charlm.config import ConfigError, ModelConfig, validate_config
 from charlm.errors import UserError
 from charlm.model import CharLM, build_model
@@ -42,30 +42,15 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:
-    """Write atomically: temp file in the same folder, fsync, rename, fsync the folder.
-
-    A crash at any moment leaves either the old file or the new one, never half of one."""
+    """Write atomically (see charlm.atomic): a crash at any moment leaves either the old file or
+    the new one, never half of one; a failed write (disk full) leaves the old one and says so."""
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "charlm_version": __version__, **payload}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
+        with atomic_open(path, "wb") as handle:
             torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; "
                               "the previous checkpoint is unchanged") from None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(spec: str | Path) -> dict:

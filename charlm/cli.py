@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import sys
@@ -18,16 +17,17 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from charlm.atomic import write_text_atomic
 from charlm.checkpoint import describe_model, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from charlm.config import load_config, sample_settings, validate_config, with_absolute_paths
 from charlm.data import read_text, read_text_file
 from charlm.download import KNOWN_CORPORA, download
-from charlm.errors import UserError
+from charlm.errors import Interrupted, UserError
 from charlm.evaluate import evaluate_text
 from charlm.layers import BACKENDS
 from charlm.progress import TrainingDisplay
 from charlm.rundir import CONFIG
-from charlm.runtime import resolve_device
+from charlm.runtime import InterruptSignals, resolve_device
 from charlm.sample import generate, make_generator, prompt_ids
 from charlm.text import TextSettings
 from charlm.vocab import EOS_TOKEN
@@ -233,28 +233,41 @@ def download_corpus(
     url: Optional[str] = typer.Option(None, "--url", help="Fetch any URL instead of a known corpus."),
     sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected SHA-256 of the file at --url."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the file fetched from --url."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="Fetch a known corpus's files from this base URL "
+                                         "instead (same paths below it; the same SHA-256 checks)."),
 ) -> None:
     """Fetch a corpus, check its SHA-256 and write it atomically; print its path."""
+    from charlm.download import fetch_known  # noqa: PLC0415
+
     if (name is None) == (url is None):
         raise UserError("give a corpus NAME or --url URL --out FILE (not both); known corpora: "
                         + ", ".join(KNOWN_CORPORA))
-    if name is not None:
-        if name not in KNOWN_CORPORA:
-            raise UserError(f"unknown corpus {name!r}; known corpora: {', '.join(KNOWN_CORPORA)} "
-                            "(or use --url URL --sha256 HEX --out FILE)")
-        known = KNOWN_CORPORA[name]
-        url, sha256, out = known.url, known.sha256, folder / name / known.filename
-    elif out is None:
-        raise UserError("--url needs --out FILE: where to write what it fetches")
+    if name is not None and name not in KNOWN_CORPORA:
+        raise UserError(f"unknown corpus {name!r}; known corpora: {', '.join(KNOWN_CORPORA)} "
+                        "(or use --url URL --sha256 HEX --out FILE)")
+    if name is not None and (out is not None or sha256 is not None):
+        raise UserError(f"--out and --sha256 go with --url; {name} is written to --dir DIR as DIR/{name}/ "
+                        "and checked against its own SHA-256")
+    if url is not None and (out is None or mirror is not None):
+        raise UserError("--url needs --out FILE: where to write what it fetches" if out is None
+                        else "--mirror goes with a corpus NAME; with --url, give the mirror's URL itself")
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise UserError(f"--sha256 must be 64 hexadecimal digits (got {sha256!r})")
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=err_console, transient=True) as bar:
-        task = bar.add_task(f"downloading {out.name}", total=None)
-        result = download(url, out, sha256, lambda done, total: bar.update(task, completed=done, total=total))
+                  console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
+        task = bar.add_task("downloading", total=None)
+
+        def show(label: str, done: int, total: Optional[int]) -> None:
+            bar.update(task, description=f"downloading {label}", completed=done, total=total)
+
+        if name is not None:
+            out = folder / name / KNOWN_CORPORA[name].filename
+            result = fetch_known(KNOWN_CORPORA[name], out, mirror, show)
+        else:
+            result = download(url, out, sha256, lambda done, total: show(out.name, done, total))
     if not result.fetched:
         err_console.print(f"{out} is already here with the expected SHA-256; nothing downloaded")
-    elif sha256 is None:
+    elif url is not None and sha256 is None:
         err_console.print(f"[yellow]warning:[/] no --sha256 given, so the file is unchecked; its SHA-256 is "
                           f"{result.sha256} (pass --sha256 {result.sha256} to check it next time)")
     print(result.path)
@@ -310,6 +323,8 @@ def viz(
 
     if (text is None) == (prompt is None):
         raise UserError("give --text FILE or --prompt TEXT (one of them)")
+    if prompt == "":
+        raise UserError("--prompt is empty; give a text of at least 2 characters to look at")
     payload = load_checkpoint(checkpoint)
     model, vocab = model_from_checkpoint(payload, resolve_device(device))
     cfg = validate_config(payload["config"], "checkpoint config")
@@ -318,19 +333,24 @@ def viz(
         err_console.print(f"showing the first {max_chars:,} of {len(content):,} characters (--max-chars)")
         content = content[:max_chars]
     inspection = inspect(model, vocab, content, TextSettings.from_config(cfg.data), cfg.model.type)
-    if len(inspection.chars) < 2:
-        raise UserError("the text has fewer than 2 characters the model knows; nothing to show")
     source = Path(text).name if text is not None else "a prompt"
     page = render_page(inspection, f"charlm viz: {describe_model(cfg.model)}, on {source}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, page)
     print(out)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point: run the app; user errors become one line on stderr and exit code 2."""
+    """Entry point: run the app; user errors become one line on stderr and exit code 2, and
+    SIGINT / SIGTERM exit code 130 / 143 (with one line saying what they cut short, if anything)."""
+    with InterruptSignals():
+        try:
+            _main(argv)
+        except Interrupted as stop:  # out here, so that it also covers the handling of other errors
+            _interrupted(stop)
+
+
+def _main(argv: Optional[list[str]]) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="charlm", standalone_mode=False)
@@ -355,6 +375,14 @@ def _exit_for_click_error(err: Exception) -> None:
         hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
         _fail(err.format_message() + hint)
     raise err
+
+
+def _interrupted(stop: Interrupted) -> None:
+    """A signal outside the training loop. Only train says what it cut short; sample, eval and
+    the other commands just stop, as a pipeline stage should."""
+    if stop.during:
+        print(f"charlm: interrupted ({signal.Signals(stop.signum).name}) {stop.during}", file=sys.stderr)
+    sys.exit(128 + stop.signum)
 
 
 def _fail(message: str) -> None:

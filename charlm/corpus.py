@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from charlm.atomic import fsync_file, replace
 from charlm.cache import cache_root
 from charlm.data import resolve_sources
 from charlm.text import DataError, TextSettings, check_utf8, iter_sources_text, units_of
@@ -117,8 +117,10 @@ def _build(folder: Path, train_files, val_files, skip, data, settings: TextSetti
         meta = _write_ids(scratch, vocab, n_train, n_val)
         units.unlink()
         (scratch / "meta.json").write_text(json.dumps(meta))
+        for name in ("ids.bin", "meta.json"):  # on disk before the folder is published: never a torn cache entry
+            fsync_file(scratch / name)
         try:
-            os.rename(scratch, folder)
+            replace(scratch, folder)  # fsyncs the scratch folder, renames it, fsyncs the cache folder
         except OSError:
             if not (folder / "meta.json").exists():  # anything but another process having finished first
                 raise

@@ -9,8 +9,10 @@ W processes equal K steps of one process on the same global batch.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -74,6 +76,15 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+def max_over_ranks(value: int, world: World, device: torch.device) -> int:
+    """The largest of the ranks' values (a signal number one of them received), on every rank."""
+    if not world.enabled:
+        return value
+    tensor = torch.tensor([float(value)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def sum_over_ranks(values: list[float], world: World, device: torch.device) -> list[float]:
     if not world.enabled:
         return values
@@ -92,6 +103,34 @@ def gather_rows(state: tuple, world: World) -> tuple:
         dist.all_gather(pieces, part.contiguous())
         gathered.append(torch.cat(pieces, dim=1))
     return tuple(gathered)
+
+
+@contextmanager
+def peers_may_stop(world: World) -> Iterator[None]:
+    """A collective that fails because another process of the run went away (a signal, an error
+    of its own, kill -9) ends this one with one line too, not a traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (world.enabled and _lost_peer(err)):
+            raise
+        raise UserError("another process of this torchrun run stopped (its own output says why); "
+                        "this one stops too") from None
+
+
+def _lost_peer(err: RuntimeError) -> bool:
+    text = str(err)  # gloo raises a plain RuntimeError: "Connection closed by peer [addr]:port"
+    return isinstance(err, dist.DistError) or any(
+        words in text for words in ("closed by peer", "reset by peer", "Broken pipe", "NCCL communicator was aborted"))
+
+
+def gather_objects(value, world: World) -> list:
+    """Every rank's `value` (plain data and CPU tensors), in rank order, on every rank."""
+    if not world.enabled:
+        return [value]
+    gathered = [None] * world.size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier(world: World) -> None:

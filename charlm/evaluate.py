@@ -105,7 +105,9 @@ def evaluate_totals(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64
 
 def result_of(total: float, count: int) -> EvalResult:
     mean = total / count
-    return EvalResult(loss_nats=mean, bpc=mean / math.log(2), perplexity=math.exp(mean), chars=count)
+    # e^mean overflows a float past ~709 nats (a diverged model): its perplexity is infinite.
+    perplexity = math.exp(mean) if mean < 709.0 else math.inf
+    return EvalResult(loss_nats=mean, bpc=mean / math.log(2), perplexity=perplexity, chars=count)
 
 
 def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, window: int | None = None,

@@ -15,10 +15,10 @@ Backends (same parameters, so a checkpoint moves freely between them):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from charlm.cells import CELLS, GRUCell, LSTMCell, RNNCell, State
@@ -138,9 +138,9 @@ class RecurrentStack(nn.Module):
     """L layers: layer k's h_t is layer k+1's x_t, with dropout between layers.
 
     `weight_dropout` is DropConnect on the recurrent weights (Wan et al. 2013; the AWD-LSTM's
-    "weight drop", Merity et al. 2017): while training, each forward call zeroes a random
-    fraction p of every weight_hh entry (the rest scaled by 1/(1-p)) and uses that one mask for
-    all T steps. Unlike dropout on h_t it regularises the recurrence itself, and it costs one
+    "weight drop", Merity et al. 2017): while training, a random fraction p of every weight_hh
+    entry is zeroed (the rest scaled by 1/(1-p)) and that one mask is used for all T steps of a
+    forward call, or of every call inside `shared_weight_masks`. Unlike dropout on h_t it regularises the recurrence itself, and it costs one
     elementwise op per layer per window, not per step. Off in eval mode."""
 
     def __init__(self, cell_type: str, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0,
@@ -152,6 +152,7 @@ class RecurrentStack(nn.Module):
             cell_class(input_size if k == 0 else hidden_size, hidden_size) for k in range(num_layers))
         self.dropout = nn.Dropout(dropout)
         self.weight_dropout = weight_dropout
+        self._held_masks: Optional[list[torch.Tensor]] = None
         self.state_size = cell_class.state_size
         self.backend = backend
 
@@ -165,10 +166,31 @@ class RecurrentStack(nn.Module):
         self._backend = name
 
     def recurrent_weights(self) -> list[torch.Tensor]:
-        """Each layer's weight_hh for this forward call: masked while training with weight_dropout."""
+        """Each layer's weight_hh for this forward call: masked while training with weight_dropout
+        (by the masks `shared_weight_masks` holds, else by new ones)."""
         if not (self.training and self.weight_dropout > 0):
             return [cell.weight_hh for cell in self.layers]
-        return [F.dropout(cell.weight_hh, self.weight_dropout) for cell in self.layers]
+        masks = self._held_masks or self.draw_weight_masks()
+        return [cell.weight_hh * mask for cell, mask in zip(self.layers, masks)]
+
+    def draw_weight_masks(self, generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+        """One DropConnect mask per layer, shaped like weight_hh: 0 with probability p, else 1/(1-p)."""
+        keep = 1.0 - self.weight_dropout
+        return [torch.empty_like(cell.weight_hh).bernoulli_(keep, generator=generator).div_(keep)
+                for cell in self.layers]
+
+    @contextlib.contextmanager
+    def shared_weight_masks(self, generator: torch.Generator):
+        """Every forward call in the block uses the same masks, drawn once from `generator`.
+
+        The trainer draws them once per update from a generator seeded by the seed and the step,
+        so an update has one mask however many micro-batches (gradient accumulation) or
+        processes (DDP) compute it, and a resumed run draws the same ones."""
+        self._held_masks = self.draw_weight_masks(generator) if self.weight_dropout > 0 else None
+        try:
+            yield
+        finally:
+            self._held_masks = None
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         shape = (self.num_layers, batch_size, self.hidden_size)

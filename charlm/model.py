@@ -42,6 +42,10 @@ class CharLM(nn.Module):
         param = self.head.weight
         return self.rnn.init_state(batch_size, device=device or param.device, dtype=param.dtype)
 
+    def shared_weight_masks(self, generator: torch.Generator):
+        """A context in which every forward call uses one set of weight-dropout masks (see RecurrentStack)."""
+        return self.rnn.shared_weight_masks(generator)
+
     @staticmethod
     def detach_state(state: State) -> State:
         return tuple(s.detach() for s in state)

@@ -19,12 +19,17 @@ from typing import Optional
 
 import torch
 
+from charlm.atomic import replace, write_text_atomic
 from charlm.cache import cache_root
 
 _SOURCE = Path(__file__).parent / "csrc" / "recurrent.cpp"
-# -ffast-math lets gcc vectorise the gate loops; -march=native is right because the build
-# happens on the machine that runs it; -fopenmp lets the gate loops use torch's threads.
-_CFLAGS = ["-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+# The parts of -ffast-math that let gcc vectorise the gate loops, without -ffinite-math-only:
+# that one lets the compiler assume no NaN or Inf exists, so a NaN entering a gate could come
+# out finite here but not in torch's kernels, silently corrupting a model the trainer's
+# non-finite check would otherwise catch. -march=native is right because the build happens on
+# the machine that runs it; -fopenmp lets the gate loops use torch's threads.
+_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+           "-freciprocal-math", "-ffp-contract=fast", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 _LDFLAGS = ["-lmvec", "-fopenmp"]
 _loaded: dict = {}
 
@@ -44,24 +49,48 @@ def _build() -> object:
     torch's JIT loader holds a lock file in its build folder while it runs, which a process
     killed at that moment leaves behind, and every later load then waits on it forever. So
     each build happens in a private temporary folder and the finished library is renamed
-    into the cache (atomic; concurrent builders just both rename), and a cached library is
-    loaded directly, with no lock at all."""
+    into the cache (atomic and fsynced; concurrent builders just both rename), and a cached
+    library is loaded directly, with no lock at all. A damaged cached library (cut short by a
+    full disk, a partial copy) would fail every later run: it is removed and rebuilt."""
     path = _library_path()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from torch.utils import cpp_extension  # noqa: PLC0415 - heavy, and only needed to build
+    checksum = path.with_name(path.name + ".sha256")
+    announce = "charlm: building the C++ step loop (once per machine and version, ~10 s)"
+    if path.exists():
+        damage = _load_cached(path, checksum)
+        if damage is None:
+            return torch.ops.charlm
+        announce = f"charlm: the cached C++ step loop {path.name} is damaged ({damage}); rebuilding it (~10 s)"
+        path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from torch.utils import cpp_extension  # noqa: PLC0415 - heavy, and only needed to build
 
-        print("charlm: building the C++ step loop (once per machine and version, ~10 s)", file=sys.stderr)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder:
-            name = f"charlm_recurrent_{path.stem.split('-')[1]}"
-            # copies: cpp_extension.load appends to the lists it is given
-            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=list(_CFLAGS),
-                               extra_ldflags=list(_LDFLAGS), build_directory=folder, is_python_module=False,
-                               verbose=False)
-            os.replace(Path(folder) / f"{name}.so", path)
-        return torch.ops.charlm  # cpp_extension.load has loaded it into this process
-    torch.ops.load_library(str(path))
-    return torch.ops.charlm
+    print(announce, file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder:
+        name = f"charlm_recurrent_{path.stem.split('-')[1]}"
+        # copies: cpp_extension.load appends to the lists it is given
+        cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=list(_CFLAGS),
+                           extra_ldflags=list(_LDFLAGS), build_directory=folder, is_python_module=False,
+                           verbose=False)
+        built = Path(folder) / f"{name}.so"
+        write_text_atomic(checksum, hashlib.sha256(built.read_bytes()).hexdigest())
+        replace(built, path)  # fsynced first: a power cut must not cache a torn library
+    return torch.ops.charlm  # cpp_extension.load has loaded it into this process
+
+
+def _load_cached(path: Path, checksum: Path) -> Optional[str]:
+    """Load the cached library; None when it loaded, else what is wrong with it.
+
+    A library cut short can pass dlopen and then kill the process with SIGBUS when a missing
+    page is touched, so its bytes are checked against the checksum written with it first."""
+    if not checksum.exists():
+        return f"{checksum.name} is missing"
+    if checksum.read_text().strip() != hashlib.sha256(path.read_bytes()).hexdigest():
+        return "its bytes do not match its checksum"
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as err:
+        return str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+    return None
 
 
 def cpp_loops() -> Optional[object]:

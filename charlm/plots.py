@@ -6,13 +6,13 @@ matplotlib is an optional extra (pip install 'charlm[plot]'); only `charlm plot`
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
+from charlm.atomic import atomic_open
 from charlm.errors import UserError
 from charlm.rundir import CONFIG, LOCK, METRICS, pid_alive, read_metrics
 
@@ -100,10 +100,11 @@ def plot_runs(run_dirs: list[Path], out: Path, unit: str = "nats") -> list[str]:
     by_time.set_title("against time")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_open(out, "wb") as handle:
+            fig.savefig(handle, format="png")
+    finally:
+        plt.close(fig)
     return notices
 
 

@@ -6,8 +6,9 @@ builds the corpus cache; the other ranks wait for it, then everyone trains in lo
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from rich.console import Console
@@ -17,11 +18,11 @@ from charlm.checkpoint import LAST, load_checkpoint
 from charlm.config import Config
 from charlm.corpus import Corpus, load_corpus
 from charlm.distributed import World
-from charlm.errors import UserError
+from charlm.errors import Interrupted, UserError
 from charlm.model import count_parameters
 from charlm.progress import TrainingDisplay
 from charlm.rundir import MetricsLog, RunLock, prepare_run_dir, write_config
-from charlm.runtime import check_precision, describe_device, resolve_device
+from charlm.runtime import StopRequests, check_precision, describe_device, resolve_device
 from charlm.trainer import Trainer, TrainOutcome, check_resumable
 
 
@@ -35,44 +36,68 @@ class _NoMetrics:
         pass
 
 
+STARTING = "while starting the run; nothing was trained"
+ENCODING = "while reading and encoding the corpus; nothing was trained"
+WAITING = "while waiting for rank 0 to read and encode the corpus; nothing was trained"
+FINISHED = "after training had finished; every file of the run is written"
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
           display: Optional[TrainingDisplay] = None) -> TrainOutcome:
     """Train a model as `cfg` says, writing the run into `run_dir` (locked while training)."""
-    world = distributed.world_from_env()
-    device = resolve_device(cfg.train.device, world.local_rank if world.enabled else None)
-    check_precision(device, cfg.train.precision)
-    distributed.start(world, device)
+    with _stage(STARTING):
+        world = distributed.world_from_env()
+        device = resolve_device(cfg.train.device, world.local_rank if world.enabled else None)
+        check_precision(device, cfg.train.precision)
+        distributed.start(world, device)
     try:
-        if not world.main:
-            display = TrainingDisplay(Console(quiet=True))
-        display = display or TrainingDisplay()
-        if world.main:
-            with RunLock(run_dir) as lock:
-                outcome = _train_locked(cfg, run_dir, resume, overwrite, display, world, device, lock.notices)
-        else:
-            outcome = _train_locked(cfg, run_dir, resume, overwrite, display, world, device, [])
-        # A rank that tears its gloo connections down while another still finishes up can abort
-        # the other one; leave together.
-        distributed.barrier(world)
+        with distributed.peers_may_stop(world):
+            if not world.main:
+                display = TrainingDisplay(Console(quiet=True))
+            display = display or TrainingDisplay()
+            if world.main:
+                with RunLock(run_dir) as lock:
+                    outcome = _train_locked(cfg, run_dir, resume, overwrite, display, world, device, lock.notices)
+            else:
+                outcome = _train_locked(cfg, run_dir, resume, overwrite, display, world, device, [])
+            # A rank that tears its gloo connections down while another still finishes up can abort
+            # the other one; leave together.
+            with _stage(FINISHED):
+                distributed.barrier(world)
         return outcome
     finally:
-        distributed.stop(world)
+        # Not cut short by a signal (torchrun sends SIGTERM to the others once one rank exits
+        # with an error code): a half-destroyed process group aborts the process at exit.
+        with StopRequests():
+            distributed.stop(world)
+
+
+@contextmanager
+def _stage(during: str) -> Iterator[None]:
+    """A signal in this block ends the command saying `during` (unless an inner stage said more)."""
+    try:
+        yield
+    except Interrupted as stop:
+        stop.during = stop.during or during
+        raise
 
 
 def _train_locked(cfg, run_dir, resume, overwrite, display, world: World, device, notices) -> TrainOutcome:
-    if world.main:
-        failed = False
-        try:
-            notices = notices + prepare_run_dir(run_dir, resume, overwrite)
-            corpus = _load_corpus(cfg, display)
-        except Exception:
-            failed = True
-            raise
-        finally:
-            _agree_or_fail(failed, world, device)  # the other ranks must not wait for a rank 0 that gave up
-    else:
-        _agree_or_fail(False, world, device)
-        corpus = load_corpus(cfg.data)  # from the cache rank 0 just built
+    with _stage(STARTING):
+        trainer, metrics = _start(cfg, run_dir, resume, overwrite, display, world, device, notices)
+    try:
+        with display:
+            return trainer.run(metrics)
+    except Interrupted as stop:  # only from the final evaluation: the loop itself stops between steps
+        stop.during = stop.during or _final_evaluation_note(trainer, run_dir)
+        raise
+    finally:
+        metrics.close()
+
+
+def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notices):
+    """Everything before the first step: the corpus, the trainer (restored or saved once), the logs."""
+    corpus, notices = _prepare(cfg, run_dir, resume, overwrite, display, world, device, notices)
     for notice in notices:
         display.message(notice)
     payload = load_checkpoint(run_dir / LAST) if resume else None
@@ -92,11 +117,25 @@ def _train_locked(cfg, run_dir, resume, overwrite, display, world: World, device
     metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),
                   num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
                   train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel(), world_size=world.size)
+    return trainer, metrics
+
+
+def _prepare(cfg, run_dir, resume, overwrite, display, world: World, device, notices) -> tuple[Corpus, list]:
+    """Rank 0 checks the run dir and builds the corpus cache; the other ranks wait, then read it."""
+    if not world.main:
+        with _stage(WAITING):
+            _agree_or_fail(False, world, device)
+        return load_corpus(cfg.data), notices  # from the cache rank 0 just built
+    failed = False
     try:
-        with display:
-            return trainer.run(metrics)
+        notices = notices + prepare_run_dir(run_dir, resume, overwrite)
+        with _stage(ENCODING):
+            return _load_corpus(cfg, display), notices
+    except BaseException:  # an error or a signal
+        failed = True
+        raise
     finally:
-        metrics.close()
+        _agree_or_fail(failed, world, device)  # the other ranks must not wait for a rank 0 that gave up
 
 
 def _load_corpus(cfg: Config, display: TrainingDisplay) -> Corpus:
@@ -105,6 +144,13 @@ def _load_corpus(cfg: Config, display: TrainingDisplay) -> Corpus:
     for notice in corpus.notices:
         display.message(notice)
     return corpus
+
+
+def _final_evaluation_note(trainer: Trainer, run_dir: Path) -> str:
+    budget = "train.max_steps" if trainer.cfg.train.max_steps is not None else "train.max_time"
+    return (f"during the final evaluation; training had finished: {run_dir / LAST} holds the trained model "
+            f"(step {trainer.pos.step}). To train it further, resume with a larger budget: "
+            f"charlm train --resume --out {run_dir} --set {budget}=...")
 
 
 def _agree_or_fail(failed: bool, world: World, device: torch.device) -> None:

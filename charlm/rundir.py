@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from charlm.atomic import replace, write_text_atomic
 from charlm.checkpoint import BEST, LAST
 from charlm.errors import UserError
 
@@ -63,9 +64,7 @@ class RunLock:
                                   "wait for it to finish or choose another --out") from None
             self.notices.append(f"taking over the lock of {self.run_dir} left by pid {owner}, "
                                 "which is no longer running")
-            tmp = self.path.with_name(f"{LOCK}.{os.getpid()}")
-            tmp.write_text(str(os.getpid()))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, str(os.getpid()))
             return
         with os.fdopen(fd, "w") as handle:
             handle.write(str(os.getpid()))
@@ -116,13 +115,13 @@ def _move_aside(run_dir: Path, names: list[str]) -> str:
         suffix += 1
     folder.mkdir()
     for name in names:
-        os.replace(run_dir / name, folder / name)
+        replace(run_dir / name, folder / name)
     return (f"--overwrite: moved the earlier run's {', '.join(names)} to {folder}/ "
             "(delete that folder when you no longer need it)")
 
 
 def _remove_unfinished_writes(run_dir: Path) -> list[str]:
-    """Temp files of checkpoint writes cut short by a crash: incomplete by construction."""
+    """Temp files of writes cut short by a crash (checkpoints, config.yaml): incomplete by construction."""
     leftovers = [p for p in run_dir.glob(".*.tmp-*") if p.is_file()]
     for path in leftovers:
         path.unlink()
@@ -130,10 +129,8 @@ def _remove_unfinished_writes(run_dir: Path) -> list[str]:
 
 
 def write_config(run_dir: Path, config: dict) -> None:
-    """The resolved config, atomically (temp file + rename)."""
-    tmp = run_dir / f".{CONFIG}.tmp"
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, run_dir / CONFIG)
+    """The resolved config, atomically (see charlm.atomic)."""
+    write_text_atomic(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
 
 
 class MetricsLog:

@@ -8,6 +8,8 @@ which recurrent model it trains. Under torchrun it trains this rank's slice of t
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from charlm.config import Config, ConfigError, validate_config
 from charlm.corpus import Corpus
 from charlm.data import TBPTTBatches
 from charlm.distributed import World
-from charlm.errors import UserError
+from charlm.errors import Interrupted, UserError
 from charlm.evaluate import EvalResult, evaluate_totals, result_of
 from charlm.model import build_model, count_parameters
 from charlm.optim import Budget, WeightAverage, build_optimizer, learning_rate
@@ -163,19 +165,30 @@ class Trainer:
         if payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         self.state = tuple(s[:, self.rows].to(self.device) for s in payload["train_state"])
-        set_rng_state(payload["rng"])
-        if self.world.rank:
-            torch.manual_seed(self.cfg.train.seed + 7919 * self.world.rank + payload["step"])
+        self._restore_rng(payload)
         self.pos = _Progress(**payload["progress"])
         self._t0 = time.perf_counter()
         self.last_eval_step, self.bad_streak = self.pos.step, 0
         self._saved_at = (self.pos.step, self.pos.elapsed)
 
+    def _restore_rng(self, payload: dict) -> None:
+        """Each rank continues its own dropout stream. Resumed with another number of processes,
+        the streams cannot continue (the batch is split differently): ranks above 0 start new
+        ones from the seed, their rank and the step, so such a resume is not bit-exact."""
+        ranks = payload.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.world.size:
+            set_rng_state(ranks[self.world.rank])
+            return
+        set_rng_state(payload["rng"])
+        if self.world.rank:
+            torch.manual_seed(self.cfg.train.seed + 7919 * self.world.rank + payload["step"])
+
     def save(self, best: bool = False) -> None:
         """Every rank calls this together: the global state is gathered; rank 0 writes."""
         state = distributed.gather_rows(self.state, self.world)
+        rngs = distributed.gather_objects(rng_state(), self.world)  # each rank draws its own dropout masks
         if self.world.main:
-            payload = self.payload(state)
+            payload = {**self.payload(state), "rng_ranks": rngs}
             save_checkpoint(payload, self.run_dir / LAST)
             if best:
                 save_checkpoint(payload, self.run_dir / BEST)
@@ -207,21 +220,32 @@ class Trainer:
         k = train.gradient_accumulation_steps
         micro = self.local_batch // k
         loss_sum, finals = torch.zeros((), device=self.device), []
-        for j in range(k):
-            rows = slice(j * micro, (j + 1) * micro)
-            sync = j == k - 1 or not self.world.enabled  # DDP averages gradients once, after the last
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), autocast(self.device, train.precision):
-                logits, state = self.forward(x[rows], tuple(s[:, rows] for s in self.state))  # [b, T, V]
-                loss = self.loss(logits, y[rows]) / k
-            self.scaler.scale(loss).backward()
-            del logits  # [b, T, V] can be large (6,000 symbols): not kept into the next micro-batch
-            loss_sum += loss.detach().float()
-            finals.append(self.model.detach_state(state))
+        with self.model.shared_weight_masks(self.update_generator("weight_dropout")):
+            for j in range(k):
+                loss_sum += self._micro_batch(x, y, slice(j * micro, (j + 1) * micro), j == k - 1, finals)
         self.scaler.unscale_(self.optimizer)
         max_norm = train.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)  # norm before clipping
         state = tuple(torch.cat(parts, dim=1) for parts in zip(*finals))  # [L, B/W, H]
         return loss_sum, grad_norm.detach(), state, x.numel()
+
+    def _micro_batch(self, x: torch.Tensor, y: torch.Tensor, rows: slice, last: bool, finals: list) -> torch.Tensor:
+        """Forward and backward of one micro-batch (rows of this rank's streams); its loss, detached."""
+        k = self.cfg.train.gradient_accumulation_steps
+        sync = last or not self.world.enabled  # DDP averages gradients once, after the last
+        with (contextlib.nullcontext() if sync else self.ddp.no_sync()), autocast(self.device, self.cfg.train.precision):
+            logits, state = self.forward(x[rows], tuple(s[:, rows] for s in self.state))  # [b, T, V]
+            loss = self.loss(logits, y[rows]) / k
+        self.scaler.scale(loss).backward()
+        del logits  # [b, T, V] can be large (6,000 symbols): not kept into the next micro-batch
+        finals.append(self.model.detach_state(state))
+        return loss.detach().float()
+
+    def update_generator(self, purpose: str) -> torch.Generator:
+        """A generator seeded by train.seed, the step and `purpose` alone: every rank and every
+        micro-batch of an update draws the same numbers from it, and so does a resumed run."""
+        digest = hashlib.sha256(f"{self.cfg.train.seed}:{self.pos.step}:{purpose}".encode()).digest()
+        return torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -249,8 +273,12 @@ class Trainer:
     # --- recovering from non-finite steps -------------------------------------------------
 
     def skip_bad_step(self, metrics: MetricsLog, loss: float, grad_norm: float) -> None:
-        """No update; the carried state, possibly poisoned, restarts from zero."""
+        """No update; the carried state, possibly poisoned, restarts from zero.
+
+        With fp16 the loss scaler still ends its step: update() sees the inf that unscale_()
+        found and shrinks the scale, as it must for the next steps to come out finite."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
         self.state = self.model.init_state(self.local_batch)
         self.bad_streak += 1
         self.pos.skipped_steps += 1
@@ -270,9 +298,13 @@ class Trainer:
                 f"resume from {self.run_dir / LAST} with --resume")
         rollbacks, lr_scale = self.pos.rollbacks + 1, self.pos.lr_scale * cfg.rollback_lr_factor
         elapsed, skipped = self.elapsed(), self.pos.skipped_steps
+        scale = self.scaler.state_dict()
         self.restore(load_checkpoint(self.run_dir / LAST))
-        # Steps and weights go back; wall time and the count of skipped steps do not.
+        # Steps and weights go back; wall time, the count of skipped steps and the fp16 loss
+        # scale (shrunk by the skipped steps; the saved one overflowed) do not.
         self.pos.rollbacks, self.pos.lr_scale, self.pos.skipped_steps = rollbacks, lr_scale, skipped
+        if scale:
+            self.scaler.load_state_dict(scale)
         self.pos.elapsed = elapsed
         metrics.write("rollback", step=self.pos.step, lr_scale=lr_scale, rollbacks=rollbacks)
         self.display.message(f"rolled back to step {self.pos.step} ({LAST}) with the learning rate cut to "
@@ -291,7 +323,8 @@ class Trainer:
     def evaluate_and_save(self, metrics: MetricsLog) -> None:
         started = time.perf_counter()
         result = self.validate()
-        best = self.pos.best_val_loss is None or result.loss_nats < self.pos.best_val_loss
+        best = math.isfinite(result.loss_nats) and (self.pos.best_val_loss is None
+                                                    or result.loss_nats < self.pos.best_val_loss)
         if best:
             self.pos.best_val_loss, self.pos.best_step, self.pos.evals_since_best = result.loss_nats, self.pos.step, 0
         else:
@@ -357,18 +390,34 @@ class Trainer:
                 elif self.checkpoint_due():
                     self.save()
                 self.display.update(self.budget.fraction(self.pos.step, self.elapsed()), self.pos.step, cfg.max_steps)
-            signal_seen = distributed.any_rank(stop.signal is not None, self.world, self.device)
-            if signal_seen and reason == "budget":
+            # The signal itself, not just whether there was one: a rank that received none reports it too.
+            signum = distributed.max_over_ranks(stop.signal or 0, self.world, self.device) or None
+            if signum is not None and reason == "budget":
                 reason = "interrupted"
-            if reason == "interrupted":
-                self.save()
-            elif self.last_eval_step != self.pos.step:
-                self.evaluate_and_save(metrics)
+            final_eval = reason == "budget" and self.last_eval_step != self.pos.step
+            if reason == "interrupted" or (final_eval and self._saved_at[0] != self.pos.step):
+                self.save()  # before a final evaluation too: a signal may cut that one short
+        if final_eval:
+            self.final_evaluation(metrics, stop.signal)
+        self._end(metrics, reason)
+        return TrainOutcome(self.run_dir, self.pos.step, self.pos.epoch, self.elapsed(), reason,
+                            self.pos.best_val_loss, self.pos.best_step, self.last_val, signum, self.world.main)
+
+    def final_evaluation(self, metrics: MetricsLog, pending: Optional[int]) -> None:
+        """The evaluation at the end of the budget, with last.pt already written. It runs outside
+        StopRequests: a signal ends it at once (Interrupted) instead of after the whole val split."""
+        try:
+            if pending is not None:  # it came during the save just before
+                raise Interrupted(pending)
+            self.evaluate_and_save(metrics)
+        except Interrupted:
+            self._end(metrics, "interrupted")
+            raise
+
+    def _end(self, metrics: MetricsLog, reason: str) -> None:
         metrics.write("end", step=self.pos.step, epoch=self.pos.epoch, elapsed=self.elapsed(), reason=reason,
                       best_val_loss=self.pos.best_val_loss, best_step=self.pos.best_step,
                       skipped_steps=self.pos.skipped_steps, rollbacks=self.pos.rollbacks)
-        return TrainOutcome(self.run_dir, self.pos.step, self.pos.epoch, self.elapsed(), reason,
-                            self.pos.best_val_loss, self.pos.best_step, self.last_val, stop.signal, self.world.main)
 
     def _log(self, metrics: MetricsLog, loss: float, grad_norm: float, rate: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from charlm.errors import UserError
 from charlm.text import BOS, EOS, TextSettings, transform, units_of
 from charlm.vocab import Vocab
 
@@ -55,16 +56,35 @@ def _display(vocab: Vocab, ids: list[int], units: torch.Tensor) -> list[str]:
     return out
 
 
+class NothingToShow(UserError):
+    """The text leaves fewer than 2 units the model can read, so there is no prediction to colour."""
+
+
+def _known_units(vocab: Vocab, text: str, settings: TextSettings) -> torch.Tensor:
+    """The text's units [N], without the characters a vocabulary lacking <unk> cannot read; N >= 2."""
+    text = transform(text, settings)
+    unknown = []
+    if vocab.unit == "chars" and "<unk>" not in vocab.specials:
+        unknown = vocab.unknown_chars(text)
+        known = set(vocab.chars) | {"\n"}
+        text = "".join(c for c in text if c in known)
+    # units_of cannot take an empty text (torch.frombuffer refuses an empty buffer).
+    units = units_of(text, settings) if text else torch.zeros(0, dtype=torch.int32)
+    if units.numel() >= 2:
+        return units
+    if not unknown:
+        raise NothingToShow("the text has fewer than 2 characters; nothing to show: give a longer text")
+    shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+    raise NothingToShow(f"the text has fewer than 2 characters the model knows (not in its vocabulary: {shown}); "
+                        "nothing to show: give a text in the characters it was trained on")
+
+
 @torch.no_grad()
 def inspect(model, vocab: Vocab, text: str, settings: TextSettings, cell_type: str) -> Inspection:
     """Run `text` through the model once, recording surprisal, expectations and activations.
 
     Characters outside a vocabulary without <unk> are left out of the page (as eval drops them)."""
-    text = transform(text, settings)
-    if vocab.unit == "chars" and "<unk>" not in vocab.specials:
-        known = set(vocab.chars) | {"\n"}
-        text = "".join(c for c in text if c in known)
-    units = units_of(text, settings)  # one id per unit from here on
+    units = _known_units(vocab, text, settings)  # one id per unit from here on
     ids = vocab.map_units(units).ids.long()
     assert ids.numel() == units.numel(), "every unit maps to one id"
     model.eval()

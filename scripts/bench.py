@@ -1,38 +1,51 @@
-"""Benchmark charlm's native recurrent core against torch's fused kernels (oneDNN / cuDNN).
+"""Benchmark charlm's recurrent backends against the torch.nn module a user would otherwise pick.
 
-    python scripts/bench.py            # full table (a few minutes on 2 CPU cores)
-    python scripts/bench.py --quick    # fewer rounds and smaller texts (under a minute)
+    python scripts/bench.py            # full tables (3-4 minutes on 2 CPU cores)
+    python scripts/bench.py --quick    # fewer rounds, smaller texts (under 90 s)
     python scripts/bench.py --json     # ... and one JSON object as the last line
 
-Training: one full step (forward, loss, backward, AdamW) per round; the variants of a shape
-take turns within each round (interleaved), so a noisy machine slows them alike; the
-median over rounds is reported. `fused` runs the same parameters through torch.lstm /
-torch.gru / torch.rnn_tanh, the kernels behind torch.nn.LSTM / GRU / RNN.
-Peak RSS: each variant again in a fresh subprocess (VmHWM after a few steps; ru_maxrss would
-include the parent's memory at fork time).
+Variants, all with the same weights: charlm `native` (its own step loops), charlm `fused`
+(torch.lstm / gru / rnn_tanh called on charlm's per-layer parameters) and `torch.nn` (a plain
+Embedding -> torch.nn.LSTM / GRU / RNN -> Linear model, charlm's weights copied in; generation
+and evaluation use the loop a user would write around it). Each round runs every variant once,
+the order rotated by one every round so no variant is always first; after warm-up the median
+over the rounds is reported, so a noisy machine slows all variants alike. Training is a full
+step: forward, cross-entropy, backward, AdamW. A profiler pass records which variants run
+oneDNN's (or cuDNN's) RNN kernels. Peak RSS: each variant alone in a fresh process (VmHWM).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from charlm.data import read_text
-from charlm.evaluate import evaluate_ids
+from charlm.evaluate import IGNORE, evaluate_ids, stream_layout
 from charlm.model import CharLM
 from charlm.native import cpp_loops
 from charlm.sample import generate, make_generator
 from charlm.vocab import Vocab
+from reference_lstm import TorchNNLM
 
-V, E = 65, 64  # Tiny Shakespeare's vocabulary size, the default embedding
+V, E, L = 65, 64, 2  # Tiny Shakespeare's vocabulary size, the default embedding, layers
+VARIANTS = ("native", "fused", "torch.nn")
+PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROFILE_T = 5  # steps of the profiled forward: small, and distinct from L in the op counts
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def sync(device: torch.device) -> None:
@@ -41,11 +54,36 @@ def sync(device: torch.device) -> None:
 
 
 def make_model(kind: str, backend: str, hidden: int, layers: int, device: torch.device) -> CharLM:
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # every variant starts from the same weights
     return CharLM(V, cell=kind, hidden_size=hidden, num_layers=layers, embedding_dim=E, backend=backend).to(device)
 
 
-PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+@torch.no_grad()
+def torch_nn_copy(model: CharLM, kind: str) -> TorchNNLM:
+    """The plain torch.nn model with `model`'s weights: charlm's cells use torch.nn's names and layout."""
+    peer = TorchNNLM(V, E, model.rnn.hidden_size, model.rnn.num_layers, kind)
+    peer.embedding.weight.copy_(model.embedding.weight)
+    for k, cell in enumerate(model.rnn.layers):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(peer.rnn, f"{name}_l{k}").copy_(getattr(cell, name))
+    peer.head.load_state_dict(model.head.state_dict())
+    return peer
+
+
+def build_variant(kind: str, variant: str, hidden: int, device: torch.device) -> nn.Module:
+    """One of VARIANTS, built on the CPU from seed 0 and moved to `device`."""
+    model = make_model(kind, "native" if variant == "torch.nn" else variant, hidden, L, torch.device("cpu"))
+    if variant == "torch.nn":
+        peer = torch_nn_copy(model, kind)
+        check_same_function(model, peer)
+        model = peer
+    return model.to(device)  # torch.nn's RNN modules re-flatten their weights here (cuDNN wants one chunk)
+
+
+@torch.no_grad()
+def check_same_function(model: nn.Module, peer: nn.Module) -> None:
+    x = torch.randint(0, V, (2, 8))
+    assert torch.allclose(model(x)[0], peer(x)[0], atol=1e-4), "torch.nn copy does not compute what charlm does"
 
 
 def train_step(model, optimizer, x, y, precision: str = "fp32") -> None:
@@ -58,44 +96,169 @@ def train_step(model, optimizer, x, y, precision: str = "fp32") -> None:
     optimizer.step()
 
 
-def bench_training(kind: str, batch: int, seq: int, hidden: int, rounds: int, device: torch.device,
-                   precision: str = "fp32") -> dict:
-    """Median chars/s of native and fused, interleaved round by round."""
-    models = {b: make_model(kind, b, hidden, 2, device) for b in ("native", "fused")}
-    optimizers = {b: torch.optim.AdamW(m.parameters(), lr=1e-3) for b, m in models.items()}
-    x = torch.randint(0, V, (batch, seq), device=device)
-    y = torch.randint(0, V, (batch, seq), device=device)
-    times = {b: [] for b in models}
-    for r in range(rounds + 2):  # two warm-up rounds
-        for b, model in models.items():
+def rotated_medians(runs: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each run; every round calls each once, the order rotated by one per round."""
+    names, times = list(runs), {name: [] for name in runs}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
             sync(device)
             start = time.perf_counter()
-            train_step(model, optimizers[b], x, y, precision)
+            runs[name]()
             sync(device)
-            if r >= 2:
-                times[b].append(time.perf_counter() - start)
-    return {b: batch * seq / statistics.median(t) for b, t in times.items()}
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_generation(streams: int, length: int, backend: str, device: torch.device) -> float:
-    model = make_model("lstm", backend, 512, 2, device).eval()
-    prompt = torch.randint(0, V, (16,))
-    generate(model, prompt, 8, streams, generator=make_generator(device, 0)[0])  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    generate(model, prompt, length, streams, generator=make_generator(device, 0)[0])
-    sync(device)
-    return streams * length / (time.perf_counter() - start)
+def bench_training(kind: str, batch: int, seq: int, hidden: int, rounds: int, device: torch.device,
+                   precision: str = "fp32", variants=VARIANTS) -> dict[str, float]:
+    """Chars/s of each variant's full training step, rotated round by round."""
+    models = {v: build_variant(kind, v, hidden, device) for v in variants}
+    optimizers = {v: torch.optim.AdamW(m.parameters(), lr=1e-3) for v, m in models.items()}
+    x = torch.randint(0, V, (batch, seq), device=device)
+    y = torch.randint(0, V, (batch, seq), device=device)
+    runs = {v: (lambda v=v: train_step(models[v], optimizers[v], x, y, precision)) for v in variants}
+    rotated_medians(runs, 2, device)  # warm-up: allocator, oneDNN primitive caches, AdamW state
+    return {v: batch * seq / s for v, s in rotated_medians(runs, rounds, device).items()}
 
 
-def bench_eval(ids: torch.Tensor, backend: str, device: torch.device) -> float:
-    model = make_model("lstm", backend, 256, 2, device)
-    evaluate_ids(model, ids[:5000])  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    evaluate_ids(model, ids)
-    sync(device)
-    return ids.numel() / (time.perf_counter() - start)
+@torch.no_grad()
+def generate_torch_nn(model: TorchNNLM, prompt: torch.Tensor, length: int, streams: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """A user's sampling loop: read the prompt once, then one step per character with the state cached."""
+    logits, state = model(prompt[None])  # [1, P, V]
+    logits = logits[:, -1].expand(streams, -1)  # [N, V]
+    state = tuple(s.repeat(1, streams, 1) for s in state)  # each [L, N, H]
+    out = torch.empty(streams, length, dtype=torch.long)
+    for t in range(length):
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # [N, 1]
+        out[:, t] = nxt[:, 0].cpu()
+        if t + 1 < length:
+            logits, state = model(nxt, state)  # [N, 1, V]
+            logits = logits[:, -1]
+    return out
+
+
+def generation_runs(models: dict, streams: int, length: int, device: torch.device) -> dict[str, Callable]:
+    prompt = torch.randint(0, V, (16,), device=device)
+    sampler = {v: (generate_torch_nn if v == "torch.nn" else generate) for v in models}
+    return {v: (lambda v=v, n=length: sampler[v](models[v], prompt, n, streams, generator=make_generator(device, 0)[0]))
+            for v in models}
+
+
+def bench_generation(streams: int, length: int, rounds: int, device: torch.device) -> dict[str, float]:
+    """Chars/s of LSTM 2x512 sampling, one cached step at a time, rotated round by round."""
+    models = {v: build_variant("lstm", v, 512, device).eval() for v in VARIANTS}
+    for run in generation_runs(models, streams, 8, device).values():
+        run()  # warm-up
+    seconds = rotated_medians(generation_runs(models, streams, length, device), rounds, device)
+    return {v: streams * length / s for v, s in seconds.items()}
+
+
+@torch.no_grad()
+def evaluate_torch_nn(model: TorchNNLM, inputs: torch.Tensor, targets: torch.Tensor, window: int = 64) -> float:
+    """A user's scoring loop over S streams [S, N] in windows, state carried: mean cross-entropy."""
+    device = next(model.parameters()).device
+    state, total = None, 0.0
+    for start in range(0, inputs.shape[1], window):
+        logits, state = model(inputs[:, start:start + window].to(device), state)  # [S, W, V]
+        y = targets[:, start:start + window].to(device)
+        total += F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), ignore_index=IGNORE, reduction="sum").item()
+    return total / int((targets != IGNORE).sum())
+
+
+def evaluation_runs(models: dict, ids: torch.Tensor) -> dict[str, Callable]:
+    """charlm's evaluate_ids for its backends; the same stream layout in a user's loop for torch.nn."""
+    inputs, targets = stream_layout(ids, 64)  # [S, W + L]: what evaluate_ids reads
+    return {v: (lambda v=v: evaluate_torch_nn(models[v], inputs, targets) if v == "torch.nn"
+                else evaluate_ids(models[v], ids, streams=64).loss_nats) for v in models}
+
+
+def bench_eval(ids: torch.Tensor, rounds: int, device: torch.device) -> dict[str, float]:
+    """Chars/s of scoring `ids` with LSTM 2x256, 64 streams, rotated round by round."""
+    models = {v: build_variant("lstm", v, 256, device).eval() for v in VARIANTS}
+    losses = {v: run() for v, run in evaluation_runs(models, ids[:5000]).items()}  # warm-up
+    assert abs(losses["native"] - losses["torch.nn"]) < 1e-3, f"native and torch.nn disagree: {losses}"
+    seconds = rotated_medians(evaluation_runs(models, ids), rounds, device)
+    return {v: ids.numel() / s for v, s in seconds.items()}
+
+
+@contextlib.contextmanager
+def silenced_stderr():
+    """fd 2 to /dev/null: the profiler's tracing library logs its start and stop there."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def profiled_ops(module: nn.Module, x: torch.Tensor, dtype=None) -> collections.Counter:
+    """Op names (with counts) that one forward + backward of `module` on x runs, recorded by torch.profiler."""
+    with silenced_stderr(), torch.profiler.profile() as prof:
+        with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype is not None):
+            out = module(x)[0]
+        out.float().sum().backward()
+    return collections.Counter(event.name for event in prof.events())
+
+
+def vendor_rnn_ops(kind: str, variant: str, device: torch.device, dtype=None) -> list[str]:
+    """The oneDNN (mkldnn) and cuDNN RNN ops one training forward + backward of a small variant runs."""
+    x = torch.randint(0, V, (2, PROFILE_T), device=device)
+    ops = profiled_ops(build_variant(kind, variant, 16, device), x, dtype)
+    return sorted(n for n in ops if n.startswith("aten::") and ("mkldnn" in n or "cudnn_rnn" in n))
+
+
+def step_loop_evidence(kind: str, device: torch.device) -> tuple[int, int]:
+    """torch.nn's recurrent module alone: its aten::linear calls and the autograd matmul nodes of its backward."""
+    rnn = build_variant(kind, "torch.nn", 16, device).rnn
+    ops = profiled_ops(rnn, torch.randn(2, PROFILE_T, E, device=device))
+    return ops["aten::linear"], ops["AddmmBackward0"] + ops["MmBackward0"]
+
+
+def rnn_kernel_check(device: torch.device, bf16: bool) -> dict[str, dict[str, list[str]]]:
+    """Per model kind and variant, the vendor RNN ops it runs; the LSTMs under bf16 autocast too."""
+    found = {kind: {v: vendor_rnn_ops(kind, v, device) for v in VARIANTS} for kind in ("lstm", "gru", "rnn")}
+    if bf16:
+        found["lstm_bf16"] = {v: vendor_rnn_ops("lstm", v, device, torch.bfloat16) for v in ("native", "torch.nn")}
+    return found
+
+
+def cpu_flags() -> set[str]:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def bf16_support(device: torch.device) -> tuple[bool, str]:
+    """Whether bf16 rows can run here, and a line that says why."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"bf16: {'supported' if ok else 'not supported'} on this GPU"
+    try:  # the check torch itself uses before it picks oneDNN's bf16 kernels
+        ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        ok = False
+    native = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if not ok:
+        return False, "bf16: this CPU lacks bf16 support in oneDNN; bf16 rows skipped"
+    how = f"bf16 instructions: {', '.join(native)}" if native else "no bf16 instructions, so oneDNN emulates it"
+    return True, f"bf16: supported by oneDNN on this CPU ({how})"
+
+
+def describe_kernels(found: dict) -> list[str]:
+    """One line per model kind: the vendor RNN ops each variant ran ('none' when it ran none)."""
+    lines = []
+    for kind, per_variant in found.items():
+        parts = [f"{v}: {', '.join(ops) if ops else 'none'}" for v, ops in per_variant.items()]
+        lines.append(f"  {kind:9} " + "   ".join(parts))
+    return lines
 
 
 def own_peak_rss_kb() -> int:
@@ -107,82 +270,160 @@ def own_peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: may include the parent's
 
 
-def peak_rss_mb(kind: str, backend: str, batch: int, seq: int, hidden: int, device: str) -> float:
+def peak_rss_mb(kind: str, variant: str, batch: int, seq: int, hidden: int, device: str) -> float:
     """Peak RSS of a fresh process that trains a few steps of one variant."""
-    code = ("import sys, resource, torch; sys.argv=['bench']; import bench; "
-            f"d=torch.device('{device}'); m=bench.make_model('{kind}','{backend}',{hidden},2,d); "
+    code = ("import sys, torch; sys.argv=['bench']; import bench; "
+            f"d=torch.device('{device}'); m=bench.build_variant('{kind}','{variant}',{hidden},d); "
             "o=torch.optim.AdamW(m.parameters()); "
             f"x=torch.randint(0,bench.V,({batch},{seq}),device=d); "
             "[bench.train_step(m,o,x,x) for _ in range(3)]; "
             "print(bench.own_peak_rss_kb())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=__file__.rsplit("/", 1)[0])
+                         cwd=Path(__file__).resolve().parent)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
-def text_ids(chars: int) -> torch.Tensor:
-    text = read_text("builtin:python-stdlib")[:chars]
+def text_ids(chars: int) -> tuple[torch.Tensor, str]:
+    """Ids in [0, V) of the first `chars` characters of Tiny Shakespeare (else Python's stdlib source), and its name."""
+    source, name = (str(SHAKESPEARE), "Tiny Shakespeare") if SHAKESPEARE.is_file() else ("builtin:python-stdlib",) * 2
+    text = read_text(source)[:chars]
     ids = Vocab.from_text(text).encode(text).ids.long()
-    return ids % V  # keep the benchmark vocabulary at V
+    return ids % V, name  # % V: keep the benchmark vocabulary at V whatever the text
 
 
-def main() -> None:
+def key(variant: str) -> str:
+    return variant.replace(".", "_")
+
+
+def report_training(shapes: list, rounds: int, device: torch.device, precision: str, results: dict) -> None:
+    print(f"\ntraining step (forward + cross-entropy + backward + AdamW), chars/s, median of {rounds} rounds, "
+          f"order rotated each round; E={E}, L={L}, {precision}")
+    print(f"{'model':6} {'B':>4} {'T':>4} {'H':>4} {'native':>9} {'fused':>9} {'torch.nn':>9}"
+          f" {'native/fused':>13} {'native/torch.nn':>16}")
+    for kind, batch, seq, hidden in shapes:
+        speed = bench_training(kind, batch, seq, hidden, rounds, device, precision)
+        vs_fused, vs_nn = speed["native"] / speed["fused"], speed["native"] / speed["torch.nn"]
+        print(f"{kind:6} {batch:>4} {seq:>4} {hidden:>4} {speed['native']:>9,.0f} {speed['fused']:>9,.0f}"
+              f" {speed['torch.nn']:>9,.0f} {vs_fused:>13.2f} {vs_nn:>16.2f}")
+        row = f"train_{kind}_B{batch}_T{seq}_H{hidden}"
+        results.update({f"{row}_{key(v)}_chars_per_s": speed[v] for v in VARIANTS})
+        results[f"{row}_native_vs_fused"], results[f"{row}_native_vs_torch_nn"] = vs_fused, vs_nn
+        if (batch, seq, hidden) == (32, 128, 256):  # the headline shape keeps its short keys
+            results.update({f"{kind}_{key(v)}_chars_per_s": speed[v] for v in VARIANTS})
+            results[f"{kind}_ratio"], results[f"{kind}_vs_torch_nn"] = vs_fused, vs_nn
+        else:
+            results[f"{kind}_B{batch}_H{hidden}_ratio"] = vs_fused
+
+
+def report_bf16(rounds: int, device: torch.device, supported: bool, results: dict) -> None:
+    results["lstm_bf16_vs_torch_nn_bf16"] = None
+    if not supported:
+        return
+    speed = bench_training("lstm", 32, 128, 256, rounds, device, "bf16", variants=("native", "torch.nn"))
+    ratio = speed["native"] / speed["torch.nn"]
+    print(f"\ntraining step under torch.autocast bf16, LSTM B=32 T=128 H=256, median of {rounds} alternating rounds")
+    print(f"native {speed['native']:>9,.0f} chars/s   torch.nn {speed['torch.nn']:>9,.0f} chars/s   "
+          f"native/torch.nn {ratio:.2f}")
+    results["lstm_bf16_native_chars_per_s"] = speed["native"]
+    results["lstm_bf16_torch_nn_chars_per_s"] = speed["torch.nn"]
+    results["lstm_bf16_vs_torch_nn_bf16"] = ratio
+
+
+def report_generation(length: int, rounds: int, device: torch.device, results: dict) -> None:
+    print(f"\ngeneration, LSTM 2x512, {length} characters per stream, no grad, one cached step at a time, "
+          f"chars/s, median of {rounds} rotated rounds")
+    for streams in (1, 16):
+        speed = bench_generation(streams, length, rounds, device)
+        print(f"{streams:>3} stream(s): " + "   ".join(f"{v} {speed[v]:>8,.0f}" for v in VARIANTS)
+              + f"   native/torch.nn {speed['native'] / speed['torch.nn']:.2f}")
+        results.update({f"gen{streams}_{key(v)}_chars_per_s": speed[v] for v in VARIANTS})
+    results["gen_chars_per_s"] = results["gen1_native_chars_per_s"]
+
+
+def report_eval(chars: int, rounds: int, device: torch.device, results: dict) -> None:
+    ids, source = text_ids(chars)
+    print(f"\nevaluation, LSTM 2x256, {ids.numel():,} characters of {source}, 64 streams, state carried, "
+          f"chars/s, median of {rounds} rotated rounds")
+    speed = bench_eval(ids, rounds, device)
+    print("   ".join(f"{v} {speed[v]:>9,.0f}" for v in VARIANTS)
+          + f"   native/torch.nn {speed['native'] / speed['torch.nn']:.2f}")
+    results["eval_chars_per_s"] = speed["native"]
+    results["eval_fused_chars_per_s"] = speed["fused"]
+    results["eval_torch_nn_chars_per_s"] = speed["torch.nn"]
+    results["eval_text_chars"] = ids.numel()
+
+
+def report_kernels(device: torch.device, bf16: bool, results: dict) -> None:
+    """Print, from profiled runs, which variants use a vendor RNN kernel, and what torch.nn runs otherwise."""
+    found = rnn_kernel_check(device, bf16)
+    print(f"vendor RNN kernels (ops named *mkldnn* / *cudnn_rnn*) seen by torch.profiler in one forward + "
+          f"backward of each variant on {device.type}:")
+    print("\n".join(describe_kernels(found)))
+    for kind in ("lstm", "gru", "rnn"):
+        if not found[kind]["torch.nn"]:
+            calls, backward = step_loop_evidence(kind, device)
+            loop = (" (per layer one input projection + one per step): torch's generic step loop, differentiated "
+                    "by autograd" if calls == backward == L * (PROFILE_T + 1) else "")
+            print(f"  torch.nn.{kind.upper()}: no vendor RNN kernel; at T={PROFILE_T}, L={L} it ran {calls} "
+                  f"aten::linear and {backward} matmul backward nodes{loop}")
+    results["rnn_kernel_ops"] = found
+
+
+def report_peak_rss(device: str, results: dict) -> None:
+    print("\npeak RSS, fresh process per variant, 3 training steps at B=32 T=128 H=256")
+    for kind in ("lstm", "rnn", "gru"):
+        rss = {v: peak_rss_mb(kind, v, 32, 128, 256, device) for v in VARIANTS}
+        print(f"{kind:6} " + "   ".join(f"{v} {rss[v]:6.0f} MB" for v in VARIANTS))
+        results.update({f"{kind}_{key(v)}_peak_rss_mb": rss[v] for v in VARIANTS})
+
+
+def describe_device(device: torch.device) -> tuple[str, list[str]]:
+    """The device in words, and lines on the vendor libraries torch can use there."""
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+        return where, [f"cuDNN: available {torch.backends.cudnn.is_available()}, "
+                       f"version {torch.backends.cudnn.version()}, enabled {torch.backends.cudnn.enabled}"]
+    where = f"CPU, {torch.get_num_threads()} threads"
+    return where, [f"oneDNN (mkldnn): available {torch.backends.mkldnn.is_available()}, "
+                   f"enabled {torch.backends.mkldnn.enabled} (torch.backends.mkldnn)"]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller texts (< 60 s on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller texts (< 90 s on 2 cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISION), help="autocast for training steps")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
     device = torch.device(args.device)
-    rounds = 5 if args.quick else 25
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    rounds = 5 if args.quick else 15
+    where, libraries = describe_device(device)
     native_kind = "C++ step loop" if device.type == "cpu" and cpp_loops() is not None else "PyTorch step loop"
     print(f"device: {where}; torch {torch.__version__}; native backend = {native_kind}; precision {args.precision}")
-    results: dict = {}
+    bf16, bf16_line = bf16_support(device)
+    print("\n".join(libraries + [bf16_line]))
+    results: dict = {"device": where, "precision": args.precision, "rounds": rounds, "bf16_supported": bf16}
+    if device.type == "cpu":
+        results["mkldnn_available"] = torch.backends.mkldnn.is_available()
+        results["mkldnn_enabled"] = torch.backends.mkldnn.enabled
+    report_kernels(device, bf16, results)
 
-    shapes = [("lstm", 32, 128, 256), ("rnn", 32, 128, 256), ("gru", 32, 128, 256)]
+    shapes = [("lstm", 32, 128, 256), ("lstm", 64, 64, 384), ("gru", 32, 128, 256), ("rnn", 32, 128, 256)]
     if not args.quick:
         shapes += [("lstm", 32, 128, 512), ("lstm", 64, 128, 256)]
-    print(f"\ntraining step (forward + backward + AdamW), median of {rounds} interleaved rounds, E={E}, L=2")
-    print(f"{'model':6} {'B':>4} {'T':>4} {'H':>4}  {'native chars/s':>15} {'fused chars/s':>15} {'native/fused':>13}")
-    for kind, batch, seq, hidden in shapes:
-        speed = bench_training(kind, batch, seq, hidden, rounds, device, args.precision)
-        ratio = speed["native"] / speed["fused"]
-        print(f"{kind:6} {batch:>4} {seq:>4} {hidden:>4}  {speed['native']:>15,.0f} {speed['fused']:>15,.0f} {ratio:>13.2f}")
-        if (batch, seq, hidden) == (32, 128, 256):
-            results[f"{kind}_native_chars_per_s"] = speed["native"]
-            results[f"{kind}_fused_chars_per_s"] = speed["fused"]
-            results[f"{kind}_ratio"] = ratio
-        else:
-            results[f"{kind}_B{batch}_H{hidden}_ratio"] = ratio
-
-    length = 200 if args.quick else 1000
-    print(f"\ngeneration, LSTM 2x512, {length} characters per stream (no grad)")
-    for streams in (1, 16):
-        speed = {b: bench_generation(streams, length, b, device) for b in ("native", "fused")}
-        print(f"{streams:>3} stream(s): native {speed['native']:>9,.0f} chars/s   fused {speed['fused']:>9,.0f} chars/s")
-        results[f"gen{streams}_native_chars_per_s"] = speed["native"]
-        results[f"gen{streams}_fused_chars_per_s"] = speed["fused"]
-    results["gen_chars_per_s"] = results["gen1_native_chars_per_s"]
-
-    chars = 200_000 if args.quick else 1_000_000
-    ids = text_ids(chars)
-    print(f"\nevaluation, LSTM 2x256, {ids.numel():,} characters of text, 64 streams")
-    speed = {b: bench_eval(ids, b, device) for b in ("native", "fused")}
-    print(f"native {speed['native']:>9,.0f} chars/s   fused {speed['fused']:>9,.0f} chars/s")
-    results["eval_chars_per_s"] = speed["native"]
-    results["eval_fused_chars_per_s"] = speed["fused"]
-
+    report_training(shapes, rounds, device, args.precision, results)
+    report_bf16(rounds, device, bf16, results)
+    report_generation(100 if args.quick else 400, 3 if args.quick else 5, device, results)
+    report_eval(100_000 if args.quick else 1_000_000, 3, device, results)
     if not args.quick:
-        print("\npeak RSS, fresh process per variant, 3 training steps at B=32 T=128 H=256")
-        for kind in ("lstm", "rnn", "gru"):
-            rss = {b: peak_rss_mb(kind, b, 32, 128, 256, args.device) for b in ("native", "fused")}
-            print(f"{kind:6} native {rss['native']:7.0f} MB   fused {rss['fused']:7.0f} MB")
-            results[f"{kind}_native_peak_rss_mb"] = rss["native"]
-            results[f"{kind}_fused_peak_rss_mb"] = rss["fused"]
-
-    results["device"] = where
-    results["precision"] = args.precision
+        report_peak_rss(args.device, results)
+    results["bench_seconds"] = time.perf_counter() - started
+    print(f"\nbenchmark took {results['bench_seconds']:.0f} s")
     if args.json:
         print(json.dumps(results))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import sys
 import pytest
 import torch
 
+from charlm import trainer as trainer_module
 from charlm.config import validate_config
+from charlm.rundir import read_metrics
 from charlm.run import train
 from conftest import ROOT, tiny_config
 from test_trainer import quiet
@@ -35,8 +38,9 @@ def assert_same_params(a, b, tol=1e-5):
 
 @pytest.fixture
 def config(tmp_path, text_file, write_config):
-    # dropout off: masks are drawn per process, everything else must match exactly
-    return write_config(tiny_config(text_file, model={"num_layers": 2},
+    # dropout off: its masks are drawn per process. Weight dropout's masks are drawn once per
+    # update from the seed and the step, the same on every rank, so it is on.
+    return write_config(tiny_config(text_file, model={"num_layers": 2, "weight_dropout": 0.3},
                                     train={"batch_size": 8, "max_steps": 6, "eval_interval": 3,
                                            "lr_schedule": "constant"}))  # resumes change max_steps
 
@@ -70,10 +74,27 @@ def test_resume_across_ddp_and_single_process(tmp_path, config, cli):
     assert_same_params(params(whole), params(mixed))
 
 
-def test_gradient_accumulation_equals_the_full_batch(tmp_path, text_file):
-    base = tiny_config(text_file, model={"num_layers": 2}, train={"batch_size": 8, "max_steps": 5})
+def test_ddp_with_dropout_resumes_exactly(tmp_path, text_file, write_config):
+    """Each rank's dropout stream is saved and continued: 3 + resumed 3 steps = 6 steps."""
+    config = write_config(tiny_config(text_file, model={"num_layers": 2, "dropout": 0.3},
+                                      train={"batch_size": 8, "max_steps": 6, "eval_interval": 3,
+                                             "lr_schedule": "constant"}), name="dropout.yaml")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert torchrun("train", "--config", str(config), "--out", str(whole)).returncode == 0
+    first = torchrun("train", "--config", str(config), "--out", str(split), "--set", "train.max_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun("train", "--resume", "--out", str(split), "--set", "train.max_steps=6")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_same_params(params(whole), params(split), tol=0)
+
+
+@pytest.mark.parametrize("weight_dropout", [0.0, 0.3])
+def test_gradient_accumulation_equals_the_full_batch(tmp_path, text_file, weight_dropout):
+    """Also with weight dropout: one mask per update, shared by its micro-batches."""
+    model = {"num_layers": 2, "weight_dropout": weight_dropout}
+    base = tiny_config(text_file, model=model, train={"batch_size": 8, "max_steps": 5})
     full = train(validate_config(base), tmp_path / "full", display=quiet())
-    accumulated = validate_config(tiny_config(text_file, model={"num_layers": 2},
+    accumulated = validate_config(tiny_config(text_file, model=model,
                                               train={"batch_size": 8, "max_steps": 5, "gradient_accumulation_steps": 4}))
     train(accumulated, tmp_path / "acc", display=quiet())
     assert full.step == 5
@@ -89,19 +110,57 @@ def test_batch_must_split_evenly(tmp_path, text_file, capsys):
 
 
 @pytest.mark.parametrize("backend", ["native", "fused"])
-def test_bf16_autocast_on_the_cpu(tmp_path, text_file, backend):
-    cfg = validate_config(tiny_config(text_file, model={"backend": backend},
-                                      train={"precision": "bf16", "max_steps": 6, "lr": 0.02}))
-    outcome = train(cfg, tmp_path / "run", display=quiet())
-    assert outcome.step == 6 and outcome.best_val_loss is not None and outcome.best_val_loss < 4.0
-    weights = params(tmp_path / "run")
+def test_bf16_autocast_on_the_cpu_learns_as_fp32_does(tmp_path, text_file, backend):
+    """bf16 must learn: its val loss ends far below the untrained ln V and close to fp32's."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = validate_config(tiny_config(text_file, model={"backend": backend, "hidden_size": 32},
+                                          train={"precision": precision, "max_steps": 40, "eval_interval": 40,
+                                                 "lr": 0.02}))
+        runs[precision] = train(cfg, tmp_path / precision, display=quiet())
+    vocab = len(set(text_file.read_text()))
+    untrained = math.log(vocab)  # 3.3 nats: what uniform predictions score
+    bf16, fp32 = runs["bf16"].best_val_loss, runs["fp32"].best_val_loss
+    assert bf16 < untrained - 1.0, (bf16, untrained)
+    assert abs(bf16 - fp32) < 0.1, (bf16, fp32)
+    weights = params(tmp_path / "bf16")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())  # master weights
 
 
-def test_fp16_with_loss_scaling(tmp_path, text_file):
-    cfg = validate_config(tiny_config(text_file, train={"precision": "fp16", "max_steps": 4}))
-    train(cfg, tmp_path / "run", display=quiet())
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler"]  # GradScaler state kept
+class InfGradients:
+    """Makes the training loss infinite on chosen calls (counted from 1): its gradients overflow."""
+
+    def __init__(self, bad_calls):
+        self.bad_calls, self.calls = set(bad_calls), 0
+        self.real = trainer_module.Trainer.loss
+
+    def __call__(self, logits, targets):
+        self.calls += 1
+        loss = self.real(logits, targets)
+        return loss * float("inf") if self.calls in self.bad_calls else loss
+
+
+def test_fp16_skips_overflowing_steps_and_shrinks_the_loss_scale(tmp_path, text_file, monkeypatch):
+    monkeypatch.setattr(trainer_module.Trainer, "loss", staticmethod(InfGradients({3, 4, 7})))
+    cfg = validate_config(tiny_config(text_file, train={"precision": "fp16", "max_steps": 10, "eval_interval": 5}))
+    outcome = train(cfg, tmp_path / "run", display=quiet())
+    assert outcome.step == 10
+    skips = [m["step"] for m in read_metrics(tmp_path / "run") if m["event"] == "skip"]
+    assert skips == [3, 4, 7]  # a skipped step still counts as a step
+    payload = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    initial = torch.amp.GradScaler("cpu").get_scale()
+    assert payload["scaler"]["scale"] == initial * 0.5 ** 3  # halved once per overflowing step
+    assert all(torch.isfinite(w).all() for w in payload["model"].values())
+
+
+def test_fp16_with_a_huge_learning_rate_ends_without_a_traceback(tmp_path, text_file, write_config, cli):
+    config = write_config(tiny_config(text_file, train={"precision": "fp16", "lr": 1000, "max_steps": 30,
+                                                        "eval_interval": 10}))
+    result = cli("train", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode in (0, 2), result.stderr[-3000:]
+    if result.returncode == 2:  # gave up: one line naming what to lower
+        assert result.stderr.strip().splitlines()[-1].startswith("charlm: error: training diverged")
 
 
 @pytest.mark.slow

@@ -123,6 +123,7 @@ def test_a_build_killed_midway_blocks_nothing(tmp_path):
     (cache / ".build-killed").mkdir(parents=True)
     (cache / ".build-killed" / "lock").write_text("")
     shutil.copy(library, cache / library.name)
+    shutil.copy(library.with_name(library.name + ".sha256"), cache)  # the checksum it was cached with
     code = "import charlm.native as n; assert n.cpp_loops() is not None; print('loaded')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             env={**__import__("os").environ, "CHARLM_CACHE_DIR": str(cache)})
@@ -171,3 +172,33 @@ def test_weight_dropout_is_one_mask_per_window(loops, kind):
             cell.weight_hh.copy_(w)
     plain.eval()
     torch.testing.assert_close(dropped(x, state)[0], plain(x, state)[0], atol=0, rtol=0)
+
+
+def nan_pattern(stack, x, state):
+    with torch.no_grad():
+        out, final = stack(x, state)
+    return torch.isnan(out), [torch.isnan(s) for s in final]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("poison", ["input", "weight_hh"])
+def test_every_backend_gives_the_same_non_finite_outcome(loops, kind, poison):
+    """A NaN entering a gate comes out NaN in every backend: never quietly finite in one of them."""
+    torch.manual_seed(5)
+    stack = RecurrentStack(kind, 6, 8, 2)
+    x = torch.randn(7, 3, 6)
+    state = stack.init_state(3)
+    if poison == "input":
+        x[2, 1, 0] = float("nan")  # stream 1 from step 2 on; the other streams stay finite
+    else:
+        with torch.no_grad():
+            stack.layers[0].weight_hh[0, 0] = float("nan")
+    patterns = {}
+    for backend in ("reference", "fused", "native"):
+        stack.backend = backend
+        patterns[backend] = nan_pattern(stack, x, state)
+    out, final = patterns["reference"]
+    assert out.any() and not out.all() if poison == "input" else out.any()
+    for backend in ("fused", "native"):
+        assert torch.equal(patterns[backend][0], out), backend
+        assert all(torch.equal(a, b) for a, b in zip(patterns[backend][1], final)), backend

@@ -113,6 +113,25 @@ def test_viz_errors(viz_run, capsys):
     assert_user_error(call(capsys, "viz", "--checkpoint", str(viz_run / "missing"), "--prompt", "hi"), "checkpoint not found")
 
 
+@pytest.mark.parametrize("source,content,fragment", [
+    ("--prompt", "", "--prompt is empty"),
+    ("--prompt", "a", "the text has fewer than 2 characters; nothing to show"),
+    ("--prompt", "ZQ€", "fewer than 2 characters the model knows (not in its vocabulary: 'Q', 'Z', '€')"),
+    ("--text", "", "is empty; give a file with text in it"),
+    ("--text", "ZZ\n", "fewer than 2 characters the model knows (not in its vocabulary: 'Z')"),
+])
+def test_viz_with_nothing_to_show_is_one_line(viz_run, tmp_path, capsys, source, content, fragment):
+    """An empty text, or one the model cannot read, once ended in a torch.frombuffer traceback."""
+    if source == "--text":
+        path = tmp_path / "t.txt"
+        path.write_text(content, encoding="utf-8")
+        content = str(path)
+    page = tmp_path / "page.html"
+    assert_user_error(call(capsys, "viz", "--checkpoint", str(viz_run / "run"), source, content, "--out", str(page)),
+                      fragment)
+    assert not page.exists()
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

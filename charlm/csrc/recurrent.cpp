@@ -24,8 +24,12 @@ namespace {
 // exp for float: Cody-Waite range reduction and a degree-6 polynomial (relative error ~2e-7,
 // float's own precision). Unlike a libm call it inlines, so gcc vectorises the gate loops
 // fully. double keeps std::exp: the float64 tests compare to 1e-10.
+// The clamp keeps 2^n representable. It is written with comparisons, which are false for NaN,
+// so a NaN passes through (fmin/fmax would replace it by the bound) and comes out NaN, as in
+// torch's kernels; +-Inf clamp to the bounds, where sigmoid and tanh saturate as torch's do.
 inline float fast_exp(float x) {
-  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;  // x - n ln2, in two parts
   float p = 1.0f / 720.0f;
