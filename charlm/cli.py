@@ -20,17 +20,17 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from charlm.atomic import write_text_atomic
 from charlm.checkpoint import describe_model, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from charlm.config import load_config, sample_settings, validate_config, with_absolute_paths
-from charlm.data import read_text, read_text_file
-from charlm.download import KNOWN_CORPORA, download
+from charlm.data.sources import read_text, read_text_file
+from charlm.data.download import KNOWN_CORPORA, download
 from charlm.errors import Interrupted, UserError
-from charlm.evaluate import evaluate_text
-from charlm.layers import BACKENDS
-from charlm.progress import TrainingDisplay
-from charlm.rundir import CONFIG
-from charlm.runtime import InterruptSignals, resolve_device
-from charlm.sample import generate, make_generator, prompt_ids
-from charlm.text import TextSettings
-from charlm.vocab import EOS_TOKEN
+from charlm.inference.evaluate import evaluate_text
+from charlm.models.layers import BACKENDS
+from charlm.report.progress import TrainingDisplay
+from charlm.training.rundir import CONFIG
+from charlm.training.runtime import InterruptSignals, resolve_device
+from charlm.inference.sample import generate, make_generator, prompt_ids
+from charlm.data.text import TextSettings
+from charlm.data.vocab import EOS_TOKEN
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, sample and evaluate character-level RNN/LSTM language models.")
@@ -57,7 +57,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain lines at each evaluation only: no bar, no samples."),
 ) -> None:
     """Train a model from a YAML config."""
-    from charlm.run import train as run_training  # noqa: PLC0415 - keeps `charlm --help` fast
+    from charlm.training.run import train as run_training  # noqa: PLC0415 - keeps `charlm --help` fast
 
     if config is None:
         if not (resume and out is not None):
@@ -237,7 +237,7 @@ def download_corpus(
                                          "instead (same paths below it; the same SHA-256 checks)."),
 ) -> None:
     """Fetch a corpus, check its SHA-256 and write it atomically; print its path."""
-    from charlm.download import fetch_known  # noqa: PLC0415
+    from charlm.data.download import fetch_known  # noqa: PLC0415
 
     if (name is None) == (url is None):
         raise UserError("give a corpus NAME or --url URL --out FILE (not both); known corpora: "
@@ -280,7 +280,7 @@ def plot(
     unit: str = typer.Option("nats", "--unit", help="nats (loss per character) or bpc (bits per character)."),
 ) -> None:
     """Plot train and val loss against step and wall time (needs matplotlib: charlm[plot])."""
-    from charlm.plots import plot_runs  # noqa: PLC0415
+    from charlm.report.plots import plot_runs  # noqa: PLC0415
 
     if unit not in ("nats", "bpc"):
         raise UserError(f"--unit must be nats or bpc (got {unit!r})")
@@ -294,7 +294,7 @@ def runs(folder: Path = typer.Argument(Path("runs"), help="Folder holding run di
     """A table of the runs in a folder: model, size, steps, best val loss, time, state."""
     from rich.table import Table  # noqa: PLC0415
 
-    from charlm.plots import find_runs, summarize  # noqa: PLC0415
+    from charlm.report.plots import find_runs, summarize  # noqa: PLC0415
 
     table = Table(title=f"runs in {folder}")
     for column in ("run", "model", "params", "steps", "best val (nats)", "best bpc", "time", "state"):
@@ -318,8 +318,8 @@ def viz(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Write an HTML page: each character coloured by surprisal, or by any unit's gates."""
-    from charlm.page import render_page  # noqa: PLC0415
-    from charlm.viz import inspect  # noqa: PLC0415
+    from charlm.report.page import render_page  # noqa: PLC0415
+    from charlm.report.viz import inspect  # noqa: PLC0415
 
     if (text is None) == (prompt is None):
         raise UserError("give --text FILE or --prompt TEXT (one of them)")

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.data import read_text
-from charlm.evaluate import IGNORE, evaluate_ids, stream_layout
-from charlm.model import CharLM
-from charlm.native import cpp_loops
-from charlm.sample import generate, make_generator
-from charlm.vocab import Vocab
+from charlm.data.sources import read_text
+from charlm.inference.evaluate import IGNORE, evaluate_ids, stream_layout
+from charlm.models.model import CharLM
+from charlm.models.native import cpp_loops
+from charlm.inference.sample import generate, make_generator
+from charlm.data.vocab import Vocab
 from reference_lstm import TorchNNLM
 
 V, E, L = 65, 64, 2  # Tiny Shakespeare's vocabulary size, the default embedding, layers

@@ -45,10 +45,10 @@ def train_steps(ids, vocab_size: int, steps: int) -> dict:
     import torch  # noqa: PLC0415
 
     from charlm.config import validate_config  # noqa: PLC0415
-    from charlm.data import TBPTTBatches  # noqa: PLC0415
-    from charlm.model import build_model  # noqa: PLC0415
-    from charlm.optim import build_optimizer  # noqa: PLC0415
-    from charlm.trainer import Trainer  # noqa: PLC0415
+    from charlm.data.batches import TBPTTBatches  # noqa: PLC0415
+    from charlm.models.model import build_model  # noqa: PLC0415
+    from charlm.training.optim import build_optimizer  # noqa: PLC0415
+    from charlm.training.trainer import Trainer  # noqa: PLC0415
 
     cfg = validate_config({"data": {"path": "unused.txt"}, "model": {"hidden_size": 256, "num_layers": 2},
                            "train": {"max_steps": 1, "batch_size": 64, "seq_len": 64}})
@@ -79,7 +79,7 @@ def worker(mode: str, path: str, cache: str, extra: dict) -> dict:
         return {**train_steps(ids, extra["vocab"], extra.get("steps", 6)), "peak_rss_mb": peak_rss_mb()}
 
     from charlm.config import DataConfig  # noqa: PLC0415
-    from charlm.corpus import load_corpus  # noqa: PLC0415
+    from charlm.data.corpus import load_corpus  # noqa: PLC0415
 
     started = time.perf_counter()
     corpus = load_corpus(DataConfig(path=path, val_fraction=0.01), cache=Path(cache))
@@ -105,7 +105,7 @@ def run_worker(mode: str, path: Path, cache: Path, **extra) -> dict:
 def build_big_corpus(folder: Path, megabytes: float) -> Path:
     sources = [p for p in SOURCES if p.exists()]
     if not sources:
-        from charlm.corpora import python_stdlib_files  # noqa: PLC0415
+        from charlm.data.builtin import python_stdlib_files  # noqa: PLC0415
         sources = python_stdlib_files()
     pieces = [p.read_bytes() for p in sources]
     target, out = int(megabytes * 2**20), folder / "big.txt"

@@ -8,7 +8,7 @@ the way a user would, on Tiny Shakespeare with nanoGPT's split, and scored like 
 Training: B parallel streams read in windows of T characters (truncated BPTT), the state
 carried (detached) from window to window and reset at each epoch; Adam, gradient clipping by
 global norm; torch's default initialisation. Nothing from charlm's models is used: only the
-final score goes through charlm.evaluate.evaluate_ids (64 streams, state carried), the same
+final score goes through charlm.inference.evaluate.evaluate_ids (64 streams, state carried), the same
 function as `charlm eval`, so the figure compares like with like.
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.evaluate import evaluate_ids
+from charlm.inference.evaluate import evaluate_ids
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 RECURRENT = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -34,7 +34,7 @@ class TorchNNLM(nn.Module):
     """Embedding -> torch.nn.LSTM / GRU / RNN -> Linear, as a user would write it.
 
     forward(idx [B, T], state) -> (logits [B, T, V], state), and a `vocab_size` attribute: the
-    interface charlm.evaluate needs, so the same scoring code runs on this model."""
+    interface charlm.inference.evaluate needs, so the same scoring code runs on this model."""
 
     def __init__(self, vocab_size: int, embedding_dim: int = 64, hidden_size: int = 256, num_layers: int = 2,
                  kind: str = "lstm"):

@@ -13,7 +13,7 @@ import charlm
 from charlm.atomic import atomic_open, atomic_path, write_bytes_atomic, write_text_atomic
 from charlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from charlm.config import validate_config
-from charlm.corpus import load_corpus
+from charlm.data.corpus import load_corpus
 from conftest import tiny_config
 from test_checkpoint import payload
 
@@ -116,8 +116,8 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
 def test_only_the_helper_renames_files():
     """Every writer goes through charlm.atomic; a bare os.replace or rename elsewhere would skip its fsyncs."""
     package = Path(charlm.__file__).parent
-    offenders = [f"{path.name}:{number}: {line.strip()}"
-                 for path in sorted(package.glob("*.py")) if path.name != "atomic.py"
+    offenders = [f"{path.relative_to(package)}:{number}: {line.strip()}"
+                 for path in sorted(package.rglob("*.py")) if path.name != "atomic.py"
                  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
                  if re.search(r"\bos\.(replace|rename)\b|\.rename\(", line)]
     assert not offenders, "use charlm.atomic instead:\n" + "\n".join(offenders)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from charlm.cells import GRUCell, LSTMCell, RNNCell
-from charlm.layers import RecurrentStack
+from charlm.models.cells import GRUCell, LSTMCell, RNNCell
+from charlm.models.layers import RecurrentStack
 
 REFERENCE = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 KINDS = ["rnn", "lstm", "gru"]

@@ -11,8 +11,8 @@ import torch
 from charlm.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
                                resolve_checkpoint, save_checkpoint)
 from charlm.config import validate_config
-from charlm.model import build_model
-from charlm.vocab import Vocab
+from charlm.models.model import build_model
+from charlm.data.vocab import Vocab
 
 CONFIG = {"data": {"path": "x.txt"}, "model": {"hidden_size": 8, "num_layers": 1, "embedding_dim": 4},
           "train": {"max_steps": 1}}

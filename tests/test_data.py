@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from charlm.corpora import python_stdlib_files
+from charlm.data.builtin import python_stdlib_files
 from charlm.config import DataConfig
-from charlm.corpus import load_corpus
-from charlm.data import DataError, TBPTTBatches, read_text
-from charlm.vocab import Vocab
+from charlm.data.corpus import load_corpus
+from charlm.data.batches import TBPTTBatches
+from charlm.data.sources import read_text
+from charlm.data.text import DataError
+from charlm.data.vocab import Vocab
 from conftest import SHAKESPEARE, needs_shared_data
 
 
@@ -30,8 +32,8 @@ def test_vocab_drops_and_counts_unknown_characters():
 
 
 def test_prompts_with_unseen_characters_fail_without_unk():
-    from charlm.sample import prompt_ids
-    from charlm.text import TextSettings
+    from charlm.inference.sample import prompt_ids
+    from charlm.data.text import TextSettings
     with pytest.raises(Exception, match=r"2 character\(s\) the model never saw.*'x', 'y'"):
         prompt_ids(Vocab.from_text("abc"), "axy", TextSettings())
 

@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from charlm import trainer as trainer_module
+from charlm.training import trainer as trainer_module
 from charlm.config import validate_config
-from charlm.rundir import read_metrics
-from charlm.run import train
+from charlm.training.rundir import read_metrics
+from charlm.training.run import train
 from conftest import ROOT, tiny_config
 from test_trainer import quiet
 
@@ -178,7 +178,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, text_file, monkeypatch, c
 
     monkeypatch.setattr(torch, "compile", broken)
     from rich.console import Console
-    from charlm.progress import TrainingDisplay
+    from charlm.report.progress import TrainingDisplay
     cfg = validate_config(tiny_config(text_file, train={"compile": True, "max_steps": 2}))
     outcome = train(cfg, tmp_path / "run", display=TrainingDisplay(Console(force_terminal=False)))
     assert outcome.step == 2 and "torch.compile is unavailable here (no compiler backend)" in capsys.readouterr().out

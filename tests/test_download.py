@@ -11,9 +11,9 @@ import urllib.parse
 
 import pytest
 
-import charlm.download as download_module
-from charlm.download import KnownCorpus, Part
-from charlm.tang import poems_to_text
+import charlm.data.download as download_module
+from charlm.data.download import KnownCorpus, Part
+from charlm.data.tang import poems_to_text
 from test_cli import assert_user_error, call
 
 BODY = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 400).encode()

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from charlm.evaluate import IGNORE, evaluate_ids, evaluate_text, stream_layout
-from charlm.model import CharLM
-from charlm.vocab import Vocab
+from charlm.inference.evaluate import IGNORE, evaluate_ids, evaluate_text, stream_layout
+from charlm.models.model import CharLM
+from charlm.data.vocab import Vocab
 
 
 class Uniform(torch.nn.Module):

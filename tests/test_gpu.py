@@ -11,11 +11,11 @@ import math
 import pytest
 import torch
 
-from charlm import trainer as trainer_module
+from charlm.training import trainer as trainer_module
 from charlm.config import validate_config
-from charlm.layers import RecurrentStack
-from charlm.rundir import read_metrics
-from charlm.run import train
+from charlm.models.layers import RecurrentStack
+from charlm.training.rundir import read_metrics
+from charlm.training.run import train
 from conftest import tiny_config
 from test_distributed import InfGradients, params
 from test_trainer import quiet

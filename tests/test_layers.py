@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-import charlm.layers as layers
-import charlm.native as native
-from charlm.layers import RecurrentStack, native_loop
-from charlm.native import TORCH_LOOPS, cpp_loops
+import charlm.models.layers as layers
+import charlm.models.native as native
+from charlm.models.layers import RecurrentStack, native_loop
+from charlm.models.native import TORCH_LOOPS, cpp_loops
 
 KINDS = ["rnn", "lstm", "gru"]
 
@@ -124,7 +124,7 @@ def test_a_build_killed_midway_blocks_nothing(tmp_path):
     (cache / ".build-killed" / "lock").write_text("")
     shutil.copy(library, cache / library.name)
     shutil.copy(library.with_name(library.name + ".sha256"), cache)  # the checksum it was cached with
-    code = "import charlm.native as n; assert n.cpp_loops() is not None; print('loaded')"
+    code = "import charlm.models.native as n; assert n.cpp_loops() is not None; print('loaded')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             env={**__import__("os").environ, "CHARLM_CACHE_DIR": str(cache)})
     assert result.returncode == 0 and "loaded" in result.stdout, result.stderr

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.model import CharLM
+from charlm.models.model import CharLM
 from test_cells import reference_for
 
 

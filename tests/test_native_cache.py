@@ -10,14 +10,14 @@ import sys
 import pytest
 from torch.utils import cpp_extension
 
-from charlm import native
+from charlm.models import native
 
 # A tiny forward through the native backend; prints whether the C++ loops ran it.
 FORWARD = """
 import torch
-from charlm import native
+from charlm.models import native
 from charlm.config import validate_config
-from charlm.model import build_model
+from charlm.models.model import build_model
 cfg = validate_config({"data": {"path": "x.txt"}, "model": {"hidden_size": 8, "num_layers": 1, "embedding_dim": 4},
                        "train": {"max_steps": 1}})
 logits, _ = build_model(cfg.model, 5)(torch.randint(0, 5, (2, 6)))

@@ -15,14 +15,14 @@ import pytest
 import torch
 from rich.console import Console
 
-import charlm.trainer as trainer_module
+import charlm.training.trainer as trainer_module
 from charlm.checkpoint import load_checkpoint
 from charlm.cli import main
 from charlm.config import validate_config
-from charlm.progress import TrainingDisplay
-from charlm.model import CharLM
-from charlm.rundir import read_metrics
-from charlm.run import train
+from charlm.report.progress import TrainingDisplay
+from charlm.models.model import CharLM
+from charlm.training.rundir import read_metrics
+from charlm.training.run import train
 from conftest import run_cli, tiny_config
 from test_cli import assert_user_error, call
 

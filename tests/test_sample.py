@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from charlm.model import CharLM
-from charlm.sample import generate, make_generator, pick_next, prompt_context
+from charlm.models.model import CharLM
+from charlm.inference.sample import generate, make_generator, pick_next, prompt_context
 
 
 def rows(n=6, V=20, seed=0):

@@ -10,12 +10,12 @@ import torch
 
 from charlm.checkpoint import load_checkpoint, model_from_checkpoint
 from charlm.config import TrainConfig, validate_config
-from charlm.corpus import load_corpus
-from charlm.evaluate import evaluate_ids
-from charlm.progress import TrainingDisplay
-from charlm.rundir import read_metrics
-from charlm.optim import Budget, WeightAverage, learning_rate
-from charlm.run import train
+from charlm.data.corpus import load_corpus
+from charlm.inference.evaluate import evaluate_ids
+from charlm.report.progress import TrainingDisplay
+from charlm.training.rundir import read_metrics
+from charlm.training.optim import Budget, WeightAverage, learning_rate
+from charlm.training.run import train
 from conftest import tiny_config
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from charlm.config import DataConfig
-from charlm.corpus import load_corpus
-from charlm.text import BOS, EOS, TextSettings, iter_file_text, units_of
-from charlm.vocab import BOS_TOKEN, EOS_TOKEN, UNK, Vocab
+from charlm.data.corpus import load_corpus
+from charlm.data.text import BOS, EOS, TextSettings, iter_file_text, units_of
+from charlm.data.vocab import BOS_TOKEN, EOS_TOKEN, UNK, Vocab
 from conftest import SHARED_DATA, needs_shared_data, tiny_config
 from test_cli import assert_user_error, call
 

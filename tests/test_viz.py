@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm.cells import GRUCell, LSTMCell, RNNCell
-from charlm.model import CharLM
-from charlm.progress import sparkline
-from charlm.text import TextSettings
-from charlm.viz import inspect
-from charlm.vocab import Vocab
+from charlm.models.cells import GRUCell, LSTMCell, RNNCell
+from charlm.models.model import CharLM
+from charlm.report.progress import sparkline
+from charlm.data.text import TextSettings
+from charlm.report.viz import inspect
+from charlm.data.vocab import Vocab
 from conftest import PARAGRAPH, ROOT, tiny_config
 from test_cli import assert_user_error, call
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.cells import State
-from charlm.layers import RecurrentStack
+from charlm.models.cells import State
+from charlm.models.layers import RecurrentStack
 
 if TYPE_CHECKING:
     from charlm.config import ModelConfig

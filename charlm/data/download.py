@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from charlm.atomic import atomic_path, write_bytes_atomic
 from charlm.errors import UserError
-from charlm.tang import poems_to_text
+from charlm.data.tang import poems_to_text
 
 _CHUNK = 1 << 16
 

@@ -22,9 +22,9 @@ import torch
 
 from charlm.atomic import fsync_file, replace
 from charlm.cache import cache_root
-from charlm.data import resolve_sources
-from charlm.text import DataError, TextSettings, check_utf8, iter_sources_text, units_of
-from charlm.vocab import MAX_CODE_POINT, Vocab, id_dtype
+from charlm.data.sources import resolve_sources
+from charlm.data.text import DataError, TextSettings, check_utf8, iter_sources_text, units_of
+from charlm.data.vocab import MAX_CODE_POINT, Vocab, id_dtype
 
 FORMAT = 1
 _UNITS_PER_CHUNK = 1 << 22

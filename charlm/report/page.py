@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 
-from charlm.viz import Inspection, encode_bytes
+from charlm.report.viz import Inspection, encode_bytes
 
 _MAX_BITS = 12.0  # surprisal at which the colour saturates
 

@@ -19,21 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from charlm import distributed
+from charlm.training import distributed
 from charlm.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from charlm.config import Config, ConfigError, validate_config
-from charlm.corpus import Corpus
-from charlm.data import TBPTTBatches
-from charlm.distributed import World
+from charlm.data.corpus import Corpus
+from charlm.data.batches import TBPTTBatches
+from charlm.training.distributed import World
 from charlm.errors import Interrupted, UserError
-from charlm.evaluate import EvalResult, evaluate_totals, result_of
-from charlm.model import build_model, count_parameters
-from charlm.optim import Budget, WeightAverage, build_optimizer, learning_rate
-from charlm.progress import IntervalStats, TrainingDisplay
-from charlm.rundir import MetricsLog
-from charlm.sample import generate, prompt_ids
-from charlm.text import TextSettings
-from charlm.runtime import (StopRequests, autocast, describe_device, grad_scaler, rng_state, seed_everything,
+from charlm.inference.evaluate import EvalResult, evaluate_totals, result_of
+from charlm.models.model import build_model, count_parameters
+from charlm.training.optim import Budget, WeightAverage, build_optimizer, learning_rate
+from charlm.report.progress import IntervalStats, TrainingDisplay
+from charlm.training.rundir import MetricsLog
+from charlm.inference.sample import generate, prompt_ids
+from charlm.data.text import TextSettings
+from charlm.training.runtime import (StopRequests, autocast, describe_device, grad_scaler, rng_state, seed_everything,
                             set_rng_state)
 
 

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from charlm.text import DataError, TextSettings, transform, units_of
-from charlm.vocab import Vocab
+from charlm.data.text import DataError, TextSettings, transform, units_of
+from charlm.data.vocab import Vocab
 
 IGNORE = -100  # target id of padding: not scored
 _LOGITS_BUDGET = 1 << 22  # logits held at once (S x window x V), so a big vocabulary stays in memory

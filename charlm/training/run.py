@@ -13,17 +13,17 @@ from typing import Iterator, Optional
 import torch
 from rich.console import Console
 
-from charlm import distributed
+from charlm.training import distributed
 from charlm.checkpoint import LAST, load_checkpoint
 from charlm.config import Config
-from charlm.corpus import Corpus, load_corpus
-from charlm.distributed import World
+from charlm.data.corpus import Corpus, load_corpus
+from charlm.training.distributed import World
 from charlm.errors import Interrupted, UserError
-from charlm.model import count_parameters
-from charlm.progress import TrainingDisplay
-from charlm.rundir import MetricsLog, RunLock, prepare_run_dir, write_config
-from charlm.runtime import StopRequests, check_precision, describe_device, resolve_device
-from charlm.trainer import Trainer, TrainOutcome, check_resumable
+from charlm.models.model import count_parameters
+from charlm.report.progress import TrainingDisplay
+from charlm.training.rundir import MetricsLog, RunLock, prepare_run_dir, write_config
+from charlm.training.runtime import StopRequests, check_precision, describe_device, resolve_device
+from charlm.training.trainer import Trainer, TrainOutcome, check_resumable
 
 
 class _NoMetrics:

@@ -14,7 +14,7 @@ import yaml
 
 from charlm.atomic import atomic_open
 from charlm.errors import UserError
-from charlm.rundir import CONFIG, LOCK, METRICS, pid_alive, read_metrics
+from charlm.training.rundir import CONFIG, LOCK, METRICS, pid_alive, read_metrics
 
 LN2 = math.log(2)
 

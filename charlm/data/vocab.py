@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from charlm.errors import UserError
-from charlm.text import BOS, EOS, NEWLINE, TextSettings, transform, units_of
+from charlm.data.text import BOS, EOS, NEWLINE, TextSettings, transform, units_of
 
 UNK, BOS_TOKEN, EOS_TOKEN = "<unk>", "<bos>", "<eos>"
 _MARKERS = {BOS: BOS_TOKEN, EOS: EOS_TOKEN}

@@ -1,4 +1,4 @@
-"""The native step loops: charlm/csrc/recurrent.cpp built on first use, or the same loops in PyTorch.
+"""The native step loops: charlm/models/csrc/recurrent.cpp built on first use, or the same loops in PyTorch.
 
 Both provide lstm_forward/backward, rnn_forward/backward and gru_forward/backward with the
 signatures documented in recurrent.cpp. The C++ build is used on the CPU for float32/float64;

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from charlm.errors import UserError
-from charlm.text import BOS, EOS, TextSettings, transform, units_of
-from charlm.vocab import Vocab
+from charlm.data.text import BOS, EOS, TextSettings, transform, units_of
+from charlm.data.vocab import Vocab
 
 # Channels shown per cell type, and how each maps to [0, 1] for colouring.
 CHANNELS = {

@@ -7,8 +7,8 @@ from typing import Callable, Optional
 import torch
 
 from charlm.errors import UserError
-from charlm.text import BOS, EOS, TextSettings, transform, units_of
-from charlm.vocab import UNK, Vocab
+from charlm.data.text import BOS, EOS, TextSettings, transform, units_of
+from charlm.data.vocab import UNK, Vocab
 
 
 

@@ -8,7 +8,7 @@ Backends (same parameters, so a checkpoint moves freely between them):
 - reference: the cells' step() in a Python loop, differentiated by autograd. The readable
   definition the others are tested against.
 - native: the same equations as step loops with a hand-written backward (one
-  autograd.Function per layer over all T steps): in C++ on the CPU (charlm/csrc), in
+  autograd.Function per layer over all T steps): in C++ on the CPU (charlm/models/csrc), in
   PyTorch elsewhere (see native.py).
 - fused: torch's own kernels (torch.lstm / gru / rnn_tanh: oneDNN on CPU, cuDNN on GPU).
 """
@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from charlm.cells import CELLS, GRUCell, LSTMCell, RNNCell, State
-from charlm.native import step_loops
+from charlm.models.cells import CELLS, GRUCell, LSTMCell, RNNCell, State
+from charlm.models.native import step_loops
 
 BACKENDS = ("native", "fused", "reference")
 
