@@ -17,20 +17,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from charlm.atomic import write_text_atomic
-from charlm.checkpoint import describe_model, load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from charlm.config import load_config, sample_settings, validate_config, with_absolute_paths
-from charlm.data.sources import read_text, read_text_file
+from charlm.config import BACKENDS, load_config, sample_settings, validate_config, with_absolute_paths
 from charlm.data.download import KNOWN_CORPORA, download
 from charlm.errors import Interrupted, UserError
-from charlm.inference.evaluate import evaluate_text
-from charlm.models.layers import BACKENDS
-from charlm.report.progress import TrainingDisplay
 from charlm.training.rundir import CONFIG
-from charlm.training.runtime import InterruptSignals, resolve_device
-from charlm.inference.sample import generate, make_generator, prompt_ids
-from charlm.data.text import TextSettings
-from charlm.data.vocab import EOS_TOKEN
+from charlm.training.signals import InterruptSignals
+
+# Everything that imports torch is imported inside the command that needs it, so that
+# `charlm --help` and a mistyped option answer at once.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, sample and evaluate character-level RNN/LSTM language models.")
@@ -46,6 +40,17 @@ def _check_backend(backend: Optional[str]) -> Optional[str]:
     return backend
 
 
+def _load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = None):
+    """A checkpoint's payload, its model on `device` (run with `backend`), its vocabulary and its config."""
+    from charlm.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: PLC0415
+    from charlm.training.runtime import resolve_device  # noqa: PLC0415
+
+    backend = _check_backend(backend)
+    payload = load_checkpoint(checkpoint)
+    model, vocab = model_from_checkpoint(payload, resolve_device(device), backend)
+    return payload, model, vocab, validate_config(payload["config"], "checkpoint config")
+
+
 @app.command()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
@@ -57,7 +62,8 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain lines at each evaluation only: no bar, no samples."),
 ) -> None:
     """Train a model from a YAML config."""
-    from charlm.training.run import train as run_training  # noqa: PLC0415 - keeps `charlm --help` fast
+    from charlm.report.progress import TrainingDisplay  # noqa: PLC0415
+    from charlm.training.run import train as run_training  # noqa: PLC0415
 
     if config is None:
         if not (resume and out is not None):
@@ -111,9 +117,11 @@ def sample(
                                      "(models trained with data.documents: lines)."),
 ) -> None:
     """Generate text from a trained model, streamed as it is drawn."""
-    payload = load_checkpoint(checkpoint)
-    model, vocab = model_from_checkpoint(payload, resolve_device(device), _check_backend(backend))
-    cfg = validate_config(payload["config"], "checkpoint config")
+    from charlm.data.text import TextSettings  # noqa: PLC0415
+    from charlm.data.vocab import EOS_TOKEN  # noqa: PLC0415
+    from charlm.inference.sample import Decoding, generate, make_generator, prompt_ids  # noqa: PLC0415
+
+    _, model, vocab, cfg = _load_model(checkpoint, device, backend)
     settings = sample_settings(cfg.sample, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed)
     if stop_at_end and not vocab.documents:
@@ -126,8 +134,7 @@ def sample(
     generator, used_seed = make_generator(next(model.parameters()).device, settings.seed)
     stop_id = vocab.special_id(EOS_TOKEN) if stop_at_end else None
     _print_samples(vocab, text, num_samples, stop_id, lambda on_step: generate(
-        model, context, settings.length, num_samples, settings.temperature, settings.top_k, settings.top_p,
-        generator, on_step, stop_id))
+        model, context, settings.length, num_samples, Decoding.of(settings), generator, on_step, stop_id))
     if settings.seed is None:
         err_console.print(f"[dim]seed {used_seed} (pass --seed {used_seed} to draw the same text again)[/]")
 
@@ -136,6 +143,8 @@ def _prompt_text(prompt: Optional[str], prompt_file: Optional[Path], default: st
     if prompt is not None and prompt_file is not None:
         raise UserError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
+        from charlm.data.sources import read_text_file  # noqa: PLC0415
+
         text = read_text_file(prompt_file)
         if not text:
             raise UserError(f"prompt file {prompt_file} is empty; put the prompt text in it")
@@ -179,10 +188,13 @@ def evaluate(
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
 ) -> None:
     """Measure loss, bits per character and perplexity on a text."""
-    payload = load_checkpoint(checkpoint)
-    model, vocab = model_from_checkpoint(payload, resolve_device(device), _check_backend(backend))
-    data = validate_config(payload["config"], "checkpoint config").data
-    result = evaluate_text(model, vocab, read_text(text), batch_size, TextSettings.from_config(data))
+    from charlm.data.sources import read_text  # noqa: PLC0415
+    from charlm.data.text import TextSettings  # noqa: PLC0415
+    from charlm.inference.evaluate import evaluate_text  # noqa: PLC0415
+    from charlm.training.checkpoint import resolve_checkpoint  # noqa: PLC0415
+
+    _, model, vocab, cfg = _load_model(checkpoint, device, backend)
+    result = evaluate_text(model, vocab, read_text(text), batch_size, TextSettings.from_config(cfg.data))
     if as_json:
         print(json.dumps({**result.to_dict(), "checkpoint": str(resolve_checkpoint(checkpoint)), "text": text}))
         return
@@ -205,9 +217,9 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Describe a checkpoint: model, size, vocabulary, progress, best validation loss."""
-    payload = load_checkpoint(checkpoint)
-    model, vocab = model_from_checkpoint(payload)
-    cfg = validate_config(payload["config"], "checkpoint config")
+    from charlm.training.checkpoint import describe_model, resolve_checkpoint  # noqa: PLC0415
+
+    payload, model, vocab, cfg = _load_model(checkpoint)
     best = payload.get("best_val_loss")
     facts = {
         "checkpoint": str(resolve_checkpoint(checkpoint)), "model": describe_model(cfg.model),
@@ -318,16 +330,18 @@ def viz(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Write an HTML page: each character coloured by surprisal, or by any unit's gates."""
+    from charlm.atomic import write_text_atomic  # noqa: PLC0415
+    from charlm.data.sources import read_text  # noqa: PLC0415
+    from charlm.data.text import TextSettings  # noqa: PLC0415
     from charlm.report.page import render_page  # noqa: PLC0415
     from charlm.report.viz import inspect  # noqa: PLC0415
+    from charlm.training.checkpoint import describe_model  # noqa: PLC0415
 
     if (text is None) == (prompt is None):
         raise UserError("give --text FILE or --prompt TEXT (one of them)")
     if prompt == "":
         raise UserError("--prompt is empty; give a text of at least 2 characters to look at")
-    payload = load_checkpoint(checkpoint)
-    model, vocab = model_from_checkpoint(payload, resolve_device(device))
-    cfg = validate_config(payload["config"], "checkpoint config")
+    _, model, vocab, cfg = _load_model(checkpoint, device)
     content = read_text(text) if text is not None else prompt
     if len(content) > max_chars:
         err_console.print(f"showing the first {max_chars:,} of {len(content):,} characters (--max-chars)")

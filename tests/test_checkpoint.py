@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from charlm.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
+from charlm.training.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
                                resolve_checkpoint, save_checkpoint)
 from charlm.config import validate_config
 from charlm.models.model import build_model

@@ -16,8 +16,7 @@ import torch
 from rich.console import Console
 
 import charlm.training.trainer as trainer_module
-from charlm.checkpoint import load_checkpoint
-from charlm.cli import main
+from charlm.training.checkpoint import load_checkpoint
 from charlm.config import validate_config
 from charlm.report.progress import TrainingDisplay
 from charlm.models.model import CharLM
@@ -219,7 +218,7 @@ def test_overwrite_moves_the_old_run_aside_and_says_where(tmp_path, text_file, w
     assert code == 0, err
     kept = list(run_dir.glob("replaced-*"))
     assert len(kept) == 1 and (kept[0] / "last.pt").read_bytes() == old
-    assert f"moved the earlier run's" in out and str(kept[0]) in out
+    assert "moved the earlier run's" in out and str(kept[0]) in out
 
 
 def test_full_disk_during_a_save_keeps_the_earlier_checkpoint(tmp_path, text_file, write_config, capsys, monkeypatch):

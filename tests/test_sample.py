@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from charlm.models.model import CharLM
-from charlm.inference.sample import generate, make_generator, pick_next, prompt_context
+from charlm.inference.sample import Decoding, generate, make_generator, pick_next, prompt_context
 
 
 def rows(n=6, V=20, seed=0):
@@ -15,14 +15,14 @@ def rows(n=6, V=20, seed=0):
 
 def test_temperature_zero_is_argmax():
     logits = rows()
-    assert torch.equal(pick_next(logits, temperature=0), logits.argmax(-1))
+    assert torch.equal(pick_next(logits, Decoding(temperature=0)), logits.argmax(-1))
 
 
 def test_top_k_one_is_argmax():
     logits = rows()
     gen = torch.Generator().manual_seed(1)
     for _ in range(20):
-        assert torch.equal(pick_next(logits, 1.0, top_k=1, generator=gen), logits.argmax(-1))
+        assert torch.equal(pick_next(logits, Decoding(1.0, top_k=1), gen), logits.argmax(-1))
 
 
 def test_top_k_never_draws_outside_the_k_most_likely():
@@ -30,7 +30,7 @@ def test_top_k_never_draws_outside_the_k_most_likely():
     allowed = logits.topk(3, dim=-1).indices
     gen = torch.Generator().manual_seed(2)
     for _ in range(300):
-        drawn = pick_next(logits, 2.0, top_k=3, generator=gen)  # hot: would often stray without top-k
+        drawn = pick_next(logits, Decoding(2.0, top_k=3), gen)  # hot: would often stray without top-k
         assert all(drawn[r] in allowed[r] for r in range(4))
 
 
@@ -40,7 +40,7 @@ def test_top_p_never_draws_outside_the_nucleus():
     gen = torch.Generator().manual_seed(3)
     seen = [set(), set()]
     for _ in range(300):
-        drawn = pick_next(logits, 1.0, top_p=0.7, generator=gen)
+        drawn = pick_next(logits, Decoding(1.0, top_p=0.7), gen)
         seen[0].add(int(drawn[0]))
         seen[1].add(int(drawn[1]))
     assert seen == [{0, 1}, {3}]
@@ -49,14 +49,14 @@ def test_top_p_never_draws_outside_the_nucleus():
 def test_top_p_one_keeps_everything():
     logits = torch.zeros(1, 4)
     gen = torch.Generator().manual_seed(4)
-    seen = {int(pick_next(logits, 1.0, top_p=1.0, generator=gen)) for _ in range(200)}
+    seen = {int(pick_next(logits, Decoding(1.0, top_p=1.0), gen)) for _ in range(200)}
     assert seen == {0, 1, 2, 3}
 
 
 def test_same_seed_same_draws():
     logits = rows()
-    a = [pick_next(logits, 1.0, generator=make_generator(torch.device("cpu"), 7)[0]) for _ in range(3)]
-    b = [pick_next(logits, 1.0, generator=make_generator(torch.device("cpu"), 7)[0]) for _ in range(3)]
+    a = [pick_next(logits, Decoding(1.0), make_generator(torch.device("cpu"), 7)[0]) for _ in range(3)]
+    b = [pick_next(logits, Decoding(1.0), make_generator(torch.device("cpu"), 7)[0]) for _ in range(3)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert make_generator(torch.device("cpu"), None)[1] is not None  # a fresh seed is reported
 
@@ -69,7 +69,7 @@ def model():
 def test_cached_state_generation_equals_rerunning_the_whole_text():
     m = model()
     prompt = torch.tensor([1, 2, 3])
-    out = generate(m, prompt, length=12, temperature=0)
+    out = generate(m, prompt, length=12, decoding=Decoding(temperature=0))
     text = prompt.tolist()
     for _ in range(12):  # greedy, re-running everything each time: slow but obviously right
         logits, _ = m(torch.tensor([text]))

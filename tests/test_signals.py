@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from charlm.checkpoint import load_checkpoint
+from charlm.training.checkpoint import load_checkpoint
 from conftest import PARAGRAPH, ROOT, run_cli, tiny_config
 from test_reliability import wait_for
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from charlm.checkpoint import load_checkpoint, model_from_checkpoint
+from charlm.training.checkpoint import load_checkpoint, model_from_checkpoint
 from charlm.config import TrainConfig, validate_config
 from charlm.data.corpus import load_corpus
 from charlm.inference.evaluate import evaluate_ids

@@ -6,16 +6,13 @@ import html as html_lib
 import json
 import re
 import shutil
-import struct
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from charlm.models.cells import GRUCell, LSTMCell, RNNCell
 from charlm.models.model import CharLM
-from charlm.report.progress import sparkline
 from charlm.data.text import TextSettings
 from charlm.report.viz import inspect
 from charlm.data.vocab import Vocab

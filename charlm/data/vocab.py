@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 
-from charlm.errors import UserError
 from charlm.data.text import BOS, EOS, NEWLINE, TextSettings, transform, units_of
 
 UNK, BOS_TOKEN, EOS_TOKEN = "<unk>", "<bos>", "<eos>"

@@ -1,7 +1,8 @@
-"""Text generation: a pure `pick_next` rule and a state-caching generation loop."""
+"""Text generation: the decoding settings, a pure `pick_next` rule and a state-caching generation loop."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -11,23 +12,36 @@ from charlm.data.text import BOS, EOS, TextSettings, transform, units_of
 from charlm.data.vocab import UNK, Vocab
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How the next id is drawn from the logits: temperature (0 = greedy), then top_k, then top_p."""
 
-def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+    @classmethod
+    def of(cls, settings) -> "Decoding":
+        """The decoding part of a sample section (config.SampleConfig) or anything with the same fields."""
+        return cls(settings.temperature, settings.top_k, settings.top_p)
+
+
+def pick_next(logits: torch.Tensor, decoding: Decoding = Decoding(),
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Draw one id per row of logits [B, V] -> [B] (int64).
 
     temperature 0 is greedy (argmax). top_k keeps the k highest logits; top_p keeps the
     smallest set of most likely ids whose probability reaches p (the nucleus); both apply
     after temperature scaling, top_k first."""
-    assert temperature >= 0, "temperature must be >= 0"
-    if temperature == 0:
+    assert decoding.temperature >= 0, "temperature must be >= 0"
+    if decoding.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # [B, V]
-    if top_k is not None and top_k < logits.shape[-1]:
-        values, indices = logits.topk(top_k, dim=-1)  # [B, k]
+    logits = logits.float() / decoding.temperature  # [B, V]
+    if decoding.top_k is not None and decoding.top_k < logits.shape[-1]:
+        values, indices = logits.topk(decoding.top_k, dim=-1)  # [B, k]
         logits = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
-    if top_p is not None and top_p < 1.0:
-        logits = _nucleus(logits, top_p)
+    if decoding.top_p is not None and decoding.top_p < 1.0:
+        logits = _nucleus(logits, decoding.top_p)
     probs = torch.softmax(logits, dim=-1)  # [B, V]
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -89,8 +103,7 @@ def make_generator(device: torch.device, seed: Optional[int]) -> tuple[torch.Gen
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_samples: int = 1,
-             temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-             generator: Optional[torch.Generator] = None,
+             decoding: Decoding = Decoding(), generator: Optional[torch.Generator] = None,
              on_step: Optional[Callable[[torch.Tensor], None]] = None, stop_id: Optional[int] = None) -> torch.Tensor:
     """Continue a prompt (ids [P], P >= 1) by `length` ids in `num_samples` parallel samples.
 
@@ -103,13 +116,12 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompt_ids, length, num_samples, temperature, top_k, top_p, generator, on_step,
-                         stop_id)
+        return _generate(model, prompt_ids, length, num_samples, decoding, generator, on_step, stop_id)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompt_ids, length, num_samples, temperature, top_k, top_p, generator, on_step, stop_id):
+def _generate(model, prompt_ids, length, num_samples, decoding, generator, on_step, stop_id):
     device = next(model.parameters()).device
     logits, state = model(prompt_ids.to(device).long()[None], None)  # [1, P, V]
     logits = logits[:, -1].expand(num_samples, -1)  # [N, V]
@@ -117,7 +129,7 @@ def _generate(model, prompt_ids, length, num_samples, temperature, top_k, top_p,
     out = torch.empty(num_samples, length, dtype=torch.long)
     finished = torch.zeros(num_samples, dtype=torch.bool)
     for t in range(length):
-        nxt = pick_next(logits, temperature, top_k, top_p, generator)  # [N]
+        nxt = pick_next(logits, decoding, generator)  # [N]
         out[:, t] = nxt.cpu()
         if on_step is not None:
             on_step(out[:, t])

@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from charlm.config import BACKENDS
 from charlm.models.cells import CELLS, GRUCell, LSTMCell, RNNCell, State
 from charlm.models.native import step_loops
 
-BACKENDS = ("native", "fused", "reference")
 
 
 def _project(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

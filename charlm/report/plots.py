@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import yaml
 
 from charlm.atomic import atomic_open
+from charlm.config import read_yaml_mapping
 from charlm.errors import UserError
 from charlm.training.rundir import CONFIG, LOCK, METRICS, pid_alive, read_metrics
 
@@ -58,12 +58,10 @@ def _state(run_dir: Path, events: list, end: Optional[dict]) -> str:
 
 
 def _model_of(run_dir: Path) -> str:
-    try:
-        cfg = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
-        model = cfg.get("model", {})
-        return f"{model.get('type', '?')} {model.get('num_layers', '?')}x{model.get('hidden_size', '?')}"
-    except (OSError, yaml.YAMLError, AttributeError):
+    model = read_yaml_mapping(run_dir / CONFIG).get("model")
+    if not isinstance(model, dict):
         return "?"
+    return f"{model.get('type', '?')} {model.get('num_layers', '?')}x{model.get('hidden_size', '?')}"
 
 
 def find_runs(folder: Path) -> list[Path]:

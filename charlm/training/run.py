@@ -14,7 +14,8 @@ import torch
 from rich.console import Console
 
 from charlm.training import distributed
-from charlm.checkpoint import LAST, load_checkpoint
+from charlm.training.checkpoint import load_checkpoint
+from charlm.training.rundir import LAST
 from charlm.config import Config
 from charlm.data.corpus import Corpus, load_corpus
 from charlm.training.distributed import World
@@ -22,7 +23,8 @@ from charlm.errors import Interrupted, UserError
 from charlm.models.model import count_parameters
 from charlm.report.progress import TrainingDisplay
 from charlm.training.rundir import MetricsLog, RunLock, prepare_run_dir, write_config
-from charlm.training.runtime import StopRequests, check_precision, describe_device, resolve_device
+from charlm.training.runtime import check_precision, describe_device, resolve_device
+from charlm.training.signals import StopRequests
 from charlm.training.trainer import Trainer, TrainOutcome, check_resumable
 
 

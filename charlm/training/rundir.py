@@ -7,12 +7,11 @@ import os
 import time
 from pathlib import Path
 
-import yaml
-
 from charlm.atomic import replace, write_text_atomic
-from charlm.checkpoint import BEST, LAST
+from charlm.config import config_yaml
 from charlm.errors import UserError
 
+LAST, BEST = "last.pt", "best.pt"  # the latest checkpoint, and the one with the lowest val loss
 CONFIG, METRICS = "config.yaml", "metrics.jsonl"
 RUN_FILES = (LAST, BEST, CONFIG, METRICS)
 
@@ -130,7 +129,7 @@ def _remove_unfinished_writes(run_dir: Path) -> list[str]:
 
 def write_config(run_dir: Path, config: dict) -> None:
     """The resolved config, atomically (see charlm.atomic)."""
-    write_text_atomic(run_dir / CONFIG, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    write_text_atomic(run_dir / CONFIG, config_yaml(config))
 
 
 class MetricsLog:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from charlm.training import distributed
-from charlm.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
+from charlm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from charlm.training.rundir import BEST, LAST
 from charlm.config import Config, ConfigError, validate_config
 from charlm.data.corpus import Corpus
 from charlm.data.batches import TBPTTBatches
@@ -31,10 +32,11 @@ from charlm.models.model import build_model, count_parameters
 from charlm.training.optim import Budget, WeightAverage, build_optimizer, learning_rate
 from charlm.report.progress import IntervalStats, TrainingDisplay
 from charlm.training.rundir import MetricsLog
-from charlm.inference.sample import generate, prompt_ids
+from charlm.inference.sample import Decoding, generate, prompt_ids
 from charlm.data.text import TextSettings
-from charlm.training.runtime import (StopRequests, autocast, describe_device, grad_scaler, rng_state, seed_everything,
+from charlm.training.runtime import (autocast, describe_device, grad_scaler, rng_state, seed_everything,
                             set_rng_state)
+from charlm.training.signals import StopRequests
 
 
 class TrainingDiverged(UserError):
@@ -346,8 +348,7 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + self.pos.step)
         context, _ = prompt_ids(self.corpus.vocab, cfg.sample.prompt, TextSettings.from_config(cfg.data))
         with self.evaluated_weights():
-            out = generate(self.model, context, length, 1, cfg.sample.temperature, cfg.sample.top_k,
-                           cfg.sample.top_p, generator)
+            out = generate(self.model, context, length, 1, Decoding.of(cfg.sample), generator)
         return self.corpus.vocab.decode(out[0])
 
     def out_of_patience(self) -> bool:

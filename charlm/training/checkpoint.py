@@ -16,12 +16,12 @@ from charlm import __version__
 from charlm.atomic import atomic_open
 from charlm.config import ConfigError, ModelConfig, validate_config
 from charlm.errors import UserError
+from charlm.training.rundir import BEST, LAST
 from charlm.models.model import CharLM, build_model
 from charlm.data.vocab import Vocab
 
 FORMAT = "charlm-checkpoint"
 FORMAT_VERSION = 1
-LAST, BEST = "last.pt", "best.pt"
 
 
 class CheckpointError(UserError):

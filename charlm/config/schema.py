@@ -1,0 +1,193 @@
+"""The typed config schema: four frozen sections (data, model, train, sample) and their checks."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from charlm.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config file or override that cannot be turned into a valid Config."""
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+
+
+def parse_duration(value: str | int | float) -> float:
+    """'90s', '10m', '2h', '1h30m' or a plain number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 90s, 10m or 2h")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        parts = _DURATION_RE.findall(text)
+        if not parts or _DURATION_RE.sub("", text).strip():
+            raise ValueError(f"must be a duration such as 90s, 10m or 2h (got {value!r})")
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"must be a positive duration (got {value!r})")
+    return seconds
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    path: str = Field(min_length=1)
+    val_path: Optional[str] = None
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    unit: Literal["chars", "bytes"] = "chars"
+    normalize: Literal["none", "NFC", "NFKC"] = "none"
+    newlines: Literal["keep", "lf"] = "keep"
+    documents: Literal["none", "lines"] = "none"
+    min_freq: int = Field(1, gt=0)
+    max_vocab: Optional[int] = Field(None, ge=2)
+    on_decode_error: Literal["error", "skip"] = "error"
+
+
+Backend = Literal["native", "fused", "reference"]
+BACKENDS: tuple[str, ...] = get_args(Backend)  # the one list of backends (cli and layers read it)
+
+
+class ModelConfig(_Section):
+    type: Literal["rnn", "lstm", "gru"] = "lstm"
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(2, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    weight_dropout: float = Field(0.0, ge=0, lt=1)  # DropConnect on the recurrent weights
+    input: Literal["onehot", "embedding"] = "embedding"
+    embedding_dim: int = Field(64, gt=0)
+    backend: Backend = "native"
+
+
+_DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+
+
+class TrainConfig(_Section):
+    device: str = "auto"
+    seed: int = Field(1337, ge=0)
+    batch_size: int = Field(32, gt=0)
+    seq_len: int = Field(128, gt=0)
+    random_offsets: bool = False  # shift each epoch's window boundaries by a random 0..T-1
+    lr: float = Field(2e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # validate/save/sample an average of the weights
+    max_steps: Optional[int] = Field(None, gt=0)
+    max_time: Optional[str] = None
+    eval_interval: int = Field(500, gt=0)
+    log_interval: int = Field(50, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    checkpoint_interval: Optional[Union[int, str]] = None  # steps, or a duration such as "10m"
+    patience: Optional[int] = Field(None, gt=0)
+    max_bad_steps: int = Field(10, gt=0)
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
+    max_rollbacks: int = Field(3, ge=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+
+    @field_validator("checkpoint_interval", mode="before")
+    @classmethod
+    def _steps_or_duration(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value <= 0:
+                raise ValueError(f"must be a positive number of steps or a duration such as 10m (got {value})")
+            return value
+        try:
+            parse_duration(value if isinstance(value, str) else "")
+        except ValueError:
+            raise ValueError(f"must be a number of steps or a duration such as 10m (got {value!r})") from None
+        return value
+
+    @property
+    def checkpoint_steps(self) -> Optional[int]:
+        return self.checkpoint_interval if isinstance(self.checkpoint_interval, int) else None
+
+    @property
+    def checkpoint_seconds(self) -> Optional[float]:
+        value = self.checkpoint_interval
+        return parse_duration(value) if isinstance(value, str) else None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE_RE.fullmatch(value):
+            raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps (got {value!r})")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"each beta must be in [0, 1) (got {list(value)})")
+        return value
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        parse_duration(value)
+        return str(value)
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> "TrainConfig":
+        if self.max_steps is None and self.max_time is None:
+            raise ValueError("set train.max_steps or train.max_time (or both) so training knows when to stop")
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        return self
+
+    @property
+    def max_time_seconds(self) -> Optional[float]:
+        return None if self.max_time is None else parse_duration(self.max_time)
+
+
+class SampleConfig(_Section):
+    prompt: str = "\n"
+    length: int = Field(500, gt=0, le=1_000_000)  # more is almost certainly a typo
+    temperature: float = Field(0.8, ge=0)
+    top_k: Optional[int] = Field(None, gt=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    seed: Optional[int] = Field(None, ge=0)
+
+
+class Config(_Section):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig
+    sample: SampleConfig = SampleConfig()
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with its data paths made absolute, so a run dir's config works from anywhere."""
+    def absolute(spec: Optional[str]) -> Optional[str]:
+        if spec is None or spec.startswith("builtin:"):
+            return spec
+        return str(Path(spec).expanduser().absolute())
+
+    data = cfg.data.model_copy(update={"path": absolute(cfg.data.path), "val_path": absolute(cfg.data.val_path)})
+    return cfg.model_copy(update={"data": data})
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig,
+}
