@@ -55,7 +55,7 @@ def sync(device: torch.device) -> None:
 
 def make_model(kind: str, backend: str, hidden: int, layers: int, device: torch.device) -> CharLM:
     torch.manual_seed(0)  # every variant starts from the same weights
-    return CharLM(V, cell=kind, hidden_size=hidden, num_layers=layers, embedding_dim=E, backend=backend).to(device)
+    return CharLM(V, cell_type=kind, hidden_size=hidden, num_layers=layers, embedding_dim=E, backend=backend).to(device)
 
 
 @torch.no_grad()

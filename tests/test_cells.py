@@ -1,4 +1,5 @@
-"""The from-scratch cells and stacks against torch.nn.RNN / torch.nn.LSTM with the same weights."""
+"""The from-scratch cells and stacks against torch.nn.RNN / LSTM / GRU with the same weights
+(every registered cell type torch has a module for; minGRU has its own tests, test_mingru.py)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,19 @@ import pytest
 import torch
 from torch import nn
 
-from charlm.models.cells import GRUCell, LSTMCell, RNNCell
+from charlm.models.cells import LSTMCell
 from charlm.models.layers import RecurrentStack
+from charlm.models.registry import CELL_TYPES, lookup
 
-REFERENCE = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
-KINDS = ["rnn", "lstm", "gru"]
+# torch's fused kernels and the torch.nn modules that run them on the same parameter layout
+TORCH_NN = {"rnn_tanh": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+WITH_TORCH_NN = [cell_type for cell_type in CELL_TYPES if lookup(cell_type).fused in TORCH_NN]
 NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
-def reference_for(stack: RecurrentStack, kind: str, input_size: int) -> nn.Module:
+def reference_for(stack: RecurrentStack, cell_type: str, input_size: int) -> nn.Module:
     """A torch.nn module holding exactly the stack's weights."""
-    ref = REFERENCE[kind](input_size, stack.hidden_size, stack.num_layers)
+    ref = TORCH_NN[lookup(cell_type).fused](input_size, stack.hidden_size, stack.num_layers)
     ref = ref.to(next(stack.parameters()).dtype)
     with torch.no_grad():
         for k, cell in enumerate(stack.layers):
@@ -25,25 +28,25 @@ def reference_for(stack: RecurrentStack, kind: str, input_size: int) -> nn.Modul
     return ref
 
 
-def run_reference(ref: nn.Module, kind: str, x: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
-    out, final = ref(x, state if kind == "lstm" else state[0])
-    return out, (final if kind == "lstm" else (final,))
+def run_reference(ref: nn.Module, x: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+    """torch.nn.LSTM takes and returns (h, c); RNN and GRU take and return h alone."""
+    out, final = ref(x, state if len(state) > 1 else state[0])
+    return out, (final if len(state) > 1 else (final,))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend", ["reference", "native", "fused"])
+@pytest.mark.parametrize("cell_type,backend", [(t, b) for t in WITH_TORCH_NN for b in lookup(t).backends])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("layers,batch", [(1, 1), (2, 3), (3, 5)])
-def test_stack_matches_torch_nn(kind, backend, dtype, tol, layers, batch):
+def test_stack_matches_torch_nn(cell_type, backend, dtype, tol, layers, batch):
     torch.manual_seed(layers * 10 + batch)
     T, D, H = 7, 5, 6
-    stack = RecurrentStack(kind, D, H, layers, backend=backend).to(dtype)
-    ref = reference_for(stack, kind, D)
+    stack = RecurrentStack(cell_type, D, H, layers, backend=backend).to(dtype)
+    ref = reference_for(stack, cell_type, D)
     x = torch.randn(T, batch, D, dtype=dtype)
     state = tuple(torch.randn(layers, batch, H, dtype=dtype) for _ in range(stack.state_size))
 
     out, final = stack(x, state)
-    ref_out, ref_final = run_reference(ref, kind, x, state)
+    ref_out, ref_final = run_reference(ref, x, state)
     torch.testing.assert_close(out, ref_out, atol=tol, rtol=0)
     for ours, theirs in zip(final, ref_final):
         torch.testing.assert_close(ours, theirs, atol=tol, rtol=0)
@@ -58,21 +61,21 @@ def test_stack_matches_torch_nn(kind, backend, dtype, tol, layers, batch):
                                        atol=tol * 10, rtol=0, msg=f"grad of {name} layer {k}")
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_zero_initial_state_matches_torch_default(kind):
+@pytest.mark.parametrize("cell_type", WITH_TORCH_NN)
+def test_zero_initial_state_matches_torch_default(cell_type):
     torch.manual_seed(0)
-    stack = RecurrentStack(kind, 4, 5, 2).double()
-    ref = reference_for(stack, kind, 4)
+    stack = RecurrentStack(cell_type, 4, 5, 2).double()
+    ref = reference_for(stack, cell_type, 4)
     x = torch.randn(6, 3, 4, dtype=torch.float64)
     out, _ = stack(x, stack.init_state(3, dtype=torch.float64))
     ref_out, _ = ref(x)
     torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("cell_class", [RNNCell, LSTMCell, GRUCell])
-def test_gradcheck_one_step(cell_class):
+@pytest.mark.parametrize("cell_type", CELL_TYPES)
+def test_gradcheck_one_step(cell_type):
     torch.manual_seed(0)
-    cell = cell_class(3, 4).double()
+    cell = lookup(cell_type).cell_class()(3, 4).double()
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     state = tuple(torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(cell.state_size))
 

@@ -69,6 +69,36 @@ def test_train_sample_eval_info_end_to_end(trained, cli, text_file):
     assert facts["device"] == "cpu" and facts["best_val_loss"] is not None
 
 
+def test_mingru_train_sample_eval_info(tmp_path, text_file, write_config, capsys):
+    """model.type: mingru end to end; the options it does not support are one line each."""
+    config = write_config(tiny_config(text_file, model={"type": "mingru", "num_layers": 2}))
+    run_dir = tmp_path / "run"
+    code, _, err = call(capsys, "train", "--config", str(config), "--out", str(run_dir))
+    assert code == 0, err
+    weights = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    assert "rnn.layers.1.weight_ih" in weights and not any("weight_hh" in name for name in weights)
+    code, out, err = call(capsys, "sample", "--checkpoint", str(run_dir), "--prompt", "It was", "--length", "30",
+                          "--seed", "3")
+    assert code == 0 and out.startswith("It was") and len(out) == 6 + 30 + 1, err
+    losses = {}
+    for backend in ("native", "reference"):
+        code, out, err = call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--json",
+                              "--backend", backend)
+        assert code == 0, err
+        losses[backend] = json.loads(out)["loss_nats"]
+    assert losses["native"] == pytest.approx(losses["reference"], abs=1e-5)
+    code, out, err = call(capsys, "info", "--checkpoint", str(run_dir), "--json")
+    facts = json.loads(out)
+    assert code == 0 and "mingru 2x16" in facts["model"].lower() and facts["step"] == 6
+    assert_user_error(call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file),
+                           "--backend", "fused"),
+                      "model.type mingru cannot run on the fused backend (torch has no fused kernel for it); "
+                      "use native or reference")
+    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "r"),
+                           "--set", "model.weight_dropout=0.3"),
+                      "model.weight_dropout: model.type mingru has no recurrent weights")
+
+
 def test_python_dash_m_and_help(cli):
     result = cli("--help")
     assert result.returncode == 0 and "train" in result.stdout and "sample" in result.stdout

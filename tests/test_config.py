@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from charlm.config import (Config, ConfigError, SampleConfig, load_config, parse_duration, sample_settings,
+from charlm.config import (BACKENDS, Config, ConfigError, SampleConfig, load_config, parse_duration, sample_settings,
                            with_absolute_paths)
+from charlm.models.registry import CELL_TYPES, lookup
 from conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -33,6 +34,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 MINIMAL = "data:\n  path: x.txt\ntrain:\n  max_steps: 10\n"
+VALID_TYPES = ", ".join(repr(t) for t in CELL_TYPES[:-1]) + f" or {CELL_TYPES[-1]!r}"  # pydantic's wording
 
 
 def problem(tmp_path: Path, text: str, *overrides: str) -> str:
@@ -53,7 +55,7 @@ def test_defaults_fill_in(tmp_path):
     (MINIMAL + "  lerning_rate: 1\n", "train.lerning_rate: unknown key"),
     (MINIMAL + "  lr_schedul: cosine\n", "did you mean 'lr_schedule'?"),
     (MINIMAL + "model:\n  hiden_size: 3\n", "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
-    (MINIMAL + "model:\n  type: gru2\n", "model.type: input should be 'rnn', 'lstm' or 'gru'"),
+    (MINIMAL + "model:\n  type: gru2\n", f"model.type: input should be {VALID_TYPES} (got 'gru2')"),
     (MINIMAL + "model:\n  dropout: 1.5\n", "model.dropout: input should be less than 1"),
     (MINIMAL + "  device: gpu\n", "train.device: must be auto, cpu, cuda, cuda:N or mps"),
     (MINIMAL + "  max_time: soon\n", "train.max_time: must be a duration"),
@@ -198,3 +200,27 @@ def test_weight_dropout_is_validated(tmp_path):
         load_config(path)
     path.write_text(MINIMAL + "model:\n  weight_dropout: 0.3\n")
     assert load_config(path).model.weight_dropout == 0.3
+
+
+@pytest.mark.parametrize("cell_type", CELL_TYPES)
+def test_every_cell_type_loads_with_each_backend_it_supports(tmp_path, cell_type):
+    spec = lookup(cell_type)
+    for backend in spec.backends:
+        cfg = load_config(write(tmp_path, MINIMAL), [f"model.type={cell_type}", f"model.backend={backend}"])
+        assert (cfg.model.type, cfg.model.backend) == (cell_type, backend)
+    for backend in sorted(set(BACKENDS) - set(spec.backends)):
+        message = problem(tmp_path, MINIMAL, f"model.type={cell_type}", f"model.backend={backend}")
+        assert len(message.splitlines()) == 1
+        assert f"model.backend: model.type {cell_type} cannot run on the {backend} backend" in message
+        assert f"use {' or '.join(spec.backends)} (got '{backend}')" in message
+
+
+def test_mingru_rejects_the_fused_backend_and_weight_dropout(tmp_path):
+    """minGRU has no torch kernel and no weight_hh: each is one line naming its key and what to do."""
+    assert "use native or reference (got 'fused')" in problem(
+        tmp_path, MINIMAL + "model:\n  type: mingru\n  backend: fused\n")
+    message = problem(tmp_path, MINIMAL + "model:\n  type: mingru\n  weight_dropout: 0.2\n")
+    assert message == (f"{tmp_path / 'c.yaml'}: model.weight_dropout: model.type mingru has no recurrent weights "
+                       "(weight_hh) for model.weight_dropout to drop; set it to 0 (got 0.2)")
+    cfg = load_config(write(tmp_path, MINIMAL + "model:\n  type: mingru\n  weight_dropout: 0\n"))
+    assert (cfg.model.type, cfg.model.backend) == ("mingru", "native")

@@ -13,7 +13,7 @@ import torch
 
 from charlm.training import trainer as trainer_module
 from charlm.config import validate_config
-from charlm.training.rundir import read_metrics
+from charlm.training.metrics import read_metrics
 from charlm.training.run import train
 from conftest import ROOT, tiny_config
 from test_trainer import quiet

@@ -67,7 +67,7 @@ def server():
 def test_known_corpus_is_fetched_checked_and_not_fetched_twice(server, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(download_module.KNOWN_CORPORA, "tinyshakespeare",
                         KnownCorpus("test", server, (Part("input.txt", GOOD_SHA),), "input.txt", GOOD_SHA))
-    monkeypatch.setattr("charlm.cli.KNOWN_CORPORA", download_module.KNOWN_CORPORA)
+    monkeypatch.setattr("charlm.cli.files.KNOWN_CORPORA", download_module.KNOWN_CORPORA)
     code, out, err = call(capsys, "download", "tinyshakespeare", "--dir", str(tmp_path))
     assert code == 0, err
     path = tmp_path / "tinyshakespeare" / "input.txt"

@@ -7,19 +7,21 @@ import shutil
 import pytest
 import torch
 
-import charlm.models.layers as layers
 import charlm.models.native as native
+import charlm.models.native_layers as native_layers
 from charlm.models.layers import RecurrentStack, native_loop
 from charlm.models.native import TORCH_LOOPS, cpp_loops
+from charlm.models.registry import CELL_TYPES, lookup
 
-KINDS = ["rnn", "lstm", "gru"]
+NATIVE = [cell_type for cell_type in CELL_TYPES if "native" in lookup(cell_type).backends]
+WITH_WEIGHT_HH = [cell_type for cell_type in CELL_TYPES if lookup(cell_type).recurrent_weights]
 
 
 @pytest.fixture(params=["cpp", "torch"])
 def loops(request, monkeypatch):
-    """Run each test with the C++ loops and with the PyTorch loops."""
+    """Run each test with the C++ loops and with the PyTorch loops (rnn, lstm and gru's native layers)."""
     if request.param == "torch":
-        monkeypatch.setattr(layers, "step_loops", lambda like: TORCH_LOOPS)
+        monkeypatch.setattr(native_layers, "step_loops", lambda like: TORCH_LOOPS)
     elif cpp_loops() is None:
         pytest.skip("the C++ step loop is not built here")
     return request.param
@@ -34,11 +36,11 @@ def run(stack, x, state):
     return out.detach(), [s.detach() for s in final], grads
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cell_type", NATIVE)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_native_equals_reference(loops, kind, dtype, tol):
+def test_native_equals_reference(loops, cell_type, dtype, tol):
     torch.manual_seed(3)
-    stack = RecurrentStack(kind, 6, 8, 2).to(dtype)
+    stack = RecurrentStack(cell_type, 6, 8, 2).to(dtype)
     x = torch.randn(9, 4, 6, dtype=dtype)
     state = tuple(torch.randn(2, 4, 8, dtype=dtype) for _ in range(stack.state_size))
     stack.backend = "reference"
@@ -64,11 +66,11 @@ class NativeLayer(torch.nn.Module):
         return (out, *final)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_native_layer_gradcheck(loops, kind):
+@pytest.mark.parametrize("cell_type", NATIVE)
+def test_native_layer_gradcheck(loops, cell_type):
     """gradcheck of the hand-written backward: input, initial state and every weight, in float64."""
     torch.manual_seed(0)
-    layer = NativeLayer(RecurrentStack(kind, 3, 4, 1).double().layers[0])
+    layer = NativeLayer(RecurrentStack(cell_type, 3, 4, 1).double().layers[0])
     names = [name for name, _ in layer.named_parameters()]
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     state = [torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(layer.cell.state_size)]
@@ -131,15 +133,15 @@ def test_a_build_killed_midway_blocks_nothing(tmp_path):
     assert "building" not in result.stderr  # the cached library was used as is
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_weight_dropout_is_one_mask_per_window(loops, kind):
+@pytest.mark.parametrize("cell_type", WITH_WEIGHT_HH)
+def test_weight_dropout_is_one_mask_per_window(loops, cell_type):
     """Training with weight_dropout = running the plain stack with each weight_hh replaced by
     F.dropout(weight_hh) drawn once (same RNG draws): one mask for all T steps, gradient
     reaching the parameter through the mask."""
     torch.manual_seed(4)
     x = torch.randn(7, 3, 5, dtype=torch.float64)
-    dropped = RecurrentStack(kind, 5, 6, 2, weight_dropout=0.4).double().train()
-    plain = RecurrentStack(kind, 5, 6, 2).double().train()
+    dropped = RecurrentStack(cell_type, 5, 6, 2, weight_dropout=0.4).double().train()
+    plain = RecurrentStack(cell_type, 5, 6, 2).double().train()
     plain.load_state_dict(dropped.state_dict())
     state = tuple(torch.randn(2, 3, 6, dtype=torch.float64) for _ in range(plain.state_size))
     torch.manual_seed(11)
@@ -151,7 +153,7 @@ def test_weight_dropout_is_one_mask_per_window(loops, kind):
             cell.weight_hh.mul_(mask)
     plain.backend = "reference"
     want_out, want_final, want_grads = run(plain, x, state)
-    for backend in ("native", "reference", "fused"):
+    for backend in lookup(cell_type).backends:
         dropped.backend = backend
         torch.manual_seed(11)
         out, final, grads = run(dropped, x, state)
@@ -180,12 +182,12 @@ def nan_pattern(stack, x, state):
     return torch.isnan(out), [torch.isnan(s) for s in final]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("poison", ["input", "weight_hh"])
-def test_every_backend_gives_the_same_non_finite_outcome(loops, kind, poison):
+@pytest.mark.parametrize("cell_type,poison",
+                         [(t, "input") for t in CELL_TYPES] + [(t, "weight_hh") for t in WITH_WEIGHT_HH])
+def test_every_backend_gives_the_same_non_finite_outcome(loops, cell_type, poison):
     """A NaN entering a gate comes out NaN in every backend: never quietly finite in one of them."""
     torch.manual_seed(5)
-    stack = RecurrentStack(kind, 6, 8, 2)
+    stack = RecurrentStack(cell_type, 6, 8, 2)
     x = torch.randn(7, 3, 6)
     state = stack.init_state(3)
     if poison == "input":
@@ -194,11 +196,11 @@ def test_every_backend_gives_the_same_non_finite_outcome(loops, kind, poison):
         with torch.no_grad():
             stack.layers[0].weight_hh[0, 0] = float("nan")
     patterns = {}
-    for backend in ("reference", "fused", "native"):
+    for backend in stack.spec.backends:
         stack.backend = backend
         patterns[backend] = nan_pattern(stack, x, state)
     out, final = patterns["reference"]
     assert out.any() and not out.all() if poison == "input" else out.any()
-    for backend in ("fused", "native"):
+    for backend in set(patterns) - {"reference"}:
         assert torch.equal(patterns[backend][0], out), backend
         assert all(torch.equal(a, b) for a, b in zip(patterns[backend][1], final)), backend

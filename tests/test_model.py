@@ -8,35 +8,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm.models.model import CharLM
-from test_cells import reference_for
+from charlm.models.registry import CELL_TYPES
+from test_cells import WITH_TORCH_NN, reference_for
 
 
-def make(kind="lstm", input="embedding", dropout=0.0, layers=2, V=11, H=6):
+def make(cell_type="lstm", input="embedding", dropout=0.0, layers=2, V=11, H=6):
     torch.manual_seed(0)
-    return CharLM(V, cell=kind, hidden_size=H, num_layers=layers, dropout=dropout, input=input,
+    return CharLM(V, cell_type=cell_type, hidden_size=H, num_layers=layers, dropout=dropout, input=input,
                   embedding_dim=5).double()
 
 
-@pytest.mark.parametrize("kind", ["rnn", "lstm"])
-def test_forward_shapes(kind):
-    model = make(kind)
+@pytest.mark.parametrize("cell_type", CELL_TYPES)
+def test_forward_shapes(cell_type):
+    model = make(cell_type)
     idx = torch.randint(0, 11, (3, 9))
     logits, state = model(idx)
     assert logits.shape == (3, 9, 11)
-    assert len(state) == (2 if kind == "lstm" else 1)
+    assert len(state) == (2 if cell_type == "lstm" else 1)
     assert all(s.shape == (2, 3, 6) for s in state)
 
 
 def test_built_from_scratch():
-    for kind in ("rnn", "lstm"):
-        model = make(kind)
+    for cell_type in CELL_TYPES:
+        model = make(cell_type)
         assert not any(isinstance(m, (nn.RNNBase, nn.RNNCellBase)) for m in model.modules())
 
 
-@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell_type", CELL_TYPES)
 @pytest.mark.parametrize("input", ["onehot", "embedding"])
-def test_one_pass_equals_three_with_carried_state(kind, input):
-    model = make(kind, input).eval()
+def test_one_pass_equals_three_with_carried_state(cell_type, input):
+    model = make(cell_type, input).eval()
     idx = torch.randint(0, 11, (4, 12))
     full, full_state = model(idx)
     state, pieces = None, []
@@ -48,10 +49,10 @@ def test_one_pass_equals_three_with_carried_state(kind, input):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["rnn", "lstm"])
-def test_onehot_model_equals_torch_nn_on_one_hot_vectors(kind):
-    model = make(kind, "onehot")
-    ref = reference_for(model.rnn, kind, 11).double()
+@pytest.mark.parametrize("cell_type", WITH_TORCH_NN)
+def test_onehot_model_equals_torch_nn_on_one_hot_vectors(cell_type):
+    model = make(cell_type, "onehot")
+    ref = reference_for(model.rnn, cell_type, 11).double()
     idx = torch.randint(0, 11, (2, 7))
     one_hot = F.one_hot(idx.t(), 11).double()  # [T, B, V]: the spec's x_t
     out, _ = ref(one_hot)

@@ -15,12 +15,14 @@ import pytest
 import torch
 from rich.console import Console
 
+import charlm.training.checkpoint_contents as contents_module
 import charlm.training.trainer as trainer_module
+import charlm.training.validation as validation_module
 from charlm.training.checkpoint import load_checkpoint
 from charlm.config import validate_config
 from charlm.report.progress import TrainingDisplay
 from charlm.models.model import CharLM
-from charlm.training.rundir import read_metrics
+from charlm.training.metrics import read_metrics
 from charlm.training.run import train
 from conftest import run_cli, tiny_config
 from test_cli import assert_user_error, call
@@ -173,7 +175,7 @@ def test_early_stopping(tmp_path, text_file, monkeypatch):
     def fake_totals(model, ids, streams, part=(0, 1)):
         return next(losses) * 10, 10
 
-    monkeypatch.setattr(trainer_module, "evaluate_totals", fake_totals)
+    monkeypatch.setattr(validation_module, "evaluate_totals", fake_totals)
     cfg = validate_config(tiny_config(text_file, train={"max_steps": 50, "eval_interval": 2, "patience": 2}))
     outcome = train(cfg, tmp_path / "run", display=quiet())
     assert outcome.stop_reason == "early_stop" and outcome.step == 8
@@ -182,9 +184,9 @@ def test_early_stopping(tmp_path, text_file, monkeypatch):
 
 def test_checkpoint_interval_in_steps(tmp_path, text_file, monkeypatch):
     saved = []
-    real = trainer_module.save_checkpoint
-    monkeypatch.setattr(trainer_module, "save_checkpoint", lambda p, path: (saved.append((p["step"], path.name)),
-                                                                            real(p, path)))
+    real = contents_module.save_checkpoint
+    monkeypatch.setattr(contents_module, "save_checkpoint", lambda p, path: (saved.append((p["step"], path.name)),
+                                                                             real(p, path)))
     cfg = validate_config(tiny_config(text_file, train={"max_steps": 10, "eval_interval": 100, "checkpoint_interval": 3}))
     train(cfg, tmp_path / "run", display=quiet())
     # step 10 twice: before the final evaluation (which a signal may cut short) and with its result

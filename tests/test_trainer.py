@@ -13,7 +13,7 @@ from charlm.config import TrainConfig, validate_config
 from charlm.data.corpus import load_corpus
 from charlm.inference.evaluate import evaluate_ids
 from charlm.report.progress import TrainingDisplay
-from charlm.training.rundir import read_metrics
+from charlm.training.metrics import read_metrics
 from charlm.training.optim import Budget, WeightAverage, learning_rate
 from charlm.training.run import train
 from conftest import tiny_config

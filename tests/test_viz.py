@@ -13,7 +13,9 @@ import torch
 
 from charlm.models.cells import GRUCell, LSTMCell, RNNCell
 from charlm.models.model import CharLM
+from charlm.models.registry import CELL_TYPES, lookup
 from charlm.data.text import TextSettings
+from charlm.report.page import render_page
 from charlm.report.viz import inspect
 from charlm.data.vocab import Vocab
 from conftest import PARAGRAPH, ROOT, tiny_config
@@ -56,6 +58,26 @@ def test_recording_changes_nothing():
     record = []
     torch.testing.assert_close(model(idx, None, record)[0], model(idx)[0], atol=1e-5, rtol=0)
     assert len(record) == 2 and len(record[0]["forget"]) == 9 and record[1]["cell"][0].shape == (2, 6)
+
+
+@pytest.mark.parametrize("cell_type", CELL_TYPES)
+def test_every_cell_type_shows_its_registered_channels(cell_type):
+    """The page's channels, their colour scales and the tracked feature come from the registry entry."""
+    torch.manual_seed(4)
+    spec = lookup(cell_type)
+    text = 'He said "stop (now)" and left.\n' * 3
+    vocab = Vocab(sorted(set(text)))
+    model = CharLM(len(vocab), cell_type, hidden_size=6, num_layers=2).eval()
+    ins = inspect(model, vocab, text, TextSettings(), cell_type)
+    assert list(ins.channels) == list(ins.scales) == [channel.name for channel in spec.channels]
+    for channel in spec.channels:
+        assert [t.shape for t in ins.channels[channel.name]] == [(len(text), 6)] * 2
+        scale = ins.scales[channel.name]
+        assert (scale["low"], scale["high"]) == ((channel.low, channel.high) if channel.bounded else (-1, 1))
+        assert scale["legend"] == f"{channel.label}: {scale['low']:g} to {scale['high']:g}"
+    page = render_page(ins, "t")
+    data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1))
+    assert data["cellType"] == cell_type and set(data["scales"]) == set(data["channels"]) == set(ins.channels)
 
 
 def test_inspection_surprisal_is_the_models_loss():
@@ -183,3 +205,45 @@ def test_page_in_a_real_browser(viz_run, capsys):
     _headless("--window-size=1280,800", f"--screenshot={shot}",
               page.resolve().as_uri() + "#view=unit&layer=0&unit=0&channel=forget")
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+# --- minGRU through the real CLI: its page shows its own channels ------------------------------
+
+@pytest.fixture(scope="module")
+def mingru_page(viz_run, tmp_path_factory):
+    from conftest import run_cli
+    import yaml
+    folder = tmp_path_factory.mktemp("mingru")
+    config = folder / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(viz_run / "input.txt", model={"type": "mingru", "num_layers": 2},
+                                                 train={"max_steps": 20})))
+    assert run_cli("train", "--config", str(config), "--out", str(folder / "run")).returncode == 0
+    page = folder / "mingru.html"
+    result = run_cli("viz", "--checkpoint", str(folder / "run"), "--text", str(viz_run / "input.txt"),
+                     "--out", str(page), "--max-chars", "3000")
+    assert result.returncode == 0, result.stderr
+    return page
+
+
+def test_mingru_viz_page_has_its_channels(mingru_page):
+    html = mingru_page.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S).group(1))
+    assert data["cellType"] == "mingru" and len(data["chars"]) == 3000
+    assert list(data["channels"]) == ["update", "candidate", "hidden"]
+    assert data["scales"]["update"]["legend"] == "update gate: 0 to 1"
+    assert data["scales"]["candidate"]["legend"] == "tanh(h~): -1 to 1"
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_mingru_page_in_a_real_browser(mingru_page):
+    harness = mingru_page.parent / "harness.html"
+    harness.write_text(HARNESS.replace("big.html", mingru_page.name).replace("channel=forget", "channel=update")
+                       .replace('el.value = "cell"', 'el.value = "candidate"'), encoding="utf-8")
+    dom = _headless("--allow-file-access-from-files", "--virtual-time-budget=30000", "--dump-dom",
+                    harness.resolve().as_uri()).stdout
+    found = re.search(r'<pre id="out">(.*?)</pre>', dom, re.S)
+    assert found and found.group(1) != "pending", dom[:500]
+    result = json.loads(html_lib.unescape(found.group(1)))
+    views = [result[k] for k in ("forget", "cell", "otherUnit", "surprisal")]  # update, candidate, ...
+    assert all(len(v) == 3000 for v in views) and all(len(set(v)) > 20 for v in views)
+    assert all(a != b for i, a in enumerate(views) for b in views[i + 1:])

@@ -2,8 +2,8 @@
 
 `schema` holds the four frozen sections and their checks; `loading` reads and writes YAML
 (the only module that imports yaml), applies overrides and turns every validation problem
-into one line naming its dotted key. Imports only charlm.errors: every other package may
-import the config, and it imports none of them.
+into one line naming its dotted key. Imports only charlm.errors and charlm.models.registry (a
+torch-free leaf: the cell types and backends): every other package may import the config.
 """
 
 from charlm.config.loading import (apply_override, config_yaml, load_config, read_config_file, read_yaml_mapping,

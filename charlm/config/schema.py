@@ -6,9 +6,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from charlm.errors import UserError
+import charlm.models.registry as registry
 
 
 class ConfigError(UserError):
@@ -53,12 +54,14 @@ class DataConfig(_Section):
     on_decode_error: Literal["error", "skip"] = "error"
 
 
-Backend = Literal["native", "fused", "reference"]
+# Both lists come from the cell-type registry, a torch-free leaf of charlm.models.
+Backend = Literal[registry.BACKENDS]
 BACKENDS: tuple[str, ...] = get_args(Backend)  # the one list of backends (cli and layers read it)
+CellType = Literal[registry.CELL_TYPES]
 
 
 class ModelConfig(_Section):
-    type: Literal["rnn", "lstm", "gru"] = "lstm"
+    type: CellType = "lstm"
     hidden_size: int = Field(256, gt=0)
     num_layers: int = Field(2, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -66,6 +69,21 @@ class ModelConfig(_Section):
     input: Literal["onehot", "embedding"] = "embedding"
     embedding_dim: int = Field(64, gt=0)
     backend: Backend = "native"
+
+    # `type` is validated before these (field order), so info.data holds it when it is valid.
+    @field_validator("weight_dropout")
+    @classmethod
+    def _cell_type_has_recurrent_weights(cls, value: float, info: ValidationInfo) -> float:
+        if "type" in info.data:
+            registry.lookup(info.data["type"]).check_weight_dropout(value)
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _cell_type_runs_on_backend(cls, value: str, info: ValidationInfo) -> str:
+        if "type" in info.data:
+            registry.lookup(info.data["type"]).check_backend(value)
+        return value
 
 
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")

@@ -1,4 +1,4 @@
-"""The recurrent cells of model-spec.md, written from scratch: one time step, nothing else.
+"""The recurrent cells, written from scratch from README's equations (How it works, Models): one time step each.
 
 Shapes: B batch, D input size, H hidden size, G gates (RNN 1, LSTM 4, GRU 3).
 Parameters use torch.nn's names and layout (weight_ih [G*H, D], weight_hh [G*H, H],
@@ -11,8 +11,8 @@ Each cell splits a step in two so a layer can project all T inputs in one matmul
 `forward(x, state)` is the two together: the plain one-step cell. `step` takes an optional
 `weight_hh` in place of the parameter: a layer passes a DropConnect-masked copy of it
 (model.weight_dropout), the same for every step of a window. These steps, run by
-autograd, are the readable reference; layers.py also runs the same equations as native
-step loops with a hand-written backward, tested against them.
+autograd, are the readable reference; native_layers.py runs the same equations as native
+step loops with a hand-written backward, tested against them. registry.py names each cell.
 """
 
 from __future__ import annotations
@@ -26,12 +26,32 @@ from torch import nn
 State = tuple[torch.Tensor, ...]  # per cell: (h,) for the RNN, (h, c) for the LSTM, each [B, H]
 
 
-class _Cell(nn.Module):
-    gates = 1
+class Cell(nn.Module):
+    """What every cell provides: `state_size` tensors of state [B, H] (h first), project_input(x)
+    for any number of steps, step(gx, state, record, weight_hh) for one, and init_state."""
+
+    state_size = 1
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
         self.input_size, self.hidden_size = input_size, hidden_size
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+        return tuple(zeros.clone() for _ in range(self.state_size))
+
+    def forward(self, x: torch.Tensor, state: State, record: Optional[dict] = None) -> State:
+        """One time step from the raw input x [B, D]; returns the new state."""
+        return self.step(self.project_input(x), state, record)
+
+
+class _Cell(Cell):
+    """A cell in torch.nn's layout, with a recurrent weight: weight_ih, weight_hh, bias_ih, bias_hh."""
+
+    gates = 1
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__(input_size, hidden_size)
         gh = self.gates * hidden_size
         self.weight_ih = nn.Parameter(torch.empty(gh, input_size))
         self.weight_hh = nn.Parameter(torch.empty(gh, hidden_size))
@@ -62,19 +82,11 @@ class _Cell(nn.Module):
         """W_ih x + input_bias() for x [..., D] -> [..., G*H]."""
         return F.linear(x, self.weight_ih, self.input_bias())
 
-    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
-        zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
-        return tuple(zeros.clone() for _ in range(self.state_size))
-
-    def forward(self, x: torch.Tensor, state: State, record: Optional[dict] = None) -> State:
-        """One time step from the raw input x [B, D]; returns the new state."""
-        return self.step(self.project_input(x), state, record)
-
 
 class RNNCell(_Cell):
     """Vanilla (Elman) RNN: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
 
-    (model-spec's W_xh = weight_ih, b_h = b_ih + b_hh; the two-bias form is torch.nn's.)
+    (README's W_ih = the equations' W_xh, and b_ih + b_hh = b_h; the two-bias form is torch.nn's.)
     """
 
     gates = 1
@@ -85,7 +97,7 @@ class RNNCell(_Cell):
         (h,) = state
         w_hh = self.weight_hh if weight_hh is None else weight_hh
         h = torch.tanh(torch.addmm(gx, h, w_hh.t()))  # [B, H]
-        _record(record, hidden=h)
+        record_activations(record, hidden=h)
         return (h,)
 
 
@@ -125,7 +137,7 @@ class LSTMCell(_Cell):
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c = f * c + i * g  # [B, H]
         h = o * torch.tanh(c)  # [B, H]
-        _record(record, input=i, forget=f, candidate=g, output=o, cell=c, hidden=h)
+        record_activations(record, input=i, forget=f, candidate=g, output=o, cell=c, hidden=h)
         return (h, c)
 
 
@@ -163,14 +175,11 @@ class GRUCell(_Cell):
         z = torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)
         h = (1 - z) * n + z * h
-        _record(record, reset=r, update=z, new=n, hidden=h)
+        record_activations(record, reset=r, update=z, new=n, hidden=h)
         return (h,)
 
 
-CELLS = {"rnn": RNNCell, "lstm": LSTMCell, "gru": GRUCell}
-
-
-def _record(record: Optional[dict], **activations: torch.Tensor) -> None:
+def record_activations(record: Optional[dict], **activations: torch.Tensor) -> None:
     """Append this step's activations ([B, H] each) to `record`: what the equations computed,
     exposed for inspection (charlm viz) without a second implementation."""
     if record is not None:

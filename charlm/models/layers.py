@@ -4,12 +4,12 @@ Tensors here are time-major: x [T, B, D], outputs [T, B, H], so step t reads a c
 [B, G*H] slice. A stack's state is a tuple of [L, B, H] tensors: (h,) for the RNN and GRU,
 (h, c) for the LSTM, the same layout as torch.nn.RNN / LSTM / GRU.
 
-Backends (same parameters, so a checkpoint moves freely between them):
+Backends (same parameters, so a checkpoint moves freely between them); which a cell type
+supports, and the functions that run it, come from its entry in registry.py:
 - reference: the cells' step() in a Python loop, differentiated by autograd. The readable
   definition the others are tested against.
-- native: the same equations as step loops with a hand-written backward (one
-  autograd.Function per layer over all T steps): in C++ on the CPU (charlm/models/csrc), in
-  PyTorch elsewhere (see native.py).
+- native: the cell type's own layer function over all T steps with a hand-written backward
+  (native_layers.py: C++ step loops on the CPU, charlm/models/csrc, PyTorch elsewhere).
 - fused: torch's own kernels (torch.lstm / gru / rnn_tanh: oneDNN on CPU, cuDNN on GPU).
 """
 
@@ -21,101 +21,22 @@ from typing import Optional
 import torch
 from torch import nn
 
-from charlm.config import BACKENDS
-from charlm.models.cells import CELLS, GRUCell, LSTMCell, RNNCell, State
-from charlm.models.native import step_loops
-
-
-
-def _project(x: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """W_ih x_t + bias for all T steps in one matmul: x [T, B, D] -> [T, B, G*H] (a new tensor)."""
-    T, B, D = x.shape
-    return torch.addmm(bias, x.reshape(T * B, D), w_ih.t()).view(T, B, -1)
-
-
-def _projection_grads(ctx, dgx: torch.Tensor, x: torch.Tensor, w_ih: torch.Tensor):
-    """Grads of x, w_ih and bias from the grad of the projected input dgx [T, B, G*H]."""
-    flat = dgx.reshape(-1, dgx.shape[2])  # [T*B, G*H]
-    dx = (flat @ w_ih).view_as(x) if ctx.needs_input_grad[0] else None
-    return dx, flat.t() @ x.reshape(-1, x.shape[2]), flat.sum(0)
-
-
-class _LSTMLayer(torch.autograd.Function):
-    """One LSTM layer over T steps: forward and hand-written backward in the native loops."""
-
-    @staticmethod
-    def forward(ctx, x, w_ih, bias, h0, c0, w_hh):
-        loops = step_loops(x)
-        gates = _project(x, w_ih, bias)
-        hs, cs = loops.lstm_forward(gates, h0, c0, w_hh)  # gates now hold the activations
-        ctx.loops = loops
-        ctx.save_for_backward(x, w_ih, gates, hs, cs, h0, c0, w_hh)
-        return hs, hs[-1].clone(), cs[-1].clone()
-
-    @staticmethod
-    def backward(ctx, dhs, dh_last, dc_last):
-        x, w_ih, gates, hs, cs, h0, c0, w_hh = ctx.saved_tensors
-        dgx, dh0, dc0, dw_hh = ctx.loops.lstm_backward(dhs.contiguous(), dh_last, dc_last, gates, hs, cs, h0, c0, w_hh)
-        return (*_projection_grads(ctx, dgx, x, w_ih), dh0, dc0, dw_hh)
-
-
-class _RNNLayer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w_ih, bias, h0, w_hh):
-        loops = step_loops(x)
-        hs = loops.rnn_forward(_project(x, w_ih, bias), h0, w_hh)  # [T, B, H]
-        ctx.loops = loops
-        ctx.save_for_backward(x, w_ih, hs, h0, w_hh)
-        return hs, hs[-1].clone()
-
-    @staticmethod
-    def backward(ctx, dhs, dh_last):
-        x, w_ih, hs, h0, w_hh = ctx.saved_tensors
-        dgx, dh0, dw_hh = ctx.loops.rnn_backward(dhs.contiguous(), dh_last, hs, h0, w_hh)
-        return (*_projection_grads(ctx, dgx, x, w_ih), dh0, dw_hh)
-
-
-class _GRULayer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w_ih, bias, h0, w_hh, b_hn):
-        loops = step_loops(x)
-        hs, acts, ghn = loops.gru_forward(_project(x, w_ih, bias), h0, w_hh, b_hn)  # [T, B, H], [T, B, 3H], [T, B, H]
-        ctx.loops = loops
-        ctx.save_for_backward(x, w_ih, acts, ghn, hs, h0, w_hh)
-        return hs, hs[-1].clone()
-
-    @staticmethod
-    def backward(ctx, dhs, dh_last):
-        x, w_ih, acts, ghn, hs, h0, w_hh = ctx.saved_tensors
-        dgx, dh0, dw_hh, db_hn = ctx.loops.gru_backward(dhs.contiguous(), dh_last, acts, ghn, hs, h0, w_hh)
-        return (*_projection_grads(ctx, dgx, x, w_ih), dh0, dw_hh, db_hn)
+from charlm.models.cells import State
+from charlm.models.registry import lookup, spec_of
 
 
 def native_loop(cell: nn.Module, x: torch.Tensor, state: State,
                 weight_hh: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
-    """Run `cell` over x [T, B, D] with the native step loop -> outputs [T, B, H], state.
+    """Run `cell` over x [T, B, D] with its cell type's native layer -> outputs [T, B, H], state.
 
     `weight_hh` replaces the cell's recurrent weight for every step (weight dropout).
     Under autocast the recurrence still runs in the parameters' precision (the loops are
     float32/float64): autocast then speeds up the layers around it."""
-    w_hh = cell.weight_hh if weight_hh is None else weight_hh
+    layer = spec_of(cell).native_layer()
+    w_hh = getattr(cell, "weight_hh", None) if weight_hh is None else weight_hh
+    dtype = cell.weight_ih.dtype
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _native_loop(cell, x.to(cell.weight_ih.dtype), tuple(s.to(cell.weight_ih.dtype) for s in state), w_hh)
-
-
-def _native_loop(cell: nn.Module, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
-    x = x.contiguous()
-    h0 = state[0].contiguous()
-    bias = cell.input_bias()
-    if isinstance(cell, LSTMCell):
-        hs, h, c = _LSTMLayer.apply(x, cell.weight_ih, bias, h0, state[1].contiguous(), w_hh)
-        return hs, (h, c)
-    if isinstance(cell, GRUCell):
-        hs, h = _GRULayer.apply(x, cell.weight_ih, bias, h0, w_hh, cell.bias_hh[2 * cell.hidden_size:])
-        return hs, (h,)
-    assert isinstance(cell, RNNCell), f"no native loop for {type(cell).__name__}"
-    hs, h = _RNNLayer.apply(x, cell.weight_ih, bias, h0, w_hh)
-    return hs, (h,)
+        return layer(cell, x.to(dtype).contiguous(), tuple(s.to(dtype) for s in state), w_hh)
 
 
 def reference_loop(cell: nn.Module, x: torch.Tensor, state: State, record: Optional[dict] = None,
@@ -131,9 +52,6 @@ def reference_loop(cell: nn.Module, x: torch.Tensor, state: State, record: Optio
     return torch.stack(outputs), state  # [T, B, H]
 
 
-_FUSED = {"rnn": torch.rnn_tanh, "lstm": torch.lstm, "gru": torch.gru}
-
-
 class RecurrentStack(nn.Module):
     """L layers: layer k's h_t is layer k+1's x_t, with dropout between layers.
 
@@ -146,7 +64,9 @@ class RecurrentStack(nn.Module):
     def __init__(self, cell_type: str, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0,
                  backend: str = "native", weight_dropout: float = 0.0):
         super().__init__()
-        cell_class = CELLS[cell_type]
+        self.spec = lookup(cell_type)  # the registry entry: raises CellTypeError naming the valid types
+        self.spec.check_weight_dropout(weight_dropout)
+        cell_class = self.spec.cell_class()
         self.cell_type, self.hidden_size, self.num_layers = cell_type, hidden_size, num_layers
         self.layers = nn.ModuleList(
             cell_class(input_size if k == 0 else hidden_size, hidden_size) for k in range(num_layers))
@@ -162,12 +82,14 @@ class RecurrentStack(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        assert name in BACKENDS, f"unknown backend {name!r}; choose from {BACKENDS}"
+        self.spec.check_backend(name)  # one line naming the backends this cell type supports
         self._backend = name
 
-    def recurrent_weights(self) -> list[torch.Tensor]:
-        """Each layer's weight_hh for this forward call: masked while training with weight_dropout
-        (by the masks `shared_weight_masks` holds, else by new ones)."""
+    def recurrent_weights(self) -> list[Optional[torch.Tensor]]:
+        """Each layer's weight_hh for this forward call (None for a cell type without one): masked
+        while training with weight_dropout (by the masks `shared_weight_masks` holds, else by new ones)."""
+        if not self.spec.recurrent_weights:
+            return [None] * self.num_layers
         if not (self.training and self.weight_dropout > 0):
             return [cell.weight_hh for cell in self.layers]
         masks = self._held_masks or self.draw_weight_masks()
@@ -220,7 +142,7 @@ class RecurrentStack(nn.Module):
     def _fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         weights = [w for cell, w_hh in zip(self.layers, self.recurrent_weights())
                    for w in (cell.weight_ih, w_hh, cell.bias_ih, cell.bias_hh)]
-        hx = state if self.cell_type == "lstm" else state[0]
-        out, *final = _FUSED[self.cell_type](x, hx, weights, True, self.num_layers, self.dropout.p,
-                                             self.training, False, False)
-        return out, (tuple(final) if self.cell_type == "lstm" else (final[0],))
+        hx = state if len(state) > 1 else state[0]  # torch.lstm takes (h, c); the others h alone
+        kernel = getattr(torch, self.spec.fused)
+        out, *final = kernel(x, hx, weights, True, self.num_layers, self.dropout.p, self.training, False, False)
+        return out, tuple(final)

@@ -15,13 +15,14 @@ from torch import nn
 
 from charlm.models.cells import State
 from charlm.models.layers import RecurrentStack
+from charlm.models.registry import CellSpec
 
 if TYPE_CHECKING:
     from charlm.config import ModelConfig
 
 
 class CharLM(nn.Module):
-    def __init__(self, vocab_size: int, cell: str = "lstm", hidden_size: int = 256, num_layers: int = 2,
+    def __init__(self, vocab_size: int, cell_type: str = "lstm", hidden_size: int = 256, num_layers: int = 2,
                  dropout: float = 0.0, input: str = "embedding", embedding_dim: int = 64, backend: str = "native",
                  weight_dropout: float = 0.0):
         super().__init__()
@@ -32,11 +33,16 @@ class CharLM(nn.Module):
         # and layer 0's weight_ih [4H, V] plays the embedding's role.
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if input == "embedding" else None
         input_size = embedding_dim if self.embedding is not None else vocab_size
-        self.rnn = RecurrentStack(cell, input_size, hidden_size, num_layers, dropout, backend, weight_dropout)
+        self.rnn = RecurrentStack(cell_type, input_size, hidden_size, num_layers, dropout, backend, weight_dropout)
         self.dropout = nn.Dropout(dropout)
         # Head init: torch's Linear default U(+-1/sqrt(H)); logits start small, so the first
         # loss is close to the uniform ln V and no character starts out favoured.
         self.head = nn.Linear(hidden_size, vocab_size)
+
+    @property
+    def cell_spec(self) -> CellSpec:
+        """The registry entry of the model's cell type: its name, backends and viz channels."""
+        return self.rnn.spec
 
     def init_state(self, batch_size: int, device=None) -> State:
         param = self.head.weight
@@ -70,7 +76,7 @@ class CharLM(nn.Module):
 
 
 def build_model(cfg: "ModelConfig", vocab_size: int) -> CharLM:
-    return CharLM(vocab_size, cell=cfg.type, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+    return CharLM(vocab_size, cell_type=cfg.type, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                   dropout=cfg.dropout, input=cfg.input, embedding_dim=cfg.embedding_dim, backend=cfg.backend,
                   weight_dropout=cfg.weight_dropout)
 

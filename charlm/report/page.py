@@ -15,7 +15,7 @@ def render_page(ins: Inspection, title: str) -> str:
         "chars": ins.chars, "surprisal": [round(b, 3) for b in ins.surprisal], "top5": ins.top5,
         "cellType": ins.cell_type, "layers": ins.layers, "hiddenSize": ins.hidden_size, "units": ins.units,
         "channels": {name: [encode_bytes(t) for t in per_layer] for name, per_layer in ins.channels.items()},
-        "features": ins.features, "maxBits": _MAX_BITS,
+        "scales": ins.scales, "features": ins.features, "maxBits": _MAX_BITS,
     }
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # safe inside <script>
     return _TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
@@ -64,7 +64,8 @@ function bytesOf(name, layer) {
   }
   return decoded[key];
 }
-const signed = (name) => name === "cell" || name === "hidden";
+const signed = (name) => D.scales[name].low < 0;  // diverging colours around zero
+const valueOf = (name, v) => D.scales[name].low + v * (D.scales[name].high - D.scales[name].low);
 function colourOf(view, i, sel) {
   if (view === "surprisal") {
     const t = Math.min(D.surprisal[i] / D.maxBits, 1);
@@ -90,7 +91,7 @@ function paint() {
   $("legend").style.background = view === "surprisal" ? "linear-gradient(90deg, #fff, rgb(230,40,20))"
     : gate ? "linear-gradient(90deg, #fff, rgb(30,110,230))" : "linear-gradient(90deg, rgb(30,90,220), #fff, rgb(220,50,30))";
   $("legendText").textContent = view === "surprisal" ? "0 to " + D.maxBits + "+ bits"
-    : gate ? sel.channel + " gate: 0 to 1" : (sel.channel === "cell" ? "tanh(c)" : "h") + ": -1 to 1";
+    : D.scales[sel.channel].legend;
   history.replaceState(null, "", "#view=" + view + "&layer=" + sel.layer + "&unit=" + sel.unit + "&channel=" + sel.channel);
 }
 function fillUnits() {
@@ -136,7 +137,7 @@ $("text").onmousemove = (e) => {
     const k = D.units[sel.layer].length;
     for (const name of Object.keys(D.channels)) {
       const v = bytesOf(name, sel.layer)[i * k + sel.column] / 255;
-      lines.push("L" + sel.layer + "/" + sel.unit + " " + name + " " + (signed(name) ? (2 * v - 1).toFixed(2) : v.toFixed(2)));
+      lines.push("L" + sel.layer + "/" + sel.unit + " " + name + " " + valueOf(name, v).toFixed(2));
     }
   }
   tip.textContent = lines.join("\n"); tip.style.whiteSpace = "pre";

@@ -1,73 +1,17 @@
-"""Loss curves of runs as a PNG, and a table of the runs under a folder.
-
-matplotlib is an optional extra (pip install 'charlm[plot]'); only `charlm plot` needs it.
-"""
+"""Loss curves of runs (train and val, against steps and wall time) as a PNG, from their metrics.jsonl.
+matplotlib is an optional extra (pip install 'charlm[plot]'); only `charlm plot` needs it."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
 
 from charlm.atomic import atomic_open
-from charlm.config import read_yaml_mapping
 from charlm.errors import UserError
-from charlm.training.rundir import CONFIG, LOCK, METRICS, pid_alive, read_metrics
+from charlm.training.metrics import read_metrics
+from charlm.training.rundir import METRICS
 
 LN2 = math.log(2)
-
-
-@dataclass
-class RunSummary:
-    name: str
-    model: str
-    parameters: Optional[int]
-    steps: int
-    best_val: Optional[float]
-    elapsed: float
-    state: str  # finished | early-stopped | interrupted | running | crashed | empty
-
-
-def summarize(run_dir: Path) -> RunSummary:
-    events = read_metrics(run_dir)
-    starts = [e for e in events if e["event"] == "start"]
-    last_start = max((i for i, e in enumerate(events) if e["event"] == "start"), default=-1)
-    end = next((e for e in events[last_start + 1:] if e["event"] == "end"), None) if last_start >= 0 else None
-    steps = max((e.get("step", 0) for e in events), default=0)
-    best = min((e["val_loss"] for e in events if e["event"] == "eval"), default=None)
-    elapsed = max((e.get("elapsed", 0.0) for e in events), default=0.0)
-    return RunSummary(run_dir.name, _model_of(run_dir), starts[-1].get("num_parameters") if starts else None,
-                      steps, best, elapsed, _state(run_dir, events, end))
-
-
-def _state(run_dir: Path, events: list, end: Optional[dict]) -> str:
-    lock = run_dir / LOCK
-    if lock.exists():
-        try:
-            if pid_alive(int(lock.read_text().strip())):
-                return "running"
-        except (OSError, ValueError):
-            pass
-    if not events:
-        return "empty"
-    if end is None:
-        return "crashed"
-    return {"budget": "finished", "early_stop": "early-stopped"}.get(end.get("reason"), "interrupted")
-
-
-def _model_of(run_dir: Path) -> str:
-    model = read_yaml_mapping(run_dir / CONFIG).get("model")
-    if not isinstance(model, dict):
-        return "?"
-    return f"{model.get('type', '?')} {model.get('num_layers', '?')}x{model.get('hidden_size', '?')}"
-
-
-def find_runs(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise UserError(f"no such folder: {folder}")
-    return sorted(p for p in folder.iterdir() if p.is_dir() and ((p / METRICS).exists() or (p / "last.pt").exists()))
 
 
 def plot_runs(run_dirs: list[Path], out: Path, unit: str = "nats") -> list[str]:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
-import torch
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
@@ -33,7 +31,7 @@ def sparkline(values: list[float]) -> str:
 
 class TrainingDisplay:
     """A live bar on a terminal (with a loss sparkline, best val, and a sample at each eval);
-    plain lines elsewhere; with quiet, only the evaluations."""
+    plain lines elsewhere; with quiet, only the evaluations. The run is handed one (training imports no report code)."""
 
     def __init__(self, console: Optional[Console] = None, quiet: bool = False):
         self.console = console or Console(highlight=False, soft_wrap=True)
@@ -49,6 +47,10 @@ class TrainingDisplay:
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=self.console, disable=not self.live, transient=False)
         self._task = self._progress.add_task("train", total=_TOTAL, **self.fields)
+
+    def silenced(self) -> "TrainingDisplay":
+        """A display that shows nothing (the ranks of a torchrun run other than 0)."""
+        return TrainingDisplay(Console(quiet=True))
 
     def __enter__(self) -> "TrainingDisplay":
         self._progress.start()
@@ -92,31 +94,3 @@ class TrainingDisplay:
         """A short sample from the model as it is now: see it learn."""
         shown = text.replace("\n", "⏎ ").strip()
         self.console.print(f"  sample at step {step}: ", shown, sep="", markup=False, highlight=False)
-
-
-class IntervalStats:
-    """Loss, largest pre-clip gradient norm and throughput since the last log line.
-
-    Sums stay on the device: reading them every step would make a GPU wait."""
-
-    def __init__(self, device: torch.device):
-        self._zero = torch.zeros((), device=device)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.loss_sum, self.norm_max, self.chars, self.steps = self._zero, self._zero, 0, 0
-        self.started = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, chars: int) -> None:
-        self.loss_sum, self.norm_max = self.loss_sum + loss, torch.maximum(self.norm_max, grad_norm)
-        self.chars, self.steps = self.chars + chars, self.steps + 1
-
-    def exclude(self, seconds: float) -> None:
-        self.started += seconds
-
-    def flush(self) -> tuple[float, float, float]:
-        """(mean loss, max grad norm, chars per second) of the interval, then start a new one."""
-        stats = (float(self.loss_sum) / max(self.steps, 1), float(self.norm_max),
-                 self.chars / max(time.perf_counter() - self.started, 1e-9))
-        self._reset()
-        return stats

@@ -1,7 +1,8 @@
 """What the model sees in a text: surprisal per character and every gate of every unit, as data.
 
 The activations come from the cells' own step() (the `record` path of CharLM.forward): the
-same equations training runs, not a second implementation. page.py turns this into HTML.
+same equations training runs, not a second implementation. Which channels a cell type shows,
+and their ranges, come from its registry entry (`model.cell_spec`). page.py turns this into HTML.
 """
 
 from __future__ import annotations
@@ -16,13 +17,6 @@ from charlm.errors import UserError
 from charlm.data.text import BOS, EOS, TextSettings, transform, units_of
 from charlm.data.vocab import Vocab
 
-# Channels shown per cell type, and how each maps to [0, 1] for colouring.
-CHANNELS = {
-    "lstm": {"forget": "gate", "input": "gate", "output": "gate", "cell": "signed"},
-    "gru": {"update": "gate", "reset": "gate", "hidden": "signed"},
-    "rnn": {"hidden": "signed"},
-}
-FEATURE_CHANNEL = {"lstm": "cell", "gru": "hidden", "rnn": "hidden"}  # what the correlations use
 _WINDOW = 512  # steps per forward pass: recorded activations stay small
 _BUDGET = 24 << 20  # bytes of unit data in one page; beyond it, the most telling units are kept
 
@@ -38,6 +32,21 @@ class Inspection:
     units: list[list[int]]  # per layer, the units included
     channels: dict = field(default_factory=dict)  # name -> [layer] -> uint8 [positions, len(units)]
     features: list[dict] = field(default_factory=list)  # {name, units: [(layer, unit, r)]}
+    scales: dict = field(default_factory=dict)  # name -> {low, high, legend}: what a channel's 0..255 spans
+
+
+def _scale(channel) -> dict:
+    """The range a channel's colours span, as the page shows it (tanh of an unbounded value)."""
+    low, high = (channel.low, channel.high) if channel.bounded else (-1.0, 1.0)
+    return {"low": low, "high": high, "legend": f"{channel.label}: {low:g} to {high:g}"}
+
+
+def _to_bytes(values: torch.Tensor, channel) -> torch.Tensor:
+    """Values [N, U] -> uint8, 0..255 spanning the channel's range (_scale)."""
+    scale = _scale(channel)
+    values = values if channel.bounded else torch.tanh(values)
+    unit = (values - scale["low"]) / (scale["high"] - scale["low"])
+    return (unit.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _display(vocab: Vocab, ids: list[int], units: torch.Tensor) -> list[str]:
@@ -84,6 +93,8 @@ def inspect(model, vocab: Vocab, text: str, settings: TextSettings, cell_type: s
     """Run `text` through the model once, recording surprisal, expectations and activations.
 
     Characters outside a vocabulary without <unk> are left out of the page (as eval drops them)."""
+    spec = model.cell_spec  # the registry entry: the channels to show and their ranges
+    assert spec.name == cell_type, f"the model's cell type is {spec.name}, not {cell_type}"
     units = _known_units(vocab, text, settings)  # one id per unit from here on
     ids = vocab.map_units(units).ids.long()
     assert ids.numel() == units.numel(), "every unit maps to one id"
@@ -99,8 +110,9 @@ def inspect(model, vocab: Vocab, text: str, settings: TextSettings, cell_type: s
               for k in range(len(recorded[0]))]  # per layer: name -> [N, H]
     surprisal, top5 = _expectations(vocab, ids, torch.cat(probs))
     shown = _display(vocab, ids.tolist(), units)
-    inspection = Inspection(shown, surprisal, top5, cell_type, len(layers), layers[0]["hidden"].shape[1], [])
-    return _with_units(inspection, layers, shown)
+    inspection = Inspection(shown, surprisal, top5, cell_type, len(layers), layers[0]["hidden"].shape[1], [],
+                            scales={channel.name: _scale(channel) for channel in spec.channels})
+    return _with_units(inspection, layers, shown, spec)
 
 
 def _expectations(vocab: Vocab, ids: torch.Tensor, probs: torch.Tensor):
@@ -139,11 +151,11 @@ def _correlations(values: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator > 0, (v * f[:, None]).sum(0) / denominator.clamp_min(1e-12), torch.zeros(()))
 
 
-def _with_units(ins: Inspection, recorded: list[dict], shown: list[str]) -> Inspection:
-    channels = CHANNELS[ins.cell_type]
+def _with_units(ins: Inspection, recorded: list[dict], shown: list[str], spec) -> Inspection:
+    channels = spec.channels
     n, per_unit = len(shown), len(channels)
     features = _features(shown)
-    track = FEATURE_CHANNEL[ins.cell_type]
+    track = spec.feature_channel
     scores = []
     for name, feature in features.items():
         if feature.min() == feature.max():  # e.g. no quotes in the text: nothing to correlate with
@@ -166,10 +178,9 @@ def _with_units(ins: Inspection, recorded: list[dict], shown: list[str]) -> Insp
             spread = layer[track].float().std(0).argsort(descending=True).tolist()
             chosen = sorted(list(dict.fromkeys(tracked + spread))[:room])
         ins.units.append(chosen)
-        for name, kind in channels.items():
-            values = layer[name][:, chosen].float()
-            scaled = values if kind == "gate" else (torch.tanh(values) if name == "cell" else values) * 0.5 + 0.5
-            ins.channels.setdefault(name, []).append((scaled.clamp(0, 1) * 255).round().to(torch.uint8))
+        for channel in channels:
+            values = layer[channel.name][:, chosen].float()
+            ins.channels.setdefault(channel.name, []).append(_to_bytes(values, channel))
     return ins
 
 

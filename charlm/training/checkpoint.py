@@ -1,24 +1,27 @@
-"""Versioned, atomic checkpoint files, loaded without executing code from them.
-
-A checkpoint is a dict of plain Python values and tensors written with torch.save and read
-with torch.load(weights_only=True), which refuses anything else (no arbitrary unpickling).
-"""
+"""Versioned, atomic checkpoint files: plain values and tensors, read with torch.load(weights_only=True),
+which refuses anything else (no code runs from a file); the model a checkpoint describes; and the
+check that a checkpoint can resume a run (checkpoint_contents.py is what a training one holds)."""
 
 from __future__ import annotations
 
 import pickle
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from charlm import __version__
 from charlm.atomic import atomic_open
-from charlm.config import ConfigError, ModelConfig, validate_config
+from charlm.config import Config, ConfigError, ModelConfig, validate_config
 from charlm.errors import UserError
 from charlm.training.rundir import BEST, LAST
+from charlm.models import registry
 from charlm.models.model import CharLM, build_model
 from charlm.data.vocab import Vocab
+
+if TYPE_CHECKING:
+    from charlm.data.corpus import Corpus
 
 FORMAT = "charlm-checkpoint"
 FORMAT_VERSION = 1
@@ -82,6 +85,31 @@ def _check_format(payload: object, path: Path) -> None:
             raise CheckpointError(f"{path} is incomplete: it has no {key!r} entry")
 
 
+def check_resumable(payload: dict, cfg: Config, corpus: Corpus) -> None:
+    """A checkpoint resumes only with the same model, data and batch layout (the backend may change)."""
+    saved, now = _with_defaults(payload["config"]), cfg.to_dict()
+    changed = [f"{section}.{key}" for section in ("model", "data") for key in now[section]
+               if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "model.backend"]
+    changed += [f"train.{key}" for key in ("batch_size", "seq_len", "random_offsets")
+                if saved.get("train", {}).get(key) != now["train"][key]]
+    if changed:
+        raise CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config; "
+                              "resume with the run's own config (omit --config) or start a new run")
+    if payload.get("data_fingerprint") != corpus.fingerprint:
+        raise CheckpointError("cannot resume: the training text has changed since the checkpoint was written")
+    if "progress" not in payload or "optimizer" not in payload:
+        raise CheckpointError("cannot resume: the checkpoint holds no training state (optimizer, progress)")
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A checkpoint's config with the keys added since it was written at their defaults
+    (which reproduce what it did), so they do not read as changed."""
+    try:
+        return validate_config(saved, "checkpoint config").to_dict()
+    except ConfigError:
+        return saved
+
+
 def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu",
                           backend: str | None = None) -> tuple[CharLM, Vocab]:
     """Rebuild the model and vocabulary a checkpoint describes, with its weights, in eval mode.
@@ -108,5 +136,5 @@ def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu",
 def describe_model(cfg: ModelConfig) -> str:
     input_desc = f"embedding {cfg.embedding_dim}" if cfg.input == "embedding" else "one-hot"
     weight_drop = f", weight dropout {cfg.weight_dropout}" if cfg.weight_dropout else ""
-    return (f"{cfg.type.upper()} {cfg.num_layers}x{cfg.hidden_size}, {input_desc} input, dropout {cfg.dropout}"
+    return (f"{registry.lookup(cfg.type).title} {cfg.num_layers}x{cfg.hidden_size}, {input_desc} input, dropout {cfg.dropout}"
             f"{weight_drop}, {cfg.backend} backend")

@@ -1,41 +1,28 @@
-"""One training run from start to end: run dir, data, device, process group, trainer, report.
-
-Under torchrun rank 0 alone touches the run dir (lock, config, metrics, checkpoints) and
-builds the corpus cache; the other ranks wait for it, then everyone trains in lockstep.
-"""
+"""One training run from start to end: run dir, data, device, process group, model, trainer, report.
+Under torchrun rank 0 alone touches the run dir (lock, config, metrics, checkpoints) and builds
+the corpus cache; the other ranks wait for it, then everyone trains in lockstep."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
-from rich.console import Console
 
 from charlm.training import distributed
-from charlm.training.checkpoint import load_checkpoint
+from charlm.training.checkpoint import check_resumable, load_checkpoint
 from charlm.training.rundir import LAST
 from charlm.config import Config
 from charlm.data.corpus import Corpus, load_corpus
 from charlm.training.distributed import World
 from charlm.errors import Interrupted, UserError
-from charlm.models.model import count_parameters
-from charlm.report.progress import TrainingDisplay
-from charlm.training.rundir import MetricsLog, RunLock, prepare_run_dir, write_config
-from charlm.training.runtime import check_precision, describe_device, resolve_device
+from charlm.models.model import CharLM, build_model, count_parameters
+from charlm.training.metrics import MetricsLog, NoMetrics
+from charlm.training.rundir import RunLock, prepare_run_dir, write_config
+from charlm.training.runtime import check_precision, describe_device, resolve_device, seed_everything
 from charlm.training.signals import StopRequests
-from charlm.training.trainer import Trainer, TrainOutcome, check_resumable
-
-
-class _NoMetrics:
-    """What ranks other than 0 log: nothing."""
-
-    def write(self, event: str, **fields) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from charlm.training.trainer import Trainer, TrainOutcome
 
 
 STARTING = "while starting the run; nothing was trained"
@@ -44,9 +31,12 @@ WAITING = "while waiting for rank 0 to read and encode the corpus; nothing was t
 FINISHED = "after training had finished; every file of the run is written"
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
-          display: Optional[TrainingDisplay] = None) -> TrainOutcome:
-    """Train a model as `cfg` says, writing the run into `run_dir` (locked while training)."""
+def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False, *,
+          display) -> TrainOutcome:
+    """Train a model as `cfg` says, writing the run into `run_dir` (locked while training).
+
+    `display` shows the run (charlm.report.progress.TrainingDisplay, or anything with its
+    methods): the run is handed it, so training imports nothing from report."""
     with _stage(STARTING):
         world = distributed.world_from_env()
         device = resolve_device(cfg.train.device, world.local_rank if world.enabled else None)
@@ -55,8 +45,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
     try:
         with distributed.peers_may_stop(world):
             if not world.main:
-                display = TrainingDisplay(Console(quiet=True))
-            display = display or TrainingDisplay()
+                display = display.silenced()
             if world.main:
                 with RunLock(run_dir) as lock:
                     outcome = _train_locked(cfg, run_dir, resume, overwrite, display, world, device, lock.notices)
@@ -103,7 +92,7 @@ def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notic
     for notice in notices:
         display.message(notice)
     payload = load_checkpoint(run_dir / LAST) if resume else None
-    trainer = Trainer(cfg, run_dir, corpus, device, display, world)
+    trainer = Trainer(cfg, run_dir, corpus, _build_model(cfg, corpus), device, display, world)
     if payload is not None:
         check_resumable(payload, cfg, corpus)
         trainer.restore(payload)
@@ -112,7 +101,7 @@ def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notic
                             "raise train.max_steps or train.max_time with --set to train further")
     else:
         trainer.save()  # from here on the run dir always holds a loadable last.pt
-    metrics = MetricsLog(run_dir) if world.main else _NoMetrics()
+    metrics = MetricsLog(run_dir) if world.main else NoMetrics()
     if world.main:
         write_config(run_dir, cfg.to_dict())
         _announce(display, trainer, corpus, device, payload is not None, world)
@@ -120,6 +109,13 @@ def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notic
                   num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
                   train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel(), world_size=world.size)
     return trainer, metrics
+
+
+def _build_model(cfg: Config, corpus: Corpus) -> CharLM:
+    """The model cfg.model describes, initialised from train.seed, which also starts the training
+    RNG (dropout): the same weights on every rank and the same run at every rerun."""
+    seed_everything(cfg.train.seed)
+    return build_model(cfg.model, len(corpus.vocab))
 
 
 def _prepare(cfg, run_dir, resume, overwrite, display, world: World, device, notices) -> tuple[Corpus, list]:
@@ -140,7 +136,7 @@ def _prepare(cfg, run_dir, resume, overwrite, display, world: World, device, not
         _agree_or_fail(failed, world, device)  # the other ranks must not wait for a rank 0 that gave up
 
 
-def _load_corpus(cfg: Config, display: TrainingDisplay) -> Corpus:
+def _load_corpus(cfg: Config, display) -> Corpus:
     with display.byte_progress("encoding the corpus") as progress:
         corpus = load_corpus(cfg.data, progress)
     for notice in corpus.notices:
@@ -160,7 +156,7 @@ def _agree_or_fail(failed: bool, world: World, device: torch.device) -> None:
         raise UserError("rank 0 could not start the run (its error is in its own output)")
 
 
-def _announce(display: TrainingDisplay, trainer: Trainer, corpus: Corpus, device: torch.device, resumed: bool,
+def _announce(display, trainer: Trainer, corpus: Corpus, device: torch.device, resumed: bool,
               world: World) -> None:
     cfg = trainer.cfg
     where = describe_device(device) + (f", {world.size} processes (torchrun)" if world.enabled else "")

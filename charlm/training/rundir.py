@@ -1,8 +1,8 @@
-"""A run directory: its files, the guard against overwriting another run, and metrics.jsonl."""
+"""A run directory: its files' names, its lock, and the guard against overwriting another run
+(metrics.py reads and writes its metrics.jsonl)."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -130,31 +130,3 @@ def _remove_unfinished_writes(run_dir: Path) -> list[str]:
 def write_config(run_dir: Path, config: dict) -> None:
     """The resolved config, atomically (see charlm.atomic)."""
     write_text_atomic(run_dir / CONFIG, config_yaml(config))
-
-
-class MetricsLog:
-    """Appends one JSON object per event to metrics.jsonl, flushed at once (readable live)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / METRICS
-        self._handle = open(self.path, "a", encoding="utf-8")
-
-    def write(self, event: str, **fields) -> None:
-        self._handle.write(json.dumps({"event": event, **fields}) + "\n")
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / METRICS
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return rows

@@ -1,0 +1,75 @@
+"""The `charlm` command: parse options, call the library, print. No tensor math here.
+
+One module per group of commands (`train`; `use`: sample, eval, info; `files`: download,
+plot, runs, viz), all registered on one Typer app. Every UserError (and every option click
+rejects) ends as one line on stderr and exit code 2; SIGINT / SIGTERM as 130 / 143. Anything
+that imports torch is imported inside the command that needs it, so `charlm --help` and a
+mistyped option answer at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Optional
+
+import typer
+
+from charlm.cli import train, use, files  # noqa: I001 - importing them registers their commands, in this order
+from charlm.cli.common import app
+from charlm.errors import Interrupted, UserError
+from charlm.training.signals import InterruptSignals
+
+__all__ = ["app", "main", "files", "train", "use"]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: run the app; user errors become one line on stderr and exit code 2, and
+    SIGINT / SIGTERM exit code 130 / 143 (with one line saying what they cut short, if anything)."""
+    with InterruptSignals():
+        try:
+            _main(argv)
+        except Interrupted as stop:  # out here, so that it also covers the handling of other errors
+            _interrupted(stop)
+
+
+def _main(argv: Optional[list[str]]) -> None:
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="charlm", standalone_mode=False)
+    except UserError as err:
+        _fail(str(err))
+    except BrokenPipeError:
+        sys.exit(0)  # e.g. `charlm sample ... | head`
+    except Exception as err:  # noqa: BLE001 - typer's (vendored) click exceptions have no public base class
+        _exit_for_click_error(err)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_for_click_error(err: Exception) -> None:
+    """Option-parsing errors (bad value, unknown option, missing option) -> one line, exit 2."""
+    if type(err).__name__ == "NoArgsIsHelpError":
+        print(err.format_message(), file=sys.stderr)
+        sys.exit(2)
+    if type(err).__name__ == "Abort":
+        sys.exit(130)
+    if hasattr(err, "format_message") and getattr(err, "exit_code", None) == 2:
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        _fail(err.format_message() + hint)
+    raise err
+
+
+def _interrupted(stop: Interrupted) -> None:
+    """A signal outside the training loop. Only train says what it cut short; sample, eval and
+    the other commands just stop, as a pipeline stage should."""
+    if stop.during:
+        print(f"charlm: interrupted ({signal.Signals(stop.signum).name}) {stop.during}", file=sys.stderr)
+    sys.exit(128 + stop.signum)
+
+
+def _fail(message: str) -> None:
+    for line in message.splitlines() or [message]:
+        print(f"charlm: error: {line}", file=sys.stderr)
+    sys.exit(2)
+

@@ -1,0 +1,42 @@
+"""What the commands share: the error console, the `--backend` check and loading a trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from charlm.config import BACKENDS, validate_config
+from charlm.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, sample and evaluate character-level RNN/LSTM language models.")
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+CHECKPOINT_HELP = "A checkpoint file, or a run dir (its best.pt, else last.pt)."
+BACKEND_HELP = "Run the weights with another backend: native, fused or reference (default: as trained)."
+
+
+def console() -> Console:
+    """Where a command prints its results (stdout, no markup guessing, long lines kept whole)."""
+    return Console(highlight=False, soft_wrap=True)
+
+
+def check_backend(backend: Optional[str]) -> Optional[str]:
+    if backend is not None and backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    return backend
+
+
+def load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = None):
+    """A checkpoint's payload, its model on `device` (run with `backend`), its vocabulary and its config."""
+    from charlm.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: PLC0415
+    from charlm.training.runtime import resolve_device  # noqa: PLC0415
+
+    backend = check_backend(backend)
+    payload = load_checkpoint(checkpoint)
+    model, vocab = model_from_checkpoint(payload, resolve_device(device), backend)
+    return payload, model, vocab, validate_config(payload["config"], "checkpoint config")
+

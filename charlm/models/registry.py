@@ -1,0 +1,136 @@
+"""The cell types charlm knows, one entry each: the one list config, layers, viz and the tests read.
+
+Plain data and the standard library only (classes and functions are named as "module:attribute"
+strings, imported on first use), so the torch-free config schema can read the names from here.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from charlm.errors import UserError
+
+BACKENDS: tuple[str, ...] = ("native", "fused", "reference")  # the one list of backends
+
+
+class CellTypeError(UserError, ValueError):
+    """An unknown cell type or backend, or one a cell type does not support. A ValueError too,
+    so the config schema's validators report it against its key."""
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One activation a cell's step() records that the viz page shows, with its value range:
+    [0, 1] for a gate, [-1, 1] for a tanh, +-inf where unbounded (the page then shows tanh of it)."""
+
+    name: str  # the key the step records under
+    low: float
+    high: float
+    label: str  # what the page's legend calls the values shown
+
+    @property
+    def bounded(self) -> bool:
+        return math.isfinite(self.low) and math.isfinite(self.high)
+
+
+def gate(name: str) -> Channel:
+    return Channel(name, 0.0, 1.0, f"{name} gate")
+
+
+def signed(name: str, symbol: str) -> Channel:
+    """A tanh output, in [-1, 1]."""
+    return Channel(name, -1.0, 1.0, symbol)
+
+
+def unbounded(name: str, symbol: str) -> Channel:
+    return Channel(name, -math.inf, math.inf, f"tanh({symbol})")
+
+
+@functools.cache  # layers look the native function up per forward call
+def _attribute(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Everything code needs to know about one cell type; `model.type` names it.
+
+    Every cell's step() records at least "hidden" (its h_t); `channels` are those viz shows."""
+
+    name: str
+    title: str  # how people write it: "LSTM", "minGRU"
+    cell: str  # "module:Class": its nn.Module with project_input(), step() and init_state()
+    channels: tuple[Channel, ...]
+    feature_channel: str  # the channel viz correlates with properties of the text
+    recurrent_weights: bool  # has weight_hh [G*H, H], so model.weight_dropout applies
+    native: Optional[str]  # "module:function(cell, x, state, weight_hh) -> (outputs, state)", or None
+    fused: Optional[str]  # torch's kernel torch.<fused>, which takes torch.nn.RNN's arguments, or None
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        available = {"native": self.native is not None, "fused": self.fused is not None, "reference": True}
+        return tuple(b for b in BACKENDS if available[b])
+
+    def cell_class(self) -> type:
+        return _attribute(self.cell)
+
+    def native_layer(self):
+        assert self.native is not None, f"{self.name} has no native layer"
+        return _attribute(self.native)
+
+    def check_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise CellTypeError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if backend not in self.backends:
+            why = "torch has no fused kernel for it" if backend == "fused" else "it has no native loop"
+            raise CellTypeError(f"model.type {self.name} cannot run on the {backend} backend ({why}); "
+                                f"use {' or '.join(self.backends)}")
+
+    def check_weight_dropout(self, p: float) -> None:
+        if p > 0 and not self.recurrent_weights:
+            raise CellTypeError(f"model.type {self.name} has no recurrent weights (weight_hh) for "
+                                "model.weight_dropout to drop; set it to 0")
+
+
+_LSTM_CHANNELS = (gate("forget"), gate("input"), gate("output"), unbounded("cell", "c"))
+
+REGISTRY: dict[str, CellSpec] = {spec.name: spec for spec in (
+    CellSpec(name="rnn", title="RNN", cell="charlm.models.cells:RNNCell", channels=(signed("hidden", "h"),),
+             feature_channel="hidden", recurrent_weights=True,
+             native="charlm.models.native_layers:rnn_layer", fused="rnn_tanh"),
+    CellSpec(name="lstm", title="LSTM", cell="charlm.models.cells:LSTMCell", channels=_LSTM_CHANNELS,
+             feature_channel="cell", recurrent_weights=True,
+             native="charlm.models.native_layers:lstm_layer", fused="lstm"),
+    CellSpec(name="gru", title="GRU", cell="charlm.models.cells:GRUCell",
+             channels=(gate("update"), gate("reset"), signed("hidden", "h")),
+             feature_channel="hidden", recurrent_weights=True,
+             native="charlm.models.native_layers:gru_layer", fused="gru"),
+    CellSpec(name="mingru", title="minGRU", cell="charlm.models.mingru:MinGRUCell",
+             channels=(gate("update"), unbounded("candidate", "h~"), unbounded("hidden", "h")),
+             feature_channel="hidden", recurrent_weights=False,
+             native="charlm.models.mingru:native_layer", fused=None),
+)}
+CELL_TYPES: tuple[str, ...] = tuple(REGISTRY)  # the valid values of model.type, in this order
+
+
+def lookup(cell_type: str) -> CellSpec:
+    """The entry for `cell_type`, or a one-line error naming the valid types."""
+    try:
+        return REGISTRY[cell_type]
+    except (KeyError, TypeError):
+        raise CellTypeError(f"unknown cell type {cell_type!r}; choose from {', '.join(CELL_TYPES)}") from None
+
+
+def spec_of(cell: object) -> CellSpec:
+    """The entry whose cell class `cell` is an instance of (exactly, not a subclass)."""
+    path = f"{type(cell).__module__}:{type(cell).__qualname__}"
+    for spec in REGISTRY.values():
+        if spec.cell == path:
+            return spec
+    raise ValueError(f"{path} is not a registered cell class; registered: "
+                     f"{', '.join(s.cell for s in REGISTRY.values())}")

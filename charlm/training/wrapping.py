@@ -1,0 +1,52 @@
+"""The model as the training loop runs it: in DistributedDataParallel under torchrun, through
+torch.compile when asked, and eager again when compiling fails (the plain model is what is saved)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from charlm.training.distributed import World
+
+
+class WrappedModel:
+    """Calls `model` the way the run asks; `warn` tells the user when torch.compile is given up."""
+
+    def __init__(self, model: torch.nn.Module, world: World, device: torch.device, compile: bool,
+                 warn: Callable[[str], None]):
+        self.model, self.compile, self.warn = model, compile, warn
+        self.ddp = None
+        if world.enabled:
+            self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = self.ddp or model
+        if compile:
+            try:
+                self.net = torch.compile(self.net)
+            except Exception as err:  # noqa: BLE001 - any failure: train eagerly
+                self._compile_failed(err)
+
+    def __call__(self, x: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        """The wrapped model's forward; a compiled model that fails on first use falls back to eager."""
+        try:
+            return self.net(x, state)
+        except Exception as err:  # noqa: BLE001 - only compile failures are retried
+            if not self.compile or self.net is (self.ddp or self.model):
+                raise
+            self._compile_failed(err)
+            return self.net(x, state)
+
+    def train(self) -> None:
+        self.net.train()
+
+    def gradient_sync(self, sync: bool):
+        """A context for one micro-batch's backward: DDP averages gradients across ranks only
+        when `sync` (once per update, after the last micro-batch)."""
+        return contextlib.nullcontext() if sync or self.ddp is None else self.ddp.no_sync()
+
+    def _compile_failed(self, err: Exception) -> None:
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        self.warn(f"warning: torch.compile is unavailable here ({reason}); training without it")
+        self.net = self.ddp or self.model
