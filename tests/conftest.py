@@ -10,7 +10,8 @@ from pathlib import Path
 import tempfile
 
 import pytest
-import yaml
+
+from charlm.config import config_yaml
 
 # The tests build the C++ step loop and encode corpora into a cache of their own, never the user's.
 os.environ["CHARLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="charlm-test-cache-")
@@ -52,7 +53,7 @@ def tiny_config(data_path: Path, **sections) -> dict:
 def write_config(tmp_path: Path):
     def write(config: dict, name: str = "tiny.yaml") -> Path:
         path = tmp_path / name
-        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        path.write_text(config_yaml(config), encoding="utf-8")
         return path
     return write
 

@@ -6,10 +6,11 @@ import json
 import shutil
 
 import pytest
+
+from charlm.config import config_yaml
 import torch
 
 from charlm.cli import main
-import yaml
 
 from conftest import PARAGRAPH, run_cli, tiny_config
 
@@ -38,7 +39,7 @@ def trained(tmp_path_factory):
     text_file = tmp_path / "input.txt"
     text_file.write_text(PARAGRAPH * 20, encoding="utf-8")
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(text_file)), encoding="utf-8")
+    config.write_text(config_yaml(tiny_config(text_file)), encoding="utf-8")
     run_dir = tmp_path / "run"
     result = run_cli("train", "--config", str(config), "--out", str(run_dir))
     assert result.returncode == 0, result.stderr

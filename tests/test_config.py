@@ -143,11 +143,10 @@ def test_sample_settings_validate_cli_options():
 
 import tempfile  # noqa: E402
 
-import yaml  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from charlm.config import apply_override  # noqa: E402
+from charlm.config import apply_override, config_yaml  # noqa: E402
 from charlm.errors import UserError  # noqa: E402
 
 _scalars = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | st.text(max_size=12)
@@ -170,7 +169,7 @@ def _load_text(text: str, overrides=()):
 @settings(max_examples=300, deadline=None)
 @given(_documents)
 def test_random_yaml_documents(document):
-    _load_text(yaml.safe_dump(document))
+    _load_text(config_yaml(document))
 
 
 @settings(max_examples=300, deadline=None)

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from charlm.config import config_yaml
 
 from charlm.training.checkpoint import load_checkpoint
 from conftest import PARAGRAPH, ROOT, run_cli, tiny_config
@@ -29,7 +30,7 @@ def big_text(tmp_path_factory) -> Path:
 
 def start(tmp_path: Path, config: dict, *args: str) -> subprocess.Popen:
     """`python -m charlm train` on `config` into tmp_path/run, with a corpus cache of its own."""
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    (tmp_path / "c.yaml").write_text(config_yaml(config), encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHARLM_CACHE_DIR": str(tmp_path / "cache"), "CHARLM_NO_CPP": "1"}
     return subprocess.Popen([sys.executable, "-m", "charlm", "train", "--config", str(tmp_path / "c.yaml"),
                              "--out", str(tmp_path / "run"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -88,7 +89,7 @@ def test_a_signal_during_the_final_evaluation(tmp_path):
 def trained(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("trained")
     (folder / "input.txt").write_text(PARAGRAPH * 20, encoding="utf-8")
-    (folder / "c.yaml").write_text(yaml.safe_dump(tiny_config(folder / "input.txt")), encoding="utf-8")
+    (folder / "c.yaml").write_text(config_yaml(tiny_config(folder / "input.txt")), encoding="utf-8")
     assert run_cli("train", "--config", str(folder / "c.yaml"), "--out", str(folder / "run")).returncode == 0
     return folder / "run"
 
@@ -112,7 +113,7 @@ def test_sample_stops_quietly(trained, signum):
 
 def torchrun(tmp_path: Path, config: dict) -> subprocess.Popen:
     """Two CPU processes (gloo); each rank's output goes to its own files under tmp_path/logs."""
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    (tmp_path / "c.yaml").write_text(config_yaml(config), encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CHARLM_NO_CPP": "1",
            "CHARLM_CACHE_DIR": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

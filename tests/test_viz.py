@@ -9,6 +9,8 @@ import shutil
 import subprocess
 
 import pytest
+
+from charlm.config import config_yaml
 import torch
 
 from charlm.models.cells import GRUCell, LSTMCell, RNNCell
@@ -105,12 +107,11 @@ def test_inspection_surprisal_is_the_models_loss():
 @pytest.fixture(scope="module")
 def viz_run(tmp_path_factory):
     from conftest import run_cli
-    import yaml
     folder = tmp_path_factory.mktemp("viz")
     text = folder / "input.txt"
     text.write_text(('He said "stop (now)" and left.\n' * 3 + PARAGRAPH) * 70, encoding="utf-8")  # > 20,000
     config = folder / "c.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(text, model={"num_layers": 2}, train={"max_steps": 20})))
+    config.write_text(config_yaml(tiny_config(text, model={"num_layers": 2}, train={"max_steps": 20})))
     assert run_cli("train", "--config", str(config), "--out", str(folder / "run")).returncode == 0
     return folder
 
@@ -212,10 +213,9 @@ def test_page_in_a_real_browser(viz_run, capsys):
 @pytest.fixture(scope="module")
 def mingru_page(viz_run, tmp_path_factory):
     from conftest import run_cli
-    import yaml
     folder = tmp_path_factory.mktemp("mingru")
     config = folder / "c.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(viz_run / "input.txt", model={"type": "mingru", "num_layers": 2},
+    config.write_text(config_yaml(tiny_config(viz_run / "input.txt", model={"type": "mingru", "num_layers": 2},
                                                  train={"max_steps": 20})))
     assert run_cli("train", "--config", str(config), "--out", str(folder / "run")).returncode == 0
     page = folder / "mingru.html"
