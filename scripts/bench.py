@@ -139,16 +139,38 @@ def generate_torch_nn(model: TorchNNLM, prompt: torch.Tensor, length: int, strea
     return out
 
 
+BF16_NATIVE = "native bf16"  # charlm native under torch.autocast bf16: the mixed-precision loops
+
+
+def in_precision(variant: str, device: torch.device, run: Callable[[], object]) -> Callable[[], object]:
+    """`run`, under bf16 autocast for the BF16_NATIVE variant."""
+    if variant != BF16_NATIVE:
+        return run
+
+    def autocast_run():
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            return run()
+    return autocast_run
+
+
+def inference_models(hidden: int, device: torch.device, bf16: bool) -> dict[str, nn.Module]:
+    models = {v: build_variant("lstm", v, hidden, device).eval() for v in VARIANTS}
+    if bf16:
+        models[BF16_NATIVE] = models["native"]  # the same weights, run in bf16
+    return models
+
+
 def generation_runs(models: dict, streams: int, length: int, device: torch.device) -> dict[str, Callable]:
     prompt = torch.randint(0, V, (16,), device=device)
     sampler = {v: (generate_torch_nn if v == "torch.nn" else generate) for v in models}
-    return {v: (lambda v=v, n=length: sampler[v](models[v], prompt, n, streams, generator=make_generator(device, 0)[0]))
+    return {v: in_precision(v, device, lambda v=v, n=length: sampler[v](models[v], prompt, n, streams,
+                                                                        generator=make_generator(device, 0)[0]))
             for v in models}
 
 
-def bench_generation(streams: int, length: int, rounds: int, device: torch.device) -> dict[str, float]:
+def bench_generation(streams: int, length: int, rounds: int, device: torch.device, bf16: bool) -> dict[str, float]:
     """Chars/s of LSTM 2x512 sampling, one cached step at a time, rotated round by round."""
-    models = {v: build_variant("lstm", v, 512, device).eval() for v in VARIANTS}
+    models = inference_models(512, device, bf16)
     for run in generation_runs(models, streams, 8, device).values():
         run()  # warm-up
     seconds = rotated_medians(generation_runs(models, streams, length, device), rounds, device)
@@ -170,15 +192,17 @@ def evaluate_torch_nn(model: TorchNNLM, inputs: torch.Tensor, targets: torch.Ten
 def evaluation_runs(models: dict, ids: torch.Tensor) -> dict[str, Callable]:
     """charlm's evaluate_ids for its backends; the same stream layout in a user's loop for torch.nn."""
     inputs, targets = stream_layout(ids, 64)  # [S, W + L]: what evaluate_ids reads
-    return {v: (lambda v=v: evaluate_torch_nn(models[v], inputs, targets) if v == "torch.nn"
-                else evaluate_ids(models[v], ids, streams=64).loss_nats) for v in models}
+    device = next(iter(models.values())).head.weight.device
+    return {v: in_precision(v, device, lambda v=v: evaluate_torch_nn(models[v], inputs, targets) if v == "torch.nn"
+                            else evaluate_ids(models[v], ids, streams=64).loss_nats) for v in models}
 
 
-def bench_eval(ids: torch.Tensor, rounds: int, device: torch.device) -> dict[str, float]:
+def bench_eval(ids: torch.Tensor, rounds: int, device: torch.device, bf16: bool) -> dict[str, float]:
     """Chars/s of scoring `ids` with LSTM 2x256, 64 streams, rotated round by round."""
-    models = {v: build_variant("lstm", v, 256, device).eval() for v in VARIANTS}
+    models = inference_models(256, device, bf16)
     losses = {v: run() for v, run in evaluation_runs(models, ids[:5000]).items()}  # warm-up
     assert abs(losses["native"] - losses["torch.nn"]) < 1e-3, f"native and torch.nn disagree: {losses}"
+    assert BF16_NATIVE not in losses or abs(losses[BF16_NATIVE] - losses["native"]) < 2e-2, losses
     seconds = rotated_medians(evaluation_runs(models, ids), rounds, device)
     return {v: ids.numel() / s for v, s in seconds.items()}
 
@@ -315,42 +339,69 @@ def report_training(shapes: list, rounds: int, device: torch.device, precision: 
             results[f"{kind}_B{batch}_H{hidden}_ratio"] = vs_fused
 
 
+BF16_SHAPES = [("lstm", 32, 128, 256), ("lstm", 64, 64, 384), ("gru", 32, 128, 256), ("rnn", 32, 128, 256)]
+
+
+def bench_mixed(kind: str, batch: int, seq: int, hidden: int, rounds: int, device: torch.device) -> dict[str, float]:
+    """Chars/s of native fp32, native bf16 and torch.nn bf16 training steps, rotated round by round."""
+    combos = {"native fp32": ("native", "fp32"), BF16_NATIVE: ("native", "bf16"), "torch.nn bf16": ("torch.nn", "bf16")}
+    models = {name: build_variant(kind, variant, hidden, device) for name, (variant, _) in combos.items()}
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
+    x = torch.randint(0, V, (batch, seq), device=device)
+    y = torch.randint(0, V, (batch, seq), device=device)
+    runs = {name: (lambda n=name: train_step(models[n], optimizers[n], x, y, combos[n][1])) for name in combos}
+    rotated_medians(runs, 2, device)  # warm-up
+    return {name: batch * seq / s for name, s in rotated_medians(runs, rounds, device).items()}
+
+
 def report_bf16(rounds: int, device: torch.device, supported: bool, results: dict) -> None:
-    results["lstm_bf16_vs_torch_nn_bf16"] = None
+    """bf16 training: charlm's mixed-precision loops against its fp32 loops and torch.nn under bf16 autocast."""
+    results["lstm_bf16_vs_torch_nn_bf16"] = results["lstm_bf16_vs_fp32"] = None
     if not supported:
         return
-    speed = bench_training("lstm", 32, 128, 256, rounds, device, "bf16", variants=("native", "torch.nn"))
-    ratio = speed["native"] / speed["torch.nn"]
-    print(f"\ntraining step under torch.autocast bf16, LSTM B=32 T=128 H=256, median of {rounds} alternating rounds")
-    print(f"native {speed['native']:>9,.0f} chars/s   torch.nn {speed['torch.nn']:>9,.0f} chars/s   "
-          f"native/torch.nn {ratio:.2f}")
-    results["lstm_bf16_native_chars_per_s"] = speed["native"]
-    results["lstm_bf16_torch_nn_chars_per_s"] = speed["torch.nn"]
-    results["lstm_bf16_vs_torch_nn_bf16"] = ratio
+    print(f"\ntraining step under torch.autocast bf16 (master weights fp32), chars/s, median of {rounds} rotated rounds")
+    print(f"{'model':6} {'B':>4} {'T':>4} {'H':>4} {'native fp32':>12} {'native bf16':>12} {'torch.nn bf16':>14}"
+          f" {'bf16/fp32':>10} {'bf16/torch.nn bf16':>19}")
+    for kind, batch, seq, hidden in BF16_SHAPES:
+        speed = bench_mixed(kind, batch, seq, hidden, rounds, device)
+        vs_fp32 = speed[BF16_NATIVE] / speed["native fp32"]
+        vs_nn = speed[BF16_NATIVE] / speed["torch.nn bf16"]
+        print(f"{kind:6} {batch:>4} {seq:>4} {hidden:>4} {speed['native fp32']:>12,.0f} {speed[BF16_NATIVE]:>12,.0f}"
+              f" {speed['torch.nn bf16']:>14,.0f} {vs_fp32:>10.2f} {vs_nn:>19.2f}")
+        name = kind if (batch, seq, hidden) == (32, 128, 256) else f"{kind}_B{batch}_H{hidden}"
+        results[f"{name}_bf16_native_chars_per_s"] = speed[BF16_NATIVE]
+        results[f"{name}_bf16_torch_nn_chars_per_s"] = speed["torch.nn bf16"]
+        results[f"{name}_bf16_vs_fp32"], results[f"{name}_bf16_vs_torch_nn_bf16"] = vs_fp32, vs_nn
 
 
-def report_generation(length: int, rounds: int, device: torch.device, results: dict) -> None:
+def report_generation(length: int, rounds: int, device: torch.device, bf16: bool, results: dict) -> None:
     print(f"\ngeneration, LSTM 2x512, {length} characters per stream, no grad, one cached step at a time, "
           f"chars/s, median of {rounds} rotated rounds")
     for streams in (1, 16):
-        speed = bench_generation(streams, length, rounds, device)
-        print(f"{streams:>3} stream(s): " + "   ".join(f"{v} {speed[v]:>8,.0f}" for v in VARIANTS)
+        speed = bench_generation(streams, length, rounds, device, bf16)
+        print(f"{streams:>3} stream(s): " + "   ".join(f"{v} {speed[v]:>8,.0f}" for v in speed)
               + f"   native/torch.nn {speed['native'] / speed['torch.nn']:.2f}")
         results.update({f"gen{streams}_{key(v)}_chars_per_s": speed[v] for v in VARIANTS})
+        if BF16_NATIVE in speed:
+            results[f"gen{streams}_bf16_chars_per_s"] = speed[BF16_NATIVE]
+            results[f"gen{streams}_bf16_vs_fp32"] = speed[BF16_NATIVE] / speed["native"]
     results["gen_chars_per_s"] = results["gen1_native_chars_per_s"]
 
 
-def report_eval(chars: int, rounds: int, device: torch.device, results: dict) -> None:
+def report_eval(chars: int, rounds: int, device: torch.device, bf16: bool, results: dict) -> None:
     ids, source = text_ids(chars)
     print(f"\nevaluation, LSTM 2x256, {ids.numel():,} characters of {source}, 64 streams, state carried, "
           f"chars/s, median of {rounds} rotated rounds")
-    speed = bench_eval(ids, rounds, device)
-    print("   ".join(f"{v} {speed[v]:>9,.0f}" for v in VARIANTS)
+    speed = bench_eval(ids, rounds, device, bf16)
+    print("   ".join(f"{v} {speed[v]:>9,.0f}" for v in speed)
           + f"   native/torch.nn {speed['native'] / speed['torch.nn']:.2f}")
     results["eval_chars_per_s"] = speed["native"]
     results["eval_fused_chars_per_s"] = speed["fused"]
     results["eval_torch_nn_chars_per_s"] = speed["torch.nn"]
     results["eval_text_chars"] = ids.numel()
+    if BF16_NATIVE in speed:
+        results["eval_bf16_chars_per_s"] = speed[BF16_NATIVE]
+        results["eval_bf16_vs_fp32"] = speed[BF16_NATIVE] / speed["native"]
 
 
 def report_kernels(device: torch.device, bf16: bool, results: dict) -> None:
@@ -418,8 +469,9 @@ def main() -> None:
         shapes += [("lstm", 32, 128, 512), ("lstm", 64, 128, 256)]
     report_training(shapes, rounds, device, args.precision, results)
     report_bf16(rounds, device, bf16, results)
-    report_generation(100 if args.quick else 400, 3 if args.quick else 5, device, results)
-    report_eval(100_000 if args.quick else 1_000_000, 3, device, results)
+    native_bf16 = bf16 and device.type == "cpu" and cpp_loops() is not None  # the mixed-precision loops
+    report_generation(100 if args.quick else 400, 3 if args.quick else 5, device, native_bf16, results)
+    report_eval(100_000 if args.quick else 1_000_000, 3, device, native_bf16, results)
     if not args.quick:
         report_peak_rss(args.device, results)
     results["bench_seconds"] = time.perf_counter() - started

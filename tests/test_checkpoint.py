@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from charlm.training.checkpoint import (FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint,
-                               resolve_checkpoint, save_checkpoint)
+from charlm.training.checkpoint import (FORMAT_VERSION, CheckpointError, describe_model, load_checkpoint,
+                                        model_from_checkpoint, resolve_checkpoint, save_checkpoint)
 from charlm.config import validate_config
 from charlm.models.model import build_model
 from charlm.data.vocab import Vocab
@@ -21,7 +21,7 @@ CONFIG = {"data": {"path": "x.txt"}, "model": {"hidden_size": 8, "num_layers": 1
 def payload():
     cfg = validate_config(CONFIG)
     torch.manual_seed(0)
-    model = build_model(cfg.model, 5)
+    model = build_model(cfg.model, 5, backend="native")
     return {"config": cfg.to_dict(), "vocab": Vocab(list("abcde")).to_dict(), "model": model.state_dict(),
             "step": 3, "best_val_loss": 1.5}, model
 
@@ -115,3 +115,19 @@ def test_missing(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_runs_on_its_config_backend_and_auto_is_resolved_where_it_loads(tmp_path):
+    """Older checkpoints name a concrete backend (and record none beside it): they load on it. A
+    config saying auto loads on the backend auto picks for the loading device and precision."""
+    data, _ = payload()
+    concrete = {**data, "config": {**data["config"], "model": {**data["config"]["model"], "backend": "native"}}}
+    save_checkpoint(concrete, tmp_path / "old.pt")
+    old = load_checkpoint(tmp_path / "old.pt")
+    assert "backend" not in old and model_from_checkpoint(old)[0].backend == "native"
+    assert describe_model(validate_config(old["config"]).model).endswith(", backend native")
+    assert data["config"]["model"]["backend"] == "auto"
+    assert model_from_checkpoint(data)[0].backend == "fused"  # a CPU LSTM in fp32
+    assert model_from_checkpoint(data, precision="bf16")[0].backend == "native"
+    assert model_from_checkpoint(concrete, backend="auto")[0].backend == "fused"  # --backend auto
+    assert describe_model(validate_config(data["config"]).model, "fused").endswith(", backend auto -> fused")

@@ -49,7 +49,10 @@ def trained(tmp_path_factory):
 def test_train_sample_eval_info_end_to_end(trained, cli, text_file):
     run_dir, _, result = trained
     assert "device: cpu" in result.stdout and "val loss" in result.stdout
+    assert "model: lstm 1x16 (backend auto -> fused)" in result.stdout  # auto, resolved for a CPU LSTM in fp32
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    assert "backend: auto" in (run_dir / "config.yaml").read_text()  # the user's choice is kept
+    assert torch.load(run_dir / "last.pt", weights_only=True)["backend"] == "fused"  # what it ran on
     events = [json.loads(line)["event"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert events[0] == "start" and events[-1] == "end" and "train" in events and "eval" in events
 
@@ -68,6 +71,7 @@ def test_train_sample_eval_info_end_to_end(trained, cli, text_file):
     facts = json.loads(info.stdout)
     assert facts["step"] == 6 and facts["vocab_size"] > 20 and facts["parameters"] > 1000
     assert facts["device"] == "cpu" and facts["best_val_loss"] is not None
+    assert facts["backend"] == "fused" and facts["model"].endswith("backend auto -> fused")
 
 
 def test_mingru_train_sample_eval_info(tmp_path, text_file, write_config, capsys):
@@ -286,21 +290,23 @@ def test_ctrl_c_saves_and_resumes(tmp_path, text_file, write_config):
 
 
 def test_checkpoint_runs_with_every_backend(trained, capsys, text_file):
-    """Trained with the native backend; the same weights evaluate and sample alike on the others."""
+    """Trained with backend auto (fused, for a CPU LSTM in fp32); the same weights evaluate and sample
+    alike on every backend."""
     run_dir = trained[0]
     losses = {}
-    for backend in ("native", "fused", "reference"):
+    for backend in ("native", "fused", "reference", "auto"):
         code, out, err = call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--json",
                               "--backend", backend)
         assert code == 0, err
         losses[backend] = json.loads(out)["loss_nats"]
     assert losses["fused"] == pytest.approx(losses["native"], abs=1e-5)
     assert losses["reference"] == pytest.approx(losses["native"], abs=1e-5)
+    assert losses["auto"] == losses["fused"]
     greedy = {backend: call(capsys, "sample", "--checkpoint", str(run_dir), "--prompt", "It", "--length", "30",
                             "--temperature", "0", "--backend", backend)[1] for backend in ("native", "fused")}
     assert greedy["native"] == greedy["fused"]
     assert_user_error(call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file),
-                           "--backend", "turbo"), "--backend must be one of native, fused, reference")
+                           "--backend", "turbo"), "--backend must be one of auto, native, fused, reference")
 
 
 def test_resume_may_switch_backend(tmp_path, text_file, write_config, capsys):

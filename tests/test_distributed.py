@@ -13,7 +13,10 @@ import torch
 
 from charlm.training import trainer as trainer_module
 from charlm.config import validate_config
+from charlm.errors import UserError
+from charlm.training.distributed import World, any_rank_flag
 from charlm.training.metrics import read_metrics
+from charlm.training.runtime import process_device_note, resolve_device
 from charlm.training.run import train
 from conftest import ROOT, tiny_config
 from test_trainer import quiet
@@ -182,3 +185,45 @@ def test_compile_failure_falls_back_to_eager(tmp_path, text_file, monkeypatch, c
     cfg = validate_config(tiny_config(text_file, train={"compile": True, "max_steps": 2}))
     outcome = train(cfg, tmp_path / "run", display=TrainingDisplay(Console(force_terminal=False)))
     assert outcome.step == 2 and "torch.compile is unavailable here (no compiler backend)" in capsys.readouterr().out
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """What torch reports on a node with 4 GPUs (nothing here touches one)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+
+
+@pytest.mark.parametrize("spec,local_rank,expected", [
+    ("auto", 2, "cuda:2"), ("cuda", 2, "cuda:2"), ("cuda:3", 1, "cuda:1"), ("cuda:1", 1, "cuda:1"),
+    ("cpu", 3, "cpu"), ("cuda:3", None, "cuda:3"), ("auto", None, "cuda")])
+def test_each_torchrun_process_takes_its_own_gpu(four_gpus, spec, local_rank, expected):
+    """Under torchrun (a local rank) auto, cuda and cuda:N all mean GPU LOCAL_RANK: a fixed N would put
+    every process of the node on one GPU. Without torchrun an explicit device is kept."""
+    assert resolve_device(spec, local_rank) == torch.device(expected)
+
+
+def test_an_overridden_cuda_index_is_said_in_one_line(four_gpus):
+    note = process_device_note("cuda:3", resolve_device("cuda:3", 1))
+    assert note == ("train.device cuda:3 is not used under torchrun: each process takes its own GPU, "
+                    "cuda:LOCAL_RANK (this one cuda:1)")
+    assert process_device_note("cuda", resolve_device("cuda", 1)) is None
+    assert process_device_note("cuda:1", resolve_device("cuda:1", 1)) is None
+
+
+def test_more_processes_than_gpus_is_one_line(four_gpus):
+    with pytest.raises(UserError, match=r"LOCAL_RANK 5\) has no GPU of its own: this machine has 4; start at most 4"):
+        resolve_device("cuda", 5)
+
+
+def test_without_cuda_torchrun_processes_stay_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 1) == torch.device("cpu")
+    with pytest.raises(UserError, match="CUDA is not available here"):
+        resolve_device("cuda:1", 1)
+
+
+def test_the_skip_agreement_reads_one_flag():
+    """One process: the device flag itself (a CPU read is free); under torchrun it is reduced first."""
+    assert any_rank_flag(torch.tensor(True), World()) is True
+    assert any_rank_flag(~torch.tensor(True), World()) is False

@@ -204,3 +204,72 @@ def test_every_backend_gives_the_same_non_finite_outcome(loops, cell_type, poiso
     for backend in set(patterns) - {"reference"}:
         assert torch.equal(patterns[backend][0], out), backend
         assert all(torch.equal(a, b) for a, b in zip(patterns[backend][1], final)), backend
+
+
+# bf16 keeps 8 significant bits: unit roundoff u = 2^-9. A bf16 GEMM rounds its operands (x, W,
+# h) and its result, each by at most u, and accumulates in fp32; the gate arithmetic and the
+# carried state stay fp32. So each step's pre-activations carry a relative error of a few u,
+# which the recurrence passes on without amplifying (the gates are contractions). Outputs and
+# states are held to 8u norm-wise, gradients (twice the rounded GEMMs: forward and backward) to
+# 16u; and for the LSTM, to no worse than 1.5x the error of oneDNN's own bf16 LSTM on the same
+# weights, the kernel torch.nn.LSTM runs under autocast.
+BF16 = [cell_type for cell_type in CELL_TYPES if lookup(cell_type).native_bf16]
+U = 2.0 ** -9
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / want.norm())
+
+
+def run_autocast(stack, x, state, bf16: bool):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out, final = stack(x, state)
+    return run_outputs(out, final, stack)
+
+
+def run_outputs(out, final, stack):
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    ((out.float() * weights).sum() + sum((s.float() * 0.7).sum() for s in final)).backward()
+    grads = {name: p.grad.clone() for name, p in stack.named_parameters()}
+    stack.zero_grad()
+    return out.detach(), [s.detach() for s in final], grads
+
+
+@pytest.mark.parametrize("cell_type", BF16)
+def test_bf16_native_equals_fp32_within_bf16_precision(cell_type):
+    if cpp_loops() is None:
+        pytest.skip("the bf16 loops are C++ only")
+    torch.manual_seed(7)
+    stack = RecurrentStack(cell_type, 32, 64, 2)
+    x = torch.randn(48, 8, 32)
+    state = tuple(0.5 * torch.randn(2, 8, 64) for _ in range(stack.state_size))
+    stack.backend = "reference"
+    want = run_autocast(stack, x, state, bf16=False)  # fp32
+    stack.backend = "native"
+    got = run_autocast(stack, x, state, bf16=True)
+    assert got[0].dtype == torch.bfloat16  # the mixed-precision loops ran, not the fp32 ones
+    errors = {"output": relative_error(got[0], want[0])}
+    errors.update({f"state {k}": relative_error(a, b) for k, (a, b) in enumerate(zip(got[1], want[1]))})
+    assert all(U / 16 < e < 8 * U for e in errors.values()), errors  # > u/16: bf16 rounding really happened
+    grad_errors = {name: relative_error(got[2][name], want[2][name]) for name in want[2]}
+    assert max(grad_errors.values()) < 16 * U, grad_errors
+    assert all(g.dtype == torch.float32 for g in got[2].values())  # fp32 master weights get fp32 grads
+    if cell_type == "lstm":
+        stack.backend = "fused"
+        onednn = run_autocast(stack, x, state, bf16=True)
+        assert errors["output"] < 1.5 * relative_error(onednn[0], want[0])
+        assert max(grad_errors.values()) < 1.5 * max(relative_error(onednn[2][n], want[2][n]) for n in want[2])
+
+
+@pytest.mark.parametrize("cell_type", BF16)
+def test_bf16_nan_comes_out_nan(cell_type):
+    if cpp_loops() is None:
+        pytest.skip("the bf16 loops are C++ only")
+    torch.manual_seed(5)
+    stack = RecurrentStack(cell_type, 6, 8, 2)
+    x = torch.randn(7, 3, 6)
+    x[2, 1, 0] = float("nan")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = stack(x, stack.init_state(3))
+    nan = torch.isnan(out.float())
+    assert nan[2:, 1].all() and not nan[:, 0].any() and not nan[:2].any()

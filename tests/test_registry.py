@@ -11,7 +11,8 @@ import torch
 
 from charlm.models.layers import RecurrentStack
 from charlm.models.model import CharLM
-from charlm.models.registry import BACKENDS, CELL_TYPES, CellTypeError, lookup, spec_of
+from charlm.models.registry import (AUTO, BACKENDS, CELL_TYPES, CPU_AUTO, CellTypeError, describe_backend, lookup,
+                                    resolve_backend, spec_of)
 
 
 @pytest.mark.parametrize("cell_type", CELL_TYPES)
@@ -52,6 +53,28 @@ def test_unknown_backend_is_one_line():
     with pytest.raises(CellTypeError, match="unknown backend"):
         stack.backend = "turbo"
     assert stack.backend == "native"
+
+
+@pytest.mark.parametrize("cell_type", CELL_TYPES)
+def test_auto_resolves_to_a_backend_the_cell_type_runs_on(cell_type):
+    """On CUDA cuDNN where torch has a kernel; on the CPU the measured table, native where it says
+    nothing; elsewhere native. A concrete choice is kept whatever the device."""
+    spec = lookup(cell_type)
+    assert resolve_backend(AUTO, cell_type, "cuda", "bf16") == ("fused" if spec.fused else "native")
+    assert resolve_backend(AUTO, cell_type, "cpu", "fp32") == CPU_AUTO["fp32"].get(cell_type, "native")
+    assert resolve_backend(AUTO, cell_type, "cpu", "bf16") == "native"
+    assert resolve_backend(AUTO, cell_type, "mps", "fp32") == "native"
+    for device_type in ("cuda", "cpu", "mps"):
+        assert resolve_backend(AUTO, cell_type, device_type, "fp16") in spec.backends
+        assert resolve_backend("reference", cell_type, device_type, "fp32") == "reference"
+    assert resolve_backend(AUTO, "lstm", "cpu", "fp32") == "fused"  # oneDNN's LSTM, measured faster
+
+
+def test_auto_never_reaches_the_model():
+    for make in (lambda: RecurrentStack("lstm", 3, 4, 1, backend=AUTO), lambda: CharLM(5, "gru", backend=AUTO)):
+        with pytest.raises(CellTypeError, match=r"^backend 'auto' reached the model unresolved; resolve it first"):
+            make()
+    assert describe_backend(AUTO, "fused") == "auto -> fused" and describe_backend("native", "native") == "native"
 
 
 def test_an_unregistered_cell_class_is_named():

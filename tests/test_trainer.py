@@ -131,3 +131,17 @@ def test_max_time_budget_stops_training(text_file, tmp_path):
     cfg = validate_config(tiny_config(text_file, train={"max_steps": None, "max_time": "2s", "eval_interval": 10_000}))
     outcome = train(cfg, tmp_path / "run", display=quiet())
     assert outcome.stop_reason == "budget" and 2.0 <= outcome.elapsed < 6.0 and outcome.step > 5
+
+
+@pytest.mark.parametrize("first,then", [("bf16", "fp32"), ("fp32", "bf16")])
+def test_a_carried_state_resumes_across_precisions(text_file, tmp_path, first, then):
+    """A bf16 run of the fused LSTM on the CPU carries (and saves) its state in bf16; oneDNN's fp32
+    kernel refuses a bf16 state, so a resume casts it to the model's own dtype (and the reverse)."""
+    model = {"backend": "fused", "num_layers": 2}
+    run_dir = tmp_path / "run"
+    train(validate_config(tiny_config(text_file, model=model, train={"precision": first, "max_steps": 4})),
+          run_dir, display=quiet())
+    saved = load_checkpoint(run_dir / "last.pt")["train_state"]
+    assert saved[0].dtype == (torch.bfloat16 if first == "bf16" else torch.float32)
+    resumed = validate_config(tiny_config(text_file, model=model, train={"precision": then, "max_steps": 6}))
+    assert train(resumed, run_dir, resume=True, display=quiet()).step == 6

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from charlm.config import BACKENDS, validate_config
+from charlm.config import BACKEND_CHOICES, validate_config
 from charlm.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -16,7 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 CHECKPOINT_HELP = "A checkpoint file, or a run dir (its best.pt, else last.pt)."
-BACKEND_HELP = "Run the weights with another backend: native, fused or reference (default: as trained)."
+BACKEND_HELP = ("Run the weights with another backend: auto, native, fused or reference (default: the "
+                "checkpoint's model.backend; auto: the one charlm picks for this device).")
 
 
 def console() -> Console:
@@ -25,18 +26,19 @@ def console() -> Console:
 
 
 def check_backend(backend: Optional[str]) -> Optional[str]:
-    if backend is not None and backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    if backend is not None and backend not in BACKEND_CHOICES:
+        raise UserError(f"--backend must be one of {', '.join(BACKEND_CHOICES)} (got {backend!r})")
     return backend
 
 
-def load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = None):
-    """A checkpoint's payload, its model on `device` (run with `backend`), its vocabulary and its config."""
+def load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = None, precision: str = "fp32"):
+    """A checkpoint's payload, its model on `device` (run with `backend`; auto resolved for the device
+    and `precision`), its vocabulary and its config."""
     from charlm.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: PLC0415
     from charlm.training.runtime import resolve_device  # noqa: PLC0415
 
     backend = check_backend(backend)
     payload = load_checkpoint(checkpoint)
-    model, vocab = model_from_checkpoint(payload, resolve_device(device), backend)
+    model, vocab = model_from_checkpoint(payload, resolve_device(device), backend, precision)
     return payload, model, vocab, validate_config(payload["config"], "checkpoint config")
 

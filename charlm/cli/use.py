@@ -14,6 +14,9 @@ from charlm.cli.common import BACKEND_HELP, CHECKPOINT_HELP, app, console, err_c
 from charlm.config import sample_settings
 from charlm.errors import UserError
 
+PRECISION_HELP = ("fp32, or bf16: bf16 matmuls with the state kept in fp32, faster where the hardware has bf16 "
+                  "units (a CPU without them runs fp32, saying so).")
+
 
 @app.command()
 def sample(
@@ -28,6 +31,7 @@ def sample(
     num_samples: int = typer.Option(1, "--num-samples", help="Draw this many samples in one batch.", min=1, max=10_000),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     stop_at_end: bool = typer.Option(False, "--stop-at-end", help="End each sample at its document's end marker "
                                      "(models trained with data.documents: lines)."),
 ) -> None:
@@ -36,7 +40,8 @@ def sample(
     from charlm.data.vocab import EOS_TOKEN  # noqa: PLC0415
     from charlm.inference.sample import Decoding, generate, make_generator, prompt_ids  # noqa: PLC0415
 
-    _, model, vocab, cfg = load_model(checkpoint, device, backend)
+    precision = _usable_precision(device, precision)
+    _, model, vocab, cfg = load_model(checkpoint, device, backend, precision)
     settings = sample_settings(cfg.sample, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed)
     if stop_at_end and not vocab.documents:
@@ -48,10 +53,30 @@ def sample(
                           "training; they are read as <unk>")
     generator, used_seed = make_generator(next(model.parameters()).device, settings.seed)
     stop_id = vocab.special_id(EOS_TOKEN) if stop_at_end else None
-    _print_samples(vocab, text, num_samples, stop_id, lambda on_step: generate(
-        model, context, settings.length, num_samples, Decoding.of(settings), generator, on_step, stop_id))
+    with _in_precision(model, precision):
+        _print_samples(vocab, text, num_samples, stop_id, lambda on_step: generate(
+            model, context, settings.length, num_samples, Decoding.of(settings), generator, on_step, stop_id))
     if settings.seed is None:
         err_console.print(f"[dim]seed {used_seed} (pass --seed {used_seed} to draw the same text again)[/]")
+
+
+def _usable_precision(device: str, precision: str) -> str:
+    """The precision asked for, checked; fp32 with a notice where this device cannot do bf16 at speed."""
+    from charlm.training.runtime import resolve_device, usable_precision  # noqa: PLC0415
+
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision must be fp32 or bf16 (got {precision!r})")
+    precision, notice = usable_precision(resolve_device(device), precision)
+    if notice:
+        err_console.print(f"note: {notice}")
+    return precision
+
+
+def _in_precision(model, precision: str):
+    """A context that runs the model in `precision` (bf16: under autocast)."""
+    from charlm.training.runtime import autocast  # noqa: PLC0415
+
+    return autocast(next(model.parameters()).device, precision)
 
 
 def _prompt_text(prompt: Optional[str], prompt_file: Optional[Path], default: str) -> str:
@@ -101,6 +126,7 @@ def evaluate(
     batch_size: int = typer.Option(64, "--batch-size", help="Parallel streams the text is cut into.", min=1),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Measure loss, bits per character and perplexity on a text."""
     from charlm.data.sources import read_text  # noqa: PLC0415
@@ -108,8 +134,10 @@ def evaluate(
     from charlm.inference.evaluate import evaluate_text  # noqa: PLC0415
     from charlm.training.checkpoint import resolve_checkpoint  # noqa: PLC0415
 
-    _, model, vocab, cfg = load_model(checkpoint, device, backend)
-    result = evaluate_text(model, vocab, read_text(text), batch_size, TextSettings.from_config(cfg.data))
+    precision = _usable_precision(device, precision)
+    _, model, vocab, cfg = load_model(checkpoint, device, backend, precision)
+    with _in_precision(model, precision):
+        result = evaluate_text(model, vocab, read_text(text), batch_size, TextSettings.from_config(cfg.data))
     if as_json:
         print(json.dumps({**result.to_dict(), "checkpoint": str(resolve_checkpoint(checkpoint)), "text": text}))
         return
@@ -138,7 +166,9 @@ def info(
     payload, model, vocab, cfg = load_model(checkpoint)
     best = payload.get("best_val_loss")
     facts = {
-        "checkpoint": str(resolve_checkpoint(checkpoint)), "model": describe_model(cfg.model),
+        "checkpoint": str(resolve_checkpoint(checkpoint)),
+        "model": describe_model(cfg.model, payload.get("backend")),  # the backend it trained on
+        "backend": payload.get("backend") or cfg.model.backend,  # older checkpoints: their config's (concrete)
         "parameters": count_parameters(model), "vocab_size": len(vocab),
         "step": payload.get("step"), "epoch": payload.get("epoch"),
         "best_val_loss": best, "best_val_bpc": None if best is None else best / math.log(2),

@@ -55,8 +55,9 @@ class DataConfig(_Section):
 
 
 # Both lists come from the cell-type registry, a torch-free leaf of charlm.models.
-Backend = Literal[registry.BACKENDS]
-BACKENDS: tuple[str, ...] = get_args(Backend)  # the one list of backends (cli and layers read it)
+Backend = Literal[registry.BACKEND_CHOICES]  # auto or a concrete backend
+BACKEND_CHOICES: tuple[str, ...] = get_args(Backend)  # what model.backend and --backend accept
+BACKENDS: tuple[str, ...] = registry.BACKENDS  # the concrete ones a model runs on
 CellType = Literal[registry.CELL_TYPES]
 
 
@@ -68,7 +69,7 @@ class ModelConfig(_Section):
     weight_dropout: float = Field(0.0, ge=0, lt=1)  # DropConnect on the recurrent weights
     input: Literal["onehot", "embedding"] = "embedding"
     embedding_dim: int = Field(64, gt=0)
-    backend: Backend = "native"
+    backend: Backend = registry.AUTO  # kept as written; the run resolves auto (registry.resolve_backend)
 
     # `type` is validated before these (field order), so info.data holds it when it is valid.
     @field_validator("weight_dropout")
@@ -81,7 +82,7 @@ class ModelConfig(_Section):
     @field_validator("backend")
     @classmethod
     def _cell_type_runs_on_backend(cls, value: str, info: ValidationInfo) -> str:
-        if "type" in info.data:
+        if "type" in info.data and value != registry.AUTO:  # auto always resolves to one the type runs on
             registry.lookup(info.data["type"]).check_backend(value)
         return value
 

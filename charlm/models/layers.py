@@ -10,7 +10,8 @@ supports, and the functions that run it, come from its entry in registry.py:
   definition the others are tested against.
 - native: the cell type's own layer function over all T steps with a hand-written backward
   (native_layers.py: C++ step loops on the CPU, charlm/models/csrc, PyTorch elsewhere).
-- fused: torch's own kernels (torch.lstm / gru / rnn_tanh: oneDNN on CPU, cuDNN on GPU).
+- fused: torch's own kernels (torch.lstm / gru / rnn_tanh: oneDNN on CPU, cuDNN on GPU), fused.py.
+A model is built with one of these; `auto` is resolved before (registry.resolve_backend).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from torch import nn
 
 from charlm.models.cells import State
+from charlm.models.fused import flatten_for_cudnn, run_fused
+from charlm.models.native import cpp_loops
 from charlm.models.registry import lookup, spec_of
 
 
@@ -30,13 +33,21 @@ def native_loop(cell: nn.Module, x: torch.Tensor, state: State,
     """Run `cell` over x [T, B, D] with its cell type's native layer -> outputs [T, B, H], state.
 
     `weight_hh` replaces the cell's recurrent weight for every step (weight dropout).
-    Under autocast the recurrence still runs in the parameters' precision (the loops are
-    float32/float64): autocast then speeds up the layers around it."""
-    layer = spec_of(cell).native_layer()
+    Under CPU autocast bf16 the cell types with bf16 loops run them (bf16 GEMMs, fp32 gates and
+    state, bf16 outputs); otherwise the recurrence runs in the parameters' precision and
+    autocast speeds up only the layers around it. The state stays in the parameters' dtype."""
+    spec = spec_of(cell)
     w_hh = getattr(cell, "weight_hh", None) if weight_hh is None else weight_hh
     dtype = cell.weight_ih.dtype
+    compute = torch.bfloat16 if spec.native_bf16 and _cpu_autocast_bf16(x) else dtype
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return layer(cell, x.to(dtype).contiguous(), tuple(s.to(dtype) for s in state), w_hh)
+        return spec.native_layer()(cell, x.to(compute).contiguous(), tuple(s.to(dtype) for s in state), w_hh)
+
+
+def _cpu_autocast_bf16(x: torch.Tensor) -> bool:
+    """Autocast to bf16 is on for the CPU, and the C++ loops that have a bf16 form are built."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and cpp_loops() is not None)
 
 
 def reference_loop(cell: nn.Module, x: torch.Tensor, state: State, record: Optional[dict] = None,
@@ -82,8 +93,20 @@ class RecurrentStack(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        self.spec.check_backend(name)  # one line naming the backends this cell type supports
+        self.spec.check_backend(name)  # one line naming the backends this cell type supports (auto: unresolved)
         self._backend = name
+        self.flatten_weights()
+
+    def flatten_weights(self) -> bool:
+        """On CUDA with the fused backend: the weights into cuDNN's one flat buffer (see fused.py)."""
+        return self._backend == "fused" and flatten_for_cudnn(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting the model (.to(), .cuda(), .float()) gives every parameter new storage;
+        # put the weights back into one buffer, as torch.nn.RNNBase does.
+        result = super()._apply(fn, *args, **kwargs)
+        self.flatten_weights()
+        return result
 
     def recurrent_weights(self) -> list[Optional[torch.Tensor]]:
         """Each layer's weight_hh for this forward call (None for a cell type without one): masked
@@ -124,7 +147,7 @@ class RecurrentStack(nn.Module):
         With `record` (a list), the reference steps run whatever the backend, and record[k]
         becomes layer k's activations by name, each a list of T tensors [B, H]."""
         if self.backend == "fused" and record is None:
-            return self._fused(x, state)
+            return run_fused(self, x, state, self.recurrent_weights())
         finals = []
         for k, (cell, w_hh) in enumerate(zip(self.layers, self.recurrent_weights())):
             if record is not None:
@@ -138,11 +161,3 @@ class RecurrentStack(nn.Module):
                 x = self.dropout(x)
             finals.append(layer_state)
         return x, tuple(torch.stack(parts) for parts in zip(*finals))  # each [L, B, H]
-
-    def _fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        weights = [w for cell, w_hh in zip(self.layers, self.recurrent_weights())
-                   for w in (cell.weight_ih, w_hh, cell.bias_ih, cell.bias_hh)]
-        hx = state if len(state) > 1 else state[0]  # torch.lstm takes (h, c); the others h alone
-        kernel = getattr(torch, self.spec.fused)
-        out, *final = kernel(x, hx, weights, True, self.num_layers, self.dropout.p, self.training, False, False)
-        return out, tuple(final)

@@ -7,7 +7,7 @@ The loss is computed outside the model; callers treat the state as opaque and us
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,11 @@ class CharLM(nn.Module):
         """The registry entry of the model's cell type: its name, backends and viz channels."""
         return self.rnn.spec
 
+    @property
+    def backend(self) -> str:
+        """The concrete backend the recurrence runs on (native, fused or reference)."""
+        return self.rnn.backend
+
     def init_state(self, batch_size: int, device=None) -> State:
         param = self.head.weight
         return self.rnn.init_state(batch_size, device=device or param.device, dtype=param.dtype)
@@ -75,10 +80,12 @@ class CharLM(nn.Module):
         return logits.transpose(0, 1), state  # [B, T, V] (a view)
 
 
-def build_model(cfg: "ModelConfig", vocab_size: int) -> CharLM:
+def build_model(cfg: "ModelConfig", vocab_size: int, backend: Optional[str] = None) -> CharLM:
+    """The model `cfg` describes, run on `backend` (default cfg.backend): a concrete backend, since
+    whoever builds the model knows the device and precision that auto is resolved for."""
     return CharLM(vocab_size, cell_type=cfg.type, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                  dropout=cfg.dropout, input=cfg.input, embedding_dim=cfg.embedding_dim, backend=cfg.backend,
-                  weight_dropout=cfg.weight_dropout)
+                  dropout=cfg.dropout, input=cfg.input, embedding_dim=cfg.embedding_dim,
+                  backend=backend or cfg.backend, weight_dropout=cfg.weight_dropout)
 
 
 def count_parameters(model: nn.Module) -> int:

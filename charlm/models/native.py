@@ -22,7 +22,8 @@ import torch
 from charlm.atomic import replace, write_text_atomic
 from charlm.cache import cache_root
 
-_SOURCE = Path(__file__).parent / "csrc" / "recurrent.cpp"
+# fp32/fp64 loops, and the mixed-precision (bf16 GEMM, fp32 state) loops
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("recurrent.cpp", "recurrent_bf16.cpp")]
 # The parts of -ffast-math that let gcc vectorise the gate loops, without -ffinite-math-only:
 # that one lets the compiler assume no NaN or Inf exists, so a NaN entering a gate could come
 # out finite here but not in torch's kernels, silently corrupting a model the trainer's
@@ -37,7 +38,8 @@ _loaded: dict = {}
 def _library_path() -> Path:
     """Where the built library is cached: keyed by the source, flags, torch and machine."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_CFLAGS + _LDFLAGS).encode(), torch.__version__.encode(),
+    for part in (*(source.read_bytes() for source in _SOURCES), " ".join(_CFLAGS + _LDFLAGS).encode(),
+                 torch.__version__.encode(),
                  sys.version.encode(), platform.machine().encode(), platform.node().encode()):
         key.update(part)
     return cache_root() / f"recurrent-{key.hexdigest()[:16]}.so"
@@ -68,7 +70,7 @@ def _build() -> object:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder:
         name = f"charlm_recurrent_{path.stem.split('-')[1]}"
         # copies: cpp_extension.load appends to the lists it is given
-        cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=list(_CFLAGS),
+        cpp_extension.load(name=name, sources=[str(source) for source in _SOURCES], extra_cflags=list(_CFLAGS),
                            extra_ldflags=list(_LDFLAGS), build_directory=folder, is_python_module=False,
                            verbose=False)
         built = Path(folder) / f"{name}.so"

@@ -1,4 +1,5 @@
-"""The cell types charlm knows, one entry each: the one list config, layers, viz and the tests read.
+"""The cell types charlm knows, one entry each: the one list config, layers, viz and the tests read;
+the backends, and the concrete one `model.backend: auto` runs on a given device and precision.
 
 Plain data and the standard library only (classes and functions are named as "module:attribute"
 strings, imported on first use), so the torch-free config schema can read the names from here.
@@ -14,7 +15,16 @@ from typing import Any, Optional
 
 from charlm.errors import UserError
 
-BACKENDS: tuple[str, ...] = ("native", "fused", "reference")  # the one list of backends
+BACKENDS: tuple[str, ...] = ("native", "fused", "reference")  # the one list of concrete backends
+AUTO = "auto"  # model.backend's default: resolve_backend() picks a concrete one where device and precision are known
+BACKEND_CHOICES: tuple[str, ...] = (AUTO, *BACKENDS)  # what model.backend and --backend accept
+
+# What `auto` runs on the CPU, by train precision and cell type; a cell type not listed runs
+# native. To be filled from scripts/bench.py measurements (README, Benchmark).
+CPU_AUTO: dict[str, dict[str, str]] = {
+    "fp32": {"lstm": "fused"},  # oneDNN's LSTM kernel trained faster than the native loop here
+    "bf16": {},  # native for every cell type: its bf16 core is the fast one
+}
 
 
 class CellTypeError(UserError, ValueError):
@@ -70,6 +80,7 @@ class CellSpec:
     recurrent_weights: bool  # has weight_hh [G*H, H], so model.weight_dropout applies
     native: Optional[str]  # "module:function(cell, x, state, weight_hh) -> (outputs, state)", or None
     fused: Optional[str]  # torch's kernel torch.<fused>, which takes torch.nn.RNN's arguments, or None
+    native_bf16: bool = False  # its native layer runs bf16 input with bf16 GEMMs (CPU autocast bf16)
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -84,6 +95,10 @@ class CellSpec:
         return _attribute(self.native)
 
     def check_backend(self, backend: str) -> None:
+        """`backend` is a concrete backend this cell type runs on, or a one-line error."""
+        if backend == AUTO:
+            raise CellTypeError("backend 'auto' reached the model unresolved; resolve it first with "
+                                "charlm.models.registry.resolve_backend(), where the device and precision are known")
         if backend not in BACKENDS:
             raise CellTypeError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         if backend not in self.backends:
@@ -102,14 +117,14 @@ _LSTM_CHANNELS = (gate("forget"), gate("input"), gate("output"), unbounded("cell
 REGISTRY: dict[str, CellSpec] = {spec.name: spec for spec in (
     CellSpec(name="rnn", title="RNN", cell="charlm.models.cells:RNNCell", channels=(signed("hidden", "h"),),
              feature_channel="hidden", recurrent_weights=True,
-             native="charlm.models.native_layers:rnn_layer", fused="rnn_tanh"),
+             native="charlm.models.native_layers:rnn_layer", fused="rnn_tanh", native_bf16=True),
     CellSpec(name="lstm", title="LSTM", cell="charlm.models.cells:LSTMCell", channels=_LSTM_CHANNELS,
              feature_channel="cell", recurrent_weights=True,
-             native="charlm.models.native_layers:lstm_layer", fused="lstm"),
+             native="charlm.models.native_layers:lstm_layer", fused="lstm", native_bf16=True),
     CellSpec(name="gru", title="GRU", cell="charlm.models.cells:GRUCell",
              channels=(gate("update"), gate("reset"), signed("hidden", "h")),
              feature_channel="hidden", recurrent_weights=True,
-             native="charlm.models.native_layers:gru_layer", fused="gru"),
+             native="charlm.models.native_layers:gru_layer", fused="gru", native_bf16=True),
     CellSpec(name="mingru", title="minGRU", cell="charlm.models.mingru:MinGRUCell",
              channels=(gate("update"), unbounded("candidate", "h~"), unbounded("hidden", "h")),
              feature_channel="hidden", recurrent_weights=False,
@@ -124,6 +139,31 @@ def lookup(cell_type: str) -> CellSpec:
         return REGISTRY[cell_type]
     except (KeyError, TypeError):
         raise CellTypeError(f"unknown cell type {cell_type!r}; choose from {', '.join(CELL_TYPES)}") from None
+
+
+def resolve_backend(choice: str, cell_type: str, device_type: str, precision: str = "fp32") -> str:
+    """The concrete backend to run `cell_type` with: `choice` itself unless it is auto.
+
+    auto, on CUDA: fused (cuDNN) where the cell type has a kernel, since the native step loops
+    launch several small kernels per time step there; on the CPU: CPU_AUTO; elsewhere (mps,
+    unmeasured): native. `device_type` is "cuda", "cpu" or "mps"; `precision` is train.precision."""
+    spec = lookup(cell_type)
+    if choice != AUTO:
+        return choice
+    if device_type == "cuda":
+        pick = "fused"
+    elif device_type == "cpu":
+        pick = CPU_AUTO.get(precision, {}).get(cell_type, "native")
+    else:
+        pick = "native"
+    return next(b for b in (pick, "native", "reference") if b in spec.backends)
+
+
+def describe_backend(choice: str, resolved: Optional[str]) -> str:
+    """How a run names its backend: 'auto -> fused' when auto picked it, else the backend itself."""
+    if choice == AUTO:
+        return f"auto -> {resolved}" if resolved else AUTO
+    return choice
 
 
 def spec_of(cell: object) -> CellSpec:

@@ -110,19 +110,20 @@ def _with_defaults(saved: dict) -> dict:
         return saved
 
 
-def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu",
-                          backend: str | None = None) -> tuple[CharLM, Vocab]:
+def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu", backend: str | None = None,
+                          precision: str = "fp32") -> tuple[CharLM, Vocab]:
     """Rebuild the model and vocabulary a checkpoint describes, with its weights, in eval mode.
 
-    `backend` runs the same weights through another backend than the one trained with."""
+    `backend` runs the same weights through another backend than its config's model.backend;
+    auto (either way) is resolved for `device` and `precision`."""
     try:
         model_cfg = validate_config(payload["config"], "checkpoint config").model
         vocab = Vocab.from_dict(payload["vocab"])
     except (ConfigError, KeyError, TypeError, AssertionError) as err:
         raise CheckpointError(f"checkpoint has an invalid config or vocabulary: {err}") from None
-    if backend is not None:
-        model_cfg = model_cfg.model_copy(update={"backend": backend})
-    model = build_model(model_cfg, len(vocab))
+    device = torch.device(device)
+    choice = backend if backend is not None else model_cfg.backend
+    model = build_model(model_cfg, len(vocab), registry.resolve_backend(choice, model_cfg.type, device.type, precision))
     try:
         model.load_state_dict(payload["model"])
     except (RuntimeError, TypeError) as err:
@@ -133,8 +134,9 @@ def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu",
     return model.to(device).eval(), vocab
 
 
-def describe_model(cfg: ModelConfig) -> str:
+def describe_model(cfg: ModelConfig, ran_on: str | None = None) -> str:
+    """One line: the cell type, sizes, input, dropout and backend (`ran_on`: what auto resolved to)."""
     input_desc = f"embedding {cfg.embedding_dim}" if cfg.input == "embedding" else "one-hot"
     weight_drop = f", weight dropout {cfg.weight_dropout}" if cfg.weight_dropout else ""
     return (f"{registry.lookup(cfg.type).title} {cfg.num_layers}x{cfg.hidden_size}, {input_desc} input, dropout {cfg.dropout}"
-            f"{weight_drop}, {cfg.backend} backend")
+            f"{weight_drop}, backend {registry.describe_backend(cfg.backend, ran_on)}")

@@ -54,6 +54,7 @@ def payload_of(trainer: Trainer, state: tuple) -> dict:
         "val_loss": trainer.last_val.loss_nats if trainer.last_val else None,
         "device": describe_device(trainer.device), "data_fingerprint": trainer.corpus.fingerprint,
         "num_parameters": count_parameters(model), "world_size": trainer.world.size,
+        "backend": model.backend,  # the one it ran on: config.model.backend may say auto
     }
 
 
@@ -82,9 +83,18 @@ def load_into(trainer: Trainer, payload: dict) -> None:
     trainer.optimizer.load_state_dict(payload["optimizer"])
     if payload.get("scaler"):
         trainer.scaler.load_state_dict(payload["scaler"])
-    trainer.state = tuple(s[:, trainer.rows].to(trainer.device) for s in payload["train_state"])
+    trainer.state = carried_state(payload["train_state"], trainer)
     _restore_rng(payload, trainer.world, trainer.cfg.train.seed)
     trainer.pos = Progress(**payload["progress"])
+
+
+def carried_state(saved: list, trainer: Trainer) -> tuple:
+    """This rank's streams of the saved state [L, B, H], on the device and in the dtype of the model's
+    own fresh state: a bf16/fp16 run may have saved it in half precision, and a float32 kernel
+    refuses a state of another dtype. Contiguous, as cuDNN wants it."""
+    fresh = trainer.model.init_state(1)
+    return tuple(s[:, trainer.rows].to(device=trainer.device, dtype=f.dtype).contiguous()
+                 for s, f in zip(saved, fresh))
 
 
 def _restore_rng(payload: dict, world: World, seed: int) -> None:

@@ -76,6 +76,16 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+def any_rank_flag(flag: torch.Tensor, world: World) -> bool:
+    """`flag`, a one-element bool tensor on this rank's device, is True on any rank. Reduced on the
+    device and read once: the host waits for the device once, not for a local read and again for
+    the agreement."""
+    if world.enabled:
+        flag = flag.to(torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
 def max_over_ranks(value: int, world: World, device: torch.device) -> int:
     """The largest of the ranks' values (a signal number one of them received), on every rank."""
     if not world.enabled:

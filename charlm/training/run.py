@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -18,9 +18,11 @@ from charlm.data.corpus import Corpus, load_corpus
 from charlm.training.distributed import World
 from charlm.errors import Interrupted, UserError
 from charlm.models.model import CharLM, build_model, count_parameters
+from charlm.models.registry import describe_backend, resolve_backend
 from charlm.training.metrics import MetricsLog, NoMetrics
 from charlm.training.rundir import RunLock, prepare_run_dir, write_config
-from charlm.training.runtime import check_precision, describe_device, resolve_device, seed_everything
+from charlm.training.runtime import (allow_tf32, check_precision, describe_device, process_device_note,
+                                     resolve_device, seed_everything, usable_precision)
 from charlm.training.signals import StopRequests
 from charlm.training.trainer import Trainer, TrainOutcome
 
@@ -41,14 +43,19 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
         world = distributed.world_from_env()
         device = resolve_device(cfg.train.device, world.local_rank if world.enabled else None)
         check_precision(device, cfg.train.precision)
+        cfg, precision_note = _usable_precision(cfg, device)
+        allow_tf32(device, cfg.train.precision)
         distributed.start(world, device)
+    device_note = process_device_note(cfg.train.device, device) if world.enabled else None
+    note = "; ".join(n for n in (device_note, precision_note) if n) or None
     try:
         with distributed.peers_may_stop(world):
             if not world.main:
                 display = display.silenced()
             if world.main:
                 with RunLock(run_dir) as lock:
-                    outcome = _train_locked(cfg, run_dir, resume, overwrite, display, world, device, lock.notices)
+                    notices = lock.notices + ([note] if note else [])
+                    outcome = _train_locked(cfg, run_dir, resume, overwrite, display, world, device, notices)
             else:
                 outcome = _train_locked(cfg, run_dir, resume, overwrite, display, world, device, [])
             # A rank that tears its gloo connections down while another still finishes up can abort
@@ -61,6 +68,15 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
         # with an error code): a half-destroyed process group aborts the process at exit.
         with StopRequests():
             distributed.stop(world)
+
+
+def _usable_precision(cfg: Config, device: torch.device) -> tuple[Config, Optional[str]]:
+    """The config with the precision this device can run at speed (bf16 on a CPU without bf16 units
+    runs fp32: config.yaml then records fp32, what ran), and the notice saying so."""
+    precision, notice = usable_precision(device, cfg.train.precision)
+    if notice is None:
+        return cfg, None
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})}), notice
 
 
 @contextmanager
@@ -92,7 +108,7 @@ def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notic
     for notice in notices:
         display.message(notice)
     payload = load_checkpoint(run_dir / LAST) if resume else None
-    trainer = Trainer(cfg, run_dir, corpus, _build_model(cfg, corpus), device, display, world)
+    trainer = Trainer(cfg, run_dir, corpus, _build_model(cfg, corpus, device), device, display, world)
     if payload is not None:
         check_resumable(payload, cfg, corpus)
         trainer.restore(payload)
@@ -106,16 +122,18 @@ def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notic
         write_config(run_dir, cfg.to_dict())
         _announce(display, trainer, corpus, device, payload is not None, world)
     metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),
-                  num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
+                  backend=trainer.model.backend, num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
                   train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel(), world_size=world.size)
     return trainer, metrics
 
 
-def _build_model(cfg: Config, corpus: Corpus) -> CharLM:
-    """The model cfg.model describes, initialised from train.seed, which also starts the training
-    RNG (dropout): the same weights on every rank and the same run at every rerun."""
+def _build_model(cfg: Config, corpus: Corpus, device: torch.device) -> CharLM:
+    """The model cfg.model describes, on the backend model.backend names (auto resolved for this
+    device and train.precision), initialised from train.seed, which also starts the training RNG
+    (dropout): the same weights on every rank and the same run at every rerun."""
     seed_everything(cfg.train.seed)
-    return build_model(cfg.model, len(corpus.vocab))
+    backend = resolve_backend(cfg.model.backend, cfg.model.type, device.type, cfg.train.precision)
+    return build_model(cfg.model, len(corpus.vocab), backend)
 
 
 def _prepare(cfg, run_dir, resume, overwrite, display, world: World, device, notices) -> tuple[Corpus, list]:
@@ -156,6 +174,14 @@ def _agree_or_fail(failed: bool, world: World, device: torch.device) -> None:
         raise UserError("rank 0 could not start the run (its error is in its own output)")
 
 
+def _precision(precision: str, device: torch.device, backend: str) -> list[str]:
+    if precision == "fp32":
+        return []
+    if precision == "bf16" and device.type == "cuda" and backend == "fused":  # see charlm.models.fused
+        return ["precision bf16 (the cuDNN recurrence in float32 with TF32: cuDNN's autocast would run it in fp16)"]
+    return [f"precision {precision}"]
+
+
 def _announce(display, trainer: Trainer, corpus: Corpus, device: torch.device, resumed: bool,
               world: World) -> None:
     cfg = trainer.cfg
@@ -164,10 +190,11 @@ def _announce(display, trainer: Trainer, corpus: Corpus, device: torch.device, r
     skipped = f" ({corpus.val_oov_chars:,} val characters not in it)" if corpus.val_oov_chars else ""
     display.message(f"data: {corpus.train_ids.numel():,} train / {corpus.val_ids.numel():,} val units, "
                     f"vocabulary {len(corpus.vocab)}{skipped}")
-    display.message(f"model: {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size} ({cfg.model.backend} "
-                    f"backend), {count_parameters(trainer.model):,} parameters; "
+    backend = describe_backend(cfg.model.backend, trainer.model.backend)
+    display.message(f"model: {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size} (backend {backend}), "
+                    f"{count_parameters(trainer.model):,} parameters; "
                     f"{trainer.batches.windows_per_epoch} steps per epoch")
-    extras = [f"precision {cfg.train.precision}"] if cfg.train.precision != "fp32" else []
+    extras = _precision(cfg.train.precision, device, trainer.model.backend)
     if cfg.train.gradient_accumulation_steps > 1:
         extras.append(f"{cfg.train.gradient_accumulation_steps} accumulation steps per update")
     if cfg.model.weight_dropout:

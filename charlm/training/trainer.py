@@ -25,7 +25,7 @@ from charlm.training.distributed import World
 from charlm.training.metrics import IntervalStats, MetricsLog
 from charlm.training.optim import Budget, WeightAverage, build_optimizer, learning_rate
 from charlm.training.recovery import out_of_patience, skip_bad_step
-from charlm.training.runtime import autocast, grad_scaler
+from charlm.training.runtime import autocast, batch_to_device, grad_scaler
 from charlm.training.signals import StopRequests
 from charlm.training.validation import evaluate_and_save
 from charlm.training.wrapping import WrappedModel
@@ -54,7 +54,7 @@ class Trainer:
         self.world = world
         train = cfg.train
         distributed.check_batch(world, train.batch_size, train.gradient_accumulation_steps)
-        self.model = model.to(device)
+        self.model = model.to(device)  # on CUDA, fused: also into cuDNN's flat buffer, before these take the weights
         self.optimizer = build_optimizer(self.model, train)
         self.ema = WeightAverage(self.model, train.ema_decay) if train.ema_decay else None
         if world.rank:
@@ -114,7 +114,7 @@ class Trainer:
         if self.pos.window == 0:
             self.state = self.model.init_state(self.local_batch)  # a new epoch starts from scratch
         x, y = self.batches.window(self.pos.window, self.rows, self.pos.epoch)  # [B/W, T] each
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = batch_to_device(x, self.device), batch_to_device(y, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         k = train.gradient_accumulation_steps
         micro = self.local_batch // k
@@ -202,8 +202,10 @@ class Trainer:
         the log line, an evaluation or a checkpoint, the display. True: out of patience, stop early."""
         cfg = self.cfg.train
         loss, grad_norm, state, chars = self.forward_backward()
-        bad = not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if distributed.any_rank(bad, self.world, self.device):
+        nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))  # on the device
+        # The step's one wait for the device (README, Scaling out: what syncs remain): whether to
+        # step, carry the state or skip and maybe roll back must be known before the next step.
+        if distributed.any_rank_flag(nonfinite, self.world):
             self.advance()
             skip_bad_step(self, metrics, float(loss), float(grad_norm))
             return False
