@@ -227,3 +227,20 @@ def test_the_skip_agreement_reads_one_flag():
     """One process: the device flag itself (a CPU read is free); under torchrun it is reduced first."""
     assert any_rank_flag(torch.tensor(True), World()) is True
     assert any_rank_flag(~torch.tensor(True), World()) is False
+
+
+def test_a_process_that_joined_a_group_ends_without_the_interpreter_teardown(monkeypatch, tmp_path):
+    # gloo's threads outlive destroy_process_group (DDP's reducer keeps the group): the CLI ends
+    # such a process with os._exit and the command's own exit code, streams flushed
+    from charlm import cli
+    from charlm.training import distributed
+    left = []
+    monkeypatch.setattr(distributed, "_joined", True)
+    monkeypatch.setattr(distributed, "leave_process", left.append)
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--checkpoint", str(tmp_path / "missing")])
+    assert left == [2]
+    monkeypatch.setattr(distributed, "_joined", False)
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--checkpoint", str(tmp_path / "missing")])
+    assert left == [2]

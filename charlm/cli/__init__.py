@@ -26,11 +26,25 @@ __all__ = ["app", "main", "files", "train", "use"]
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: run the app; user errors become one line on stderr and exit code 2, and
     SIGINT / SIGTERM exit code 130 / 143 (with one line saying what they cut short, if anything)."""
-    with InterruptSignals():
-        try:
-            _main(argv)
-        except Interrupted as stop:  # out here, so that it also covers the handling of other errors
-            _interrupted(stop)
+    try:
+        with InterruptSignals():
+            try:
+                _main(argv)
+            except Interrupted as stop:  # out here, so that it also covers the handling of other errors
+                _interrupted(stop)
+    except SystemExit as done:
+        _leave_process_group(done.code)
+        raise
+
+
+def _leave_process_group(code) -> None:
+    """A torchrun process ends without the interpreter's teardown (see distributed.leave_process)."""
+    distributed = sys.modules.get("charlm.training.distributed")  # imported only by a training run
+    if distributed is None or not distributed.joined():
+        return
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    distributed.leave_process(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 def _main(argv: Optional[list[str]]) -> None:

@@ -9,6 +9,7 @@ W processes equal K steps of one process on the same global batch.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from charlm.errors import UserError
+
+_joined = False  # this process joined a process group (then it leaves through leave_process())
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,30 @@ def start(world: World, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    global _joined
+    _joined = True
 
 
 def stop(world: World) -> None:
     if world.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def joined() -> bool:
+    return _joined
+
+
+def leave_process(code: int) -> None:
+    """End this process now, skipping the interpreter's teardown.
+
+    DistributedDataParallel's reducer keeps the gloo group alive past destroy_process_group,
+    so its threads still run when the interpreter shuts down, and tearing them down then
+    aborts the process now and then (SIGABRT, "terminate called without an active
+    exception") after the run has finished and saved: torchrun then reports a failed run.
+    Every file is closed by now; only the output streams need flushing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def check_batch(world: World, batch_size: int, accumulation: int) -> None:
