@@ -34,6 +34,12 @@ def sample(
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     stop_at_end: bool = typer.Option(False, "--stop-at-end", help="End each sample at its document's end marker "
                                      "(models trained with data.documents: lines)."),
+    adapt_to: Optional[str] = typer.Option(None, "--adapt-to", help="First read this text (file, folder or glob) "
+                                           "with dynamic evaluation's updates, so the sample continues in its style."),
+    segment: int = typer.Option(50, "--segment", help="--adapt-to: characters per update."),
+    dynamic_lr: Optional[float] = typer.Option(None, "--dynamic-lr", help="--adapt-to: learning rate "
+                                               "(default 3e-5 for rms, 0.1 for sgd)."),
+    rule: str = typer.Option("rms", "--rule", help="--adapt-to: update rule, rms or sgd."),
 ) -> None:
     """Generate text from a trained model, streamed as it is drawn."""
     from charlm.data.text import TextSettings  # noqa: PLC0415
@@ -54,10 +60,38 @@ def sample(
     generator, used_seed = make_generator(next(model.parameters()).device, settings.seed)
     stop_id = vocab.special_id(EOS_TOKEN) if stop_at_end else None
     with _in_precision(model, precision):
+        if adapt_to is not None:
+            _adapt(model, vocab, adapt_to, _dynamic_settings(segment, dynamic_lr, rule, 0.0), cfg)
         _print_samples(vocab, text, num_samples, stop_id, lambda on_step: generate(
             model, context, settings.length, num_samples, Decoding.of(settings), generator, on_step, stop_id))
     if settings.seed is None:
         err_console.print(f"[dim]seed {used_seed} (pass --seed {used_seed} to draw the same text again)[/]")
+
+
+def _adapt(model, vocab, source: str, settings, cfg) -> None:
+    """Update `model` in place by reading `source` with dynamic evaluation; say what it scored."""
+    from charlm.data.sources import read_text  # noqa: PLC0415
+    from charlm.data.text import TextSettings  # noqa: PLC0415
+    from charlm.inference.dynamic import read_dynamically  # noqa: PLC0415
+    from charlm.inference.evaluate import encode_for_scoring  # noqa: PLC0415
+
+    _, encoded = encode_for_scoring(vocab, read_text(source), TextSettings.from_config(cfg.data))
+    totals = read_dynamically(model, encoded.ids, settings)
+    err_console.print(f"[dim]adapted to {source}: {totals.count:,} characters read, "
+                      f"{totals.total_nats / totals.count:.4f} nats/char while reading[/]")
+
+
+def _dynamic_settings(segment: int, lr: Optional[float], rule: str, decay: float):
+    """The dynamic-evaluation options as checked settings (a mistake is one line)."""
+    from charlm.inference.dynamic import DynamicSettings  # noqa: PLC0415
+
+    if lr is None:
+        lr = 3e-5 if rule == "rms" else 0.1
+    settings = DynamicSettings(segment=segment, lr=lr, rule=rule, decay=decay)
+    problem = settings.check()
+    if problem:
+        raise UserError(f"{problem}: see charlm eval --help")
+    return settings
 
 
 def _usable_precision(device: str, precision: str) -> str:
@@ -127,6 +161,15 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
+    window: Optional[int] = typer.Option(None, "--window", min=1, help="Score as nanoGPT does: independent windows "
+                                         "of this many characters, each from a blank state (no carried state)."),
+    dynamic: bool = typer.Option(False, "--dynamic", help="Also score with dynamic evaluation: the model "
+                                 "takes a gradient step on each segment after scoring it."),
+    segment: int = typer.Option(50, "--segment", help="--dynamic: characters per update."),
+    dynamic_lr: Optional[float] = typer.Option(None, "--dynamic-lr", help="--dynamic: learning rate "
+                                               "(default 3e-5 for rms, 0.1 for sgd)."),
+    rule: str = typer.Option("rms", "--rule", help="--dynamic: update rule, rms or sgd."),
+    decay: float = typer.Option(0.0, "--decay", help="--dynamic: pull toward the trained weights per update, in [0, 1)."),
 ) -> None:
     """Measure loss, bits per character and perplexity on a text."""
     from charlm.data.sources import read_text  # noqa: PLC0415
@@ -135,14 +178,43 @@ def evaluate(
     from charlm.training.checkpoint import resolve_checkpoint  # noqa: PLC0415
 
     precision = _usable_precision(device, precision)
+    adapt = _dynamic_settings(segment, dynamic_lr, rule, decay) if dynamic else None
+    if adapt is not None and window is not None:
+        raise UserError("--window and --dynamic do not go together: dynamic evaluation carries the state")
     _, model, vocab, cfg = load_model(checkpoint, device, backend, precision)
+    text_settings = TextSettings.from_config(cfg.data)
     with _in_precision(model, precision):
-        result = evaluate_text(model, vocab, read_text(text), batch_size, TextSettings.from_config(cfg.data))
+        if adapt is None:
+            result = evaluate_text(model, vocab, read_text(text), batch_size, text_settings, window)
+            dynamic_result = None
+        else:
+            from charlm.inference.dynamic import evaluate_text_dynamic  # noqa: PLC0415
+
+            result, dynamic_result = evaluate_text_dynamic(model, vocab, read_text(text), adapt, text_settings,
+                                                           batch_size)
     if as_json:
-        print(json.dumps({**result.to_dict(), "checkpoint": str(resolve_checkpoint(checkpoint)), "text": text}))
+        facts = {**result.to_dict(), "checkpoint": str(resolve_checkpoint(checkpoint)), "text": text,
+                 "scoring": f"windows of {window}, no carried state" if window else "state carried"}
+        if dynamic_result is not None:
+            facts.update(loss_nats_static=result.loss_nats, bpc_static=result.bpc,
+                         loss_nats_dynamic=dynamic_result.loss_nats, bpc_dynamic=dynamic_result.bpc,
+                         dynamic={"segment": adapt.segment, "lr": adapt.lr, "rule": adapt.rule, "decay": adapt.decay})
+        print(json.dumps(facts))
         return
+    _print_evaluation(result, dynamic_result, adapt)
+    if window is not None:
+        console().print(f"(scored in independent windows of {window} characters, each from a blank state)")
+
+
+def _print_evaluation(result, dynamic_result, adapt) -> None:
     out = console()
-    if result.unit == "bytes":
+    per = "byte" if result.unit == "bytes" else "char"
+    if dynamic_result is not None:
+        out.print(f"static:  loss {result.loss_nats:.4f} nats/{per} | {result.bpc:.4f} bits/char")
+        out.print(f"dynamic: loss {dynamic_result.loss_nats:.4f} nats/{per} | {dynamic_result.bpc:.4f} bits/char "
+                  f"({adapt.rule}, lr {adapt.lr:g}, segments of {adapt.segment}, decay {adapt.decay:g}; "
+                  f"{dynamic_result.loss_nats - result.loss_nats:+.4f} nats)")
+    elif result.unit == "bytes":
         out.print(f"loss {result.loss_nats:.4f} nats/byte | {result.bits_per_byte:.4f} bits/byte | "
                       f"{result.bpc:.4f} bits/char | perplexity {result.perplexity:.3f} per byte | "
                       f"{result.bytes:,} bytes ({result.chars:,} characters) scored")

@@ -103,6 +103,34 @@ def evaluate_totals(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64
     return total, count
 
 
+@torch.no_grad()
+def evaluate_windows(model: torch.nn.Module, ids: torch.Tensor, window: int, batch: int = 64) -> EvalResult:
+    """Score `ids` as nanoGPT scores: cut into consecutive, non-overlapping windows of `window`
+    characters, each read from a blank state, so every prediction sees 1 to `window` characters
+    of context and no state is carried. Every one of the N - 1 predictions is made once."""
+    device = next(model.parameters()).device
+    predictions = ids.numel() - 1
+    rows = -(-predictions // window)
+    inputs = torch.zeros(rows * window, dtype=torch.long)
+    targets = torch.full((rows * window,), IGNORE, dtype=torch.long)
+    inputs[:predictions], targets[:predictions] = ids[:-1], ids[1:]
+    inputs, targets = inputs.view(rows, window), targets.view(rows, window)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for first in range(0, rows, batch):
+            logits, _ = model(inputs[first:first + batch].to(device), None)  # [n, window, V]
+            if logits.dtype not in (torch.float32, torch.float64):
+                logits = logits.float()
+            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[first:first + batch].reshape(-1).to(device),
+                                     ignore_index=IGNORE, reduction="sum")
+            total += float(losses.double())
+    finally:
+        model.train(was_training)
+    return result_of(total, predictions)
+
+
 def result_of(total: float, count: int) -> EvalResult:
     mean = total / count
     # e^mean overflows a float past ~709 nats (a diverged model): its perplexity is infinite.
@@ -121,19 +149,32 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, w
 
 
 def evaluate_text(model: torch.nn.Module, vocab: Vocab, text: str, streams: int = 64,
-                  settings: Optional[TextSettings] = None) -> EvalResult:
+                  settings: Optional[TextSettings] = None, window: Optional[int] = None) -> EvalResult:
     """Score a text prepared as the training text was (`settings`).
 
     Characters outside the vocabulary are scored as <unk> when the vocabulary has it, else
     dropped (neither fed nor scored); either way they are counted. In byte mode the loss is
     per byte, and bpc divides the same total by the text's characters, so the two modes
-    compare on the same file."""
+    compare on the same file. With `window`, the text is scored in independent windows of that
+    many characters (evaluate_windows) instead of with the state carried through."""
+    text, encoded = encode_for_scoring(vocab, text, settings)
+    if window is not None:
+        return described(evaluate_windows(model, encoded.ids, window, streams), text, encoded, vocab)
+    return described(evaluate_ids(model, encoded.ids, streams), text, encoded, vocab)
+
+
+def encode_for_scoring(vocab: Vocab, text: str, settings: Optional[TextSettings] = None):
+    """The text as the model reads it (prepared as the training text was) and its encoding."""
     settings = settings or TextSettings(unit=vocab.unit, documents="lines" if vocab.documents else "none")
     text = transform(text, settings)
     encoded = vocab.map_units(units_of(text, settings))
     if encoded.ids.numel() < 2:
         raise DataError(f"the text has {encoded.ids.numel()} character(s) the model knows; at least 2 are needed")
-    result = evaluate_ids(model, encoded.ids, streams)
+    return text, encoded
+
+
+def described(result: EvalResult, text: str, encoded, vocab: Vocab) -> EvalResult:
+    """`result` with the out-of-vocabulary count, and in byte mode per character as well as per byte."""
     rule = "scored as <unk>" if encoded.unk else "skipped"
     if vocab.unit == "chars":
         return replace(result, oov_chars=encoded.oov_chars, oov_rule=rule)

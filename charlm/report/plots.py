@@ -16,7 +16,7 @@ LN2 = math.log(2)
 
 def plot_runs(run_dirs: list[Path], out: Path, unit: str = "nats") -> list[str]:
     """Train and val loss against step and against wall time, all runs overlaid; returns notices."""
-    plt = _pyplot()
+    plt = _pyplot("charlm plot")
     scale = 1.0 if unit == "nats" else 1.0 / LN2
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
     notices, drawn = [], 0
@@ -70,12 +70,60 @@ def _draw(by_step, by_time, name: str, events: list, scale: float) -> None:
                           textcoords="offset points", xytext=(6, 6), fontsize=8)
 
 
-def _pyplot():
+def _pyplot(command: str):
     try:
         import matplotlib  # noqa: PLC0415 - optional dependency
     except ImportError:
-        raise UserError("charlm plot needs matplotlib: pip install 'charlm[plot]' (or pip install matplotlib)") from None
+        raise UserError(f"{command} needs matplotlib: pip install 'charlm[plot]' (or pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     return plt
+
+
+def plot_gradient_probe(models: list[dict], out: Path) -> None:
+    """||d loss_t / d h_{t-k}|| (and c for the LSTM) against k, one line per model, log scale."""
+    plt = _pyplot("charlm probe")
+    fig, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for entry in models:
+        line, = axis.plot(entry["k"], _positive(entry["hidden_grad_norm"]), label=f"{entry['label']}: h")
+        if entry.get("cell_grad_norm"):
+            axis.plot(entry["k"], _positive(entry["cell_grad_norm"]), linestyle="--", color=line.get_color(),
+                      label=f"{entry['label']}: c")
+    axis.set_yscale("log")
+    axis.set_xlabel("k (steps back)")
+    axis.set_ylabel("mean ||d loss_t / d state_{t-k}||")
+    axis.set_title("how far back the gradient reaches")
+    _save(plt, fig, axis, out)
+
+
+def plot_context_probe(models: list[dict], out: Path) -> None:
+    """Loss against the characters of context the model may read, one line per model, with its
+    carried-state loss as a dotted level."""
+    plt = _pyplot("charlm probe")
+    fig, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for entry in models:
+        line, = axis.plot(entry["k"], entry["loss_nats"], marker="o", markersize=3, label=entry["label"])
+        axis.axhline(entry["carried_loss_nats"], linestyle=":", color=line.get_color(),
+                     label=f"{entry['label']}: state carried")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("characters of context (state reset k steps back)")
+    axis.set_ylabel("loss (nats/char)")
+    axis.set_title("how much context the predictions use")
+    _save(plt, fig, axis, out)
+
+
+def _positive(values: list[float]) -> list[float]:
+    return [v if v > 0 else math.nan for v in values]  # a log axis cannot show 0
+
+
+def _save(plt, fig, axis, out: Path) -> None:
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_open(out, "wb") as handle:
+            fig.savefig(handle, format="png")
+    finally:
+        plt.close(fig)
