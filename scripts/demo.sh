@@ -6,6 +6,5 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
 # --overwrite: runs/demo belongs to this script; each demo replaces the previous demo run.
-.venv/bin/charlm train --config configs/stdlib_lstm.yaml --out runs/demo --overwrite \
-    --set train.max_time=60s --set train.eval_interval=250
+.venv/bin/charlm train --config configs/demo.yaml --out runs/demo --overwrite
 .venv/bin/charlm sample --checkpoint runs/demo --prompt "def " --length 400 --seed 0

@@ -38,7 +38,7 @@ def sample(
                                            "with dynamic evaluation's updates, so the sample continues in its style."),
     segment: int = typer.Option(50, "--segment", help="--adapt-to: characters per update."),
     dynamic_lr: Optional[float] = typer.Option(None, "--dynamic-lr", help="--adapt-to: learning rate "
-                                               "(default 3e-5 for rms, 0.1 for sgd)."),
+                                               "(default 3e-4 for rms, 0.1 for sgd)."),
     rule: str = typer.Option("rms", "--rule", help="--adapt-to: update rule, rms or sgd."),
 ) -> None:
     """Generate text from a trained model, streamed as it is drawn."""
@@ -86,7 +86,7 @@ def _dynamic_settings(segment: int, lr: Optional[float], rule: str, decay: float
     from charlm.inference.dynamic import DynamicSettings  # noqa: PLC0415
 
     if lr is None:
-        lr = 3e-5 if rule == "rms" else 0.1
+        lr = 3e-4 if rule == "rms" else 0.1
     settings = DynamicSettings(segment=segment, lr=lr, rule=rule, decay=decay)
     problem = settings.check()
     if problem:
@@ -167,7 +167,7 @@ def evaluate(
                                  "takes a gradient step on each segment after scoring it."),
     segment: int = typer.Option(50, "--segment", help="--dynamic: characters per update."),
     dynamic_lr: Optional[float] = typer.Option(None, "--dynamic-lr", help="--dynamic: learning rate "
-                                               "(default 3e-5 for rms, 0.1 for sgd)."),
+                                               "(default 3e-4 for rms, 0.1 for sgd)."),
     rule: str = typer.Option("rms", "--rule", help="--dynamic: update rule, rms or sgd."),
     decay: float = typer.Option(0.0, "--decay", help="--dynamic: pull toward the trained weights per update, in [0, 1)."),
 ) -> None:
