@@ -138,3 +138,12 @@ def test_probe_on_a_text_too_short_is_one_line(runs, capsys, tmp_path):
     short.write_text("It was the best", encoding="utf-8")
     assert_user_error(call(capsys, "probe", "context", "--checkpoint", str(rnn), "--text", str(short),
                            "--out", str(tmp_path / "c")), "give a longer --text or a smaller --max-k")
+
+
+def test_probe_to_a_path_that_cannot_be_written_is_one_line(runs, capsys, tmp_path):
+    (rnn, _), text_file = runs
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder", encoding="utf-8")
+    assert_user_error(call(capsys, "probe", "gradients", "--checkpoint", str(rnn), "--text", str(text_file),
+                           "--out", str(blocked / "grad"), "--max-k", "8", "--positions", "2"), "cannot write")
+    assert blocked.read_text(encoding="utf-8") == "not a folder"

@@ -93,7 +93,7 @@ def _write(out: Path, facts: dict, plot) -> None:
 
     stem = out.with_suffix("") if out.suffix in (".png", ".json") else out
     png, numbers = stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".json")
-    plot(facts["models"], png)
+    plot(facts["models"], png)  # says so in one line if `out` cannot be written
     write_text_atomic(numbers, json.dumps(facts, indent=1) + "\n")
     print(png)
     print(numbers)

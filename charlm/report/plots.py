@@ -40,13 +40,7 @@ def plot_runs(run_dirs: list[Path], out: Path, unit: str = "nats") -> list[str]:
         axis.legend(fontsize=8)
     by_step.set_title("against steps")
     by_time.set_title("against time")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_open(out, "wb") as handle:
-            fig.savefig(handle, format="png")
-    finally:
-        plt.close(fig)
+    _write_png(plt, fig, out)
     return notices
 
 
@@ -120,10 +114,17 @@ def _positive(values: list[float]) -> list[float]:
 def _save(plt, fig, axis, out: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
+    _write_png(plt, fig, out)
+
+
+def _write_png(plt, fig, out: Path) -> None:
+    """The figure as a PNG at `out`, written atomically; a path that cannot be written is one line."""
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(out, "wb") as handle:
             fig.savefig(handle, format="png")
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror or err}; choose another --out") from None
     finally:
         plt.close(fig)
