@@ -67,9 +67,19 @@ class ModelConfig(_Section):
     num_layers: int = Field(2, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     weight_dropout: float = Field(0.0, ge=0, lt=1)  # DropConnect on the recurrent weights
+    locked_dropout: bool = False  # dropout masks held for all steps of a window (variational dropout)
+    input_dropout: float = Field(0.0, ge=0, lt=1)  # on the embedded (or one-hot) input
+    embedding_dropout: float = Field(0.0, ge=0, lt=1)  # whole characters' embedding rows
     input: Literal["onehot", "embedding"] = "embedding"
     embedding_dim: int = Field(64, gt=0)
     backend: Backend = registry.AUTO  # kept as written; the run resolves auto (registry.resolve_backend)
+
+    @model_validator(mode="after")
+    def _embedding_dropout_needs_embedding(self) -> "ModelConfig":
+        if self.embedding_dropout > 0 and self.input != "embedding":
+            raise ValueError("model.embedding_dropout needs model.input: embedding (one-hot input has no embedding "
+                             "rows to drop; use model.input_dropout)")
+        return self
 
     # `type` is validated before these (field order), so info.data holds it when it is valid.
     @field_validator("weight_dropout")
@@ -104,6 +114,8 @@ class TrainConfig(_Section):
     min_lr: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # validate/save/sample an average of the weights
+    ar: float = Field(0.0, ge=0)  # activation regularisation: ar * mean(h_dropped^2) of the top layer
+    tar: float = Field(0.0, ge=0)  # temporal activation regularisation: tar * mean((h_t - h_{t-1})^2)
     max_steps: Optional[int] = Field(None, gt=0)
     max_time: Optional[str] = None
     eval_interval: int = Field(500, gt=0)

@@ -18,16 +18,20 @@ if TYPE_CHECKING:
 NOT_FLAT_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
 
 
-def layer_weights(stack: RecurrentStack, recurrent: list[torch.Tensor]) -> list[torch.Tensor]:
+def layer_weights(stack: RecurrentStack, recurrent: list[torch.Tensor], layers: slice = slice(None)) -> list[torch.Tensor]:
     """Per layer k: weight_ih, recurrent[k] (weight_hh, or its masked copy), bias_ih, bias_hh: torch.nn.RNN's order."""
-    return [w for cell, w_hh in zip(stack.layers, recurrent)
+    return [w for cell, w_hh in zip(stack.layers[layers], recurrent[layers])
             for w in (cell.weight_ih, w_hh, cell.bias_ih, cell.bias_hh)]
 
 
-def run_fused(stack: RecurrentStack, x: torch.Tensor, state: State,
-              recurrent: list[torch.Tensor]) -> tuple[torch.Tensor, State]:
-    """x [T, B, D], state tuple of [L, B, H] -> top layer outputs [T, B, H], new state, through torch.<fused>."""
-    weights = layer_weights(stack, recurrent)
+def run_fused(stack: RecurrentStack, x: torch.Tensor, state: State, recurrent: list[torch.Tensor],
+              layers: slice = slice(None)) -> tuple[torch.Tensor, State]:
+    """x [T, B, D], state tuple of [L, B, H] -> top layer outputs [T, B, H], new state, through torch.<fused>.
+
+    `layers`: run only these layers (state and result hold just theirs); torch's kernel applies
+    the stack's per-element dropout between them."""
+    weights = layer_weights(stack, recurrent, layers)
+    num_layers = len(weights) // 4
     hx = tuple(s.contiguous() for s in state)  # cuDNN refuses a strided state: a micro-batch's rows of [L, B, H]
     leave_autocast = _autocast_would_change_the_dtype(x.device.type)
     if leave_autocast:
@@ -36,7 +40,7 @@ def run_fused(stack: RecurrentStack, x: torch.Tensor, state: State,
     copies = x.is_cuda and any(w is not cell.weight_hh for w, cell in zip(recurrent, stack.layers))
     with _outside_autocast(x.device.type, leave_autocast), _expected_copy(copies):
         # torch.lstm takes (h, c), the others h alone
-        out, *final = kernel(x, hx if len(hx) > 1 else hx[0], weights, True, stack.num_layers, stack.dropout.p,
+        out, *final = kernel(x, hx if len(hx) > 1 else hx[0], weights, True, num_layers, stack.dropout.p,
                              stack.training, False, False)  # has biases, ..., not bidirectional, not batch-first
     return out, tuple(final)
 

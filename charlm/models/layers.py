@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from charlm.models.cells import State
+from charlm.models.dropout import SequenceDropout
 from charlm.models.fused import flatten_for_cudnn, run_fused
 from charlm.models.native import cpp_loops
 from charlm.models.registry import lookup, spec_of
@@ -70,10 +71,13 @@ class RecurrentStack(nn.Module):
     "weight drop", Merity et al. 2017): while training, a random fraction p of every weight_hh
     entry is zeroed (the rest scaled by 1/(1-p)) and that one mask is used for all T steps of a
     forward call, or of every call inside `shared_weight_masks`. Unlike dropout on h_t it regularises the recurrence itself, and it costs one
-    elementwise op per layer per window, not per step. Off in eval mode."""
+    elementwise op per layer per window, not per step. Off in eval mode.
+
+    `locked_dropout`: the dropout between layers uses one mask per window for all T steps
+    (variational dropout, see dropout.py) instead of a new one at every step."""
 
     def __init__(self, cell_type: str, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0,
-                 backend: str = "native", weight_dropout: float = 0.0):
+                 backend: str = "native", weight_dropout: float = 0.0, locked_dropout: bool = False):
         super().__init__()
         self.spec = lookup(cell_type)  # the registry entry: raises CellTypeError naming the valid types
         self.spec.check_weight_dropout(weight_dropout)
@@ -81,7 +85,7 @@ class RecurrentStack(nn.Module):
         self.cell_type, self.hidden_size, self.num_layers = cell_type, hidden_size, num_layers
         self.layers = nn.ModuleList(
             cell_class(input_size if k == 0 else hidden_size, hidden_size) for k in range(num_layers))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = SequenceDropout(dropout, locked_dropout)  # between layers
         self.weight_dropout = weight_dropout
         self._held_masks: Optional[list[torch.Tensor]] = None
         self.state_size = cell_class.state_size
@@ -146,11 +150,20 @@ class RecurrentStack(nn.Module):
 
         With `record` (a list), the reference steps run whatever the backend, and record[k]
         becomes layer k's activations by name, each a list of T tensors [B, H]."""
-        if self.backend == "fused" and record is None:
+        if self.backend == "fused" and record is None and not self.dropout.locked:
             return run_fused(self, x, state, self.recurrent_weights())
+        return self.layer_by_layer(x, state, record)
+
+    def layer_by_layer(self, x: torch.Tensor, state: State, record: Optional[list] = None) -> tuple[torch.Tensor, State]:
+        """forward() one layer at a time, with this stack's dropout between layers (torch's fused
+        kernels only drop per element inside, so locked dropout runs them layer by layer)."""
         finals = []
-        for k, (cell, w_hh) in enumerate(zip(self.layers, self.recurrent_weights())):
-            if record is not None:
+        recurrent = self.recurrent_weights()
+        for k, (cell, w_hh) in enumerate(zip(self.layers, recurrent)):
+            if self.backend == "fused" and record is None:
+                x, layer_state = run_fused(self, x, tuple(s[k:k + 1] for s in state), recurrent, slice(k, k + 1))
+                layer_state = tuple(s[0] for s in layer_state)
+            elif record is not None:
                 record.append({})
                 x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state), record[k], w_hh)
             elif self.backend == "native":

@@ -1,4 +1,4 @@
-"""CharLM: characters -> (one-hot | embedding) -> recurrent stack -> dropout -> linear head.
+"""CharLM: characters -> (one-hot | embedding) -> input dropout -> recurrent stack -> dropout -> linear head.
 
 Shape letters: B batch, T time, V vocabulary, E embedding, H hidden, L layers.
 The loss is computed outside the model; callers treat the state as opaque and use
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm.models.cells import State
+from charlm.models.dropout import SequenceDropout, dropped_embedding_rows
 from charlm.models.layers import RecurrentStack
 from charlm.models.registry import CellSpec
 
@@ -24,17 +25,22 @@ if TYPE_CHECKING:
 class CharLM(nn.Module):
     def __init__(self, vocab_size: int, cell_type: str = "lstm", hidden_size: int = 256, num_layers: int = 2,
                  dropout: float = 0.0, input: str = "embedding", embedding_dim: int = 64, backend: str = "native",
-                 weight_dropout: float = 0.0):
+                 weight_dropout: float = 0.0, locked_dropout: bool = False, input_dropout: float = 0.0,
+                 embedding_dropout: float = 0.0):
         super().__init__()
         assert input in ("onehot", "embedding"), f"unknown input kind {input!r}"
+        assert embedding_dropout == 0 or input == "embedding", "embedding dropout needs an embedding"
         self.vocab_size = vocab_size
         # Embedding init: torch's N(0, 1), so each input feature has unit variance, which the
         # layer-0 Xavier init assumes. One-hot input needs no parameters: x_t is a basis vector
         # and layer 0's weight_ih [4H, V] plays the embedding's role.
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if input == "embedding" else None
         input_size = embedding_dim if self.embedding is not None else vocab_size
-        self.rnn = RecurrentStack(cell_type, input_size, hidden_size, num_layers, dropout, backend, weight_dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.embedding_dropout = embedding_dropout
+        self.input_dropout = SequenceDropout(input_dropout, locked_dropout)
+        self.rnn = RecurrentStack(cell_type, input_size, hidden_size, num_layers, dropout, backend, weight_dropout,
+                                  locked_dropout)
+        self.dropout = SequenceDropout(dropout, locked_dropout)
         # Head init: torch's Linear default U(+-1/sqrt(H)); logits start small, so the first
         # loss is close to the uniform ln V and no character starts out favoured.
         self.head = nn.Linear(hidden_size, vocab_size)
@@ -64,19 +70,25 @@ class CharLM(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [T, B] -> x [T, B, D] (D = E, or V for one-hot)."""
         if self.embedding is not None:
-            return self.embedding(idx)
+            weight = dropped_embedding_rows(self.embedding.weight, self.embedding_dropout, self.training)
+            return F.embedding(idx, weight)
         return F.one_hot(idx, self.vocab_size).to(self.head.weight.dtype)
 
     def forward(self, idx: torch.Tensor, state: State | None = None,
-                record: list | None = None) -> tuple[torch.Tensor, State]:
+                record: list | None = None, top: dict | None = None) -> tuple[torch.Tensor, State]:
         """idx [B, T] -> logits [B, T, V] and the state after the last step.
 
-        `record`: a list that receives each layer's gate activations (see RecurrentStack)."""
+        `record`: a list that receives each layer's gate activations (see RecurrentStack).
+        `top`: a dict that receives the top layer's outputs [T, B, H] as "h" and, after dropout,
+        as "h_dropped" (what activation regularisation penalises)."""
         if state is None:
             state = self.init_state(idx.shape[0], idx.device)
-        x = self.embed(idx.t())  # [T, B, D]
+        x = self.input_dropout(self.embed(idx.t()))  # [T, B, D]
         h, state = self.rnn(x, state, record)  # [T, B, H]
-        logits = self.head(self.dropout(h))  # [T, B, V]
+        dropped = self.dropout(h)
+        if top is not None:
+            top["h"], top["h_dropped"] = h, dropped
+        logits = self.head(dropped)  # [T, B, V]
         return logits.transpose(0, 1), state  # [B, T, V] (a view)
 
 
@@ -85,7 +97,9 @@ def build_model(cfg: "ModelConfig", vocab_size: int, backend: Optional[str] = No
     whoever builds the model knows the device and precision that auto is resolved for."""
     return CharLM(vocab_size, cell_type=cfg.type, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                   dropout=cfg.dropout, input=cfg.input, embedding_dim=cfg.embedding_dim,
-                  backend=backend or cfg.backend, weight_dropout=cfg.weight_dropout)
+                  backend=backend or cfg.backend, weight_dropout=cfg.weight_dropout,
+                  locked_dropout=cfg.locked_dropout, input_dropout=cfg.input_dropout,
+                  embedding_dropout=cfg.embedding_dropout)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -91,7 +91,7 @@ def _projection_grads_bf16(ctx, dgx: torch.Tensor, x: torch.Tensor, w_ih: torch.
     """As _projection_grads for bf16 dgx, x and w_ih: bf16 GEMMs; the bias grad summed in fp32."""
     flat = dgx.reshape(-1, dgx.shape[2])  # [T*B, G*H]
     dx = (flat @ w_ih).view_as(x) if ctx.needs_input_grad[0] else None
-    return dx, flat.t() @ x.reshape(-1, x.shape[2]), flat.sum(0, dtype=torch.float32)
+    return dx, flat.t() @ x.reshape(-1, x.shape[2]), cpp_loops().column_sums_bf16(flat)
 
 
 class _LSTMLayerBF16(torch.autograd.Function):

@@ -45,6 +45,19 @@ class TrainOutcome:
     main: bool = True  # the process that reports (rank 0 under torchrun)
 
 
+def activation_penalties(top: dict, ar: float, tar: float) -> torch.Tensor:
+    """AR and TAR (Merity et al. 2017) on the top layer's outputs [T, B, H]: ar * mean(h_dropped^2)
+    keeps activations small, tar * mean((h_t - h_{t-1})^2) keeps them from jumping between steps
+    (on the outputs before dropout, whose masks would make every step jump)."""
+    penalty = torch.zeros((), device=top["h"].device)
+    if ar:
+        penalty = penalty + ar * top["h_dropped"].float().pow(2).mean()
+    if tar and top["h"].shape[0] > 1:
+        h = top["h"].float()
+        penalty = penalty + tar * (h[1:] - h[:-1]).pow(2).mean()
+    return penalty
+
+
 class Trainer:
     """Trains the model it is handed on `corpus` as `cfg.train` says; checkpoints go to `run_dir`."""
 
@@ -130,11 +143,16 @@ class Trainer:
 
     def _micro_batch(self, x: torch.Tensor, y: torch.Tensor, rows: slice, last: bool, finals: list) -> torch.Tensor:
         """Forward and backward of one micro-batch (rows of this rank's streams); its loss, detached."""
-        k = self.cfg.train.gradient_accumulation_steps
-        with self.net.gradient_sync(last), autocast(self.device, self.cfg.train.precision):
-            logits, state = self.net(x[rows], tuple(s[:, rows] for s in self.state))  # [b, T, V]
-            loss = self.loss(logits, y[rows]) / k
-        self.scaler.scale(loss).backward()
+        train = self.cfg.train
+        k = train.gradient_accumulation_steps
+        top = {} if train.ar or train.tar else None
+        with self.net.gradient_sync(last), autocast(self.device, train.precision):
+            logits, state = self.net(x[rows], tuple(s[:, rows] for s in self.state), top=top)  # [b, T, V]
+            loss = self.loss(logits, y[rows])
+        # The reported loss is the cross-entropy alone; the penalties only shape the gradient.
+        objective = loss + activation_penalties(top, train.ar, train.tar) if top is not None else loss
+        self.scaler.scale(objective / k).backward()
+        loss = loss / k
         del logits  # [b, T, V] can be large (6,000 symbols): not kept into the next micro-batch
         finals.append(self.model.detach_state(state))
         return loss.detach().float()

@@ -28,15 +28,17 @@ class WrappedModel:
             except Exception as err:  # noqa: BLE001 - any failure: train eagerly
                 self._compile_failed(err)
 
-    def __call__(self, x: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
-        """The wrapped model's forward; a compiled model that fails on first use falls back to eager."""
+    def __call__(self, x: torch.Tensor, state: tuple, top: dict | None = None) -> tuple[torch.Tensor, tuple]:
+        """The wrapped model's forward (`top` as in CharLM.forward); a compiled model that fails on
+        first use falls back to eager."""
+        kwargs = {} if top is None else {"top": top}
         try:
-            return self.net(x, state)
+            return self.net(x, state, **kwargs)
         except Exception as err:  # noqa: BLE001 - only compile failures are retried
             if not self.compile or self.net is (self.ddp or self.model):
                 raise
             self._compile_failed(err)
-            return self.net(x, state)
+            return self.net(x, state, **kwargs)
 
     def train(self) -> None:
         self.net.train()

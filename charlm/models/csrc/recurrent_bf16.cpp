@@ -354,6 +354,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_bf16(const Tensor& dhs, 
   return {dgx, direct.add(gemm.to(at::kFloat)), dw, dbn.view({T * B, H}).sum(0)};
 }
 
+// ---- bias gradients ------------------------------------------------------------------------
+
+// fp32 sums of the columns of a bf16 [N, C] matrix: a bias's gradient, summed over every step
+// and row. at::sum(dtype=float) would first copy all N*C values to fp32 (a fresh 25 MB buffer
+// at T*B = 4096, 4H = 1536: 3-6 ms per layer, 6% of a training step); here each thread sums its
+// own block of columns straight from the bf16 values.
+Tensor column_sums_bf16(const Tensor& m) {
+  TORCH_CHECK(m.dim() == 2 && m.scalar_type() == at::kBFloat16, "column_sums_bf16 takes a bf16 [N, C] matrix");
+  const Tensor mc = m.contiguous();
+  const int64_t N = mc.size(0), C = mc.size(1);
+  Tensor sums = at::zeros({C}, mc.options().dtype(at::kFloat));
+  const bf16* src = raw(mc);
+  float* out = sums.data_ptr<float>();
+  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t n = 0; n < N; ++n) {
+      const bf16* row = src + n * C;
+#pragma omp simd
+      for (int64_t j = begin; j < end; ++j) out[j] += from_bf16(row[j]);
+    }
+  });
+  return sums;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(charlm, m) {
@@ -366,6 +389,7 @@ TORCH_LIBRARY_FRAGMENT(charlm, m) {
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def("gru_backward_bf16(Tensor dhs, Tensor dh_last, Tensor acts, Tensor ghn, Tensor hs, Tensor hs_b, Tensor h0, "
         "Tensor w_hh) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("column_sums_bf16(Tensor m) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(charlm, CPU, m) {
@@ -375,4 +399,5 @@ TORCH_LIBRARY_IMPL(charlm, CPU, m) {
   m.impl("rnn_backward_bf16", &rnn_backward_bf16);
   m.impl("gru_forward_bf16", &gru_forward_bf16);
   m.impl("gru_backward_bf16", &gru_backward_bf16);
+  m.impl("column_sums_bf16", &column_sums_bf16);
 }
