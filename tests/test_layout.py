@@ -19,6 +19,7 @@ ALLOWED = {
     "training": {"models", "data", "inference"},
     "report": {"data", "training.rundir", "training.metrics"},
     "config": {"models.registry"},
+    "serving": {"data", "inference"},
 }
 
 

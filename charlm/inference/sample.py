@@ -36,13 +36,25 @@ def pick_next(logits: torch.Tensor, decoding: Decoding = Decoding(),
     assert decoding.temperature >= 0, "temperature must be >= 0"
     if decoding.temperature == 0:
         return logits.argmax(dim=-1)
+    return draw(sampling_probs(logits, decoding), generator)
+
+
+def sampling_probs(logits: torch.Tensor, decoding: Decoding) -> torch.Tensor:
+    """The distribution pick_next draws from (temperature > 0), row by row: logits [B, V] -> probs [B, V].
+
+    Every operation is per row, so rows computed together give what each gives alone (the
+    server computes many requests' rows in one call and draws each with its own generator)."""
     logits = logits.float() / decoding.temperature  # [B, V]
     if decoding.top_k is not None and decoding.top_k < logits.shape[-1]:
         values, indices = logits.topk(decoding.top_k, dim=-1)  # [B, k]
         logits = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
     if decoding.top_p is not None and decoding.top_p < 1.0:
         logits = _nucleus(logits, decoding.top_p)
-    probs = torch.softmax(logits, dim=-1)  # [B, V]
+    return torch.softmax(logits, dim=-1)  # [B, V]
+
+
+def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One id per row of probs [B, V] -> [B]."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

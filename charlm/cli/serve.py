@@ -1,0 +1,62 @@
+"""`charlm serve`: a trained model behind an OpenAI-shaped HTTP API, with a playground page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from charlm.cli.common import BACKEND_HELP, CHECKPOINT_HELP, app, err_console, load_model
+from charlm.errors import UserError
+
+INSTALL_HINT = "charlm serve needs the serving extra: pip install 'charlm[serve]'"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+def serve(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help=CHECKPOINT_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="TCP port.", min=1, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CHARLM_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer KEY' on the API."),
+    max_tokens: int = typer.Option(2000, "--max-tokens", help="Cap on a request's max_tokens.", min=1,
+                                   max=1_000_000),
+    max_requests: int = typer.Option(64, "--max-requests", help="Requests in flight at once; more get 429.",
+                                     min=1, max=4096),
+    device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (see charlm sample --help)."),
+) -> None:
+    """Serve a trained model: POST /v1/completions (OpenAI's shape, streaming too), GET /v1/models,
+    GET /health, and a playground page at /."""
+    try:
+        import uvicorn  # noqa: PLC0415
+
+        from charlm.serving.app import Server, create_app  # noqa: PLC0415
+        from charlm.serving.api import Limits  # noqa: PLC0415
+    except ImportError as err:
+        if err.name in ("uvicorn", "starlette") or "starlette" in str(err):
+            raise UserError(INSTALL_HINT) from None
+        raise
+    from charlm.cli.use import _in_precision, _usable_precision  # noqa: PLC0415
+    from charlm.serving.loading import served_model  # noqa: PLC0415
+
+    precision = _usable_precision(device, precision)
+    payload, model, vocab, cfg = load_model(checkpoint, device, backend, precision)
+    served = served_model(checkpoint, payload, model, vocab, cfg, precision,
+                          lambda: _in_precision(model, precision))
+    server = Server(served, Limits(max_tokens=max_tokens), api_key=api_key, max_requests=max_requests)
+    if host not in LOOPBACK:
+        err_console.print(f"warning: listening on {host}, reachable from other machines"
+                          f"{'' if api_key else ' by anyone (no --api-key)'}")
+    err_console.print(f"serving {served.name} on http://{_url_host(host)}:{port}/ (playground at /, API at /v1); "
+                      "Ctrl-C stops")
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=30, access_log=False)
+    uvicorn.Server(config).run()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

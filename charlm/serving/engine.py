@@ -1,0 +1,280 @@
+"""Batched generation for many clients: one recurrent step per character for every request in flight.
+
+A request (`Completion`) is read in its own pass first (its prompt warms up its own state), then
+its rows join the batch at the next step and leave it when done. Each request draws from its own
+generator with its own decoding settings, so a request alone gives exactly what `charlm sample`
+gives with the same seed and settings (generate() in charlm.inference.sample runs the same steps);
+in a batch only float rounding of the batched matmuls can differ.
+
+The engine runs in one background thread (torch releases the GIL in its kernels); results go to
+each request's `sink`, a callable the web layer points at its event loop's queue.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from charlm.inference.sample import Decoding, draw, sampling_probs
+
+
+class Busy(Exception):
+    """The engine already holds as many requests as it may."""
+
+
+@dataclass
+class Completion:
+    """One request: prompt ids [P], n rows, up to max_tokens units each."""
+
+    prompt_ids: torch.Tensor
+    max_tokens: int
+    decoding: Decoding
+    generator: torch.Generator
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_id: Optional[int] = None  # a unit id that ends a row (the document end marker)
+    sink: Callable[[dict], None] = lambda event: None  # where the request's events go
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (a client went away): its rows leave at the next step."""
+        self.cancelled.set()
+
+
+class _Row:
+    """One row of a request in the batch: its decoder, the text it holds back, and whether it is done.
+
+    Text is held back while it could be the start of a stop sequence. Each character keeps the
+    probability the model gave it (for a character made of several bytes, their product)."""
+
+    def __init__(self, job: Completion, index: int, decoder):
+        self.job, self.index, self.decoder = job, index, decoder
+        self.pending = ""  # text not sent yet
+        self.probs: list[float] = []  # one per character of `pending`
+        self.unit_prob = 1.0  # of the units the decoder holds (an unfinished UTF-8 character)
+        self.produced = 0
+        self.finish: Optional[str] = None
+
+    def add(self, unit: int, prob: float) -> Optional[dict]:
+        """Take one generated unit; the event to send now (None: nothing to send yet)."""
+        if self.finish is not None:  # done, waiting for the request's other rows
+            return None
+        self.produced += 1
+        if unit == self.job.stop_id:
+            return self._end("stop")
+        self.unit_prob *= prob
+        self._append(self.decoder.feed(unit))
+        cut = [self.pending.find(s) for s in self.job.stop if s and s in self.pending]
+        if cut:
+            self._truncate(min(cut))
+            return self._end("stop")
+        if self.produced >= self.job.max_tokens:
+            self._append(self.decoder.flush())
+            return self._end("length")
+        return self._release(len(self.pending) - self._held_back())
+
+    def _append(self, text: str) -> None:
+        if text:
+            self.pending += text
+            self.probs += [self.unit_prob] + [1.0] * (len(text) - 1)
+            self.unit_prob = 1.0
+
+    def _truncate(self, length: int) -> None:
+        self.pending, self.probs = self.pending[:length], self.probs[:length]
+
+    def _release(self, count: int) -> Optional[dict]:
+        if count <= 0:
+            return None
+        event = {"index": self.index, "text": self.pending[:count], "probs": self.probs[:count]}
+        self.pending, self.probs = self.pending[count:], self.probs[count:]
+        return event
+
+    def _held_back(self) -> int:
+        """How many trailing characters could begin a stop sequence (they wait for the next ones)."""
+        longest = 0
+        for s in self.job.stop:
+            for k in range(min(len(s) - 1, len(self.pending)), longest, -1):
+                if self.pending.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def _end(self, reason: str) -> dict:
+        self.finish = reason
+        event = {"index": self.index, "text": self.pending, "probs": self.probs, "finish_reason": reason,
+                 "tokens": self.produced}
+        self.pending, self.probs = "", []
+        return event
+
+
+class Engine:
+    """Serves Completions from `model` in one batched loop; at most `max_requests` in flight."""
+
+    def __init__(self, model: torch.nn.Module, vocab, precision_context: Callable = None, max_requests: int = 64):
+        self.model, self.vocab, self.max_requests = model.eval(), vocab, max_requests
+        self.device = next(model.parameters()).device
+        self._precision = precision_context
+        self._pending: list[Completion] = []
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self.in_flight = 0
+        self.steps = 0
+
+    # --- control ---------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="charlm-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the loop: requests still in flight end with finish_reason "shutdown"."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Completion) -> Completion:
+        """Queue a request; it joins the batch at the next step. Raises Busy when full."""
+        with self._lock:
+            if self._stopping:
+                raise Busy("the server is shutting down")
+            if self.in_flight >= self.max_requests:
+                raise Busy(f"{self.in_flight} requests are in flight, the most this server takes")
+            self.in_flight += 1
+            self._pending.append(job)
+            self._lock.notify_all()
+        return job
+
+    # --- the loop --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        rows: list[_Row] = []
+        logits: Optional[torch.Tensor] = None  # [N, V]
+        state: Optional[tuple] = None  # each [L, N, H]
+        with torch.no_grad(), (self._precision() if self._precision else _null()):
+            while True:
+                with self._lock:
+                    while not self._pending and not rows and not self._stopping:
+                        self._lock.wait()
+                    if self._stopping:
+                        break
+                    joining, self._pending = self._pending, []
+                try:
+                    for job in joining:
+                        logits, state = self._join(job, rows, logits, state)
+                    logits, state, rows = self._step(rows, logits, state)
+                except Exception as err:  # noqa: BLE001 - a bug: fail the requests in flight, keep serving
+                    traceback.print_exception(err)
+                    self._fail(rows, joining, f"internal error: {type(err).__name__}")
+                    logits, state, rows = None, None, []
+        for row in rows:
+            if row.finish is None:
+                row.finish = "shutdown"
+                row.job.sink({"index": row.index, "text": row.pending, "probs": row.probs,
+                              "finish_reason": "shutdown", "tokens": row.produced})
+        self._release_finished(rows, [])
+        self._fail([], self._pending, "the server is shutting down")
+
+    def _fail(self, rows: list, jobs: list, message: str) -> None:
+        """End these requests with an error event and free their slots."""
+        failed = {id(job): job for job in [*(row.job for row in rows), *jobs]}
+        with self._lock:
+            self.in_flight -= len(failed)
+        for job in failed.values():
+            job.sink({"error": message})
+
+    def _join(self, job: Completion, rows: list, logits, state):
+        """Read the request's prompt in its own pass; append its n rows to the batch."""
+        out, job_state = self.model(job.prompt_ids.to(self.device).long()[None], None)  # [1, P, V]
+        job_logits = out[:, -1].float().expand(job.n, -1)
+        job_state = tuple(s.repeat(1, job.n, 1) for s in job_state)
+        rows.extend(_Row(job, i, self.vocab.stream_decoder()) for i in range(job.n))
+        if logits is None:
+            return job_logits, job_state
+        return torch.cat([logits, job_logits]), tuple(torch.cat([a, b], dim=1) for a, b in zip(state, job_state))
+
+    def _step(self, rows: list, logits: torch.Tensor, state: tuple):
+        """Draw one unit for every row, send what is ready, drop finished rows, run one batched step."""
+        units = self._draw(rows, logits)
+        probs = torch.softmax(logits.float(), dim=-1).gather(1, units[:, None].to(logits.device))[:, 0].tolist()
+        for i, (row, unit) in enumerate(zip(rows, units.tolist())):
+            if row.job.cancelled.is_set():
+                row.finish = row.finish or "cancelled"
+                continue
+            event = row.add(unit, probs[i])
+            if event is not None:
+                row.job.sink(event)
+        # A request's rows stay until all of them are done (so its generator draws as in
+        # generate(), whose samples run until the last one ends); a cancelled one leaves at once.
+        unfinished = {id(row.job) for row in rows if row.finish is None}
+        keep = [i for i, row in enumerate(rows) if id(row.job) in unfinished]
+        self._release_finished(rows, keep)
+        if not keep:
+            return None, None, []
+        rows = [rows[i] for i in keep]
+        index = torch.tensor(keep, device=logits.device)
+        if len(keep) < len(units):
+            units, state = units[keep], tuple(s.index_select(1, index) for s in state)
+        out, state = self.model(units.to(self.device)[:, None], state)  # [N, 1, V]
+        self.steps += 1
+        return out[:, -1].float(), state, rows
+
+    def _draw(self, rows: list, logits: torch.Tensor) -> torch.Tensor:
+        """One unit per row, as pick_next would draw it for each request alone: the distributions
+        of all requests with the same settings in one call, then each request's draw from its own
+        generator (per-request calls cost more than the batched step at 32 requests)."""
+        units = torch.zeros(len(rows), dtype=torch.long)
+        by_decoding: dict[Decoding, list[tuple[Completion, int, int]]] = {}
+        start = 0
+        for job, count in _groups(rows):
+            if not job.cancelled.is_set():
+                by_decoding.setdefault(job.decoding, []).append((job, start, count))
+            start += count
+        for decoding, parts in by_decoding.items():
+            index = torch.cat([torch.arange(s, s + c) for _, s, c in parts])
+            if decoding.temperature == 0:
+                units[index] = logits[index.to(logits.device)].argmax(dim=-1).cpu()
+                continue
+            probs = sampling_probs(logits[index.to(logits.device)], decoding)
+            offset = 0
+            for job, s, c in parts:
+                units[s:s + c] = draw(probs[offset:offset + c], job.generator).cpu()
+                offset += c
+        return units
+
+    def _release_finished(self, rows: list, keep: list) -> None:
+        kept = {id(rows[i].job) for i in keep}
+        done = {id(row.job): row.job for row in rows if id(row.job) not in kept}
+        if done:
+            with self._lock:
+                self.in_flight -= len(done)
+            for job in done.values():
+                job.sink({"done": True})
+
+
+def _groups(rows: list) -> list[tuple[Completion, int]]:
+    """Consecutive rows of the same request: (request, row count), in batch order."""
+    groups: list[tuple[Completion, int]] = []
+    for row in rows:
+        if groups and groups[-1][0] is row.job:
+            groups[-1] = (row.job, groups[-1][1] + 1)
+        else:
+            groups.append((row.job, 1))
+    return groups
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
