@@ -43,6 +43,9 @@ class ServedModel:
     precision_context: Optional[object] = None  # a callable returning the autocast context, or None
 
 
+STREAM_INTERVAL = 0.02  # seconds between a stream's chunks (the first goes out at once)
+
+
 class EventQueue:
     """Events from the engine thread to one request's handler on the event loop.
 
@@ -173,6 +176,9 @@ class Server:
                         return
                     yield _sse(chunk_body(cid, name, event["index"], event["text"], event.get("finish_reason"),
                                           event.get("probs")))
+                # Let characters gather for a moment: one event per character per request would
+                # cost more in JSON and HTTP framing than the batched step that made them.
+                await asyncio.sleep(STREAM_INTERVAL)
         finally:
             job.cancel()  # a no-op for a finished job; frees the batch rows of an abandoned one
 
