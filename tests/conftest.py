@@ -70,5 +70,18 @@ def cli():
     return run_cli
 
 
+def train_tiny_run(folder: Path, **sections) -> tuple[Path, Path, Path, subprocess.CompletedProcess]:
+    """Train a tiny run on PARAGRAPH * 20 in `folder` through the real CLI (a subprocess);
+    `sections` update tiny_config. Returns the run dir, the text file, the config and the result."""
+    text_file = folder / "input.txt"
+    text_file.write_text(PARAGRAPH * 20, encoding="utf-8")
+    config = folder / "tiny.yaml"
+    config.write_text(config_yaml(tiny_config(text_file, **sections)), encoding="utf-8")
+    run_dir = folder / "run"
+    result = run_cli("train", "--config", str(config), "--out", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    return run_dir, text_file, config, result
+
+
 def needs_shared_data(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (shared corpora not mounted)")

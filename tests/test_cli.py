@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 
-from charlm.config import config_yaml
 import torch
 
 from charlm.cli import main
 
-from conftest import PARAGRAPH, run_cli, tiny_config
+from conftest import PARAGRAPH, run_cli, tiny_config, train_tiny_run
 
 
 def call(capsys, *argv):
@@ -35,14 +34,7 @@ def assert_user_error(result, fragment):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny run trained once per module through the real entry point (a subprocess)."""
-    tmp_path = tmp_path_factory.mktemp("trained")
-    text_file = tmp_path / "input.txt"
-    text_file.write_text(PARAGRAPH * 20, encoding="utf-8")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(config_yaml(tiny_config(text_file)), encoding="utf-8")
-    run_dir = tmp_path / "run"
-    result = run_cli("train", "--config", str(config), "--out", str(run_dir))
-    assert result.returncode == 0, result.stderr
+    run_dir, _, config, result = train_tiny_run(tmp_path_factory.mktemp("trained"))
     return run_dir, config, result
 
 

@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 
-from charlm.config import config_yaml
 from charlm.inference.dynamic import DynamicSettings, read_dynamically
 from charlm.inference.evaluate import evaluate_ids
 from charlm.models.model import CharLM
 
-from conftest import PARAGRAPH, run_cli, tiny_config
+from conftest import train_tiny_run
 from test_cli import assert_user_error, call
 
 V = 11
@@ -86,14 +85,7 @@ def test_the_model_is_left_adapted_and_in_the_mode_it_was_in():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("dynamic")
-    text_file = tmp_path / "input.txt"
-    text_file.write_text(PARAGRAPH * 20, encoding="utf-8")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(config_yaml(tiny_config(text_file, train={"max_steps": 30})), encoding="utf-8")
-    run_dir = tmp_path / "run"
-    result = run_cli("train", "--config", str(config), "--out", str(run_dir))
-    assert result.returncode == 0, result.stderr
+    run_dir, text_file, _, _ = train_tiny_run(tmp_path_factory.mktemp("dynamic"), train={"max_steps": 30})
     return run_dir, text_file
 
 

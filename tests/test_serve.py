@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm.config import config_yaml
 from charlm.data.vocab import Vocab
 from charlm.inference.sample import Decoding, generate, make_generator
 from charlm.models.model import CharLM
 from charlm.serving.engine import Busy, Completion, Engine, _Row
-from conftest import PARAGRAPH, run_cli, tiny_config
+from conftest import PARAGRAPH, run_cli, train_tiny_run
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
@@ -222,14 +221,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve")
-    text = folder / "input.txt"
-    text.write_text(PARAGRAPH * 20, encoding="utf-8")
-    config = folder / "c.yaml"
-    config.write_text(config_yaml(tiny_config(text, model={"num_layers": 2}, train={"max_steps": 30})))
-    result = run_cli("train", "--config", str(config), "--out", str(folder / "run"))
-    assert result.returncode == 0, result.stderr
-    return folder / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("serve"), model={"num_layers": 2}, train={"max_steps": 30})[0]
 
 
 @pytest.fixture(scope="module")
