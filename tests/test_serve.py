@@ -421,3 +421,12 @@ def test_a_public_host_warns(run_dir):
     finally:
         code, err = live.stop()
     assert "warning: listening on 0.0.0.0, reachable from other machines by anyone (no --api-key)" in err
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(server, run_dir):
+    port = server.url.rsplit(":", 1)[1]
+    result = subprocess.run([sys.executable, "-m", "charlm", "serve", "--checkpoint", str(run_dir), "--port", port],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"charlm: error: cannot listen on 127.0.0.1:{port} (")
+    assert len(result.stderr.strip().splitlines()) == 1

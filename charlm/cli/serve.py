@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +44,7 @@ def serve(
     from charlm.cli.use import _in_precision, _usable_precision  # noqa: PLC0415
     from charlm.serving.loading import served_model  # noqa: PLC0415
 
+    _check_address_free(host, port)
     precision = _usable_precision(device, precision)
     payload, model, vocab, cfg = load_model(checkpoint, device, backend, precision)
     served = served_model(checkpoint, payload, model, vocab, cfg, precision,
@@ -56,6 +58,22 @@ def serve(
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=30, access_log=False)
     uvicorn.Server(config).run()
+
+
+def _check_address_free(host: str, port: int) -> None:
+    """One line, exit 2, when the address cannot be listened on (uvicorn would exit 3 with its own log line)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise UserError(f"--host {host!r} is not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or stop "
+                            "what is using it") from None
 
 
 def _url_host(host: str) -> str:
