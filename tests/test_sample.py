@@ -97,3 +97,31 @@ def test_prompt_context_starts_on_a_new_line():
     assert prompt_context("ROMEO:", ["\n", "R"]) == "\nROMEO:"
     assert prompt_context("\nROMEO:", ["\n", "R"]) == "\nROMEO:"
     assert prompt_context("ROMEO:", ["R"]) == "ROMEO:"  # no newline in the vocabulary: as given
+
+
+def test_inverse_cdf_gives_each_id_its_slice_of_the_unit_interval():
+    from charlm.inference.sample import inverse_cdf
+
+    probs = torch.tensor([[0.2, 0.3, 0.5]] * 6)
+    u = torch.tensor([0.0, 0.1999, 0.2001, 0.4999, 0.5001, 0.9999], dtype=torch.float64)
+    assert inverse_cdf(probs, u).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_inverse_cdf_never_draws_an_id_of_probability_zero():
+    from charlm.inference.sample import inverse_cdf
+
+    probs = torch.tensor([[0.5, 0.0, 0.5, 0.0]] * 4)
+    # 0.5 is where id 1's (empty) slice would be; 1.0 stands for u * total rounding up to the total.
+    u = torch.tensor([0.4999, 0.5, 0.9999999, 1.0], dtype=torch.float64)
+    assert inverse_cdf(probs, u).tolist() == [0, 2, 2, 2]
+
+
+def test_draw_follows_the_distribution():
+    from charlm.inference.sample import draw
+
+    probs = torch.tensor([[0.1, 0.6, 0.0, 0.3]]).expand(20000, -1)
+    counts = torch.bincount(draw(probs, torch.Generator().manual_seed(5)), minlength=4).double() / 20000
+    expected = torch.tensor([0.1, 0.6, 0.0, 0.3], dtype=torch.float64)
+    sigma = (expected * (1 - expected) / 20000).sqrt()
+    assert counts[2] == 0
+    assert torch.all((counts - expected).abs() <= 4 * sigma + 1e-12), counts

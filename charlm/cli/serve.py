@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from pathlib import Path
 from typing import Optional
@@ -41,14 +42,14 @@ def serve(
         if err.name in ("uvicorn", "starlette") or "starlette" in str(err):
             raise UserError(INSTALL_HINT) from None
         raise
-    from charlm.cli.use import _in_precision, _usable_precision  # noqa: PLC0415
+    from charlm.cli.use import _usable_precision  # noqa: PLC0415
     from charlm.serving.loading import served_model  # noqa: PLC0415
 
     _check_address_free(host, port)
     precision = _usable_precision(device, precision)
     payload, model, vocab, cfg = load_model(checkpoint, device, backend, precision)
     served = served_model(checkpoint, payload, model, vocab, cfg, precision,
-                          lambda: _in_precision(model, precision))
+                          functools.partial(engine_model, checkpoint, device, backend, precision))
     server = Server(served, Limits(max_tokens=max_tokens), api_key=api_key, max_requests=max_requests)
     if host not in LOOPBACK:
         err_console.print(f"warning: listening on {host}, reachable from other machines"
@@ -58,6 +59,14 @@ def serve(
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=30, access_log=False)
     uvicorn.Server(config).run()
+
+
+def engine_model(checkpoint: Path, device: str, backend: Optional[str], precision: str):
+    """The model, vocabulary and precision context of the engine process (which calls this after spawning)."""
+    from charlm.cli.use import _in_precision  # noqa: PLC0415
+
+    _, model, vocab, _ = load_model(checkpoint, device, backend, precision)
+    return model, vocab, (lambda: _in_precision(model, precision))
 
 
 def _check_address_free(host: str, port: int) -> None:

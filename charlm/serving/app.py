@@ -16,7 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from importlib import resources
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional
 
 import torch
 from starlette.applications import Starlette
@@ -28,7 +28,7 @@ from starlette.routing import Route
 from charlm.errors import UserError
 from charlm.inference.sample import make_generator, prompt_ids
 from charlm.serving.api import (Limits, RequestError, chunk_body, completion_body, completion_id, parse_request)
-from charlm.serving.engine import Busy, Completion, Engine
+from charlm.serving.worker import Busy, EngineDown, EngineProcess, Ticket
 
 
 @dataclass
@@ -40,14 +40,14 @@ class ServedModel:
     text_settings: object
     name: str
     description: dict
-    precision_context: Optional[object] = None  # a callable returning the autocast context, or None
+    load: Optional[Callable] = None  # picklable: builds (model, vocab, precision context) in the engine process
 
 
 STREAM_INTERVAL = 0.02  # seconds between a stream's chunks (the first goes out at once)
 
 
 class EventQueue:
-    """Events from the engine thread to one request's handler on the event loop.
+    """Events from the engine to one request's handler on the event loop (put from any thread).
 
     The engine sends one event per generated character; waking the loop for each would cost
     more than the step at 64 requests, so a wake-up is scheduled only when none is pending
@@ -56,7 +56,7 @@ class EventQueue:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.items, self.ready, self.wake_pending = loop, collections.deque(), asyncio.Event(), False
 
-    def put(self, event: dict) -> None:  # the engine thread
+    def put(self, event: dict) -> None:
         self.items.append(event)
         if not self.wake_pending:
             self.wake_pending = True
@@ -84,7 +84,7 @@ class Server:
                  max_requests: int = 64, max_body_bytes: int = 1 << 20):
         self.served, self.limits, self.api_key = served, limits, api_key
         self.max_body_bytes = max_body_bytes
-        self.engine = Engine(served.model, served.vocab, served.precision_context, max_requests)
+        self.engine = EngineProcess(served.load, max_requests)
         self.started = time.time()
 
     # --- checks ----------------------------------------------------------------------
@@ -111,16 +111,16 @@ class Server:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def make_job(self, text: str, request, sink) -> tuple[Completion, int, int]:
-        """The engine's job for a checked request; also its prompt length in units and its seed."""
+    def make_job(self, text: str, request) -> tuple[dict, int, int]:
+        """The engine's job for a checked request (worker.Job's fields); its prompt length in units and its seed."""
         served = self.served
         try:
             ids, _ = prompt_ids(served.vocab, text, served.text_settings)
         except UserError as err:
             raise RequestError(str(err)) from None
-        generator, seed = make_generator(next(served.model.parameters()).device, request.seed)
-        job = Completion(prompt_ids=ids, max_tokens=request.max_tokens, decoding=request.decoding,
-                         generator=generator, n=request.n, stop=tuple(request.stop or ()), sink=sink)
+        _, seed = make_generator(torch.device("cpu"), request.seed)  # the seed (a fresh one when none was given)
+        job = dict(prompt_ids=tuple(ids.tolist()), max_tokens=request.max_tokens, decoding=request.decoding,
+                   seed=seed, n=request.n, stop=tuple(request.stop or ()))
         return job, int(ids.numel()), seed
 
     # --- handlers --------------------------------------------------------------------
@@ -129,27 +129,29 @@ class Server:
         self.check_key(request)
         body = parse_request(await self.read_body(request), self.limits)
         events = EventQueue(asyncio.get_running_loop())
-        job, prompt_tokens, seed = self.make_job(body.prompt, body, events.put)
+        job, prompt_tokens, seed = self.make_job(body.prompt, body)
         try:
-            self.engine.submit(job)
+            ticket = self.engine.submit(job, events.put)
         except Busy as err:
             raise RequestError(f"{err}; try again shortly", 429, "rate_limit_error") from None
+        except EngineDown as err:
+            raise RequestError(f"{err}; restart the server", 503, "server_error") from None
         cid = completion_id()
         if body.stream:
-            return StreamingResponse(self._stream(cid, job, events), media_type="text/event-stream",
+            return StreamingResponse(self._stream(cid, ticket, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Charlm-Seed": str(seed)})
-        texts, reasons, tokens = await self._collect(request, job, events)
+        texts, reasons, tokens = await self._collect(request, ticket, body.n, events)
         result = completion_body(cid, self.served.name, texts, reasons, prompt_tokens, tokens)
         result["charlm_seed"] = seed
         return JSONResponse(result)
 
-    async def _collect(self, request: Request, job: Completion, events: EventQueue):
+    async def _collect(self, request: Request, ticket: Ticket, n: int, events: EventQueue):
         """Wait for the whole completion; a client that goes away cancels it."""
-        texts, reasons, tokens = [""] * job.n, ["length"] * job.n, 0
+        texts, reasons, tokens = [""] * n, ["length"] * n, 0
         while True:
             batch = await events.take(timeout=0.5)
             if not batch and await request.is_disconnected():
-                job.cancel()
+                ticket.cancel()
                 raise ClientDisconnect()
             for event in batch:
                 if "error" in event:
@@ -161,7 +163,7 @@ class Server:
                     reasons[event["index"]] = event["finish_reason"]
                     tokens += event["tokens"]
 
-    async def _stream(self, cid: str, job: Completion, events: EventQueue) -> AsyncIterator[bytes]:
+    async def _stream(self, cid: str, ticket: Ticket, events: EventQueue) -> AsyncIterator[bytes]:
         """Server-sent events: one per choice per batch of characters ready, then [DONE].
         Starlette cancels this generator when the client disconnects; the finally frees the slot."""
         name = self.served.name
@@ -180,7 +182,7 @@ class Server:
                 # cost more in JSON and HTTP framing than the batched step that made them.
                 await asyncio.sleep(STREAM_INTERVAL)
         finally:
-            job.cancel()  # a no-op for a finished job; frees the batch rows of an abandoned one
+            ticket.cancel()  # a no-op for a finished job; frees the batch rows of an abandoned one
 
     async def models(self, request: Request) -> Response:
         self.check_key(request)
@@ -229,10 +231,11 @@ def create_app(server: Server) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        server.engine.start()
+        server.engine.start(asyncio.get_running_loop())
         try:
             yield
         finally:
+            server.engine.detach()
             await asyncio.get_running_loop().run_in_executor(None, server.engine.stop)
 
     async def request_error(request: Request, exc: RequestError) -> Response:

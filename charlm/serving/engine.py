@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from charlm.inference.sample import Decoding, draw, sampling_probs
+from charlm.inference.sample import Decoding, inverse_cdf, sampling_probs, uniforms
 
 
 class Busy(Exception):
@@ -116,8 +116,10 @@ class _Row:
 class Engine:
     """Serves Completions from `model` in one batched loop; at most `max_requests` in flight."""
 
-    def __init__(self, model: torch.nn.Module, vocab, precision_context: Callable = None, max_requests: int = 64):
+    def __init__(self, model: torch.nn.Module, vocab, precision_context: Callable = None, max_requests: int = 64,
+                 on_step: Optional[Callable[[], None]] = None):
         self.model, self.vocab, self.max_requests = model.eval(), vocab, max_requests
+        self._on_step = on_step or (lambda: None)  # called in the loop after each step's events were sent
         self.device = next(model.parameters()).device
         self._precision = precision_context
         self._pending: list[Completion] = []
@@ -176,6 +178,7 @@ class Engine:
                     traceback.print_exception(err)
                     self._fail(rows, joining, f"internal error: {type(err).__name__}")
                     logits, state, rows = None, None, []
+                self._on_step()
         for row in rows:
             if row.finish is None:
                 row.finish = "shutdown"
@@ -183,6 +186,7 @@ class Engine:
                               "finish_reason": "shutdown", "tokens": row.produced})
         self._release_finished(rows, [])
         self._fail([], self._pending, "the server is shutting down")
+        self._on_step()
 
     def _fail(self, rows: list, jobs: list, message: str) -> None:
         """End these requests with an error event and free their slots."""
@@ -206,49 +210,57 @@ class Engine:
         """Draw one unit for every row, send what is ready, drop finished rows, run one batched step."""
         units = self._draw(rows, logits)
         probs = torch.softmax(logits.float(), dim=-1).gather(1, units[:, None].to(logits.device))[:, 0].tolist()
-        for i, (row, unit) in enumerate(zip(rows, units.tolist())):
+        ended = False
+        for row, unit, prob in zip(rows, units.tolist(), probs):
             if row.job.cancelled.is_set():
                 row.finish = row.finish or "cancelled"
+                ended = True
                 continue
-            event = row.add(unit, probs[i])
+            event = row.add(unit, prob)
             if event is not None:
                 row.job.sink(event)
-        # A request's rows stay until all of them are done (so its generator draws as in
-        # generate(), whose samples run until the last one ends); a cancelled one leaves at once.
-        unfinished = {id(row.job) for row in rows if row.finish is None}
-        keep = [i for i, row in enumerate(rows) if id(row.job) in unfinished]
-        self._release_finished(rows, keep)
-        if not keep:
-            return None, None, []
-        rows = [rows[i] for i in keep]
-        index = torch.tensor(keep, device=logits.device)
-        if len(keep) < len(units):
-            units, state = units[keep], tuple(s.index_select(1, index) for s in state)
+                ended = ended or row.finish is not None
+        if ended:
+            # A request's rows stay until all of them are done (so its generator draws as in
+            # generate(), whose samples run until the last one ends); a cancelled one leaves at once.
+            unfinished = {id(row.job) for row in rows if row.finish is None}
+            keep = [i for i, row in enumerate(rows) if id(row.job) in unfinished]
+            self._release_finished(rows, keep)
+            if not keep:
+                return None, None, []
+            if len(keep) < len(rows):
+                rows = [rows[i] for i in keep]
+                index = torch.tensor(keep, device=logits.device)
+                units, state = units[keep], tuple(s.index_select(1, index) for s in state)
         out, state = self.model(units.to(self.device)[:, None], state)  # [N, 1, V]
         self.steps += 1
         return out[:, -1].float(), state, rows
 
     def _draw(self, rows: list, logits: torch.Tensor) -> torch.Tensor:
-        """One unit per row, as pick_next would draw it for each request alone: the distributions
-        of all requests with the same settings in one call, then each request's draw from its own
-        generator (per-request calls cost more than the batched step at 32 requests)."""
-        units = torch.zeros(len(rows), dtype=torch.long)
-        by_decoding: dict[Decoding, list[tuple[Completion, int, int]]] = {}
+        """One unit per row, as pick_next would draw it for each request alone: each request takes
+        its uniform numbers from its own generator, then the rows of all requests with the same
+        settings are drawn in one call (one multinomial call per request cost more than the
+        batched model step at 32 requests)."""
+        parts: dict[Decoding, tuple[list[int], list[torch.Tensor]]] = {}
         start = 0
         for job, count in _groups(rows):
             if not job.cancelled.is_set():
-                by_decoding.setdefault(job.decoding, []).append((job, start, count))
+                index, draws = parts.setdefault(job.decoding, ([], []))
+                index.extend(range(start, start + count))
+                if job.decoding.temperature > 0:
+                    draws.append(uniforms(count, job.generator, logits.device))
             start += count
-        for decoding, parts in by_decoding.items():
-            index = torch.cat([torch.arange(s, s + c) for _, s, c in parts])
+        units = torch.zeros(len(rows), dtype=torch.long)
+        for decoding, (index, draws) in parts.items():
+            every_row = len(index) == len(rows)
+            chosen = logits if every_row else logits[torch.tensor(index, device=logits.device)]
             if decoding.temperature == 0:
-                units[index] = logits[index.to(logits.device)].argmax(dim=-1).cpu()
-                continue
-            probs = sampling_probs(logits[index.to(logits.device)], decoding)
-            offset = 0
-            for job, s, c in parts:
-                units[s:s + c] = draw(probs[offset:offset + c], job.generator).cpu()
-                offset += c
+                picked = chosen.argmax(dim=-1)
+            else:
+                picked = inverse_cdf(sampling_probs(chosen, decoding), torch.cat(draws))
+            if every_row:
+                return picked.cpu()
+            units[torch.tensor(index)] = picked.cpu()
         return units
 
     def _release_finished(self, rows: list, keep: list) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from charlm.data.text import TextSettings
 from charlm.serving.app import ServedModel
 
 
-def served_model(checkpoint: Path, payload: dict, model, vocab, cfg, precision: str,
-                 precision_context: Optional[Callable] = None) -> ServedModel:
+def served_model(checkpoint: Path, payload: dict, model, vocab, cfg, precision: str, load: Callable) -> ServedModel:
     """What `charlm serve` serves: the model, how prompts are read, and how /v1/models describes it."""
     run = Path(checkpoint)
     name = (run.parent.name if run.is_file() else run.name) or "charlm"
@@ -21,4 +20,4 @@ def served_model(checkpoint: Path, payload: dict, model, vocab, cfg, precision: 
         "best_val_loss": payload.get("best_val_loss"), "config": cfg.to_dict(),
     }
     return ServedModel(model=model, vocab=vocab, text_settings=TextSettings.from_config(cfg.data), name=name,
-                       description=description, precision_context=precision_context)
+                       description=description, load=load)
