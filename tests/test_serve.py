@@ -369,7 +369,7 @@ def test_too_many_in_flight_is_429(run_dir):
 
 
 def test_api_key_is_required_on_the_api_only(run_dir):
-    live = LiveServer(run_dir, "--api-key", "s3cret")
+    live = LiveServer(run_dir, "--api-key", "s3cret", "--threads", "1")
     try:
         assert httpx.get(live.url + "/health").status_code == 200
         assert httpx.get(live.url + "/").status_code == 200
@@ -430,3 +430,38 @@ def test_a_port_in_use_is_one_line_and_exit_2(server, run_dir):
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"charlm: error: cannot listen on 127.0.0.1:{port} (")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the engine process")
+def test_a_dead_engine_process_fails_requests_in_flight_and_then_503(run_dir):
+    live = LiveServer(run_dir, "--max-tokens", "100000")
+    try:
+        with httpx.stream("POST", live.url + "/v1/completions", timeout=30,
+                          json={"prompt": "it", "max_tokens": 100000, "stream": True}) as response:
+            lines = response.iter_lines()
+            next(lines)
+            engines = [pid for pid in child_pids(live.proc.pid)
+                       if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            assert len(engines) == 1
+            os.kill(engines[0], signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert "engine process ended" in json.loads(rest[-1][len("data: "):])["error"]["message"]
+        after = httpx.post(live.url + "/v1/completions", json={"prompt": "it"}, timeout=10)
+        assert after.status_code == 503 and "restart the server" in after.json()["error"]["message"]
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+    finally:
+        live.stop()

@@ -30,6 +30,8 @@ def serve(
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (see charlm sample --help)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024,
+                                          help="Threads of the generation engine (default: every core but one)."),
 ) -> None:
     """Serve a trained model: POST /v1/completions (OpenAI's shape, streaming too), GET /v1/models,
     GET /health, and a playground page at /."""
@@ -50,7 +52,8 @@ def serve(
     payload, model, vocab, cfg = load_model(checkpoint, device, backend, precision)
     served = served_model(checkpoint, payload, model, vocab, cfg, precision,
                           functools.partial(engine_model, checkpoint, device, backend, precision))
-    server = Server(served, Limits(max_tokens=max_tokens), api_key=api_key, max_requests=max_requests)
+    server = Server(served, Limits(max_tokens=max_tokens), api_key=api_key, max_requests=max_requests,
+                    threads=threads)
     if host not in LOOPBACK:
         err_console.print(f"warning: listening on {host}, reachable from other machines"
                           f"{'' if api_key else ' by anyone (no --api-key)'}")

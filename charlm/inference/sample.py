@@ -69,10 +69,11 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The id whose slice of [0, 1) holds u, row by row: probs [B, V] (each row summing to about 1),
     u [B] -> ids [B]. An id of probability 0 has an empty slice, so it is never drawn."""
     cdf = probs.double().cumsum(dim=-1)  # [B, V]; float64 so that rounding cannot open an empty slice
-    ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # first cdf > u*total
-    # u * total can round up to total itself: take the last id with a non-empty slice then.
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(dim=-1)
-    return torch.minimum(ids, last)
+    total = cdf[:, -1:]
+    # u * total can round up to total itself: kept below it, the first cdf above it is the last id
+    # with a non-empty slice (the ids after it, of probability 0, have the same cdf).
+    point = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1)  # the first id whose cdf passes the point
 
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:

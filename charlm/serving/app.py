@@ -81,10 +81,10 @@ class Server:
     """The app's state: the engine, the limits and the API key."""
 
     def __init__(self, served: ServedModel, limits: Limits = Limits(), api_key: Optional[str] = None,
-                 max_requests: int = 64, max_body_bytes: int = 1 << 20):
+                 max_requests: int = 64, max_body_bytes: int = 1 << 20, threads: Optional[int] = None):
         self.served, self.limits, self.api_key = served, limits, api_key
         self.max_body_bytes = max_body_bytes
-        self.engine = EngineProcess(served.load, max_requests)
+        self.engine = EngineProcess(served.load, max_requests, threads)
         self.started = time.time()
 
     # --- checks ----------------------------------------------------------------------
@@ -191,6 +191,10 @@ class Server:
             "charlm": self.served.description}]})
 
     async def health(self, request: Request) -> Response:
+        """ok (200), or 503 once the engine process has ended (a load balancer should take the server out)."""
+        if self.engine.down is not None:
+            return JSONResponse({"status": "error", "model": self.served.name, "error": self.engine.down},
+                                status_code=503)
         return JSONResponse({"status": "ok", "model": self.served.name, "in_flight": self.engine.in_flight,
                              "steps": self.engine.steps})
 

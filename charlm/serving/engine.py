@@ -171,8 +171,8 @@ class Engine:
                         break
                     joining, self._pending = self._pending, []
                 try:
-                    for job in joining:
-                        logits, state = self._join(job, rows, logits, state)
+                    if joining:
+                        logits, state = self._join(joining, rows, logits, state)
                     logits, state, rows = self._step(rows, logits, state)
                 except Exception as err:  # noqa: BLE001 - a bug: fail the requests in flight, keep serving
                     traceback.print_exception(err)
@@ -196,15 +196,23 @@ class Engine:
         for job in failed.values():
             job.sink({"error": message})
 
-    def _join(self, job: Completion, rows: list, logits, state):
-        """Read the request's prompt in its own pass; append its n rows to the batch."""
-        out, job_state = self.model(job.prompt_ids.to(self.device).long()[None], None)  # [1, P, V]
-        job_logits = out[:, -1].float().expand(job.n, -1)
-        job_state = tuple(s.repeat(1, job.n, 1) for s in job_state)
-        rows.extend(_Row(job, i, self.vocab.stream_decoder()) for i in range(job.n))
-        if logits is None:
-            return job_logits, job_state
-        return torch.cat([logits, job_logits]), tuple(torch.cat([a, b], dim=1) for a, b in zip(state, job_state))
+    def _join(self, jobs: list, rows: list, logits, state):
+        """Read the new requests' prompts in their own pass (all prompts of one length in one batched
+        call: a burst of clients asking with the same prompt costs one pass) and append their rows."""
+        parts_logits = [] if logits is None else [logits]
+        parts_state = [] if state is None else [state]
+        by_length: dict[int, list[Completion]] = {}
+        for job in jobs:
+            by_length.setdefault(int(job.prompt_ids.numel()), []).append(job)
+        for group in by_length.values():
+            ids = torch.stack([job.prompt_ids for job in group]).to(self.device).long()  # [G, P]
+            out, group_state = self.model(ids, None)  # [G, P, V]
+            rows_of = torch.repeat_interleave(torch.arange(len(group)), torch.tensor([job.n for job in group]))
+            parts_logits.append(out[:, -1].float()[rows_of.to(out.device)])
+            parts_state.append(tuple(s[:, rows_of.to(s.device)] for s in group_state))
+            for job in group:
+                rows.extend(_Row(job, i, self.vocab.stream_decoder()) for i in range(job.n))
+        return torch.cat(parts_logits), tuple(torch.cat(parts, dim=1) for parts in zip(*parts_state))
 
     def _step(self, rows: list, logits: torch.Tensor, state: tuple):
         """Draw one unit for every row, send what is ready, drop finished rows, run one batched step."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 import signal
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -59,8 +60,9 @@ class EngineProcess:
     """Runs charlm.serving.engine.Engine in a child process that builds its model with `load()`
     (a picklable callable returning model, vocab and the precision context callable, or None)."""
 
-    def __init__(self, load: Callable, max_requests: int = 64):
+    def __init__(self, load: Callable, max_requests: int = 64, threads: Optional[int] = None):
         self.load, self.max_requests = load, max_requests
+        self.threads = threads or engine_threads()
         self.in_flight = 0
         self.steps = 0
         self._sinks: dict[int, Callable[[dict], None]] = {}
@@ -75,7 +77,7 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")
         commands_out, commands_in = context.Pipe(duplex=False)  # (reader, writer)
         events_out, events_in = context.Pipe(duplex=False)
-        self._process = context.Process(target=_child, args=(self.load, commands_out, events_in),
+        self._process = context.Process(target=_child, args=(self.load, commands_out, events_in, self.threads),
                                         name="charlm-engine", daemon=True)
         self._process.start()
         commands_out.close()
@@ -166,12 +168,20 @@ class EngineProcess:
             sink({"error": reason})
 
 
-def _child(load: Callable, commands, events) -> None:
+def engine_threads() -> int:
+    """Threads for the engine's kernels: every core but one, which the web server and its clients need
+    (a kernel split over all cores waits for the one the event loop holds)."""
+    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else max(1, (os.cpu_count() or 2) - 1)
+
+
+def _child(load: Callable, commands, events, threads: int) -> None:
     """The child: load the model, run the engine, pass commands in and each step's events out."""
     # Ctrl-C reaches the whole process group; the parent decides when this process stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     import torch  # noqa: PLC0415 - only the child needs torch
+
+    torch.set_num_threads(threads)
 
     from charlm.inference.sample import make_generator  # noqa: PLC0415
     from charlm.serving.engine import Completion, Engine  # noqa: PLC0415
