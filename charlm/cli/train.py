@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 from pathlib import Path
@@ -23,17 +24,24 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (overrides train.device)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the run dir from its last.pt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in the run dir."),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Start a new run from a trained model's weights: a checkpoint file, or a run dir "
+                                  "(its best.pt); fine-tuning (sets train.init_from)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain lines at each evaluation only: no bar, no samples."),
 ) -> None:
     """Train a model from a YAML config."""
     from charlm.report.progress import TrainingDisplay  # noqa: PLC0415
     from charlm.training.run import train as run_training  # noqa: PLC0415
 
+    if resume and init_from is not None:
+        raise UserError("--init-from starts a new run from a trained model and --resume continues a run; "
+                        "give one of them")
     if config is None:
         if not (resume and out is not None):
             raise UserError("give --config FILE (or --resume --out RUN_DIR to continue a run with its own config)")
         config = out / CONFIG
     sets = list(overrides) + ([f"train.device={device}"] if device else [])
+    sets += [f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []  # quoted: any path
     cfg = with_absolute_paths(load_config(config, sets))
     run_dir = out if out is not None else Path("runs") / config.stem
     outcome = run_training(cfg, run_dir, resume=resume, overwrite=overwrite,

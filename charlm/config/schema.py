@@ -98,6 +98,8 @@ class ModelConfig(_Section):
 
 
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+Logger = Literal["jsonl", "tensorboard", "mlflow"]  # where training events go (charlm.training.loggers)
+LOGGERS: tuple[str, ...] = get_args(Logger)
 
 
 class TrainConfig(_Section):
@@ -129,6 +131,29 @@ class TrainConfig(_Section):
     gradient_accumulation_steps: int = Field(1, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    loggers: list[Logger] = ["jsonl"]  # metrics.jsonl is always written; tensorboard and mlflow need charlm[track]
+    mlflow_uri: Optional[str] = Field(None, min_length=1)  # None: sqlite:///<run dir>/mlflow.db
+    mlflow_experiment: Optional[str] = Field(None, min_length=1)  # None: the run dir's name
+    init_from: Optional[str] = None  # start from a trained model's weights: a checkpoint file or run dir (README, Fine-tuning)
+    freeze: list[str] = Field(default_factory=list)  # parts left as they are: embedding, head, rnn.<k> or a parameter-name prefix
+
+    @field_validator("freeze")
+    @classmethod
+    def _names_given(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise ValueError("names must not be empty (e.g. [embedding, rnn.0])")
+        return [name.strip() for name in value]
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _known_loggers(cls, value: Any) -> Any:
+        names = [value] if isinstance(value, str) else value  # --set train.loggers=tensorboard
+        if not isinstance(names, list):
+            return value
+        unknown = [name for name in names if name not in LOGGERS]
+        if unknown:
+            raise ValueError(f"each name must be {', '.join(LOGGERS[:-1])} or {LOGGERS[-1]} (got {unknown[0]!r})")
+        return list(dict.fromkeys(names))
 
     @field_validator("checkpoint_interval", mode="before")
     @classmethod
@@ -209,14 +234,15 @@ class Config(_Section):
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """The config with its data paths made absolute, so a run dir's config works from anywhere."""
+    """The config with its data paths (and train.init_from) made absolute, so a run dir's config works from anywhere."""
     def absolute(spec: Optional[str]) -> Optional[str]:
         if spec is None or spec.startswith("builtin:"):
             return spec
         return str(Path(spec).expanduser().absolute())
 
     data = cfg.data.model_copy(update={"path": absolute(cfg.data.path), "val_path": absolute(cfg.data.val_path)})
-    return cfg.model_copy(update={"data": data})
+    train = cfg.train.model_copy(update={"init_from": absolute(cfg.train.init_from)})
+    return cfg.model_copy(update={"data": data, "train": train})
 
 
 SECTIONS: dict[str, type[BaseModel]] = {

@@ -2,10 +2,11 @@
 
 Three passes, each over bounded chunks, never the whole text in one string:
   1. decode and transform the sources, writing the unit stream (int32) to a scratch file;
-  2. count the training part's units and build the vocabulary (min_freq, max_vocab);
+  2. count the training part's units and build the vocabulary (min_freq, max_vocab), unless one is given;
   3. map units to ids into ids.bin (uint8 / int16 / int32 by vocabulary size).
 The result lives in CACHE/data/<key>/, keyed by the SHA-256 of the source files and the data
-settings, and is opened with mmap: training reads token windows straight from the page cache.
+settings (and of the vocabulary, when one is given: a fine-tuned run's), and is opened with
+mmap: training reads token windows straight from the page cache.
 """
 
 from __future__ import annotations
@@ -43,17 +44,22 @@ class Corpus:
     notices: tuple[str, ...] = ()  # skipped files, rare characters mapped to <unk>, cache use
 
 
-def load_corpus(data, progress: Optional[Progress] = None, cache: Optional[Path] = None) -> Corpus:
-    """The encoded corpus a DataConfig describes, from the cache or built (and cached) now."""
+def load_corpus(data, progress: Optional[Progress] = None, cache: Optional[Path] = None,
+                vocab: Optional[Vocab] = None) -> Corpus:
+    """The encoded corpus a DataConfig describes, from the cache or built (and cached) now.
+
+    `vocab`: encode with exactly this vocabulary (a fine-tuned run's: its base model's characters
+    plus the new text's) instead of the one the training text gives."""
+    assert vocab is None or vocab.unit == data.unit, f"a {vocab.unit} vocabulary for data.unit {data.unit}"
     settings = TextSettings.from_config(data)
     train_files = resolve_sources(data.path)
     val_files = resolve_sources(data.val_path) if data.val_path is not None else []
     notices: list[str] = []
     skip = _undecodable(train_files + val_files, notices) if settings.on_decode_error == "skip" else frozenset()
-    key = _corpus_key(train_files, val_files, skip, data)
+    key = _corpus_key(train_files, val_files, skip, data, vocab)
     folder = (cache or cache_root() / "data") / key
     if not (folder / "meta.json").exists():
-        _build(folder, train_files, val_files, skip, data, settings, progress)
+        _build(folder, train_files, val_files, skip, data, settings, progress, vocab)
     else:
         notices.append(f"data: encoded corpus read from the cache ({folder})")
     return _open(folder, key, notices)
@@ -71,9 +77,15 @@ def _undecodable(files: list[Path], notices: list[str]) -> frozenset:
     return frozenset(bad)
 
 
-def _corpus_key(train_files: list[Path], val_files: list[Path], skip: frozenset, data) -> str:
-    """SHA-256 of every source file's bytes (in order) and of the settings that shape the ids."""
-    digest = hashlib.sha256(json.dumps({"format": FORMAT, "settings": _settings_of(data)}, sort_keys=True).encode())
+def _corpus_key(train_files: list[Path], val_files: list[Path], skip: frozenset, data,
+                vocab: Optional[Vocab] = None) -> str:
+    """SHA-256 of every source file's bytes (in order) and of the settings that shape the ids: an
+    encoding with another given vocabulary, or with none, is never reused. (A corpus without one
+    keeps the key it always had: caches and the runs that fingerprinted them stay valid.)"""
+    described = {"format": FORMAT, "settings": _settings_of(data)}
+    if vocab is not None:
+        described["vocab"] = vocab.to_dict()
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode())
     for part, files in (("train", train_files), ("val", val_files)):
         digest.update(part.encode())
         for path in files:
@@ -93,7 +105,8 @@ def _settings_of(data) -> dict:
     return settings
 
 
-def _build(folder: Path, train_files, val_files, skip, data, settings: TextSettings, progress) -> None:
+def _build(folder: Path, train_files, val_files, skip, data, settings: TextSettings, progress,
+           vocab: Optional[Vocab] = None) -> None:
     """Encode into a private scratch folder, then rename it into place: readers never see half."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.stat().st_size for p in train_files + val_files if p not in skip)
@@ -112,8 +125,9 @@ def _build(folder: Path, train_files, val_files, skip, data, settings: TextSetti
             n_val = _write_units(val_files, skip, settings, units, advance, data.val_path, append=True)
         else:
             n_train, n_val = int(n_train * (1.0 - data.val_fraction)), n_train - int(n_train * (1.0 - data.val_fraction))
-        vocab = Vocab.from_counts(_count_units(units, n_train), settings.unit, data.min_freq, data.max_vocab,
-                                  settings.documents == "lines")
+        if vocab is None:
+            vocab = Vocab.from_counts(_count_units(units, n_train), settings.unit, data.min_freq, data.max_vocab,
+                                      settings.documents == "lines")
         meta = _write_ids(scratch, vocab, n_train, n_val)
         units.unlink()
         (scratch / "meta.json").write_text(json.dumps(meta))

@@ -1,8 +1,10 @@
 """The vocabulary: which units the model knows, their ids, and the way back to text.
 
 Ids 0..S-1 are the special symbols in use (<unk>; <bos> and <eos> in documents mode), then
-the units: for data.unit chars the kept characters sorted by code point (so mapping is a
-binary search), for data.unit bytes all 256 byte values. It travels in every checkpoint.
+the units: for data.unit chars the kept characters sorted by code point, for data.unit bytes
+all 256 byte values. A fine-tuned model's vocabulary (`extended`) keeps its base's order and
+appends the new characters, so its characters need not be sorted; mapping is a binary search
+over the sorted code points either way. It travels in every checkpoint.
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ class Vocab:
     def __init__(self, chars: list[str], unit: str = "chars", specials: tuple[str, ...] = ()):
         assert unit in ("chars", "bytes"), f"unknown unit {unit!r}"
         assert all(s in (UNK, BOS_TOKEN, EOS_TOKEN) for s in specials), f"unknown special symbols {specials}"
-        assert unit == "bytes" or chars == sorted(set(chars)), "characters must be sorted and unique"
+        assert unit == "bytes" or len(set(chars)) == len(chars), "characters must be unique"
         assert all(len(c) == 1 for c in chars), "vocabulary entries are single characters"
         self.unit, self.specials = unit, tuple(specials)
         self.chars = [] if unit == "bytes" else list(chars)
-        points = range(256) if unit == "bytes" else [ord(c) for c in self.chars]
-        self._points = torch.tensor(list(points), dtype=torch.int32)  # [units], sorted
+        points = torch.tensor([ord(c) for c in self.chars] if unit == "chars" else list(range(256)),
+                              dtype=torch.int32)  # [units], in id order
+        self._points, order = points.sort()  # sorted, for the binary search
+        # The unit index of each sorted code point; None when they already are in id order (the usual case).
+        self._order = None if bool((order == torch.arange(len(order))).all()) else order
         self.offset = len(self.specials)
 
     @classmethod
@@ -70,6 +75,19 @@ class Vocab:
             order = torch.argsort(counts[kept], descending=True, stable=True)[:room]  # ties: lower code point
             kept = kept[order].sort().values
         return cls([chr(int(p)) for p in kept], "chars", specials)
+
+    def extended(self, other: "Vocab") -> "Vocab":
+        """This vocabulary plus what `other` has and it lacks (for fine-tuning on a new text): its
+        characters keep their order, the new ones follow, sorted by code point; a new special
+        symbol (<unk>) joins the specials, which come first, so then every character's id moves up one."""
+        assert self.unit == other.unit, f"cannot extend a {self.unit} vocabulary with a {other.unit} one"
+        specials = self.specials + tuple(s for s in other.specials if s not in self.specials)
+        known = set(self.chars)
+        return Vocab(self.chars + sorted(c for c in other.chars if c not in known), self.unit, specials)
+
+    def tokens(self) -> list:
+        """What each id stands for, in id order: a special symbol's name, a character or a byte value."""
+        return list(self.specials) + (list(range(256)) if self.unit == "bytes" else list(self.chars))
 
     def __len__(self) -> int:
         return self.offset + len(self._points)
@@ -99,7 +117,7 @@ class Vocab:
         else:
             pos = torch.searchsorted(self._points, plain).clamp_(max=len(self._points) - 1)
             known = self._points[pos] == plain
-        plain_ids = pos + self.offset
+        plain_ids = (pos if self._order is None else self._order[pos]) + self.offset
         unk = self.special_id(UNK)
         oov = int((~known).sum())
         if unk is not None:

@@ -19,7 +19,12 @@ if TYPE_CHECKING:
 
 
 class MetricsLog:
-    """Appends one JSON object per event to metrics.jsonl, flushed at once (readable live)."""
+    """Appends one JSON object per event to metrics.jsonl, flushed at once (readable live).
+
+    Events: start, train, eval, sample (only with train.loggers beyond jsonl), skip, rollback, end;
+    readers pick the events they know by name and pass over the others."""
+
+    wants_samples = False  # preview samples go only to the logs that show them (charlm.training.loggers)
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / METRICS
@@ -35,6 +40,8 @@ class MetricsLog:
 
 class NoMetrics:
     """What ranks other than 0 log: nothing."""
+
+    wants_samples = False
 
     def write(self, event: str, **fields) -> None:
         pass

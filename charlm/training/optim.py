@@ -1,13 +1,15 @@
-"""The optimiser, the learning-rate schedule and the training budget."""
+"""The optimiser (and the parameters it leaves frozen), the learning-rate schedule and the training budget."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import torch
 
 from charlm.config import TrainConfig
+from charlm.errors import UserError
 
 
 class Budget:
@@ -38,11 +40,49 @@ def learning_rate(cfg: TrainConfig, step: int, fraction: float) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay applies to weight matrices only, never to biases."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW over the parameters that train (frozen ones are left out); weight decay applies to
+    weight matrices only, never to biases."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+_LAYER = re.compile(r"rnn\.(\d+)")
+
+
+def freeze(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """Keep the parameters `names` select as they are (train.freeze): requires_grad off, so they get
+    no gradient and build_optimizer leaves them out. A name is a part (`embedding`, `head`, `rnn.<k>`
+    for layer k) or any parameter name, or a prefix of them that ends at a dot (`rnn.layers.0.weight_hh`,
+    `rnn.layers.1`). Returns the names of the parameters frozen."""
+    params = dict(model.named_parameters())
+    chosen: set[str] = set()
+    for name in names:
+        layer = _LAYER.fullmatch(name)
+        prefix = f"rnn.layers.{layer.group(1)}" if layer else name
+        matched = [n for n in params if n == prefix or n.startswith(prefix + ".")]
+        if not matched:
+            raise UserError(f"train.freeze: {name!r} is no part of this model; valid names: "
+                            f"{', '.join(_parts(params))}, or a parameter name (or prefix) such as {next(iter(params))}")
+        chosen.update(matched)
+    if chosen and len(chosen) == len(params):
+        raise UserError("train.freeze freezes every parameter, so nothing would train; leave a part out")
+    for n in chosen:
+        params[n].requires_grad_(False)
+    return [n for n in params if n in chosen]
+
+
+def _parts(params: dict) -> list[str]:
+    """The part names train.freeze knows for these parameters: embedding, rnn.0, rnn.1, ..., head."""
+    parts = []
+    for name in params:
+        layer = re.match(r"rnn\.layers\.(\d+)\.", name)
+        part = f"rnn.{layer.group(1)}" if layer else name.split(".")[0]
+        if part not in parts:
+            parts.append(part)
+    return parts
 
 
 class WeightAverage:

@@ -12,6 +12,9 @@ import torch
 
 from charlm.training import distributed
 from charlm.training.checkpoint import check_resumable, load_checkpoint
+from charlm.training.init_from import (Source, describe_start, given_vocab, load_source, start_facts,
+                                       transfer_weights, vocab_dims)
+from charlm.training.optim import freeze
 from charlm.training.rundir import LAST
 from charlm.config import Config
 from charlm.data.corpus import Corpus, load_corpus
@@ -19,7 +22,8 @@ from charlm.training.distributed import World
 from charlm.errors import Interrupted, UserError
 from charlm.models.model import CharLM, build_model, count_parameters
 from charlm.models.registry import describe_backend, resolve_backend
-from charlm.training.metrics import MetricsLog, NoMetrics
+from charlm.training.loggers import check_loggers, open_loggers
+from charlm.training.metrics import NoMetrics
 from charlm.training.rundir import RunLock, prepare_run_dir, write_config
 from charlm.training.runtime import (allow_tf32, check_precision, describe_device, process_device_note,
                                      resolve_device, seed_everything, usable_precision)
@@ -40,6 +44,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
     `display` shows the run (charlm.report.progress.TrainingDisplay, or anything with its
     methods): the run is handed it, so training imports nothing from report."""
     with _stage(STARTING):
+        check_loggers(cfg.train)  # a missing library of the track extra: say so before anything is written
         world = distributed.world_from_env()
         device = resolve_device(cfg.train.device, world.local_rank if world.enabled else None)
         check_precision(device, cfg.train.precision)
@@ -103,50 +108,93 @@ def _train_locked(cfg, run_dir, resume, overwrite, display, world: World, device
 
 
 def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notices):
-    """Everything before the first step: the corpus, the trainer (restored or saved once), the logs."""
-    corpus, notices = _prepare(cfg, run_dir, resume, overwrite, display, world, device, notices)
+    """Everything before the first step: the corpus, the trainer (restored, or saved once: from
+    scratch or from train.init_from's weights), the logs."""
+    (payload, source), corpus, notices = _prepare(cfg, run_dir, resume, overwrite, display, world, device, notices)
     for notice in notices:
         display.message(notice)
-    payload = load_checkpoint(run_dir / LAST) if resume else None
-    trainer = Trainer(cfg, run_dir, corpus, _build_model(cfg, corpus, device), device, display, world)
+    if source is not None:  # config.yaml names the very file it started from (a run dir's best.pt)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": str(source.path)})})
+    model, origin = _build_model(cfg, corpus, device, source)
+    trainer = Trainer(cfg, run_dir, corpus, model, device, display, world)
     if payload is not None:
         check_resumable(payload, cfg, corpus)
+        _check_same_freeze(payload, cfg)
         trainer.restore(payload)
         if trainer.budget.reached(trainer.pos.step, trainer.pos.elapsed):
             raise UserError(f"the run in {run_dir} already reached its budget (step {trainer.pos.step}); "
                             "raise train.max_steps or train.max_time with --set to train further")
     else:
         trainer.save()  # from here on the run dir always holds a loadable last.pt
-    metrics = MetricsLog(run_dir) if world.main else NoMetrics()
+    metrics = open_loggers(cfg, run_dir, trainer.pos.step, payload is not None, display.message) if world.main \
+        else NoMetrics()
     if world.main:
         write_config(run_dir, cfg.to_dict())
         _announce(display, trainer, corpus, device, payload is not None, world)
+        _announce_origin(display, origin, cfg.train.freeze, trainer.model, len(corpus.vocab))
     metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),
                   backend=trainer.model.backend, num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
-                  train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel(), world_size=world.size)
+                  train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel(), world_size=world.size,
+                  **origin)
     return trainer, metrics
 
 
-def _build_model(cfg: Config, corpus: Corpus, device: torch.device) -> CharLM:
+def _build_model(cfg: Config, corpus: Corpus, device: torch.device,
+                 source: Optional[Source] = None) -> tuple[CharLM, dict]:
     """The model cfg.model describes, on the backend model.backend names (auto resolved for this
     device and train.precision), initialised from train.seed, which also starts the training RNG
-    (dropout): the same weights on every rank and the same run at every rerun."""
+    (dropout): the same weights on every rank and the same run at every rerun. With a `source`
+    (train.init_from) its trained weights replace the fresh ones (but for new characters' rows);
+    train.freeze's parameters are then frozen. Also returns what the start event records of both."""
     seed_everything(cfg.train.seed)
     backend = resolve_backend(cfg.model.backend, cfg.model.type, device.type, cfg.train.precision)
-    return build_model(cfg.model, len(corpus.vocab), backend)
+    model = build_model(cfg.model, len(corpus.vocab), backend)
+    origin = {}
+    if source is not None:
+        origin["init_from"] = start_facts(source, transfer_weights(model, source.weights, source.vocab, corpus.vocab))
+    frozen = freeze(model, cfg.train.freeze)
+    if frozen:
+        origin["frozen"] = frozen
+    return model, origin
 
 
-def _prepare(cfg, run_dir, resume, overwrite, display, world: World, device, notices) -> tuple[Corpus, list]:
-    """Rank 0 checks the run dir and builds the corpus cache; the other ranks wait, then read it."""
+def _check_same_freeze(payload: dict, cfg: Config) -> None:
+    """The optimiser's state covers the parameters that trained: a resume must freeze the same ones."""
+    saved = (payload.get("config") or {}).get("train", {}).get("freeze", [])
+    if saved != cfg.train.freeze:
+        raise UserError(f"cannot resume: train.freeze is {cfg.train.freeze} but the run trained with {saved}; "
+                        "resume with the run's own config (omit --config) or start a new run")
+
+
+def _announce_origin(display, origin: dict, names: list[str], model: CharLM, vocab_size: int) -> None:
+    if "init_from" in origin:
+        display.message(describe_start(origin["init_from"], vocab_size))
+    if "frozen" in origin:
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        display.message(f"frozen (train.freeze: {', '.join(names)}): {frozen:,} of {count_parameters(model):,} "
+                        "parameters stay as they are")
+        untrained = [name for name in origin["frozen"] if name in vocab_dims(model)]
+        new = len(origin.get("init_from", {}).get("new_tokens", []))
+        if new and untrained:
+            display.message(f"warning: {', '.join(untrained)} frozen: the {new} new vocabulary entries' rows there "
+                            "keep their initial values")
+
+
+def _prepare(cfg, run_dir, resume, overwrite, display, world: World, device, notices) -> tuple[tuple, Corpus, list]:
+    """Rank 0 checks the run dir, reads what the run starts from (its last.pt to resume, train.init_from's
+    checkpoint to fine-tune) and builds the corpus cache; the other ranks wait, then read them."""
     if not world.main:
         with _stage(WAITING):
             _agree_or_fail(False, world, device)
-        return load_corpus(cfg.data), notices  # from the cache rank 0 just built
+        start = _starting_point(cfg, run_dir, resume)
+        return start, load_corpus(cfg.data, vocab=given_vocab(cfg.data, *start)), notices  # from rank 0's cache
     failed = False
     try:
+        _check_source_outside(cfg, run_dir, overwrite)
         notices = notices + prepare_run_dir(run_dir, resume, overwrite)
+        start = _starting_point(cfg, run_dir, resume)
         with _stage(ENCODING):
-            return _load_corpus(cfg, display), notices
+            return start, _load_corpus(cfg, start, display), notices
     except BaseException:  # an error or a signal
         failed = True
         raise
@@ -154,9 +202,28 @@ def _prepare(cfg, run_dir, resume, overwrite, display, world: World, device, not
         _agree_or_fail(failed, world, device)  # the other ranks must not wait for a rank 0 that gave up
 
 
-def _load_corpus(cfg: Config, display) -> Corpus:
+def _check_source_outside(cfg: Config, run_dir: Path, overwrite: bool) -> None:
+    """--overwrite moves the run dir's files aside: train.init_from must not be one of them."""
+    source = cfg.train.init_from
+    if source is None or not overwrite:
+        return
+    source_path, run_path = Path(source).resolve(), Path(run_dir).resolve()
+    if source_path == run_path or run_path in source_path.parents:
+        raise UserError(f"--init-from {source} is in {run_dir}, which --overwrite would move aside; "
+                        "write the fine-tuned run to another --out")
+
+
+def _starting_point(cfg: Config, run_dir: Path, resume: bool) -> tuple[Optional[dict], Optional[Source]]:
+    """The run's last.pt when resuming (a resume never re-applies train.init_from), else the checkpoint
+    train.init_from names, if any."""
+    if resume:
+        return load_checkpoint(run_dir / LAST), None
+    return None, (load_source(cfg.train.init_from, cfg) if cfg.train.init_from is not None else None)
+
+
+def _load_corpus(cfg: Config, start: tuple, display) -> Corpus:
     with display.byte_progress("encoding the corpus") as progress:
-        corpus = load_corpus(cfg.data, progress)
+        corpus = load_corpus(cfg.data, progress, vocab=given_vocab(cfg.data, *start, progress))
     for notice in corpus.notices:
         display.message(notice)
     return corpus

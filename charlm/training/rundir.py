@@ -13,7 +13,9 @@ from charlm.errors import UserError
 
 LAST, BEST = "last.pt", "best.pt"  # the latest checkpoint, and the one with the lowest val loss
 CONFIG, METRICS = "config.yaml", "metrics.jsonl"
-RUN_FILES = (LAST, BEST, CONFIG, METRICS)
+# what train.loggers writes besides metrics.jsonl (charlm.training.loggers)
+TENSORBOARD_DIR, MLFLOW_DB, MLFLOW_ARTIFACTS, MLFLOW_RUN = "tensorboard", "mlflow.db", "mlartifacts", "mlflow-run.json"
+RUN_FILES = (LAST, BEST, CONFIG, METRICS, TENSORBOARD_DIR, MLFLOW_DB, MLFLOW_ARTIFACTS, MLFLOW_RUN)
 
 
 class RunDirError(UserError):

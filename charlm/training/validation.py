@@ -30,7 +30,8 @@ def validate(trainer: Trainer) -> EvalResult:
 
 
 def evaluate_and_save(trainer: Trainer, metrics: MetricsLog) -> None:
-    """Validate, log and show the result (with a preview sample), then checkpoint (best.pt too on a new best)."""
+    """Validate, log and show the result (with a preview sample, also logged as a `sample` event
+    where train.loggers has a logger that shows samples), then checkpoint (best.pt too on a new best)."""
     started = time.perf_counter()
     result = validate(trainer)
     pos = trainer.pos
@@ -45,8 +46,13 @@ def evaluate_and_save(trainer: Trainer, metrics: MetricsLog) -> None:
                   val_bpc=result.bpc, best_val_loss=pos.best_val_loss, elapsed=trainer.elapsed(),
                   eval_seconds=seconds)
     trainer.display.on_eval(pos.step, result.loss_nats, result.bpc, best, seconds, pos.best_val_loss)
-    if trainer.world.main and trainer.display.wants_samples:
-        trainer.display.on_sample(pos.step, preview(trainer))
+    show, log = trainer.display.wants_samples, metrics.wants_samples
+    if trainer.world.main and (show or log):
+        text = preview(trainer)  # one sample for both: the same text on screen and in the logs
+        if show:
+            trainer.display.on_sample(pos.step, text)
+        if log:
+            metrics.write("sample", step=pos.step, text=text)
     trainer.save(best)
 
 
