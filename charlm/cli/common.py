@@ -15,7 +15,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train, sample and evaluate character-level RNN/LSTM language models.")
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-CHECKPOINT_HELP = "A checkpoint file, or a run dir (its best.pt, else last.pt)."
+CHECKPOINT_HELP = "A checkpoint file, a run dir (its best.pt, else last.pt), or a .safetensors export."
 BACKEND_HELP = ("Run the weights with another backend: auto, native, fused or reference (default: the "
                 "checkpoint's model.backend; auto: the one charlm picks for this device).")
 
@@ -38,6 +38,11 @@ def load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = N
     from charlm.training.runtime import resolve_device  # noqa: PLC0415
 
     backend = check_backend(backend)
+    if Path(checkpoint).suffix == ".safetensors":  # `charlm export --format safetensors`: its training facts
+        from charlm.export.safetensors_format import load_safetensors  # noqa: PLC0415 - stand in for the payload
+
+        loaded = load_safetensors(Path(checkpoint), resolve_device(device), backend, precision)
+        return loaded.training, loaded.model, loaded.vocab, loaded.config
     payload = load_checkpoint(checkpoint)
     model, vocab = model_from_checkpoint(payload, resolve_device(device), backend, precision)
     return payload, model, vocab, validate_config(payload["config"], "checkpoint config")

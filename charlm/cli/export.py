@@ -1,0 +1,86 @@
+"""`charlm export`: a trained model as a safetensors file (weights + config + vocabulary) or an ONNX
+single-step model, checked in onnxruntime against charlm after it is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from charlm.cli.common import CHECKPOINT_HELP, app, console, err_console, load_model
+from charlm.errors import UserError
+
+FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}  # --out's suffix -> the format it implies
+
+
+@app.command(name="export")
+def export_model(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help=CHECKPOINT_HELP),
+    out: Path = typer.Option(..., "--out", help="The file to write (replaced if it exists)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="safetensors or onnx (default: from --out's "
+                                         "suffix, .safetensors or .onnx)."),
+    check_steps: int = typer.Option(50, "--check-steps", min=0, help="onnx: steps to run the file in onnxruntime "
+                                    "against charlm after writing it, at batch sizes 1 and 3 (0: no check)."),
+) -> None:
+    """Export a trained model as safetensors or ONNX.
+
+    safetensors: the weights, with the config and vocabulary in its metadata (charlm sample, eval and
+    info read it back). ONNX: one step (ids and state in, logits and the new state out, any batch
+    size), run in onnxruntime against charlm after it is written."""
+    from charlm.export.extra import require  # noqa: PLC0415
+    from charlm.models.model import count_parameters  # noqa: PLC0415
+    from charlm.models.registry import lookup  # noqa: PLC0415
+
+    _check_out(out)
+    chosen = _format(fmt, out)
+    for module in ("safetensors.torch",) if chosen == "safetensors" else ("onnx", "onnxscript", "onnxruntime"):
+        require(module)  # before the checkpoint loads: a missing extra is said at once
+    payload, model, vocab, cfg = load_model(checkpoint, "cpu")  # a .safetensors export too
+    if chosen == "safetensors":
+        from charlm.export.safetensors_format import write_safetensors  # noqa: PLC0415
+
+        write_safetensors(out, model, vocab, cfg, payload)
+    else:
+        from charlm.export.onnx_format import write_onnx  # noqa: PLC0415
+
+        write_onnx(out, model, vocab, cfg, payload)
+    console().print(f"wrote {out} ({chosen}, {out.stat().st_size / 1e6:.1f} MB): {lookup(cfg.model.type).title} "
+                    f"{cfg.model.num_layers}x{cfg.model.hidden_size}, "
+                    f"{count_parameters(model):,} parameters, vocabulary of {len(vocab)}")
+    if chosen == "onnx" and check_steps > 0:
+        _check_onnx(out, model, vocab, cfg, check_steps)
+
+
+def _format(fmt: Optional[str], out: Path) -> str:
+    if fmt is None:
+        if out.suffix.lower() not in FORMATS:
+            raise UserError(f"cannot tell the format from --out {out}: give --format safetensors or --format onnx "
+                            "(or name the file .safetensors or .onnx)")
+        return FORMATS[out.suffix.lower()]
+    if fmt not in FORMATS.values():
+        raise UserError(f"--format must be safetensors or onnx (got {fmt!r})")
+    return fmt
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist; create it first")
+
+
+def _check_onnx(out: Path, model, vocab, cfg, steps: int) -> None:
+    """Run the file against charlm; a disagreement beyond the tolerance is a bug (exit 1), not a user error."""
+    from charlm.export.onnx_check import ATOL, RTOL, check_onnx  # noqa: PLC0415
+
+    parity = check_onnx(out, model, vocab, cfg, steps)
+    sizes = " and ".join(map(str, parity.batch_sizes))
+    summary = (f"{parity.steps} steps from the prompt {parity.prompt!r} at batch sizes {sizes}: max |difference| "
+               f"logits {parity.logits:.1e}, states {parity.state:.1e} (values up to {parity.largest:.3g})")
+    bound = f"{ATOL:g} + {RTOL:g} * |value|"
+    if not parity.passed:
+        err_console.print(f"charlm: error: onnxruntime disagrees with charlm beyond {bound} over {summary}; "
+                          f"{out} is kept for inspection (please report this)")
+        raise typer.Exit(1)
+    console().print(f"checked in onnxruntime against charlm over {summary}; every entry within {bound}")

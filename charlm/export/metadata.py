@@ -1,0 +1,66 @@
+"""What an exported file carries besides its tensors, as strings (safetensors and ONNX metadata hold
+strings only): charlm's export format version, the resolved config and the vocabulary as JSON, and
+the training facts of the checkpoint the weights came from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from charlm import __version__
+from charlm.config import Config, ConfigError, validate_config
+from charlm.data.vocab import Vocab
+from charlm.errors import UserError
+
+FORMAT_VERSION = 1  # of the keys below and what they hold
+VERSION_KEY = "charlm.format_version"
+CHARLM_VERSION_KEY = "charlm.version"  # the charlm that wrote the file
+CONFIG_KEY = "charlm.config"  # the resolved config (model, data, train, sample sections), JSON
+VOCAB_KEY = "charlm.vocab"  # Vocab.to_dict(): unit, specials, chars; JSON
+TRAINING_KEY = "charlm.training"  # the checkpoint's progress facts, JSON (what `charlm info` shows)
+TRAINING_FACTS = ("step", "epoch", "elapsed", "best_val_loss", "best_step", "device", "backend")
+
+
+class ExportFileError(UserError):
+    """An exported file that is missing, damaged, not charlm's, or newer than this charlm reads."""
+
+
+@dataclass(frozen=True)
+class Described:
+    """What an exported file says about its weights."""
+
+    config: Config
+    vocab: Vocab
+    training: dict  # TRAINING_FACTS, None where the checkpoint had no value
+
+
+def metadata_of(cfg: Config, vocab: Vocab, payload: Mapping) -> dict[str, str]:
+    """The metadata of an export of the checkpoint `payload` (its config `cfg`, vocabulary `vocab`)."""
+    return {
+        VERSION_KEY: str(FORMAT_VERSION),
+        CHARLM_VERSION_KEY: __version__,
+        CONFIG_KEY: json.dumps(cfg.to_dict(), ensure_ascii=False),
+        VOCAB_KEY: json.dumps(vocab.to_dict(), ensure_ascii=False),
+        TRAINING_KEY: json.dumps({key: payload.get(key) for key in TRAINING_FACTS}),
+    }
+
+
+def read_metadata(metadata: Optional[Mapping[str, str]], source: str) -> Described:
+    """The config, vocabulary and training facts of an exported file, checked; `source` names it in errors."""
+    metadata = metadata or {}
+    if VERSION_KEY not in metadata:
+        raise ExportFileError(f"{source} was not written by charlm export (its metadata has no {VERSION_KEY})")
+    version = metadata[VERSION_KEY]
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise ExportFileError(f"{source} has export format {version!r}, newer than this charlm ({__version__}) "
+                              f"reads (format {FORMAT_VERSION}); upgrade charlm")
+    try:
+        config = validate_config(json.loads(metadata[CONFIG_KEY]), f"{source} config")
+        vocab = Vocab.from_dict(json.loads(metadata[VOCAB_KEY]))
+        training = json.loads(metadata.get(TRAINING_KEY, "{}"))
+    except (KeyError, ValueError, TypeError, AssertionError, ConfigError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ExportFileError(f"{source} has an invalid charlm config or vocabulary in its metadata ({reason})") \
+            from None
+    return Described(config, vocab, {key: training.get(key) for key in TRAINING_FACTS})
