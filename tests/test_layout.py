@@ -20,6 +20,8 @@ ALLOWED = {
     "report": {"data", "training.rundir", "training.metrics"},
     "config": {"models.registry"},
     "serving": {"data", "inference"},
+    "export": {"models", "data", "inference", "training.checkpoint"},
+    "tune": {"training.rundir", "training.signals"},
 }
 
 

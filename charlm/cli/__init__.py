@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from charlm.cli import train, use, files, probe, serve  # noqa: I001 - importing them registers their commands, in this order
+from charlm.cli import train, use, files, probe, serve, export, tune  # noqa: I001 - importing them registers their commands, in this order
 from charlm.cli.common import app
 from charlm.errors import Interrupted, UserError
 from charlm.training.signals import InterruptSignals
