@@ -72,7 +72,8 @@ def read_config_file(path: str | Path) -> dict:
 
 # --- overrides ----------------------------------------------------------------------------
 
-def _closest(name: str, options: list[str]) -> str:
+def did_you_mean(name: str, options: list[str]) -> str:
+    """The end of an unknown-name message: the closest option, else all of them."""
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
 
@@ -91,9 +92,9 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r}: the key must be section.name, e.g. train.lr")
     section, name = parts
     if section not in SECTIONS:
-        raise ConfigError(f"--set {key}: unknown section '{section}'{_closest(section, list(SECTIONS))}")
+        raise ConfigError(f"--set {key}: unknown section '{section}'{did_you_mean(section, list(SECTIONS))}")
     if name not in _known_keys(SECTIONS[section]):
-        raise ConfigError(f"--set {key}: unknown key{_closest(name, _known_keys(SECTIONS[section]))}")
+        raise ConfigError(f"--set {key}: unknown key{did_you_mean(name, _known_keys(SECTIONS[section]))}")
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
@@ -126,10 +127,10 @@ def _describe_error(error: dict) -> str:
 def _describe_unknown_key(loc: tuple) -> str:
     dotted = ".".join(str(p) for p in loc)
     if len(loc) == 1:
-        return f"{dotted}: unknown section{_closest(str(loc[0]), list(SECTIONS))}"
+        return f"{dotted}: unknown section{did_you_mean(str(loc[0]), list(SECTIONS))}"
     section = SECTIONS.get(str(loc[0]))
     options = _known_keys(section) if section else []
-    return f"{dotted}: unknown key{_closest(str(loc[-1]), options)}"
+    return f"{dotted}: unknown key{did_you_mean(str(loc[-1]), options)}"
 
 
 def validate_config(raw: dict, source: str = "config") -> Config:

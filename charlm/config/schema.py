@@ -134,8 +134,10 @@ class TrainConfig(_Section):
     loggers: list[Logger] = ["jsonl"]  # metrics.jsonl is always written; tensorboard and mlflow need charlm[track]
     mlflow_uri: Optional[str] = Field(None, min_length=1)  # None: sqlite:///<run dir>/mlflow.db
     mlflow_experiment: Optional[str] = Field(None, min_length=1)  # None: the run dir's name
-    init_from: Optional[str] = None  # start from a trained model's weights: a checkpoint file or run dir (README, Fine-tuning)
-    freeze: list[str] = Field(default_factory=list)  # parts left as they are: embedding, head, rnn.<k> or a parameter-name prefix
+    # start from a trained model's weights: a checkpoint file or run dir (README, Fine-tuning)
+    init_from: Optional[str] = None
+    # parts left as they are: embedding, head, rnn.<k> or a parameter-name prefix
+    freeze: list[str] = Field(default_factory=list)
 
     @field_validator("freeze")
     @classmethod

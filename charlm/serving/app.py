@@ -33,14 +33,14 @@ from charlm.serving.worker import Busy, EngineDown, EngineProcess, Ticket
 
 @dataclass
 class ServedModel:
-    """What the server serves: the model in eval mode, how it reads text, and how it is described."""
+    """What the server serves: how it reads text, how it is described, and how the engine process
+    builds the model (`load`, picklable: returns model, vocab and the precision context callable)."""
 
-    model: torch.nn.Module
     vocab: object
     text_settings: object
     name: str
     description: dict
-    load: Optional[Callable] = None  # picklable: builds (model, vocab, precision context) in the engine process
+    load: Callable
 
 
 STREAM_INTERVAL = 0.02  # seconds between a stream's chunks (the first goes out at once)

@@ -6,8 +6,8 @@ generator with its own decoding settings, so a request alone gives exactly what 
 gives with the same seed and settings (generate() in charlm.inference.sample runs the same steps);
 in a batch only float rounding of the batched matmuls can differ.
 
-The engine runs in one background thread (torch releases the GIL in its kernels); results go to
-each request's `sink`, a callable the web layer points at its event loop's queue.
+The engine runs in one background thread; results go to each request's `sink`. `charlm serve`
+runs it in a process of its own (worker.py), whose sinks gather each step's events into one message.
 """
 
 from __future__ import annotations

@@ -19,5 +19,5 @@ def served_model(checkpoint: Path, payload: dict, model, vocab, cfg, precision: 
         "backend": model.backend, "precision": precision, "trained_steps": payload.get("step"),
         "best_val_loss": payload.get("best_val_loss"), "config": cfg.to_dict(),
     }
-    return ServedModel(model=model, vocab=vocab, text_settings=TextSettings.from_config(cfg.data), name=name,
+    return ServedModel(vocab=vocab, text_settings=TextSettings.from_config(cfg.data), name=name,
                        description=description, load=load)

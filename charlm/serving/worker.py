@@ -171,7 +171,8 @@ class EngineProcess:
 def engine_threads() -> int:
     """Threads for the engine's kernels: every core but one, which the web server and its clients need
     (a kernel split over all cores waits for the one the event loop holds)."""
-    return max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else max(1, (os.cpu_count() or 2) - 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cores - 1)
 
 
 def _child(load: Callable, commands, events, threads: int) -> None:

@@ -5,7 +5,6 @@ trial draws its values."""
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import types
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from charlm.config import SECTIONS, Config, ConfigError, read_config_file, validate_config
+from charlm.config import SECTIONS, Config, ConfigError, did_you_mean, read_config_file, validate_config
 from charlm.errors import UserError
 
 EXAMPLE = "e.g. model.hidden_size: [128, 256] or train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}"
@@ -147,10 +146,10 @@ def _field_kind(key: str) -> Optional[type]:
         raise SpaceError(f"{key}: a key must be section.name as --set takes it, {EXAMPLE}")
     section, name = parts
     if section not in SECTIONS:
-        raise SpaceError(f"{key}: unknown section '{section}'{_closest(section, list(SECTIONS))}")
+        raise SpaceError(f"{key}: unknown section '{section}'{did_you_mean(section, list(SECTIONS))}")
     fields = SECTIONS[section].model_fields
     if name not in fields:
-        raise SpaceError(f"{key}: unknown key{_closest(name, list(fields))}")
+        raise SpaceError(f"{key}: unknown key{did_you_mean(name, list(fields))}")
     annotation = fields[name].annotation
     if get_origin(annotation) in (Union, types.UnionType):
         members = [a for a in get_args(annotation) if a is not type(None)]
@@ -194,11 +193,6 @@ def _describe(key: str, error: dict) -> str:
         return f"{key}: a range needs {where}"
     message = error["msg"].removeprefix("Value error, ")
     return f"{key}: {where + ': ' if where else ''}{message}"
-
-
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(options)}"
 
 
 def _whole(x: float) -> bool:
