@@ -21,6 +21,7 @@
 #include <cstring>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 using at::Tensor;
 
@@ -99,6 +100,113 @@ Tensor previous_states(const Tensor& h0, const Tensor& hs) {
   const int64_t T = hs.size(0);
   return at::cat({h0.to(at::kBFloat16).unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0).view({-1, hs.size(2)});
 }
+
+// ---- the recurrent GEMM of one step -------------------------------------------------------
+// A step's GEMM is small ([32, 256] x [256, 256] for the RNN of the benchmark) and is repeated
+// T times with the same weight. ATen hands each one to oneDNN, which on this class of CPU takes
+// as long in bf16 as in fp32 (~28 us: per-call set-up and re-packing of the weight), so the bf16
+// RNN was no faster than the fp32 one where it matters most. StepGemm packs the weight once per
+// layer call into the layout the AVX512-BF16 dot-product instruction (vdpbf16ps) reads, keeps
+// the fp32 sums in registers, and lets each thread finish its own columns with the step's
+// pointwise work, so one parallel region covers the whole step. Without AVX512-BF16 (or for a
+// size it does not take) the callers keep ATen's path.
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+
+class StepGemm {
+ public:
+  static constexpr int64_t kPanel = 32;  // columns per packed panel: two 16-float vectors
+
+  // The sizes taken: K pairs up, N splits into 16-column vectors, and the packing (one pass over
+  // the weight) is shared by enough steps to pay for itself.
+  static bool fits(int64_t K, int64_t N, int64_t steps) {
+    return K % 2 == 0 && N % 16 == 0 && K > 0 && N > 0 && steps >= 8;
+  }
+
+  // B [K, N] bf16 with element (k, n) at b[k * row_stride + n * column_stride].
+  StepGemm(const bf16* b, int64_t K, int64_t N, int64_t row_stride, int64_t column_stride)
+      : K_(K), N_(N), packed_(static_cast<size_t>(K * N)) {
+    // Panel p (columns n0 .. n0 + w) starts at n0 * K; in it, pair q of rows holds for each
+    // column c the two values (b[2q][c], b[2q+1][c]) side by side.
+    for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+      const int64_t w = std::min(kPanel, N - n0);
+      bf16* panel = packed_.data() + n0 * K;
+      for (int64_t q = 0; q < K / 2; ++q)
+        for (int64_t c = 0; c < w; ++c)
+          for (int64_t r = 0; r < 2; ++r)
+            panel[(q * w + c) * 2 + r] = b[(2 * q + r) * row_stride + (n0 + c) * column_stride];
+    }
+  }
+
+  // C [M, N] fp32 = A [M, K] bf16 (rows contiguous) x B. Each thread computes whole panels,
+  // then calls finish(n0, n1) for its columns [n0, n1): the step's pointwise work on C.
+  template <typename Finish>
+  void run(const bf16* a, int64_t M, float* c, const Finish& finish) const {
+    const int64_t panels = (N_ + kPanel - 1) / kPanel;
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) panel_product(a, M, p * kPanel, c);
+      finish(p0 * kPanel, std::min(N_, p1 * kPanel));
+    });
+  }
+
+ private:
+  void panel_product(const bf16* a, int64_t M, int64_t n0, float* c) const {
+    const bf16* panel = packed_.data() + n0 * K_;
+    if (N_ - n0 >= kPanel) {
+      rows<2>(a, M, panel, c + n0);
+    } else {
+      rows<1>(a, M, panel, c + n0);
+    }
+  }
+
+  template <int NV>
+  void rows(const bf16* a, int64_t M, const bf16* panel, float* c) const {
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) tile<8, NV>(a + m * K_, panel, c + m * N_);
+    switch (M - m) {
+      case 7: tile<7, NV>(a + m * K_, panel, c + m * N_); break;
+      case 6: tile<6, NV>(a + m * K_, panel, c + m * N_); break;
+      case 5: tile<5, NV>(a + m * K_, panel, c + m * N_); break;
+      case 4: tile<4, NV>(a + m * K_, panel, c + m * N_); break;
+      case 3: tile<3, NV>(a + m * K_, panel, c + m * N_); break;
+      case 2: tile<2, NV>(a + m * K_, panel, c + m * N_); break;
+      case 1: tile<1, NV>(a + m * K_, panel, c + m * N_); break;
+      default: break;
+    }
+  }
+
+  // MR rows by NV*16 columns, summed over all K in registers.
+  template <int MR, int NV>
+  void tile(const bf16* a, const bf16* panel, float* c) const {
+    __m512 acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < K_ / 2; ++q) {
+      __m512bh bv[NV];
+      for (int j = 0; j < NV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(panel + (q * NV + j) * 32);
+      for (int i = 0; i < MR; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, a + i * K_ + 2 * q, sizeof(pair));
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+        for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * N_ + j * 16, acc[i][j]);
+  }
+
+  int64_t K_, N_;
+  std::vector<bf16> packed_;
+};
+#else
+class StepGemm {  // no AVX512-BF16 at build time: never used (fits() is false)
+ public:
+  static bool fits(int64_t, int64_t, int64_t) { return false; }
+  StepGemm(const bf16*, int64_t, int64_t, int64_t, int64_t) {}
+  template <typename Finish>
+  void run(const bf16*, int64_t, float*, const Finish&) const {}
+};
+#endif
 
 // ---- LSTM ---------------------------------------------------------------------------------
 
@@ -202,10 +310,30 @@ Tensor rnn_forward_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0, 
   check_bf16(gx, h0, w_hh, 1);
   const int64_t T = gx.size(0), B = gx.size(1), H = w_hh.size(1);
   Tensor hs = at::empty({T, B, H}, gx.options());
-  Tensor gh = at::empty({B, H}, gx.options());
-  const Tensor w_t = recurrent_operand(w_hh, T), b = bias.contiguous();
+  const Tensor b = bias.contiguous();
   const float* bp = b.data_ptr<float>();
   Tensor h_prev = h0.to(at::kBFloat16).contiguous();
+  if (StepGemm::fits(H, H, T)) {
+    // h_t = tanh(x_t + b + h_{t-1} W_hh^T): W_hh^T's element (k, n) is w_hh[n][k]
+    const StepGemm gemm(raw(w_hh.contiguous()), H, H, /*row_stride=*/1, /*column_stride=*/H);
+    Tensor acc = at::empty({B, H}, b.options());
+    float* ap = acc.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      const bf16* xp = raw(gx) + t * B * H;
+      bf16* hp = raw_mut(hs) + t * B * H;
+      gemm.run(t == 0 ? raw(h_prev) : hp - B * H, B, ap, [&](int64_t n0, int64_t n1) {
+        for (int64_t row = 0; row < B; ++row) {
+          const int64_t base = row * H;
+#pragma omp simd
+          for (int64_t j = n0; j < n1; ++j)
+            hp[base + j] = to_bf16(tanh_(from_bf16(xp[base + j]) + bp[j] + ap[base + j]));
+        }
+      });
+    }
+    return hs;
+  }
+  Tensor gh = at::empty({B, H}, gx.options());
+  const Tensor w_t = recurrent_operand(w_hh, T);
   for (int64_t t = 0; t < T; ++t) {
     at::mm_out(gh, h_prev, w_t);
     Tensor x = gx[t], h = hs[t];
@@ -223,12 +351,42 @@ Tensor rnn_forward_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0, 
   return hs;
 }
 
+// dg_t = (dh_out_t + dh_next) * (1 - h_t^2) over the columns [n0, n1) of every row.
+CHARLM_INLINE void rnn_gate_grad(const bf16* h, const bf16* dh_out, const float* dh_next, bf16* dg, int64_t B,
+                                 int64_t H, int64_t n0, int64_t n1) {
+  for (int64_t row = 0; row < B; ++row) {
+    const int64_t base = row * H;
+#pragma omp simd
+    for (int64_t j = n0; j < n1; ++j) {
+      const float hv = from_bf16(h[base + j]);
+      dg[base + j] = to_bf16((from_bf16(dh_out[base + j]) + dh_next[base + j]) * (1.0f - hv * hv));
+    }
+  }
+}
+
 // Returns dg bf16 [T, B, H], dh0 fp32, dw_hh bf16.
 std::tuple<Tensor, Tensor, Tensor> rnn_backward_bf16(const Tensor& dhs, const Tensor& dh_last, const Tensor& hs,
                                                      const Tensor& h0, const Tensor& w_hh) {
   const int64_t T = hs.size(0), B = hs.size(1), H = w_hh.size(1);
   Tensor dhs_c = dhs.to(at::kBFloat16).contiguous();
   Tensor dg = at::empty_like(hs);
+  if (StepGemm::fits(H, H, T)) {
+    // dh_{t-1} = dg_t W_hh, and dg_{t-1} follows from it column by column, in the same pass
+    const StepGemm gemm(raw(w_hh.contiguous()), H, H, /*row_stride=*/H, /*column_stride=*/1);
+    Tensor dh = dh_last.to(at::kFloat).contiguous().clone();
+    const bf16 *hp = raw(hs), *dop = raw(dhs_c);
+    bf16* dgp = raw_mut(dg);
+    float* dhp = dh.data_ptr<float>();
+    const int64_t step = B * H;
+    rnn_gate_grad(hp + (T - 1) * step, dop + (T - 1) * step, dhp, dgp + (T - 1) * step, B, H, 0, H);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      gemm.run(dgp + t * step, B, dhp, [&](int64_t n0, int64_t n1) {
+        if (t > 0) rnn_gate_grad(hp + (t - 1) * step, dop + (t - 1) * step, dhp, dgp + (t - 1) * step, B, H, n0, n1);
+      });
+    }
+    Tensor dw = dg.view({T * B, H}).t().mm(previous_states(h0, hs));
+    return {dg, dh, dw};
+  }
   Tensor dh_next = dh_last.to(at::kBFloat16).contiguous().clone();
   for (int64_t t = T - 1; t >= 0; --t) {
     Tensor dgt = dg[t], h = hs[t], dho = dhs_c[t];
