@@ -107,71 +107,87 @@ Tensor previous_states(const Tensor& h0, const Tensor& hs) {
 // as long in bf16 as in fp32 (~28 us: per-call set-up and re-packing of the weight), so the bf16
 // RNN was no faster than the fp32 one where it matters most. StepGemm packs the weight once per
 // layer call into the layout the AVX512-BF16 dot-product instruction (vdpbf16ps) reads, keeps
-// the fp32 sums in registers, and lets each thread finish its own columns with the step's
-// pointwise work, so one parallel region covers the whole step. Without AVX512-BF16 (or for a
-// size it does not take) the callers keep ATen's path.
+// the fp32 sums in registers, and lets each thread finish its own hidden units with the step's
+// pointwise work, so one parallel region covers the whole step.
+//
+// The output's columns are G gates of `units` hidden units each (gate g of unit u in column
+// g * units + u, as W_hh's rows are laid out). Packed, a panel holds all G gates of U units
+// (U = 16, or 32 for a single gate), so a thread that owns a panel owns whole units: C comes
+// out panel by panel, gate g of the panel's l-th unit at C[row * N + panel * U * G + g * U + l].
+// Without AVX512-BF16 (or for a size it does not take) the callers keep ATen's path.
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 
 class StepGemm {
  public:
-  static constexpr int64_t kPanel = 32;  // columns per packed panel: two 16-float vectors
-
-  // The sizes taken: K pairs up, N splits into 16-column vectors, and the packing (one pass over
-  // the weight) is shared by enough steps to pay for itself.
-  static bool fits(int64_t K, int64_t N, int64_t steps) {
-    return K % 2 == 0 && N % 16 == 0 && K > 0 && N > 0 && steps >= 8;
+  // The sizes taken: K pairs up, the units split into 16-unit panels, and the packing (one pass
+  // over the weight) is shared by enough steps to pay for itself.
+  static bool fits(int64_t K, int64_t N, int64_t gates, int64_t steps) {
+    return K > 0 && K % 2 == 0 && N > 0 && N % gates == 0 && (N / gates) % 16 == 0 && steps >= 8;
   }
 
   // B [K, N] bf16 with element (k, n) at b[k * row_stride + n * column_stride].
-  StepGemm(const bf16* b, int64_t K, int64_t N, int64_t row_stride, int64_t column_stride)
-      : K_(K), N_(N), packed_(static_cast<size_t>(K * N)) {
-    // Panel p (columns n0 .. n0 + w) starts at n0 * K; in it, pair q of rows holds for each
-    // column c the two values (b[2q][c], b[2q+1][c]) side by side.
-    for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
-      const int64_t w = std::min(kPanel, N - n0);
+  StepGemm(const bf16* b, int64_t K, int64_t N, int64_t row_stride, int64_t column_stride, int64_t gates)
+      : K_(K), N_(N), G_(gates), units_(N / gates), U_(gates == 1 ? 32 : 16), packed_(static_cast<size_t>(K * N)) {
+    // In a panel (starting at n0 * K for its first packed column n0), pair q of B's rows holds,
+    // for each packed column c, the two values (b[2q][n], b[2q+1][n]) side by side.
+    for (int64_t p = 0; p < panels(); ++p) {
+      const int64_t n0 = p * U_ * G_, w = panel_width(p);
       bf16* panel = packed_.data() + n0 * K;
-      for (int64_t q = 0; q < K / 2; ++q)
-        for (int64_t c = 0; c < w; ++c)
-          for (int64_t r = 0; r < 2; ++r)
-            panel[(q * w + c) * 2 + r] = b[(2 * q + r) * row_stride + (n0 + c) * column_stride];
+      for (int64_t c = 0; c < w; ++c) {
+        const int64_t n = (c / U_) * units_ + p * U_ + c % U_;  // gate c / U, unit p * U + c % U
+        for (int64_t q = 0; q < K / 2; ++q)
+          for (int64_t r = 0; r < 2; ++r) panel[(q * w + c) * 2 + r] = b[(2 * q + r) * row_stride + n * column_stride];
+      }
     }
   }
 
-  // C [M, N] fp32 = A [M, K] bf16 (rows contiguous) x B. Each thread computes whole panels,
-  // then calls finish(n0, n1) for its columns [n0, n1): the step's pointwise work on C.
+  int64_t unit_block() const { return U_; }
+
+  // C [M, N] fp32 (packed column order) = A [M, K] bf16 (rows contiguous) x B. Each thread
+  // computes whole panels, then calls finish(u0, u1) for its units [u0, u1).
   template <typename Finish>
   void run(const bf16* a, int64_t M, float* c, const Finish& finish) const {
-    const int64_t panels = (N_ + kPanel - 1) / kPanel;
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) panel_product(a, M, p * kPanel, c);
-      finish(p0 * kPanel, std::min(N_, p1 * kPanel));
+    at::parallel_for(0, panels(), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) panel_product(a, M, p, c);
+      finish(p0 * U_, std::min(units_, p1 * U_));
     });
   }
 
  private:
-  void panel_product(const bf16* a, int64_t M, int64_t n0, float* c) const {
+  int64_t panels() const { return (units_ + U_ - 1) / U_; }
+  // A single gate's last panel may hold 16 units of 32; with more gates units_ % 16 == 0.
+  int64_t panel_width(int64_t p) const { return std::min(U_, units_ - p * U_) * G_; }
+
+  void panel_product(const bf16* a, int64_t M, int64_t p, float* c) const {
+    const int64_t n0 = p * U_ * G_;
     const bf16* panel = packed_.data() + n0 * K_;
-    if (N_ - n0 >= kPanel) {
-      rows<2>(a, M, panel, c + n0);
-    } else {
-      rows<1>(a, M, panel, c + n0);
+    switch (panel_width(p) / 16) {
+      case 1: rows<1>(a, M, panel, c + n0); break;
+      case 2: rows<2>(a, M, panel, c + n0); break;
+      case 3: rows<3>(a, M, panel, c + n0); break;
+      case 4: rows<4>(a, M, panel, c + n0); break;
+      default: TORCH_CHECK(false, "StepGemm: unexpected panel width");
     }
   }
 
+  // Row tiles as tall as the 32 vector registers allow: MR * NV sums, NV panel vectors, one A pair.
   template <int NV>
   void rows(const bf16* a, int64_t M, const bf16* panel, float* c) const {
+    constexpr int MR = NV >= 4 ? 6 : 8;
     int64_t m = 0;
-    for (; m + 8 <= M; m += 8) tile<8, NV>(a + m * K_, panel, c + m * N_);
-    switch (M - m) {
-      case 7: tile<7, NV>(a + m * K_, panel, c + m * N_); break;
-      case 6: tile<6, NV>(a + m * K_, panel, c + m * N_); break;
-      case 5: tile<5, NV>(a + m * K_, panel, c + m * N_); break;
-      case 4: tile<4, NV>(a + m * K_, panel, c + m * N_); break;
-      case 3: tile<3, NV>(a + m * K_, panel, c + m * N_); break;
-      case 2: tile<2, NV>(a + m * K_, panel, c + m * N_); break;
-      case 1: tile<1, NV>(a + m * K_, panel, c + m * N_); break;
-      default: break;
+    for (; m + MR <= M; m += MR) tile<MR, NV>(a + m * K_, panel, c + m * N_);
+    rows_left<NV, MR - 1>(M - m, a + m * K_, panel, c + m * N_);
+  }
+
+  template <int NV, int MR>
+  void rows_left(int64_t left, const bf16* a, const bf16* panel, float* c) const {
+    if constexpr (MR > 0) {
+      if (left == MR) {
+        tile<MR, NV>(a, panel, c);
+      } else {
+        rows_left<NV, MR - 1>(left, a, panel, c);
+      }
     }
   }
 
@@ -195,14 +211,15 @@ class StepGemm {
       for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * N_ + j * 16, acc[i][j]);
   }
 
-  int64_t K_, N_;
+  int64_t K_, N_, G_, units_, U_;
   std::vector<bf16> packed_;
 };
 #else
 class StepGemm {  // no AVX512-BF16 at build time: never used (fits() is false)
  public:
-  static bool fits(int64_t, int64_t, int64_t) { return false; }
-  StepGemm(const bf16*, int64_t, int64_t, int64_t, int64_t) {}
+  static bool fits(int64_t, int64_t, int64_t, int64_t) { return false; }
+  StepGemm(const bf16*, int64_t, int64_t, int64_t, int64_t, int64_t) {}
+  int64_t unit_block() const { return 1; }
   template <typename Finish>
   void run(const bf16*, int64_t, float*, const Finish&) const {}
 };
@@ -210,73 +227,93 @@ class StepGemm {  // no AVX512-BF16 at build time: never used (fits() is false)
 
 // ---- LSTM ---------------------------------------------------------------------------------
 
-void lstm_cell_forward(const bf16* gx, const float* bias, const bf16* gh, const float* c_prev, float* acts,
-                       float* c, bf16* h, int64_t B, int64_t H) {
-  for_each_row(B, 4 * H, [&](int64_t b) {
-    const bf16* x = gx + b * 4 * H;
-    const bf16* g = gh + b * 4 * H;
-    float* a = acts + b * 4 * H;
-    const float* cp = c_prev + b * H;
-    float* cb = c + b * H;
-    bf16* hb = h + b * H;
+// One row's units [j0, j1) of a step. gh(g, j) is the recurrent GEMM's part of gate g of unit j:
+// a bf16 [B, 4H] row from ATen's GEMM, or a packed fp32 panel from StepGemm.
+template <typename GH>
+CHARLM_INLINE void lstm_row_forward(const bf16* x, const float* bias, const GH& gh, const float* cp, float* a,
+                                    float* cb, bf16* hb, int64_t H, int64_t j0, int64_t j1) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const float i = sigmoid(from_bf16(x[j]) + bias[j] + from_bf16(g[j]));
-      const float f = sigmoid(from_bf16(x[H + j]) + bias[H + j] + from_bf16(g[H + j]));
-      const float gg = tanh_(from_bf16(x[2 * H + j]) + bias[2 * H + j] + from_bf16(g[2 * H + j]));
-      const float o = sigmoid(from_bf16(x[3 * H + j]) + bias[3 * H + j] + from_bf16(g[3 * H + j]));
-      const float cn = f * cp[j] + i * gg;
-      a[j] = i; a[H + j] = f; a[2 * H + j] = gg; a[3 * H + j] = o;
-      cb[j] = cn;
-      hb[j] = to_bf16(o * tanh_(cn));
-    }
-  });
+  for (int64_t j = j0; j < j1; ++j) {
+    const float i = sigmoid(from_bf16(x[j]) + bias[j] + gh(0, j));
+    const float f = sigmoid(from_bf16(x[H + j]) + bias[H + j] + gh(1, j));
+    const float gg = tanh_(from_bf16(x[2 * H + j]) + bias[2 * H + j] + gh(2, j));
+    const float o = sigmoid(from_bf16(x[3 * H + j]) + bias[3 * H + j] + gh(3, j));
+    const float cn = f * cp[j] + i * gg;
+    a[j] = i; a[H + j] = f; a[2 * H + j] = gg; a[3 * H + j] = o;
+    cb[j] = cn;
+    hb[j] = to_bf16(o * tanh_(cn));
+  }
 }
 
-// dh = dh_out + dh_next (both bf16: a layer above and a GEMM produced them); dc in/out fp32.
-void lstm_cell_backward(const float* acts, const float* c, const float* c_prev, const bf16* dh_out,
-                        const bf16* dh_next, float* dc, bf16* dg, int64_t B, int64_t H) {
-  for_each_row(B, 4 * H, [&](int64_t b) {
-    const float* a = acts + b * 4 * H;
-    const float* cb = c + b * H;
-    const float* cp = c_prev + b * H;
-    const bf16* dho = dh_out + b * H;
-    const bf16* dhn = dh_next + b * H;
-    float* dcb = dc + b * H;
-    bf16* d = dg + b * 4 * H;
+// dh = dh_out + dh_next(j) (the GEMM over the step after's gate grads); dc in/out fp32.
+template <typename DH>
+CHARLM_INLINE void lstm_row_backward(const float* a, const float* cb, const float* cp, const bf16* dho,
+                                     const DH& dh_next, float* dcb, bf16* d, int64_t H, int64_t j0, int64_t j1) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
-      const float dh = from_bf16(dho[j]) + from_bf16(dhn[j]);
-      const float tc = tanh_(cb[j]);
-      const float dct = dcb[j] + dh * o * (1.0f - tc * tc);
-      d[j] = to_bf16(dct * g * i * (1.0f - i));
-      d[H + j] = to_bf16(dct * cp[j] * f * (1.0f - f));
-      d[2 * H + j] = to_bf16(dct * i * (1.0f - g * g));
-      d[3 * H + j] = to_bf16(dh * tc * o * (1.0f - o));
-      dcb[j] = dct * f;
+  for (int64_t j = j0; j < j1; ++j) {
+    const float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+    const float dh = from_bf16(dho[j]) + dh_next(j);
+    const float tc = tanh_(cb[j]);
+    const float dct = dcb[j] + dh * o * (1.0f - tc * tc);
+    d[j] = to_bf16(dct * g * i * (1.0f - i));
+    d[H + j] = to_bf16(dct * cp[j] * f * (1.0f - f));
+    d[2 * H + j] = to_bf16(dct * i * (1.0f - g * g));
+    d[3 * H + j] = to_bf16(dh * tc * o * (1.0f - o));
+    dcb[j] = dct * f;
+  }
+}
+
+// Every row's units [u0, u1) of a step whose GEMM StepGemm left in c, packed (see StepGemm).
+template <typename Row>
+CHARLM_INLINE void for_packed_units(const float* c, int64_t B, int64_t N, int64_t gates, int64_t U, int64_t u0,
+                                    int64_t u1, const Row& row) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j0 = u0; j0 < u1; j0 += U) {
+      const float* panel = c + b * N + j0 * gates;  // panel j0 / U starts at packed column j0 * gates
+      row(b, j0, std::min(u1, j0 + U), [panel, U, j0](int g, int64_t j) { return panel[g * U + j - j0]; });
     }
-  });
 }
 
 // Returns acts fp32 [T, B, 4H] (i f g o), hs bf16 [T, B, H], cs fp32 [T, B, H].
 std::tuple<Tensor, Tensor, Tensor> lstm_forward_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0,
                                                      const Tensor& c0, const Tensor& w_hh) {
   check_bf16(gx, h0, w_hh, 4);
-  const int64_t T = gx.size(0), B = gx.size(1), H = w_hh.size(1);
+  const int64_t T = gx.size(0), B = gx.size(1), H = w_hh.size(1), G = 4 * H;
   const auto f32 = gx.options().dtype(at::kFloat);
-  Tensor acts = at::empty({T, B, 4 * H}, f32), cs = at::empty({T, B, H}, f32);
+  Tensor acts = at::empty({T, B, G}, f32), cs = at::empty({T, B, H}, f32);
   Tensor hs = at::empty({T, B, H}, gx.options());
-  Tensor gh = at::empty({B, 4 * H}, gx.options());
-  const Tensor w_t = recurrent_operand(w_hh, T), b = bias.contiguous();
-  Tensor h_prev = h0.to(at::kBFloat16).contiguous(), c_prev = c0.contiguous();
+  const Tensor b = bias.contiguous(), c0c = c0.contiguous(), h0b = h0.to(at::kBFloat16).contiguous();
+  const float* bp = b.data_ptr<float>();
+  const bf16* xs = raw(gx);
+  float *ap = acts.data_ptr<float>(), *cp = cs.data_ptr<float>();
+  bf16* hp = raw_mut(hs);
+  // the step t's row b: inputs, previous cell and outputs
+  auto row = [&](int64_t t, int64_t r, int64_t j0, int64_t j1, const auto& gh) {
+    const float* c_prev = t > 0 ? cp + (t - 1) * B * H : c0c.data_ptr<float>();
+    lstm_row_forward(xs + (t * B + r) * G, bp, gh, c_prev + r * H, ap + (t * B + r) * G, cp + (t * B + r) * H,
+                     hp + (t * B + r) * H, H, j0, j1);
+  };
+  if (StepGemm::fits(H, G, 4, T)) {
+    const StepGemm gemm(raw(w_hh.contiguous()), H, G, /*row_stride=*/1, /*column_stride=*/H, /*gates=*/4);
+    Tensor acc = at::empty({B, G}, f32);
+    float* accp = acc.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      gemm.run(t == 0 ? raw(h0b) : hp + (t - 1) * B * H, B, accp, [&](int64_t u0, int64_t u1) {
+        for_packed_units(accp, B, G, 4, gemm.unit_block(), u0, u1,
+                         [&](int64_t r, int64_t j0, int64_t j1, const auto& gh) { row(t, r, j0, j1, gh); });
+      });
+    }
+    return {acts, hs, cs};
+  }
+  Tensor gh = at::empty({B, G}, gx.options());
+  const Tensor w_t = recurrent_operand(w_hh, T);
   for (int64_t t = 0; t < T; ++t) {
-    at::mm_out(gh, h_prev, w_t);
-    Tensor x = gx[t], a = acts[t], c = cs[t], h = hs[t];
-    lstm_cell_forward(raw(x), b.data_ptr<float>(), raw(gh), c_prev.data_ptr<float>(), a.data_ptr<float>(),
-                      c.data_ptr<float>(), raw_mut(h), B, H);
-    h_prev = h;
-    c_prev = c;
+    at::mm_out(gh, t == 0 ? h0b : hs[t - 1], w_t);
+    const bf16* ghp = raw(gh);
+    for_each_row(B, G, [&](int64_t r) {
+      const bf16* g = ghp + r * G;
+      row(t, r, 0, H, [g, H](int k, int64_t j) { return from_bf16(g[k * H + j]); });
+    });
   }
   return {acts, hs, cs};
 }
@@ -286,20 +323,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_bf16(const Tensor& dhs,
                                                               const Tensor& dc_last, const Tensor& acts,
                                                               const Tensor& cs, const Tensor& h0, const Tensor& c0,
                                                               const Tensor& hs, const Tensor& w_hh) {
-  const int64_t T = acts.size(0), B = acts.size(1), H = w_hh.size(1);
+  const int64_t T = acts.size(0), B = acts.size(1), H = w_hh.size(1), G = 4 * H;
   Tensor dhs_c = dhs.to(at::kBFloat16).contiguous();
-  Tensor dg = at::empty({T, B, 4 * H}, hs.options());
-  Tensor dh_next = dh_last.to(at::kBFloat16).contiguous().clone();
+  Tensor dg = at::empty({T, B, G}, hs.options());
   Tensor dc = dc_last.to(at::kFloat).contiguous().clone();
-  Tensor c0c = c0.contiguous();
-  for (int64_t t = T - 1; t >= 0; --t) {
-    Tensor c_prev = t > 0 ? cs[t - 1] : c0c;
-    Tensor dgt = dg[t], dho = dhs_c[t], a = acts[t], c = cs[t];
-    lstm_cell_backward(a.data_ptr<float>(), c.data_ptr<float>(), c_prev.data_ptr<float>(), raw(dho), raw(dh_next),
-                       dc.data_ptr<float>(), raw_mut(dgt), B, H);
-    at::mm_out(dh_next, dgt, w_hh);
+  const Tensor c0c = c0.contiguous();
+  const float *ap = acts.data_ptr<float>(), *cp = cs.data_ptr<float>();
+  const bf16* dop = raw(dhs_c);
+  bf16* dgp = raw_mut(dg);
+  float* dcp = dc.data_ptr<float>();
+  auto row = [&](int64_t t, int64_t r, int64_t j0, int64_t j1, const auto& dh_next) {
+    const float* c_prev = t > 0 ? cp + (t - 1) * B * H : c0c.data_ptr<float>();
+    lstm_row_backward(ap + (t * B + r) * G, cp + (t * B + r) * H, c_prev + r * H, dop + (t * B + r) * H, dh_next,
+                      dcp + r * H, dgp + (t * B + r) * G, H, j0, j1);
+  };
+  if (StepGemm::fits(G, H, 1, T)) {
+    // dh_{t-1} = dg_t W_hh, then step t-1's cell backward on the same thread's units
+    const StepGemm gemm(raw(w_hh.contiguous()), G, H, /*row_stride=*/H, /*column_stride=*/1, /*gates=*/1);
+    Tensor dh = dh_last.to(at::kFloat).contiguous().clone();
+    float* dhp = dh.data_ptr<float>();
+    for_each_row(B, G, [&](int64_t r) { row(T - 1, r, 0, H, [dhp, r, H](int64_t j) { return dhp[r * H + j]; }); });
+    for (int64_t t = T - 1; t >= 0; --t) {
+      gemm.run(dgp + t * B * G, B, dhp, [&](int64_t u0, int64_t u1) {
+        if (t == 0) return;
+        for (int64_t r = 0; r < B; ++r) row(t - 1, r, u0, u1, [dhp, r, H](int64_t j) { return dhp[r * H + j]; });
+      });
+    }
+    Tensor dw = dg.view({T * B, G}).t().mm(previous_states(h0, hs));
+    return {dg, dh, dc, dw};
   }
-  Tensor dw = dg.view({T * B, 4 * H}).t().mm(previous_states(h0, hs));
+  Tensor dh_next = dh_last.to(at::kBFloat16).contiguous().clone();
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const bf16* dnp = raw(dh_next);
+    for_each_row(B, G, [&](int64_t r) { row(t, r, 0, H, [dnp, r, H](int64_t j) { return from_bf16(dnp[r * H + j]); }); });
+    at::mm_out(dh_next, dg[t], w_hh);
+  }
+  Tensor dw = dg.view({T * B, G}).t().mm(previous_states(h0, hs));
   return {dg, dh_next.to(at::kFloat), dc, dw};
 }
 
@@ -313,9 +372,9 @@ Tensor rnn_forward_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0, 
   const Tensor b = bias.contiguous();
   const float* bp = b.data_ptr<float>();
   Tensor h_prev = h0.to(at::kBFloat16).contiguous();
-  if (StepGemm::fits(H, H, T)) {
+  if (StepGemm::fits(H, H, 1, T)) {
     // h_t = tanh(x_t + b + h_{t-1} W_hh^T): W_hh^T's element (k, n) is w_hh[n][k]
-    const StepGemm gemm(raw(w_hh.contiguous()), H, H, /*row_stride=*/1, /*column_stride=*/H);
+    const StepGemm gemm(raw(w_hh.contiguous()), H, H, /*row_stride=*/1, /*column_stride=*/H, /*gates=*/1);
     Tensor acc = at::empty({B, H}, b.options());
     float* ap = acc.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
@@ -370,9 +429,9 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward_bf16(const Tensor& dhs, const Te
   const int64_t T = hs.size(0), B = hs.size(1), H = w_hh.size(1);
   Tensor dhs_c = dhs.to(at::kBFloat16).contiguous();
   Tensor dg = at::empty_like(hs);
-  if (StepGemm::fits(H, H, T)) {
+  if (StepGemm::fits(H, H, 1, T)) {
     // dh_{t-1} = dg_t W_hh, and dg_{t-1} follows from it column by column, in the same pass
-    const StepGemm gemm(raw(w_hh.contiguous()), H, H, /*row_stride=*/H, /*column_stride=*/1);
+    const StepGemm gemm(raw(w_hh.contiguous()), H, H, /*row_stride=*/H, /*column_stride=*/1, /*gates=*/1);
     Tensor dh = dh_last.to(at::kFloat).contiguous().clone();
     const bf16 *hp = raw(hs), *dop = raw(dhs_c);
     bf16* dgp = raw_mut(dg);
@@ -410,79 +469,85 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward_bf16(const Tensor& dhs, const Te
 // r = sigmoid(gx_r + b_r + gh_r), z = sigmoid(gx_z + b_z + gh_z), n = tanh(gx_n + b_n + r * (gh_n + b_hn)),
 // h = (1 - z) * n + z * h_prev: h is the state carried through time, so it stays fp32.
 
-void gru_cell_forward(const bf16* gx, const float* bias, const bf16* gh, const float* b_hn, const float* h_prev,
-                      float* acts, float* ghn, float* h, bf16* h_b, int64_t B, int64_t H) {
-  for_each_row(B, 3 * H, [&](int64_t b) {
-    const bf16* x = gx + b * 3 * H;
-    const bf16* g = gh + b * 3 * H;
-    const float* hp = h_prev + b * H;
-    float* a = acts + b * 3 * H;
-    float* gn = ghn + b * H;
-    float* hb = h + b * H;
-    bf16* hbb = h_b + b * H;
+// One row's units [j0, j1) of a step; gh(g, j) as for the LSTM.
+template <typename GH>
+CHARLM_INLINE void gru_row_forward(const bf16* x, const float* bias, const GH& gh, const float* b_hn,
+                                   const float* hp, float* a, float* gn, float* hb, bf16* hbb, int64_t H, int64_t j0,
+                                   int64_t j1) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const float r = sigmoid(from_bf16(x[j]) + bias[j] + from_bf16(g[j]));
-      const float z = sigmoid(from_bf16(x[H + j]) + bias[H + j] + from_bf16(g[H + j]));
-      const float hn = from_bf16(g[2 * H + j]) + b_hn[j];
-      const float n = tanh_(from_bf16(x[2 * H + j]) + bias[2 * H + j] + r * hn);
-      const float hv = (1.0f - z) * n + z * hp[j];
-      a[j] = r; a[H + j] = z; a[2 * H + j] = n;
-      gn[j] = hn;
-      hb[j] = hv;
-      hbb[j] = to_bf16(hv);
-    }
-  });
+  for (int64_t j = j0; j < j1; ++j) {
+    const float r = sigmoid(from_bf16(x[j]) + bias[j] + gh(0, j));
+    const float z = sigmoid(from_bf16(x[H + j]) + bias[H + j] + gh(1, j));
+    const float hn = gh(2, j) + b_hn[j];
+    const float n = tanh_(from_bf16(x[2 * H + j]) + bias[2 * H + j] + r * hn);
+    const float hv = (1.0f - z) * n + z * hp[j];
+    a[j] = r; a[H + j] = z; a[2 * H + j] = n;
+    gn[j] = hn;
+    hb[j] = hv;
+    hbb[j] = to_bf16(hv);
+  }
 }
 
-// dh = dh_out + dh_direct (fp32, z * dh of the step after) + dh_gemm (bf16, the GEMM over dgh).
-void gru_cell_backward(const float* acts, const float* ghn, const float* h_prev, const bf16* dh_out,
-                       const float* dh_direct_in, const bf16* dh_gemm, bf16* dgx, bf16* dgh, float* dh_direct_out,
-                       float* dbn, int64_t B, int64_t H) {
-  for_each_row(B, 3 * H, [&](int64_t b) {
-    const float* a = acts + b * 3 * H;
-    const float* gn = ghn + b * H;
-    const float* hp = h_prev + b * H;
-    const bf16* dho = dh_out + b * H;
-    const float* ddi = dh_direct_in + b * H;
-    const bf16* dgm = dh_gemm + b * H;
-    bf16* dx = dgx + b * 3 * H;
-    bf16* dhh = dgh + b * 3 * H;
-    float* ddo = dh_direct_out + b * H;
-    float* dn = dbn + b * H;
+// dh = dh_out + dh_direct (fp32, z * dh of the step after) + dh_gemm(j) (the GEMM over dgh).
+template <typename DH>
+CHARLM_INLINE void gru_row_backward(const float* a, const float* gn, const float* hp, const bf16* dho,
+                                    const float* ddi, const DH& dh_gemm, bf16* dx, bf16* dhh, float* ddo, float* dn,
+                                    int64_t H, int64_t j0, int64_t j1) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const float r = a[j], z = a[H + j], n = a[2 * H + j];
-      const float dh = from_bf16(dho[j]) + ddi[j] + from_bf16(dgm[j]);
-      const float dpn = dh * (1.0f - z) * (1.0f - n * n);
-      const float dpr = dpn * gn[j] * r * (1.0f - r);
-      const float dpz = dh * (hp[j] - n) * z * (1.0f - z);
-      dx[j] = to_bf16(dpr); dx[H + j] = to_bf16(dpz); dx[2 * H + j] = to_bf16(dpn);
-      dhh[j] = to_bf16(dpr); dhh[H + j] = to_bf16(dpz); dhh[2 * H + j] = to_bf16(dpn * r);
-      dn[j] = dpn * r;
-      ddo[j] = dh * z;
-    }
-  });
+  for (int64_t j = j0; j < j1; ++j) {
+    const float r = a[j], z = a[H + j], n = a[2 * H + j];
+    const float dh = from_bf16(dho[j]) + ddi[j] + dh_gemm(j);
+    const float dpn = dh * (1.0f - z) * (1.0f - n * n);
+    const float dpr = dpn * gn[j] * r * (1.0f - r);
+    const float dpz = dh * (hp[j] - n) * z * (1.0f - z);
+    dx[j] = to_bf16(dpr); dx[H + j] = to_bf16(dpz); dx[2 * H + j] = to_bf16(dpn);
+    dhh[j] = to_bf16(dpr); dhh[H + j] = to_bf16(dpz); dhh[2 * H + j] = to_bf16(dpn * r);
+    dn[j] = dpn * r;
+    ddo[j] = dh * z;
+  }
 }
 
 // Returns hs bf16 [T, B, H] (the layer's output), hs fp32 (the state), acts fp32 [T, B, 3H], ghn fp32 [T, B, H].
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0,
                                                             const Tensor& w_hh, const Tensor& b_hn) {
   check_bf16(gx, h0, w_hh, 3);
-  const int64_t T = gx.size(0), B = gx.size(1), H = w_hh.size(1);
+  const int64_t T = gx.size(0), B = gx.size(1), H = w_hh.size(1), G = 3 * H;
   const auto f32 = gx.options().dtype(at::kFloat);
-  Tensor acts = at::empty({T, B, 3 * H}, f32), ghn = at::empty({T, B, H}, f32), hs = at::empty({T, B, H}, f32);
+  Tensor acts = at::empty({T, B, G}, f32), ghn = at::empty({T, B, H}, f32), hs = at::empty({T, B, H}, f32);
   Tensor hs_b = at::empty({T, B, H}, gx.options());
-  Tensor gh = at::empty({B, 3 * H}, gx.options());
-  const Tensor w_t = recurrent_operand(w_hh, T), b = bias.contiguous(), bn = b_hn.to(at::kFloat).contiguous();
-  Tensor h_prev = h0.contiguous(), h_prev_b = h0.to(at::kBFloat16).contiguous();
+  const Tensor b = bias.contiguous(), bn = b_hn.to(at::kFloat).contiguous(), h0c = h0.contiguous();
+  const Tensor h0b = h0.to(at::kBFloat16).contiguous();
+  const float *bp = b.data_ptr<float>(), *bnp = bn.data_ptr<float>();
+  const bf16* xs = raw(gx);
+  float *ap = acts.data_ptr<float>(), *gnp = ghn.data_ptr<float>(), *hp = hs.data_ptr<float>();
+  bf16* hbp = raw_mut(hs_b);
+  auto row = [&](int64_t t, int64_t r, int64_t j0, int64_t j1, const auto& gh) {
+    const float* h_prev = t > 0 ? hp + (t - 1) * B * H : h0c.data_ptr<float>();
+    const int64_t at_h = (t * B + r) * H;
+    gru_row_forward(xs + (t * B + r) * G, bp, gh, bnp, h_prev + r * H, ap + (t * B + r) * G, gnp + at_h, hp + at_h,
+                    hbp + at_h, H, j0, j1);
+  };
+  if (StepGemm::fits(H, G, 3, T)) {
+    const StepGemm gemm(raw(w_hh.contiguous()), H, G, /*row_stride=*/1, /*column_stride=*/H, /*gates=*/3);
+    Tensor acc = at::empty({B, G}, f32);
+    float* accp = acc.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      gemm.run(t == 0 ? raw(h0b) : hbp + (t - 1) * B * H, B, accp, [&](int64_t u0, int64_t u1) {
+        for_packed_units(accp, B, G, 3, gemm.unit_block(), u0, u1,
+                         [&](int64_t r, int64_t j0, int64_t j1, const auto& gh) { row(t, r, j0, j1, gh); });
+      });
+    }
+    return {hs_b, hs, acts, ghn};
+  }
+  Tensor gh = at::empty({B, G}, gx.options());
+  const Tensor w_t = recurrent_operand(w_hh, T);
   for (int64_t t = 0; t < T; ++t) {
-    at::mm_out(gh, h_prev_b, w_t);
-    Tensor x = gx[t], a = acts[t], gn = ghn[t], h = hs[t], hb = hs_b[t];
-    gru_cell_forward(raw(x), b.data_ptr<float>(), raw(gh), bn.data_ptr<float>(), h_prev.data_ptr<float>(),
-                     a.data_ptr<float>(), gn.data_ptr<float>(), h.data_ptr<float>(), raw_mut(hb), B, H);
-    h_prev = h;
-    h_prev_b = hb;
+    at::mm_out(gh, t == 0 ? h0b : hs_b[t - 1], w_t);
+    const bf16* ghp = raw(gh);
+    for_each_row(B, G, [&](int64_t r) {
+      const bf16* g = ghp + r * G;
+      row(t, r, 0, H, [g, H](int k, int64_t j) { return from_bf16(g[k * H + j]); });
+    });
   }
   return {hs_b, hs, acts, ghn};
 }
@@ -492,23 +557,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_bf16(const Tensor& dhs, 
                                                              const Tensor& acts, const Tensor& ghn, const Tensor& hs,
                                                              const Tensor& hs_b, const Tensor& h0,
                                                              const Tensor& w_hh) {
-  const int64_t T = acts.size(0), B = acts.size(1), H = w_hh.size(1);
+  const int64_t T = acts.size(0), B = acts.size(1), H = w_hh.size(1), G = 3 * H;
   Tensor dhs_c = dhs.to(at::kBFloat16).contiguous();
-  Tensor dgx = at::empty({T, B, 3 * H}, hs_b.options()), dgh = at::empty({T, B, 3 * H}, hs_b.options());
+  Tensor dgx = at::empty({T, B, G}, hs_b.options()), dgh = at::empty({T, B, G}, hs_b.options());
   Tensor dbn = at::empty({T, B, H}, acts.options());
+  // the direct path (z * dh) of each step, double-buffered: step t reads one and writes the other
   Tensor direct = dh_last.to(at::kFloat).contiguous().clone(), direct_next = at::empty_like(direct);
+  const Tensor h0c = h0.contiguous();
+  const float *ap = acts.data_ptr<float>(), *gnp = ghn.data_ptr<float>(), *hp = hs.data_ptr<float>();
+  const bf16* dop = raw(dhs_c);
+  bf16 *dxp = raw_mut(dgx), *dhp = raw_mut(dgh);
+  float* dnp = dbn.data_ptr<float>();
+  auto row = [&](int64_t t, int64_t r, int64_t j0, int64_t j1, const auto& dh_gemm) {
+    const float* h_prev = t > 0 ? hp + (t - 1) * B * H : h0c.data_ptr<float>();
+    const int64_t at_h = (t * B + r) * H, at_g = (t * B + r) * G;
+    gru_row_backward(ap + at_g, gnp + at_h, h_prev + r * H, dop + at_h, direct.data_ptr<float>() + r * H, dh_gemm,
+                     dxp + at_g, dhp + at_g, direct_next.data_ptr<float>() + r * H, dnp + at_h, H, j0, j1);
+  };
+  auto no_gemm = [](int64_t) { return 0.0f; };
+  if (StepGemm::fits(G, H, 1, T)) {
+    const StepGemm gemm(raw(w_hh.contiguous()), G, H, /*row_stride=*/H, /*column_stride=*/1, /*gates=*/1);
+    Tensor dh = at::empty({B, H}, acts.options());
+    float* dh_p = dh.data_ptr<float>();
+    for_each_row(B, G, [&](int64_t r) { row(T - 1, r, 0, H, no_gemm); });
+    for (int64_t t = T - 1; t >= 0; --t) {
+      std::swap(direct, direct_next);
+      gemm.run(dhp + t * B * G, B, dh_p, [&](int64_t u0, int64_t u1) {
+        if (t == 0) return;
+        for (int64_t r = 0; r < B; ++r) row(t - 1, r, u0, u1, [dh_p, r, H](int64_t j) { return dh_p[r * H + j]; });
+      });
+    }
+    Tensor dw = dgh.view({T * B, G}).t().mm(previous_states(h0, hs_b));
+    return {dgx, direct.add(dh), dw, dbn.view({T * B, H}).sum(0)};
+  }
   Tensor gemm = at::zeros({B, H}, hs_b.options());
-  Tensor h0c = h0.contiguous();
   for (int64_t t = T - 1; t >= 0; --t) {
-    Tensor h_prev = t > 0 ? hs[t - 1] : h0c;
-    Tensor a = acts[t], gn = ghn[t], dho = dhs_c[t], dxt = dgx[t], dht = dgh[t], dnt = dbn[t];
-    gru_cell_backward(a.data_ptr<float>(), gn.data_ptr<float>(), h_prev.data_ptr<float>(), raw(dho),
-                      direct.data_ptr<float>(), raw(gemm), raw_mut(dxt), raw_mut(dht), direct_next.data_ptr<float>(),
-                      dnt.data_ptr<float>(), B, H);
-    at::mm_out(gemm, dht, w_hh);
+    const bf16* gp = raw(gemm);
+    if (t == T - 1) {
+      for_each_row(B, G, [&](int64_t r) { row(t, r, 0, H, no_gemm); });
+    } else {
+      for_each_row(B, G, [&](int64_t r) { row(t, r, 0, H, [gp, r, H](int64_t j) { return from_bf16(gp[r * H + j]); }); });
+    }
+    at::mm_out(gemm, dgh[t], w_hh);
     std::swap(direct, direct_next);
   }
-  Tensor dw = dgh.view({T * B, 3 * H}).t().mm(previous_states(h0, hs_b));
+  Tensor dw = dgh.view({T * B, G}).t().mm(previous_states(h0, hs_b));
   return {dgx, direct.add(gemm.to(at::kFloat)), dw, dbn.view({T * B, H}).sum(0)};
 }
 
