@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -112,13 +113,15 @@ Tensor previous_states(const Tensor& h0, const Tensor& hs) {
 //
 // The output's columns are G gates of `units` hidden units each (gate g of unit u in column
 // g * units + u, as W_hh's rows are laid out). Packed, a panel holds all G gates of U units
-// (U = 16, or 32 for a single gate), so a thread that owns a panel owns whole units: C comes
-// out panel by panel, gate g of the panel's l-th unit at C[row * N + panel * U * G + g * U + l].
+// (U = 16, or 32 for a single gate), so a thread that owns a panel owns whole units; each
+// 16-column vector of a panel is 16 consecutive columns of C, which comes out in that layout.
 // Without AVX512-BF16 (or for a size it does not take) the callers keep ATen's path.
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 
 class StepGemm {
+  using Columns = std::array<int64_t, 4>;
+
  public:
   // The sizes taken: K pairs up, the units split into 16-unit panels, and the packing (one pass
   // over the weight) is shared by enough steps to pay for itself.
@@ -142,10 +145,8 @@ class StepGemm {
     }
   }
 
-  int64_t unit_block() const { return U_; }
-
-  // C [M, N] fp32 (packed column order) = A [M, K] bf16 (rows contiguous) x B. Each thread
-  // computes whole panels, then calls finish(u0, u1) for its units [u0, u1).
+  // C [M, N] fp32 = A [M, K] bf16 (rows contiguous) x B. Each thread computes whole panels,
+  // then calls finish(u0, u1) for its units [u0, u1): columns g * units + [u0, u1) of C.
   template <typename Finish>
   void run(const bf16* a, int64_t M, float* c, const Finish& finish) const {
     at::parallel_for(0, panels(), 1, [&](int64_t p0, int64_t p1) {
@@ -160,40 +161,42 @@ class StepGemm {
   int64_t panel_width(int64_t p) const { return std::min(U_, units_ - p * U_) * G_; }
 
   void panel_product(const bf16* a, int64_t M, int64_t p, float* c) const {
-    const int64_t n0 = p * U_ * G_;
-    const bf16* panel = packed_.data() + n0 * K_;
-    switch (panel_width(p) / 16) {
-      case 1: rows<1>(a, M, panel, c + n0); break;
-      case 2: rows<2>(a, M, panel, c + n0); break;
-      case 3: rows<3>(a, M, panel, c + n0); break;
-      case 4: rows<4>(a, M, panel, c + n0); break;
+    const bf16* panel = packed_.data() + p * U_ * G_ * K_;
+    Columns cols{};  // where each of the panel's vectors goes in C
+    const int64_t vectors = panel_width(p) / 16;
+    for (int64_t v = 0; v < vectors; ++v) cols[v] = (v * 16 / U_) * units_ + p * U_ + v * 16 % U_;
+    switch (vectors) {
+      case 1: rows<1>(a, M, panel, c, cols); break;
+      case 2: rows<2>(a, M, panel, c, cols); break;
+      case 3: rows<3>(a, M, panel, c, cols); break;
+      case 4: rows<4>(a, M, panel, c, cols); break;
       default: TORCH_CHECK(false, "StepGemm: unexpected panel width");
     }
   }
 
   // Row tiles as tall as the 32 vector registers allow: MR * NV sums, NV panel vectors, one A pair.
   template <int NV>
-  void rows(const bf16* a, int64_t M, const bf16* panel, float* c) const {
+  void rows(const bf16* a, int64_t M, const bf16* panel, float* c, const Columns& cols) const {
     constexpr int MR = NV >= 4 ? 6 : 8;
     int64_t m = 0;
-    for (; m + MR <= M; m += MR) tile<MR, NV>(a + m * K_, panel, c + m * N_);
-    rows_left<NV, MR - 1>(M - m, a + m * K_, panel, c + m * N_);
+    for (; m + MR <= M; m += MR) tile<MR, NV>(a + m * K_, panel, c + m * N_, cols);
+    rows_left<NV, MR - 1>(M - m, a + m * K_, panel, c + m * N_, cols);
   }
 
   template <int NV, int MR>
-  void rows_left(int64_t left, const bf16* a, const bf16* panel, float* c) const {
+  void rows_left(int64_t left, const bf16* a, const bf16* panel, float* c, const Columns& cols) const {
     if constexpr (MR > 0) {
       if (left == MR) {
-        tile<MR, NV>(a, panel, c);
+        tile<MR, NV>(a, panel, c, cols);
       } else {
-        rows_left<NV, MR - 1>(left, a, panel, c);
+        rows_left<NV, MR - 1>(left, a, panel, c, cols);
       }
     }
   }
 
   // MR rows by NV*16 columns, summed over all K in registers.
   template <int MR, int NV>
-  void tile(const bf16* a, const bf16* panel, float* c) const {
+  void tile(const bf16* a, const bf16* panel, float* c, const Columns& cols) const {
     __m512 acc[MR][NV];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -208,7 +211,7 @@ class StepGemm {
       }
     }
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * N_ + j * 16, acc[i][j]);
+      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * N_ + cols[j], acc[i][j]);
   }
 
   int64_t K_, N_, G_, units_, U_;
@@ -219,7 +222,6 @@ class StepGemm {  // no AVX512-BF16 at build time: never used (fits() is false)
  public:
   static bool fits(int64_t, int64_t, int64_t, int64_t) { return false; }
   StepGemm(const bf16*, int64_t, int64_t, int64_t, int64_t, int64_t) {}
-  int64_t unit_block() const { return 1; }
   template <typename Finish>
   void run(const bf16*, int64_t, float*, const Finish&) const {}
 };
@@ -263,17 +265,6 @@ CHARLM_INLINE void lstm_row_backward(const float* a, const float* cb, const floa
   }
 }
 
-// Every row's units [u0, u1) of a step whose GEMM StepGemm left in c, packed (see StepGemm).
-template <typename Row>
-CHARLM_INLINE void for_packed_units(const float* c, int64_t B, int64_t N, int64_t gates, int64_t U, int64_t u0,
-                                    int64_t u1, const Row& row) {
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t j0 = u0; j0 < u1; j0 += U) {
-      const float* panel = c + b * N + j0 * gates;  // panel j0 / U starts at packed column j0 * gates
-      row(b, j0, std::min(u1, j0 + U), [panel, U, j0](int g, int64_t j) { return panel[g * U + j - j0]; });
-    }
-}
-
 // Returns acts fp32 [T, B, 4H] (i f g o), hs bf16 [T, B, H], cs fp32 [T, B, H].
 std::tuple<Tensor, Tensor, Tensor> lstm_forward_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0,
                                                      const Tensor& c0, const Tensor& w_hh) {
@@ -299,8 +290,10 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_bf16(const Tensor& gx, const Ten
     float* accp = acc.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
       gemm.run(t == 0 ? raw(h0b) : hp + (t - 1) * B * H, B, accp, [&](int64_t u0, int64_t u1) {
-        for_packed_units(accp, B, G, 4, gemm.unit_block(), u0, u1,
-                         [&](int64_t r, int64_t j0, int64_t j1, const auto& gh) { row(t, r, j0, j1, gh); });
+        for (int64_t r = 0; r < B; ++r) {
+          const float* g = accp + r * G;
+          row(t, r, u0, u1, [g, H](int k, int64_t j) { return g[k * H + j]; });
+        }
       });
     }
     return {acts, hs, cs};
@@ -533,8 +526,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_bf16(const Tensor& gx, co
     float* accp = acc.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
       gemm.run(t == 0 ? raw(h0b) : hbp + (t - 1) * B * H, B, accp, [&](int64_t u0, int64_t u1) {
-        for_packed_units(accp, B, G, 3, gemm.unit_block(), u0, u1,
-                         [&](int64_t r, int64_t j0, int64_t j1, const auto& gh) { row(t, r, j0, j1, gh); });
+        for (int64_t r = 0; r < B; ++r) {
+          const float* g = accp + r * G;
+          row(t, r, u0, u1, [g, H](int k, int64_t j) { return g[k * H + j]; });
+        }
       });
     }
     return {hs_b, hs, acts, ghn};
