@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from charlm.data.vocab import Vocab
-from charlm.inference.sample import Decoding, generate, make_generator
+from charlm.inference.sample import PROMPT_CHUNK, Decoding, generate, make_generator
 from charlm.models.model import CharLM
 from charlm.serving.engine import Busy, Completion, Engine, _Row
 from conftest import PARAGRAPH, run_cli, train_tiny_run
@@ -84,6 +84,49 @@ def test_engine_alone_equals_generate_and_in_a_batch_too():
             finals = [e for e in sink.events if "finish_reason" in e]
             assert sorted(e["index"] for e in finals) == list(range(job.n))
             assert all(e["finish_reason"] == "length" and e["tokens"] == 20 + k for e in finals)
+        assert engine.in_flight == 0
+    finally:
+        engine.stop()
+
+
+def test_a_long_prompt_is_read_between_steps_and_samples_as_generate_does():
+    model, vocab = small_model()
+    engine = Engine(model, vocab).start()
+    try:
+        running = Collect()
+        first = Completion(vocab.encode("it").ids.long(), 100_000, Decoding(),
+                           make_generator(torch.device("cpu"), 1)[0], sink=running)
+        engine.submit(first)
+        while not running.events:
+            time.sleep(0.01)
+        chunks = 8
+        text = (PARAGRAPH * (1 + chunks * PROMPT_CHUNK // len(PARAGRAPH)))[:chunks * PROMPT_CHUNK - 5]
+        ids = vocab.encode(text).ids.long()
+        steps_between = []
+
+        class FirstEvent(Collect):
+            def __call__(self, event):  # runs in the engine's thread
+                if not self.events:
+                    steps_between.append(engine.steps - steps_before)
+                super().__call__(event)
+
+        sink = FirstEvent()
+        steps_before = engine.steps
+        engine.submit(Completion(ids, 30, Decoding(top_k=5), make_generator(torch.device("cpu"), 9)[0], sink=sink))
+        assert sink.done.wait(60)
+        # the streaming request took a step for every chunk of the prompt but the last
+        assert steps_between[0] >= chunks - 1, steps_between
+        assert sink.texts() == expected_text(model, vocab, ids, 30, Decoding(top_k=5), 9)
+        cancelled = Collect()
+        late = Completion(ids, 30, Decoding(), make_generator(torch.device("cpu"), 2)[0], sink=cancelled)
+        engine.submit(late)
+        late.cancel()
+        assert cancelled.done.wait(60)
+        first.cancel()
+        assert running.done.wait(60)
+        deadline = time.monotonic() + 10
+        while engine.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert engine.in_flight == 0
     finally:
         engine.stop()

@@ -137,8 +137,8 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_
              on_step: Optional[Callable[[torch.Tensor], None]] = None, stop_id: Optional[int] = None) -> torch.Tensor:
     """Continue a prompt (ids [P], P >= 1) by `length` ids in `num_samples` parallel samples.
 
-    The prompt is run once to warm up the state, which is then cached: each new id costs one
-    step. `on_step` receives each new column of ids [N] as soon as it is drawn (for streaming).
+    The prompt is read once (in chunks of PROMPT_CHUNK) to warm up the state, which is then
+    cached: each new id costs one step. `on_step` receives each new column of ids [N] as soon as it is drawn (for streaming).
     With `stop_id`, generation ends once every sample has drawn it (each sample's text ends
     at its first stop_id). Returns the generated ids [N, length'] (without the prompt)."""
     assert length >= 1, "length must be at least 1"
@@ -151,10 +151,32 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_
         model.train(was_training)
 
 
+# Characters of a prompt per model call. `charlm serve` reads a long prompt in these chunks
+# between the steps of the requests already streaming (so none of them stalls for the whole
+# prompt), and generate() reads prompts in the same chunks, so the two give the same samples.
+PROMPT_CHUNK = 256
+
+
+def read_prompt_chunk(model: torch.nn.Module, ids: torch.Tensor, read: int,
+                      state: Optional[tuple]) -> tuple[torch.Tensor, tuple, int]:
+    """Read the next chunk of prompts ids [G, P] from position `read` (state carried): the chunk's
+    last logits [G, V], the state after it, and the position reached."""
+    logits, state = model(ids[:, read:read + PROMPT_CHUNK], state)  # [G, C, V]
+    return logits[:, -1], state, min(ids.shape[1], read + PROMPT_CHUNK)
+
+
+def read_prompt(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """Read prompts ids [G, P] (P >= 1) chunk by chunk: the last position's logits [G, V] and the state."""
+    read, state = 0, None
+    while read < ids.shape[1]:
+        logits, state, read = read_prompt_chunk(model, ids, read, state)
+    return logits, state
+
+
 def _generate(model, prompt_ids, length, num_samples, decoding, generator, on_step, stop_id):
     device = next(model.parameters()).device
-    logits, state = model(prompt_ids.to(device).long()[None], None)  # [1, P, V]
-    logits = logits[:, -1].expand(num_samples, -1)  # [N, V]
+    logits, state = read_prompt(model, prompt_ids.to(device).long()[None])  # [1, V]
+    logits = logits.expand(num_samples, -1)  # [N, V]
     state = tuple(s.repeat(1, num_samples, 1) for s in state)  # each [L, N, H]
     out = torch.empty(num_samples, length, dtype=torch.long)
     finished = torch.zeros(num_samples, dtype=torch.bool)

@@ -1,13 +1,16 @@
 """Batched generation for many clients: one recurrent step per character for every request in flight.
 
-A request (`Completion`) is read in its own pass first (its prompt warms up its own state), then
-its rows join the batch at the next step and leave it when done. Each request draws from its own
+A request (`Completion`) has its prompt read first (it warms up the request's own state): in
+chunks of PROMPT_CHUNK characters, one chunk's worth per loop iteration between the batch's
+steps, so a long prompt delays the requests already streaming by one chunk per step instead
+of stalling them for the whole prompt. Then its rows join the batch and leave it when done. Each request draws from its own
 generator with its own decoding settings, so a request alone gives exactly what `charlm sample`
 gives with the same seed and settings (generate() in charlm.inference.sample runs the same steps);
 in a batch only float rounding of the batched matmuls can differ.
 
-The engine runs in one background thread; results go to each request's `sink`. `charlm serve`
-runs it in a process of its own (worker.py), whose sinks gather each step's events into one message.
+The engine runs in one thread (start(): a background one; run(): the caller's); results go to
+each request's `sink`. `charlm serve` runs it in the main thread of a process of its own
+(worker.py), whose sinks gather each step's events into one message.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from charlm.inference.sample import Decoding, inverse_cdf, sampling_probs, uniforms
+from charlm.inference.sample import PROMPT_CHUNK, Decoding, inverse_cdf, read_prompt_chunk, sampling_probs, uniforms
 
 
 class Busy(Exception):
@@ -123,6 +126,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self._precision = precision_context
         self._pending: list[Completion] = []
+        self._reading: list[_Reading] = []  # prompts being read, in arrival order (engine thread only)
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
@@ -132,9 +136,17 @@ class Engine:
     # --- control ---------------------------------------------------------------------
 
     def start(self) -> "Engine":
+        """Run the loop in a background thread."""
         self._thread = threading.Thread(target=self._run, name="charlm-engine", daemon=True)
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the loop in this thread until stop() is called from another. The engine process runs it
+        in its main thread: a kernel's OpenMP threads belong to the thread that starts them, and a
+        second set beside the main thread's makes libgomp stop spinning (more threads than cores),
+        which tripled the time of a step loop in a thread on the development machine."""
+        self._run()
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the loop: requests still in flight end with finish_reason "shutdown"."""
@@ -165,19 +177,20 @@ class Engine:
         with torch.no_grad(), (self._precision() if self._precision else _null()):
             while True:
                 with self._lock:
-                    while not self._pending and not rows and not self._stopping:
+                    while not self._pending and not rows and not self._reading and not self._stopping:
                         self._lock.wait()
                     if self._stopping:
                         break
                     joining, self._pending = self._pending, []
                 try:
-                    if joining:
-                        logits, state = self._join(joining, rows, logits, state)
-                    logits, state, rows = self._step(rows, logits, state)
+                    self._reading.extend(_prompt_groups(joining, self.device))
+                    logits, state = self._read_prompts(rows, logits, state)
+                    if rows:
+                        logits, state, rows = self._step(rows, logits, state)
                 except Exception as err:  # noqa: BLE001 - a bug: fail the requests in flight, keep serving
                     traceback.print_exception(err)
-                    self._fail(rows, joining, f"internal error: {type(err).__name__}")
-                    logits, state, rows = None, None, []
+                    self._fail(rows, [*joining, *self._reading_jobs()], f"internal error: {type(err).__name__}")
+                    logits, state, rows, self._reading = None, None, [], []
                 self._on_step()
         for row in rows:
             if row.finish is None:
@@ -185,7 +198,7 @@ class Engine:
                 row.job.sink({"index": row.index, "text": row.pending, "probs": row.probs,
                               "finish_reason": "shutdown", "tokens": row.produced})
         self._release_finished(rows, [])
-        self._fail([], self._pending, "the server is shutting down")
+        self._fail([], [*self._pending, *self._reading_jobs()], "the server is shutting down")
         self._on_step()
 
     def _fail(self, rows: list, jobs: list, message: str) -> None:
@@ -196,23 +209,44 @@ class Engine:
         for job in failed.values():
             job.sink({"error": message})
 
-    def _join(self, jobs: list, rows: list, logits, state):
-        """Read the new requests' prompts in their own pass (all prompts of one length in one batched
-        call: a burst of clients asking with the same prompt costs one pass) and append their rows."""
+    def _read_prompts(self, rows: list, logits, state):
+        """Read the next chunk of the waiting prompts, oldest first, about PROMPT_CHUNK positions in
+        all (at least one chunk); the requests whose prompt is now read append their rows."""
         parts_logits = [] if logits is None else [logits]
         parts_state = [] if state is None else [state]
-        by_length: dict[int, list[Completion]] = {}
-        for job in jobs:
-            by_length.setdefault(int(job.prompt_ids.numel()), []).append(job)
-        for group in by_length.values():
-            ids = torch.stack([job.prompt_ids for job in group]).to(self.device).long()  # [G, P]
-            out, group_state = self.model(ids, None)  # [G, P, V]
-            rows_of = torch.repeat_interleave(torch.arange(len(group)), torch.tensor([job.n for job in group]))
-            parts_logits.append(out[:, -1].float()[rows_of.to(out.device)])
-            parts_state.append(tuple(s[:, rows_of.to(s.device)] for s in group_state))
-            for job in group:
+        budget, still = PROMPT_CHUNK, []
+        for group in self._reading:
+            if budget <= 0:
+                still.append(group)
+                continue
+            if all(job.cancelled.is_set() for job in group.jobs):
+                self._release(group.jobs)
+                continue
+            start = group.read
+            group.logits, group.state, group.read = read_prompt_chunk(self.model, group.ids, start, group.state)
+            budget -= group.read - start
+            if group.read < group.ids.shape[1]:
+                still.append(group)
+                continue
+            rows_of = torch.repeat_interleave(torch.arange(len(group.jobs)), torch.tensor([j.n for j in group.jobs]))
+            parts_logits.append(group.logits.float()[rows_of.to(group.logits.device)])
+            parts_state.append(tuple(s[:, rows_of.to(s.device)] for s in group.state))
+            for job in group.jobs:
                 rows.extend(_Row(job, i, self.vocab.stream_decoder()) for i in range(job.n))
+        self._reading = still
+        if not parts_logits:
+            return None, None
         return torch.cat(parts_logits), tuple(torch.cat(parts, dim=1) for parts in zip(*parts_state))
+
+    def _reading_jobs(self) -> list:
+        return [job for group in self._reading for job in group.jobs]
+
+    def _release(self, jobs: list) -> None:
+        """Free the slots of requests cancelled before their prompt was read."""
+        with self._lock:
+            self.in_flight -= len(jobs)
+        for job in jobs:
+            job.sink({"done": True})
 
     def _step(self, rows: list, logits: torch.Tensor, state: tuple):
         """Draw one unit for every row, send what is ready, drop finished rows, run one batched step."""
@@ -279,6 +313,27 @@ class Engine:
                 self.in_flight -= len(done)
             for job in done.values():
                 job.sink({"done": True})
+
+
+@dataclass
+class _Reading:
+    """Requests with prompts of one length, read together: ids [G, P], the state so far."""
+
+    jobs: list
+    ids: torch.Tensor
+    read: int = 0
+    state: Optional[tuple] = None
+    logits: Optional[torch.Tensor] = None
+
+
+def _prompt_groups(jobs: list, device) -> list[_Reading]:
+    """New requests grouped by prompt length (a burst of clients asking with the same prompt costs
+    one pass), in arrival order of each length's first request."""
+    by_length: dict[int, list[Completion]] = {}
+    for job in jobs:
+        by_length.setdefault(int(job.prompt_ids.numel()), []).append(job)
+    return [_Reading(group, torch.stack([job.prompt_ids for job in group]).to(device).long())
+            for group in by_length.values()]
 
 
 def _groups(rows: list) -> list[tuple[Completion, int]]:

@@ -17,6 +17,7 @@ import itertools
 import multiprocessing
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -184,13 +185,12 @@ def _child(load: Callable, commands, events, threads: int) -> None:
 
     torch.set_num_threads(threads)
 
-    from charlm.inference.sample import make_generator  # noqa: PLC0415
-    from charlm.serving.engine import Completion, Engine  # noqa: PLC0415
+    from charlm.serving.engine import Engine  # noqa: PLC0415
 
     model, vocab, precision_context = load()
     device = next(model.parameters()).device
     outbox: list = []
-    jobs: dict[int, Completion] = {}
+    jobs: dict = {}  # rid -> Completion
 
     def flush() -> None:
         if outbox:
@@ -205,8 +205,22 @@ def _child(load: Callable, commands, events, threads: int) -> None:
         return sink
 
     # The parent keeps to max_requests (and counts a request until its last event reaches it).
-    engine = Engine(model, vocab, precision_context, max_requests=1 << 30, on_step=flush).start()
+    engine = Engine(model, vocab, precision_context, max_requests=1 << 30, on_step=flush)
+    threading.Thread(target=_take_commands, args=(engine, commands, jobs, device, sink_for), name="charlm-commands",
+                     daemon=True).start()
     events.send(("ready", None))
+    engine.run()  # in this, the main thread (Engine.run says why), until a "stop" command
+    flush()
+    events.close()
+
+
+def _take_commands(engine, commands, jobs: dict, device, sink_for: Callable) -> None:
+    """The child's second thread: pass the parent's commands to the engine until "stop"."""
+    import torch  # noqa: PLC0415
+
+    from charlm.inference.sample import make_generator  # noqa: PLC0415
+    from charlm.serving.engine import Completion  # noqa: PLC0415
+
     while True:
         try:
             command = commands.recv()
@@ -226,6 +240,4 @@ def _child(load: Callable, commands, events, threads: int) -> None:
                 job.cancel()
         else:
             engine.stop()
-            flush()
-            events.close()
             return
