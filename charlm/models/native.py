@@ -24,6 +24,7 @@ from charlm.cache import cache_root
 
 # fp32/fp64 loops, and the mixed-precision (bf16 GEMM, fp32 state) loops
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("recurrent.cpp", "recurrent_bf16.cpp")]
+_HEADERS = [Path(__file__).parent / "csrc" / "step_gemm.h"]  # part of the cache key, not compiled alone
 # The parts of -ffast-math that let gcc vectorise the gate loops, without -ffinite-math-only:
 # that one lets the compiler assume no NaN or Inf exists, so a NaN entering a gate could come
 # out finite here but not in torch's kernels, silently corrupting a model the trainer's
@@ -38,7 +39,7 @@ _loaded: dict = {}
 def _library_path() -> Path:
     """Where the built library is cached: keyed by the source, flags, torch and machine."""
     key = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in _SOURCES), " ".join(_CFLAGS + _LDFLAGS).encode(),
+    for part in (*(source.read_bytes() for source in _SOURCES + _HEADERS), " ".join(_CFLAGS + _LDFLAGS).encode(),
                  torch.__version__.encode(),
                  sys.version.encode(), platform.machine().encode(), platform.node().encode()):
         key.update(part)

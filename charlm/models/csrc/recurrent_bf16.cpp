@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "step_gemm.h"
+
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -102,130 +104,8 @@ Tensor previous_states(const Tensor& h0, const Tensor& hs) {
   return at::cat({h0.to(at::kBFloat16).unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0).view({-1, hs.size(2)});
 }
 
-// ---- the recurrent GEMM of one step -------------------------------------------------------
-// A step's GEMM is small ([32, 256] x [256, 256] for the RNN of the benchmark) and is repeated
-// T times with the same weight. ATen hands each one to oneDNN, which on this class of CPU takes
-// as long in bf16 as in fp32 (~28 us: per-call set-up and re-packing of the weight), so the bf16
-// RNN was no faster than the fp32 one where it matters most. StepGemm packs the weight once per
-// layer call into the layout the AVX512-BF16 dot-product instruction (vdpbf16ps) reads, keeps
-// the fp32 sums in registers, and lets each thread finish its own hidden units with the step's
-// pointwise work, so one parallel region covers the whole step.
-//
-// The output's columns are G gates of `units` hidden units each (gate g of unit u in column
-// g * units + u, as W_hh's rows are laid out). Packed, a panel holds all G gates of U units
-// (U = 16, or 32 for a single gate), so a thread that owns a panel owns whole units; each
-// 16-column vector of a panel is 16 consecutive columns of C, which comes out in that layout.
-// Without AVX512-BF16 (or for a size it does not take) the callers keep ATen's path.
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
-
-class StepGemm {
-  using Columns = std::array<int64_t, 4>;
-
- public:
-  // The sizes taken: K pairs up, the units split into 16-unit panels, and the packing (one pass
-  // over the weight) is shared by enough steps to pay for itself.
-  static bool fits(int64_t K, int64_t N, int64_t gates, int64_t steps) {
-    return K > 0 && K % 2 == 0 && N > 0 && N % gates == 0 && (N / gates) % 16 == 0 && steps >= 8;
-  }
-
-  // B [K, N] bf16 with element (k, n) at b[k * row_stride + n * column_stride].
-  StepGemm(const bf16* b, int64_t K, int64_t N, int64_t row_stride, int64_t column_stride, int64_t gates)
-      : K_(K), N_(N), G_(gates), units_(N / gates), U_(gates == 1 ? 32 : 16), packed_(static_cast<size_t>(K * N)) {
-    // In a panel (starting at n0 * K for its first packed column n0), pair q of B's rows holds,
-    // for each packed column c, the two values (b[2q][n], b[2q+1][n]) side by side.
-    for (int64_t p = 0; p < panels(); ++p) {
-      const int64_t n0 = p * U_ * G_, w = panel_width(p);
-      bf16* panel = packed_.data() + n0 * K;
-      for (int64_t c = 0; c < w; ++c) {
-        const int64_t n = (c / U_) * units_ + p * U_ + c % U_;  // gate c / U, unit p * U + c % U
-        for (int64_t q = 0; q < K / 2; ++q)
-          for (int64_t r = 0; r < 2; ++r) panel[(q * w + c) * 2 + r] = b[(2 * q + r) * row_stride + n * column_stride];
-      }
-    }
-  }
-
-  // C [M, N] fp32 = A [M, K] bf16 (rows contiguous) x B. Each thread computes whole panels,
-  // then calls finish(u0, u1) for its units [u0, u1): columns g * units + [u0, u1) of C.
-  template <typename Finish>
-  void run(const bf16* a, int64_t M, float* c, const Finish& finish) const {
-    at::parallel_for(0, panels(), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) panel_product(a, M, p, c);
-      finish(p0 * U_, std::min(units_, p1 * U_));
-    });
-  }
-
- private:
-  int64_t panels() const { return (units_ + U_ - 1) / U_; }
-  // A single gate's last panel may hold 16 units of 32; with more gates units_ % 16 == 0.
-  int64_t panel_width(int64_t p) const { return std::min(U_, units_ - p * U_) * G_; }
-
-  void panel_product(const bf16* a, int64_t M, int64_t p, float* c) const {
-    const bf16* panel = packed_.data() + p * U_ * G_ * K_;
-    Columns cols{};  // where each of the panel's vectors goes in C
-    const int64_t vectors = panel_width(p) / 16;
-    for (int64_t v = 0; v < vectors; ++v) cols[v] = (v * 16 / U_) * units_ + p * U_ + v * 16 % U_;
-    switch (vectors) {
-      case 1: rows<1>(a, M, panel, c, cols); break;
-      case 2: rows<2>(a, M, panel, c, cols); break;
-      case 3: rows<3>(a, M, panel, c, cols); break;
-      case 4: rows<4>(a, M, panel, c, cols); break;
-      default: TORCH_CHECK(false, "StepGemm: unexpected panel width");
-    }
-  }
-
-  // Row tiles as tall as the 32 vector registers allow: MR * NV sums, NV panel vectors, one A pair.
-  template <int NV>
-  void rows(const bf16* a, int64_t M, const bf16* panel, float* c, const Columns& cols) const {
-    constexpr int MR = NV >= 4 ? 6 : 8;
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR) tile<MR, NV>(a + m * K_, panel, c + m * N_, cols);
-    rows_left<NV, MR - 1>(M - m, a + m * K_, panel, c + m * N_, cols);
-  }
-
-  template <int NV, int MR>
-  void rows_left(int64_t left, const bf16* a, const bf16* panel, float* c, const Columns& cols) const {
-    if constexpr (MR > 0) {
-      if (left == MR) {
-        tile<MR, NV>(a, panel, c, cols);
-      } else {
-        rows_left<NV, MR - 1>(left, a, panel, c, cols);
-      }
-    }
-  }
-
-  // MR rows by NV*16 columns, summed over all K in registers.
-  template <int MR, int NV>
-  void tile(const bf16* a, const bf16* panel, float* c, const Columns& cols) const {
-    __m512 acc[MR][NV];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t q = 0; q < K_ / 2; ++q) {
-      __m512bh bv[NV];
-      for (int j = 0; j < NV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(panel + (q * NV + j) * 32);
-      for (int i = 0; i < MR; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, a + i * K_ + 2 * q, sizeof(pair));
-        const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-        for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
-      }
-    }
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * N_ + cols[j], acc[i][j]);
-  }
-
-  int64_t K_, N_, G_, units_, U_;
-  std::vector<bf16> packed_;
-};
-#else
-class StepGemm {  // no AVX512-BF16 at build time: never used (fits() is false)
- public:
-  static bool fits(int64_t, int64_t, int64_t, int64_t) { return false; }
-  StepGemm(const bf16*, int64_t, int64_t, int64_t, int64_t, int64_t) {}
-  template <typename Finish>
-  void run(const bf16*, int64_t, float*, const Finish&) const {}
-};
-#endif
+// ---- the recurrent GEMM of one step: StepGemm<bf16> (step_gemm.h) ----------------------------
+using BF16StepGemm = StepGemm<bf16>;
 
 // ---- LSTM ---------------------------------------------------------------------------------
 
@@ -284,8 +164,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_bf16(const Tensor& gx, const Ten
     lstm_row_forward(xs + (t * B + r) * G, bp, gh, c_prev + r * H, ap + (t * B + r) * G, cp + (t * B + r) * H,
                      hp + (t * B + r) * H, H, j0, j1);
   };
-  if (StepGemm::fits(H, G, 4, T)) {
-    const StepGemm gemm(raw(w_hh.contiguous()), H, G, /*row_stride=*/1, /*column_stride=*/H, /*gates=*/4);
+  if (BF16StepGemm::fits(H, G, 4, T)) {
+    const BF16StepGemm gemm(raw(w_hh.contiguous()), H, G, /*row_stride=*/1, /*column_stride=*/H, /*gates=*/4);
     Tensor acc = at::empty({B, G}, f32);
     float* accp = acc.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
@@ -330,9 +210,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_bf16(const Tensor& dhs,
     lstm_row_backward(ap + (t * B + r) * G, cp + (t * B + r) * H, c_prev + r * H, dop + (t * B + r) * H, dh_next,
                       dcp + r * H, dgp + (t * B + r) * G, H, j0, j1);
   };
-  if (StepGemm::fits(G, H, 1, T)) {
+  if (BF16StepGemm::fits(G, H, 1, T)) {
     // dh_{t-1} = dg_t W_hh, then step t-1's cell backward on the same thread's units
-    const StepGemm gemm(raw(w_hh.contiguous()), G, H, /*row_stride=*/H, /*column_stride=*/1, /*gates=*/1);
+    const BF16StepGemm gemm(raw(w_hh.contiguous()), G, H, /*row_stride=*/H, /*column_stride=*/1, /*gates=*/1);
     Tensor dh = dh_last.to(at::kFloat).contiguous().clone();
     float* dhp = dh.data_ptr<float>();
     for_each_row(B, G, [&](int64_t r) { row(T - 1, r, 0, H, [dhp, r, H](int64_t j) { return dhp[r * H + j]; }); });
@@ -365,9 +245,9 @@ Tensor rnn_forward_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0, 
   const Tensor b = bias.contiguous();
   const float* bp = b.data_ptr<float>();
   Tensor h_prev = h0.to(at::kBFloat16).contiguous();
-  if (StepGemm::fits(H, H, 1, T)) {
+  if (BF16StepGemm::fits(H, H, 1, T)) {
     // h_t = tanh(x_t + b + h_{t-1} W_hh^T): W_hh^T's element (k, n) is w_hh[n][k]
-    const StepGemm gemm(raw(w_hh.contiguous()), H, H, /*row_stride=*/1, /*column_stride=*/H, /*gates=*/1);
+    const BF16StepGemm gemm(raw(w_hh.contiguous()), H, H, /*row_stride=*/1, /*column_stride=*/H, /*gates=*/1);
     Tensor acc = at::empty({B, H}, b.options());
     float* ap = acc.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
@@ -422,9 +302,9 @@ std::tuple<Tensor, Tensor, Tensor> rnn_backward_bf16(const Tensor& dhs, const Te
   const int64_t T = hs.size(0), B = hs.size(1), H = w_hh.size(1);
   Tensor dhs_c = dhs.to(at::kBFloat16).contiguous();
   Tensor dg = at::empty_like(hs);
-  if (StepGemm::fits(H, H, 1, T)) {
+  if (BF16StepGemm::fits(H, H, 1, T)) {
     // dh_{t-1} = dg_t W_hh, and dg_{t-1} follows from it column by column, in the same pass
-    const StepGemm gemm(raw(w_hh.contiguous()), H, H, /*row_stride=*/H, /*column_stride=*/1, /*gates=*/1);
+    const BF16StepGemm gemm(raw(w_hh.contiguous()), H, H, /*row_stride=*/H, /*column_stride=*/1, /*gates=*/1);
     Tensor dh = dh_last.to(at::kFloat).contiguous().clone();
     const bf16 *hp = raw(hs), *dop = raw(dhs_c);
     bf16* dgp = raw_mut(dg);
@@ -520,8 +400,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_bf16(const Tensor& gx, co
     gru_row_forward(xs + (t * B + r) * G, bp, gh, bnp, h_prev + r * H, ap + (t * B + r) * G, gnp + at_h, hp + at_h,
                     hbp + at_h, H, j0, j1);
   };
-  if (StepGemm::fits(H, G, 3, T)) {
-    const StepGemm gemm(raw(w_hh.contiguous()), H, G, /*row_stride=*/1, /*column_stride=*/H, /*gates=*/3);
+  if (BF16StepGemm::fits(H, G, 3, T)) {
+    const BF16StepGemm gemm(raw(w_hh.contiguous()), H, G, /*row_stride=*/1, /*column_stride=*/H, /*gates=*/3);
     Tensor acc = at::empty({B, G}, f32);
     float* accp = acc.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
@@ -570,8 +450,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward_bf16(const Tensor& dhs, 
                      dxp + at_g, dhp + at_g, direct_next.data_ptr<float>() + r * H, dnp + at_h, H, j0, j1);
   };
   auto no_gemm = [](int64_t) { return 0.0f; };
-  if (StepGemm::fits(G, H, 1, T)) {
-    const StepGemm gemm(raw(w_hh.contiguous()), G, H, /*row_stride=*/H, /*column_stride=*/1, /*gates=*/1);
+  if (BF16StepGemm::fits(G, H, 1, T)) {
+    const BF16StepGemm gemm(raw(w_hh.contiguous()), G, H, /*row_stride=*/H, /*column_stride=*/1, /*gates=*/1);
     Tensor dh = at::empty({B, H}, acts.options());
     float* dh_p = dh.data_ptr<float>();
     for_each_row(B, G, [&](int64_t r) { row(T - 1, r, 0, H, no_gemm); });
