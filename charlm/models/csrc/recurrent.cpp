@@ -11,11 +11,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "step_gemm.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 
 using at::Tensor;
 
@@ -65,52 +68,45 @@ void for_each_row(int64_t B, int64_t values_per_row, const F& row) {
 
 // ---- LSTM ---------------------------------------------------------------------------------
 
-// a: gate pre-activations [B, 4H], overwritten with activations i f g o.
-template <typename T>
-void lstm_cell_forward(T* a, const T* c_prev, T* h, T* c, int64_t B, int64_t H) {
-  for_each_row(B, 4 * H, [&](int64_t b) {
-    T* row = a + b * 4 * H;
-    const T* cp = c_prev + b * H;
-    T* hb = h + b * H;
-    T* cb = c + b * H;
+// One row's units [j0, j1). row: gate pre-activations [4H] (the input part, W_ih x_t + b),
+// overwritten with the activations i f g o; gh(g, j) is the recurrent part still to add (0 when
+// ATen's GEMM has already added it in place).
+template <typename T, typename GH>
+inline void lstm_row_forward(T* row, const T* cp, T* hb, T* cb, int64_t H, int64_t j0, int64_t j1, const GH& gh) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      T i = sigmoid(row[j]), f = sigmoid(row[H + j]), g = tanh_(row[2 * H + j]), o = sigmoid(row[3 * H + j]);
-      T cn = f * cp[j] + i * g;
-      row[j] = i; row[H + j] = f; row[2 * H + j] = g; row[3 * H + j] = o;
-      cb[j] = cn;
-      hb[j] = o * tanh_(cn);
-    }
-  });
+  for (int64_t j = j0; j < j1; ++j) {
+    T i = sigmoid(row[j] + gh(0, j)), f = sigmoid(row[H + j] + gh(1, j)), g = tanh_(row[2 * H + j] + gh(2, j));
+    T o = sigmoid(row[3 * H + j] + gh(3, j));
+    T cn = f * cp[j] + i * g;
+    row[j] = i; row[H + j] = f; row[2 * H + j] = g; row[3 * H + j] = o;
+    cb[j] = cn;
+    hb[j] = o * tanh_(cn);
+  }
 }
 
-// One step back: dh = grad of h_t (from the output and from step t+1), dc = grad of c_t (in/out:
-// becomes grad of c_{t-1}). Writes the gate pre-activation grads into dg [B, 4H].
-template <typename T>
-void lstm_cell_backward(const T* a, const T* c, const T* c_prev, const T* dh_out, const T* dh_next, T* dc,
-                        T* dg, int64_t B, int64_t H) {
-  for_each_row(B, 4 * H, [&](int64_t b) {
-    const T* row = a + b * 4 * H;
-    T* drow = dg + b * 4 * H;
-    const T* cb = c + b * H;
-    const T* cp = c_prev + b * H;
-    const T* dho = dh_out + b * H;
-    const T* dhn = dh_next + b * H;
-    T* dcb = dc + b * H;
+// One row back over units [j0, j1): dh = dh_out + dh_next(j) (the grad of h_t from the step
+// after), dc (in/out) becomes the grad of c_{t-1}; writes the gate pre-activation grads drow [4H].
+template <typename T, typename DH>
+inline void lstm_row_backward(const T* row, const T* cb, const T* cp, const T* dho, const DH& dh_next, T* dcb,
+                              T* drow, int64_t H, int64_t j0, int64_t j1) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      T i = row[j], f = row[H + j], g = row[2 * H + j], o = row[3 * H + j];
-      T dh = dho[j] + dhn[j];
-      T tc = tanh_(cb[j]);
-      T dct = dcb[j] + dh * o * (T(1) - tc * tc);
-      drow[j] = dct * g * i * (T(1) - i);
-      drow[H + j] = dct * cp[j] * f * (T(1) - f);
-      drow[2 * H + j] = dct * i * (T(1) - g * g);
-      drow[3 * H + j] = dh * tc * o * (T(1) - o);
-      dcb[j] = dct * f;
-    }
-  });
+  for (int64_t j = j0; j < j1; ++j) {
+    T i = row[j], f = row[H + j], g = row[2 * H + j], o = row[3 * H + j];
+    T dh = dho[j] + dh_next(j);
+    T tc = tanh_(cb[j]);
+    T dct = dcb[j] + dh * o * (T(1) - tc * tc);
+    drow[j] = dct * g * i * (T(1) - i);
+    drow[H + j] = dct * cp[j] * f * (T(1) - f);
+    drow[2 * H + j] = dct * i * (T(1) - g * g);
+    drow[3 * H + j] = dh * tc * o * (T(1) - o);
+    dcb[j] = dct * f;
+  }
 }
+
+template <typename T>
+struct Zero {
+  T operator()(int, int64_t) const { return T(0); }
+};
 
 void check_inputs(const Tensor& gx, const Tensor& h0, const Tensor& w_hh, int64_t gates) {
   TORCH_CHECK(gx.dim() == 3 && gx.is_contiguous(), "gx must be a contiguous [T, B, G*H] tensor");
@@ -132,150 +128,273 @@ Tensor previous_states(const Tensor& h0, const Tensor& hs) {
   return at::cat({h0.unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0).view({-1, hs.size(2)});
 }
 
+// The packed step GEMM where it applies (fp32 with AVX512, see step_gemm.h); double never.
+template <typename T>
+constexpr bool packable() { return std::is_same<T, float>::value; }
+
+// The forward over T steps for one dtype: gates (in/out) as lstm_forward, hs and cs filled.
+template <typename T>
+void lstm_forward_steps(Tensor& gates, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, Tensor& hs, Tensor& cs) {
+  const int64_t steps = gates.size(0), B = gates.size(1), H = w_hh.size(1), G = 4 * H;
+  const Tensor h0c = h0.contiguous(), c0c = c0.contiguous();
+  T *ap = gates.data_ptr<T>(), *hp = hs.data_ptr<T>(), *cp = cs.data_ptr<T>();
+  auto row = [&](int64_t t, int64_t r, int64_t j0, int64_t j1, const auto& gh) {
+    const T* c_prev = t > 0 ? cp + (t - 1) * B * H : c0c.data_ptr<T>();
+    const int64_t at = t * B + r;
+    lstm_row_forward(ap + at * G, c_prev + r * H, hp + at * H, cp + at * H, H, j0, j1, gh);
+  };
+  if constexpr (packable<T>()) {
+    if (StepGemm<T>::fits(H, G, 4, steps)) {
+      const StepGemm<T> gemm(w_hh.contiguous().data_ptr<T>(), H, G, /*row_stride=*/1, /*column_stride=*/H, 4);
+      Tensor acc = at::empty({B, G}, gates.options());
+      T* accp = acc.data_ptr<T>();
+      for (int64_t t = 0; t < steps; ++t) {
+        gemm.run(t == 0 ? h0c.data_ptr<T>() : hp + (t - 1) * B * H, B, accp, [&](int64_t u0, int64_t u1) {
+          for (int64_t r = 0; r < B; ++r) {
+            const T* g = accp + r * G;
+            row(t, r, u0, u1, [g, H](int k, int64_t j) { return g[k * H + j]; });
+          }
+        });
+      }
+      return;
+    }
+  }
+  const Tensor w_t = recurrent_operand(w_hh, steps);
+  for (int64_t t = 0; t < steps; ++t) {
+    Tensor a = gates[t];
+    a.addmm_(t == 0 ? h0c : hs[t - 1], w_t);  // in place: no copy of the input part
+    for_each_row(B, G, [&](int64_t r) { row(t, r, 0, H, Zero<T>()); });
+  }
+}
+
 // gates [T, B, 4H] holds W_ih x_t + b on entry and the gate activations i f g o on return.
 std::tuple<Tensor, Tensor> lstm_forward(Tensor gates, const Tensor& h0, const Tensor& c0, const Tensor& w_hh) {
   check_inputs(gates, h0, w_hh, 4);
   const int64_t T = gates.size(0), B = gates.size(1), H = w_hh.size(1);
   Tensor hs = at::empty({T, B, H}, gates.options());
   Tensor cs = at::empty({T, B, H}, gates.options());
-  const Tensor w_t = recurrent_operand(w_hh, T);
-  Tensor h_prev = h0.contiguous(), c_prev = c0.contiguous();
-  for (int64_t t = 0; t < T; ++t) {
-    Tensor a = gates[t];
-    a.addmm_(h_prev, w_t);  // in place: no copy of the input part
-    Tensor h = hs[t], c = cs[t];
-    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward", [&] {
-      lstm_cell_forward<scalar_t>(a.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-                                  c.data_ptr<scalar_t>(), B, H);
-    });
-    h_prev = h;
-    c_prev = c;
-  }
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward",
+                             [&] { lstm_forward_steps<scalar_t>(gates, h0, c0, w_hh, hs, cs); });
   return {hs, cs};
+}
+
+// The backward for one dtype: fills dg [T, B, 4H], dh (grad of h, ends as dh0) and dc (ends as dc0).
+template <typename T>
+void lstm_backward_steps(const Tensor& dhs, const Tensor& acts, const Tensor& cs, const Tensor& c0,
+                         const Tensor& w_hh, Tensor& dg, Tensor& dh, Tensor& dc) {
+  const int64_t steps = acts.size(0), B = acts.size(1), H = w_hh.size(1), G = 4 * H;
+  const Tensor c0c = c0.contiguous();
+  const T *ap = acts.data_ptr<T>(), *cp = cs.data_ptr<T>(), *dop = dhs.data_ptr<T>();
+  T *dgp = dg.data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+  auto row = [&](int64_t t, int64_t r, int64_t j0, int64_t j1) {
+    const T* c_prev = t > 0 ? cp + (t - 1) * B * H : c0c.data_ptr<T>();
+    const T* dn = dhp + r * H;
+    const int64_t at = t * B + r;
+    lstm_row_backward(ap + at * G, cp + at * H, c_prev + r * H, dop + at * H, [dn](int64_t j) { return dn[j]; },
+                      dcp + r * H, dgp + at * G, H, j0, j1);
+  };
+  if constexpr (packable<T>()) {
+    if (StepGemm<T>::fits(G, H, 1, steps)) {
+      // dh_{t-1} = dg_t W_hh, then step t-1's cell backward on the same thread's units
+      const StepGemm<T> gemm(w_hh.contiguous().data_ptr<T>(), G, H, /*row_stride=*/H, /*column_stride=*/1, 1);
+      for_each_row(B, G, [&](int64_t r) { row(steps - 1, r, 0, H); });
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        gemm.run(dgp + t * B * G, B, dhp, [&](int64_t u0, int64_t u1) {
+          for (int64_t r = 0; t > 0 && r < B; ++r) row(t - 1, r, u0, u1);
+        });
+      }
+      return;
+    }
+  }
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    for_each_row(B, G, [&](int64_t r) { row(t, r, 0, H); });
+    at::mm_out(dh, dg[t], w_hh);
+  }
 }
 
 // Returns grads of gx, h0, c0 and w_hh.
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward(const Tensor& dhs, const Tensor& dh_last, const Tensor& dc_last,
                                                          const Tensor& acts, const Tensor& hs, const Tensor& cs,
                                                          const Tensor& h0, const Tensor& c0, const Tensor& w_hh) {
-  const int64_t T = acts.size(0), B = acts.size(1), H = w_hh.size(1);
-  Tensor dhs_c = dhs.contiguous();
-  Tensor dg = at::empty_like(acts);            // [T, B, 4H]
-  Tensor dh_next = dh_last.contiguous().clone();
+  const int64_t H = w_hh.size(1);
+  Tensor dg = at::empty_like(acts);  // [T, B, 4H]
+  Tensor dh = dh_last.contiguous().clone();
   Tensor dc = dc_last.contiguous().clone();
-  Tensor c0c = c0.contiguous();
-  for (int64_t t = T - 1; t >= 0; --t) {
-    Tensor c_prev = t > 0 ? cs[t - 1] : c0c;
-    Tensor dgt = dg[t];
-    Tensor a = acts[t], c = cs[t], dho = dhs_c[t];
-    AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstm_backward", [&] {
-      lstm_cell_backward<scalar_t>(a.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(),
-                                   dho.data_ptr<scalar_t>(), dh_next.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
-                                   dgt.data_ptr<scalar_t>(), B, H);
-    });
-    at::mm_out(dh_next, dgt, w_hh);
-  }
-  Tensor dw = dg.view({T * B, 4 * H}).t().mm(previous_states(h0, hs));
-  return {dg, dh_next, dc, dw};
+  AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstm_backward", [&] {
+    lstm_backward_steps<scalar_t>(dhs.contiguous(), acts, cs, c0, w_hh, dg, dh, dc);
+  });
+  Tensor dw = dg.view({-1, 4 * H}).t().mm(previous_states(h0, hs));
+  return {dg, dh, dc, dw};
 }
 
 // ---- RNN (tanh) ---------------------------------------------------------------------------
 
-template <typename T>
-void tanh_inplace(T* x, int64_t n) {
+// h_t = tanh(gates_t + gh(j)) in place over one row's units [j0, j1).
+template <typename T, typename GH>
+inline void rnn_row_forward(T* x, int64_t j0, int64_t j1, const GH& gh) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) x[k] = tanh_(x[k]);
+  for (int64_t j = j0; j < j1; ++j) x[j] = tanh_(x[j] + gh(j));
+}
+
+// dg = (dh_out + dh_next) * (1 - h^2) over one row's units [j0, j1).
+template <typename T>
+inline void rnn_row_backward(const T* h, const T* dh_out, const T* dh_next, T* dg, int64_t j0, int64_t j1) {
+#pragma omp simd
+  for (int64_t j = j0; j < j1; ++j) dg[j] = (dh_out[j] + dh_next[j]) * (T(1) - h[j] * h[j]);
 }
 
 template <typename T>
-void rnn_cell_backward(const T* h, const T* dh_out, const T* dh_next, T* dg, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) dg[k] = (dh_out[k] + dh_next[k]) * (T(1) - h[k] * h[k]);
+void rnn_forward_steps(Tensor& gates, const Tensor& h0, const Tensor& w_hh) {
+  const int64_t steps = gates.size(0), B = gates.size(1), H = w_hh.size(1);
+  const Tensor h0c = h0.contiguous();
+  T* gp = gates.data_ptr<T>();
+  if constexpr (packable<T>()) {
+    if (StepGemm<T>::fits(H, H, 1, steps)) {
+      const StepGemm<T> gemm(w_hh.contiguous().data_ptr<T>(), H, H, /*row_stride=*/1, /*column_stride=*/H, 1);
+      Tensor acc = at::empty({B, H}, gates.options());
+      T* accp = acc.data_ptr<T>();
+      for (int64_t t = 0; t < steps; ++t) {
+        T* x = gp + t * B * H;
+        gemm.run(t == 0 ? h0c.data_ptr<T>() : x - B * H, B, accp, [&](int64_t u0, int64_t u1) {
+          for (int64_t r = 0; r < B; ++r) {
+            const T* g = accp + r * H;
+            rnn_row_forward(x + r * H, u0, u1, [g](int64_t j) { return g[j]; });
+          }
+        });
+      }
+      return;
+    }
+  }
+  const Tensor w_t = recurrent_operand(w_hh, steps);
+  for (int64_t t = 0; t < steps; ++t) {
+    Tensor h = gates[t];
+    h.addmm_(t == 0 ? h0c : gates[t - 1], w_t);
+    rnn_row_forward(h.data_ptr<T>(), 0, B * H, [](int64_t) { return T(0); });
+  }
 }
 
 // gates [T, B, H] holds W_ih x_t + b on entry and h_t on return (it becomes the output).
 Tensor rnn_forward(Tensor gates, const Tensor& h0, const Tensor& w_hh) {
   check_inputs(gates, h0, w_hh, 1);
-  const int64_t T = gates.size(0), B = gates.size(1), H = w_hh.size(1);
-  const Tensor w_t = recurrent_operand(w_hh, T);
-  Tensor h_prev = h0.contiguous();
-  for (int64_t t = 0; t < T; ++t) {
-    Tensor h = gates[t];
-    h.addmm_(h_prev, w_t);
-    AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnn_forward", [&] { tanh_inplace<scalar_t>(h.data_ptr<scalar_t>(), B * H); });
-    h_prev = h;
-  }
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "rnn_forward", [&] { rnn_forward_steps<scalar_t>(gates, h0, w_hh); });
   return gates;
+}
+
+template <typename T>
+void rnn_backward_steps(const Tensor& dhs, const Tensor& hs, const Tensor& w_hh, Tensor& dg, Tensor& dh) {
+  const int64_t steps = hs.size(0), B = hs.size(1), H = w_hh.size(1), n = B * H;
+  const T *hp = hs.data_ptr<T>(), *dop = dhs.data_ptr<T>();
+  T *dgp = dg.data_ptr<T>(), *dhp = dh.data_ptr<T>();
+  if constexpr (packable<T>()) {
+    if (StepGemm<T>::fits(H, H, 1, steps)) {
+      // dh_{t-1} = dg_t W_hh, and dg_{t-1} follows from it column by column, in the same pass
+      const StepGemm<T> gemm(w_hh.contiguous().data_ptr<T>(), H, H, /*row_stride=*/H, /*column_stride=*/1, 1);
+      rnn_row_backward(hp + (steps - 1) * n, dop + (steps - 1) * n, dhp, dgp + (steps - 1) * n, 0, n);
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        gemm.run(dgp + t * n, B, dhp, [&](int64_t u0, int64_t u1) {
+          for (int64_t r = 0; t > 0 && r < B; ++r) {
+            const int64_t at = (t - 1) * n + r * H;
+            rnn_row_backward(hp + at, dop + at, dhp + r * H, dgp + at, u0, u1);
+          }
+        });
+      }
+      return;
+    }
+  }
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    rnn_row_backward(hp + t * n, dop + t * n, dhp, dgp + t * n, 0, n);
+    at::mm_out(dh, dg[t], w_hh);
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor> rnn_backward(const Tensor& dhs, const Tensor& dh_last, const Tensor& hs,
                                                 const Tensor& h0, const Tensor& w_hh) {
-  const int64_t T = hs.size(0), B = hs.size(1), H = w_hh.size(1);
-  Tensor dhs_c = dhs.contiguous();
+  const int64_t H = w_hh.size(1);
   Tensor dg = at::empty_like(hs);
-  Tensor dh_next = dh_last.contiguous().clone();
-  for (int64_t t = T - 1; t >= 0; --t) {
-    Tensor dgt = dg[t], h = hs[t], dho = dhs_c[t];
-    AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rnn_backward", [&] {
-      rnn_cell_backward<scalar_t>(h.data_ptr<scalar_t>(), dho.data_ptr<scalar_t>(), dh_next.data_ptr<scalar_t>(),
-                                  dgt.data_ptr<scalar_t>(), B * H);
-    });
-    at::mm_out(dh_next, dgt, w_hh);
-  }
-  Tensor dw = dg.view({T * B, H}).t().mm(previous_states(h0, hs));
-  return {dg, dh_next, dw};
+  Tensor dh = dh_last.contiguous().clone();
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rnn_backward",
+                             [&] { rnn_backward_steps<scalar_t>(dhs.contiguous(), hs.contiguous(), w_hh, dg, dh); });
+  Tensor dw = dg.view({-1, H}).t().mm(previous_states(h0, hs));
+  return {dg, dh, dw};
 }
 
 // ---- GRU ----------------------------------------------------------------------------------
 // r = sigmoid(gx_r + gh_r), z = sigmoid(gx_z + gh_z), n = tanh(gx_n + r * gh_n),
 // h = (1 - z) * n + z * h_prev, with gh = W_hh h_prev + [0, 0, b_hn] (b_hn stays inside r * ...).
 
-template <typename T>
-void gru_cell_forward(const T* gx, const T* gh, const T* h_prev, T* a, T* ghn, T* h, int64_t B, int64_t H) {
-  for_each_row(B, 3 * H, [&](int64_t b) {
-    const T* x = gx + b * 3 * H;
-    const T* g = gh + b * 3 * H;
-    const T* hp = h_prev + b * H;
-    T* row = a + b * 3 * H;
-    T* gn = ghn + b * H;
-    T* hb = h + b * H;
+// One row's units [j0, j1): x the input part [3H], gh(g, j) the recurrent part with b_hn in gate n.
+template <typename T, typename GH>
+inline void gru_row_forward(const T* x, const GH& gh, const T* hp, T* row, T* gn, T* hb, int64_t H, int64_t j0,
+                            int64_t j1) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      T r = sigmoid(x[j] + g[j]), z = sigmoid(x[H + j] + g[H + j]);
-      T n = tanh_(x[2 * H + j] + r * g[2 * H + j]);
-      row[j] = r; row[H + j] = z; row[2 * H + j] = n;
-      gn[j] = g[2 * H + j];
-      hb[j] = (T(1) - z) * n + z * hp[j];
-    }
-  });
+  for (int64_t j = j0; j < j1; ++j) {
+    T r = sigmoid(x[j] + gh(0, j)), z = sigmoid(x[H + j] + gh(1, j));
+    T hn = gh(2, j);
+    T n = tanh_(x[2 * H + j] + r * hn);
+    row[j] = r; row[H + j] = z; row[2 * H + j] = n;
+    gn[j] = hn;
+    hb[j] = (T(1) - z) * n + z * hp[j];
+  }
 }
 
-// Writes the input-side grads dgx [B, 3H], hidden-side grads dgh [B, 3H] and the direct
-// path dh_prev = dh * z [B, H].
-template <typename T>
-void gru_cell_backward(const T* a, const T* ghn, const T* h_prev, const T* dh_out, const T* dh_next, T* dgx, T* dgh,
-                       T* dh_direct, int64_t B, int64_t H) {
-  for_each_row(B, 3 * H, [&](int64_t b) {
-    const T* row = a + b * 3 * H;
-    const T* gn = ghn + b * H;
-    const T* hp = h_prev + b * H;
-    const T* dho = dh_out + b * H;
-    const T* dhn = dh_next + b * H;
-    T* dx = dgx + b * 3 * H;
-    T* dhh = dgh + b * 3 * H;
-    T* dd = dh_direct + b * H;
+// One row back over units [j0, j1): dh = dh_out + dh_next(j); writes the input-side grads dx [3H],
+// hidden-side grads dhh [3H] and the direct path dd = dh * z [H] (dd may be where dh_next reads:
+// each j is read before it is written).
+template <typename T, typename DH>
+inline void gru_row_backward(const T* row, const T* gn, const T* hp, const T* dho, const DH& dh_next, T* dx, T* dhh,
+                             T* dd, int64_t H, int64_t j0, int64_t j1) {
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      T r = row[j], z = row[H + j], n = row[2 * H + j];
-      T dh = dho[j] + dhn[j];
-      T dpn = dh * (T(1) - z) * (T(1) - n * n);
-      T dpr = dpn * gn[j] * r * (T(1) - r);
-      T dpz = dh * (hp[j] - n) * z * (T(1) - z);
-      dx[j] = dpr; dx[H + j] = dpz; dx[2 * H + j] = dpn;
-      dhh[j] = dpr; dhh[H + j] = dpz; dhh[2 * H + j] = dpn * r;
-      dd[j] = dh * z;
+  for (int64_t j = j0; j < j1; ++j) {
+    T r = row[j], z = row[H + j], n = row[2 * H + j];
+    T dh = dho[j] + dh_next(j);
+    T dpn = dh * (T(1) - z) * (T(1) - n * n);
+    T dpr = dpn * gn[j] * r * (T(1) - r);
+    T dpz = dh * (hp[j] - n) * z * (T(1) - z);
+    dx[j] = dpr; dx[H + j] = dpz; dx[2 * H + j] = dpn;
+    dhh[j] = dpr; dhh[H + j] = dpz; dhh[2 * H + j] = dpn * r;
+    dd[j] = dh * z;
+  }
+}
+
+template <typename T>
+void gru_forward_steps(const Tensor& gx, const Tensor& h0, const Tensor& w_hh, const Tensor& b_hn, Tensor& hs,
+                       Tensor& acts, Tensor& ghn) {
+  const int64_t steps = gx.size(0), B = gx.size(1), H = w_hh.size(1), G = 3 * H;
+  const Tensor h0c = h0.contiguous(), bn = b_hn.contiguous();
+  const T *xp = gx.data_ptr<T>(), *bnp = bn.data_ptr<T>();
+  T *hp = hs.data_ptr<T>(), *ap = acts.data_ptr<T>(), *gnp = ghn.data_ptr<T>();
+  auto row = [&](int64_t t, int64_t r, int64_t j0, int64_t j1, const auto& gh) {
+    const T* h_prev = t > 0 ? hp + (t - 1) * B * H : h0c.data_ptr<T>();
+    const int64_t at = t * B + r;
+    gru_row_forward(xp + at * G, gh, h_prev + r * H, ap + at * G, gnp + at * H, hp + at * H, H, j0, j1);
+  };
+  if constexpr (packable<T>()) {
+    if (StepGemm<T>::fits(H, G, 3, steps)) {
+      const StepGemm<T> gemm(w_hh.contiguous().data_ptr<T>(), H, G, /*row_stride=*/1, /*column_stride=*/H, 3);
+      Tensor acc = at::empty({B, G}, gx.options());
+      T* accp = acc.data_ptr<T>();
+      for (int64_t t = 0; t < steps; ++t) {
+        gemm.run(t == 0 ? h0c.data_ptr<T>() : hp + (t - 1) * B * H, B, accp, [&](int64_t u0, int64_t u1) {
+          for (int64_t r = 0; r < B; ++r) {
+            const T* g = accp + r * G;
+            row(t, r, u0, u1, [g, bnp, H](int k, int64_t j) { return g[k * H + j] + (k == 2 ? bnp[j] : T(0)); });
+          }
+        });
+      }
+      return;
     }
-  });
+  }
+  Tensor gh = at::empty({B, G}, gx.options());
+  Tensor bias = at::cat({at::zeros({2 * H}, gx.options()), bn});
+  const Tensor w_t = recurrent_operand(w_hh, steps);
+  const T* ghp = gh.data_ptr<T>();
+  for (int64_t t = 0; t < steps; ++t) {
+    at::addmm_out(gh, bias, t == 0 ? h0c : hs[t - 1], w_t);
+    for_each_row(B, G, [&](int64_t r) {
+      const T* g = ghp + r * G;
+      row(t, r, 0, H, [g, H](int k, int64_t j) { return g[k * H + j]; });
+    });
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h0, const Tensor& w_hh, const Tensor& b_hn) {
@@ -284,47 +403,75 @@ std::tuple<Tensor, Tensor, Tensor> gru_forward(const Tensor& gx, const Tensor& h
   Tensor acts = at::empty_like(gx);  // [T, B, 3H]: r, z, n
   Tensor ghn = at::empty({T, B, H}, gx.options());
   Tensor hs = at::empty({T, B, H}, gx.options());
-  Tensor gh = at::empty({B, 3 * H}, gx.options());
-  Tensor bias = at::cat({at::zeros({2 * H}, gx.options()), b_hn.contiguous()});
-  const Tensor w_t = recurrent_operand(w_hh, T);
-  Tensor h_prev = h0.contiguous();
-  for (int64_t t = 0; t < T; ++t) {
-    at::addmm_out(gh, bias, h_prev, w_t);
-    Tensor x = gx[t], a = acts[t], gn = ghn[t], h = hs[t];
-    AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "gru_forward", [&] {
-      gru_cell_forward<scalar_t>(x.data_ptr<scalar_t>(), gh.data_ptr<scalar_t>(), h_prev.data_ptr<scalar_t>(),
-                                 a.data_ptr<scalar_t>(), gn.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), B, H);
-    });
-    h_prev = h;
-  }
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "gru_forward",
+                             [&] { gru_forward_steps<scalar_t>(gx, h0, w_hh, b_hn, hs, acts, ghn); });
   return {hs, acts, ghn};
+}
+
+// Fills dgx, dgh [T, B, 3H] and returns the grad of h0.
+template <typename T>
+Tensor gru_backward_steps(const Tensor& dhs, const Tensor& dh_last, const Tensor& acts, const Tensor& ghn,
+                          const Tensor& hs, const Tensor& h0, const Tensor& w_hh, Tensor& dgx, Tensor& dgh) {
+  const int64_t steps = acts.size(0), B = acts.size(1), H = w_hh.size(1), G = 3 * H;
+  const Tensor h0c = h0.contiguous();
+  const T *ap = acts.data_ptr<T>(), *gnp = ghn.data_ptr<T>(), *hp = hs.data_ptr<T>(), *dop = dhs.data_ptr<T>();
+  T *dxp = dgx.data_ptr<T>(), *dhp = dgh.data_ptr<T>();
+  Tensor direct = at::empty({B, H}, acts.options());  // dh * z of the step after: its share of dh_{t-1}
+  T* ddp = direct.data_ptr<T>();
+  auto row = [&](int64_t t, int64_t r, int64_t j0, int64_t j1, const auto& dh_next) {
+    const T* h_prev = t > 0 ? hp + (t - 1) * B * H : h0c.data_ptr<T>();
+    const int64_t at = t * B + r;
+    gru_row_backward(ap + at * G, gnp + at * H, h_prev + r * H, dop + at * H, dh_next, dxp + at * G, dhp + at * G,
+                     ddp + r * H, H, j0, j1);
+  };
+  Tensor dh = dh_last.contiguous().clone();
+  T* dnp = dh.data_ptr<T>();
+  if constexpr (packable<T>()) {
+    if (StepGemm<T>::fits(G, H, 1, steps)) {
+      // dh_{t-1} = direct + dgh_t W_hh, then step t-1's cell backward on the same thread's units
+      const StepGemm<T> gemm(w_hh.contiguous().data_ptr<T>(), G, H, /*row_stride=*/H, /*column_stride=*/1, 1);
+      Tensor acc = at::empty({B, H}, acts.options());
+      T* accp = acc.data_ptr<T>();
+      for_each_row(B, G, [&](int64_t r) {
+        const T* d = dnp + r * H;
+        row(steps - 1, r, 0, H, [d](int64_t j) { return d[j]; });
+      });
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        gemm.run(dhp + t * B * G, B, accp, [&](int64_t u0, int64_t u1) {
+          for (int64_t r = 0; t > 0 && r < B; ++r) {
+            const T *d = ddp + r * H, *g = accp + r * H;
+            row(t - 1, r, u0, u1, [d, g](int64_t j) { return d[j] + g[j]; });
+          }
+        });
+      }
+      return direct.add_(acc);
+    }
+  }
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    for_each_row(B, G, [&](int64_t r) {
+      const T* d = dnp + r * H;
+      row(t, r, 0, H, [d](int64_t j) { return d[j]; });
+    });
+    at::addmm_out(dh, direct, dgh[t], w_hh);
+  }
+  return dh;
 }
 
 // Returns grads of gx, h0, w_hh and b_hn.
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& dhs, const Tensor& dh_last, const Tensor& acts,
                                                         const Tensor& ghn, const Tensor& hs, const Tensor& h0,
                                                         const Tensor& w_hh) {
-  const int64_t T = acts.size(0), B = acts.size(1), H = w_hh.size(1);
-  Tensor dhs_c = dhs.contiguous();
+  const int64_t H = w_hh.size(1);
   Tensor dgx = at::empty_like(acts);
   Tensor dgh = at::empty_like(acts);
-  Tensor dh_direct = at::empty({B, H}, acts.options());
-  Tensor dh_next = dh_last.contiguous().clone();
-  Tensor h0c = h0.contiguous();
-  for (int64_t t = T - 1; t >= 0; --t) {
-    Tensor h_prev = t > 0 ? hs[t - 1] : h0c;
-    Tensor a = acts[t], gn = ghn[t], dho = dhs_c[t], dxt = dgx[t], dht = dgh[t];
-    AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "gru_backward", [&] {
-      gru_cell_backward<scalar_t>(a.data_ptr<scalar_t>(), gn.data_ptr<scalar_t>(), h_prev.data_ptr<scalar_t>(),
-                                  dho.data_ptr<scalar_t>(), dh_next.data_ptr<scalar_t>(), dxt.data_ptr<scalar_t>(),
-                                  dht.data_ptr<scalar_t>(), dh_direct.data_ptr<scalar_t>(), B, H);
-    });
-    at::addmm_out(dh_next, dh_direct, dht, w_hh);
-  }
-  Tensor flat = dgh.view({T * B, 3 * H});
+  Tensor dh0;
+  AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "gru_backward", [&] {
+    dh0 = gru_backward_steps<scalar_t>(dhs.contiguous(), dh_last, acts, ghn, hs, h0, w_hh, dgx, dgh);
+  });
+  Tensor flat = dgh.view({-1, 3 * H});
   Tensor dw = flat.t().mm(previous_states(h0, hs));
   Tensor db_hn = flat.narrow(1, 2 * H, H).sum(0);
-  return {dgx, dh_next, dw, db_hn};
+  return {dgx, dh0, dw, db_hn};
 }
 
 }  // namespace
