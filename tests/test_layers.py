@@ -267,6 +267,24 @@ def test_bf16_native_equals_fp32_within_bf16_precision(cell_type, hidden, batch)
         assert max(grad_errors.values()) < 1.5 * max(relative_error(onednn[2][n], want[2][n]) for n in want[2])
 
 
+@pytest.mark.parametrize("hidden,steps", [(8, 7), (48, 9)])  # ATen's step GEMM; the packed one
+def test_bf16_lstm_without_gradients_equals_the_training_forward(hidden, steps):
+    if cpp_loops() is None:
+        pytest.skip("the bf16 loops are C++ only")
+    torch.manual_seed(11)
+    stack = RecurrentStack("lstm", 6, hidden, 2)
+    stack.backend = "native"
+    x = torch.randn(steps, 3, 6)
+    state = stack.init_state(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = stack(x, state)  # gradients on: the loop that keeps the gates for a backward
+        with torch.no_grad():
+            inferred = stack(x, state)  # the loop that keeps only h and the last c
+    assert torch.equal(trained[0].detach(), inferred[0])
+    for a, b in zip(trained[1], inferred[1]):
+        assert torch.equal(a.detach(), b)
+
+
 @pytest.mark.parametrize("hidden,steps", [(8, 7), (16, 9)])  # ATen's step GEMM; the packed one
 @pytest.mark.parametrize("cell_type", BF16)
 def test_bf16_nan_comes_out_nan(cell_type, hidden, steps):

@@ -165,7 +165,11 @@ def _bf16(weight: torch.Tensor) -> torch.Tensor:
 
 def lstm_layer(cell: nn.Module, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
     h0, c0 = (s.contiguous() for s in state)
-    if x.dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():  # nothing kept for a backward
+        hs, c = cpp_loops().lstm_infer_bf16(_project_bf16(x, _bf16(cell.weight_ih)), cell.input_bias(), h0, c0,
+                                            _bf16(w_hh))
+        h = hs[-1].float()
+    elif x.dtype == torch.bfloat16:
         hs, h, c = _LSTMLayerBF16.apply(x, _bf16(cell.weight_ih), cell.input_bias(), h0, c0, _bf16(w_hh))
     else:
         hs, h, c = _LSTMLayer.apply(x, cell.weight_ih, cell.input_bias(), h0, c0, w_hh)

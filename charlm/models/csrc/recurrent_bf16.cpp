@@ -145,14 +145,19 @@ CHARLM_INLINE void lstm_row_backward(const float* a, const float* cb, const floa
   }
 }
 
-// Returns acts fp32 [T, B, 4H] (i f g o), hs bf16 [T, B, H], cs fp32 [T, B, H].
-std::tuple<Tensor, Tensor, Tensor> lstm_forward_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0,
-                                                     const Tensor& c0, const Tensor& w_hh) {
+// The forward. For the backward (keep) it returns acts fp32 [T, B, 4H] (i f g o), hs bf16
+// [T, B, H] and cs fp32 [T, B, H]. Without gradients (sampling, evaluation) acts and cs are
+// only scratch, [1, B, 4H] and [2, B, H] reused step after step (kept, they are 20x the bytes
+// of hs and their stores bound the step), and the last cell state is cs[(T - 1) % 2].
+std::tuple<Tensor, Tensor, Tensor> lstm_steps_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0,
+                                                   const Tensor& c0, const Tensor& w_hh, bool keep) {
   check_bf16(gx, h0, w_hh, 4);
   const int64_t T = gx.size(0), B = gx.size(1), H = w_hh.size(1), G = 4 * H;
   const auto f32 = gx.options().dtype(at::kFloat);
-  Tensor acts = at::empty({T, B, G}, f32), cs = at::empty({T, B, H}, f32);
+  Tensor acts = at::empty({keep ? T : 1, B, G}, f32), cs = at::empty({keep ? T : 2, B, H}, f32);
   Tensor hs = at::empty({T, B, H}, gx.options());
+  auto a_at = [keep](int64_t t) { return keep ? t : 0; };
+  auto c_at = [keep](int64_t t) { return keep ? t : t % 2; };
   const Tensor b = bias.contiguous(), c0c = c0.contiguous(), h0b = h0.to(at::kBFloat16).contiguous();
   const float* bp = b.data_ptr<float>();
   const bf16* xs = raw(gx);
@@ -160,9 +165,9 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_bf16(const Tensor& gx, const Ten
   bf16* hp = raw_mut(hs);
   // the step t's row b: inputs, previous cell and outputs
   auto row = [&](int64_t t, int64_t r, int64_t j0, int64_t j1, const auto& gh) {
-    const float* c_prev = t > 0 ? cp + (t - 1) * B * H : c0c.data_ptr<float>();
-    lstm_row_forward(xs + (t * B + r) * G, bp, gh, c_prev + r * H, ap + (t * B + r) * G, cp + (t * B + r) * H,
-                     hp + (t * B + r) * H, H, j0, j1);
+    const float* c_prev = t > 0 ? cp + c_at(t - 1) * B * H : c0c.data_ptr<float>();
+    lstm_row_forward(xs + (t * B + r) * G, bp, gh, c_prev + r * H, ap + (a_at(t) * B + r) * G,
+                     cp + (c_at(t) * B + r) * H, hp + (t * B + r) * H, H, j0, j1);
   };
   if (BF16StepGemm::fits(H, G, 4, T)) {
     const BF16StepGemm gemm(raw(w_hh.contiguous()), H, G, /*row_stride=*/1, /*column_stride=*/H, /*gates=*/4);
@@ -189,6 +194,18 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_bf16(const Tensor& gx, const Ten
     });
   }
   return {acts, hs, cs};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_forward_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0,
+                                                     const Tensor& c0, const Tensor& w_hh) {
+  return lstm_steps_bf16(gx, bias, h0, c0, w_hh, /*keep=*/true);
+}
+
+// Without gradients: returns hs bf16 [T, B, H] and the last cell state fp32 [B, H].
+std::tuple<Tensor, Tensor> lstm_infer_bf16(const Tensor& gx, const Tensor& bias, const Tensor& h0, const Tensor& c0,
+                                           const Tensor& w_hh) {
+  auto [acts, hs, cs] = lstm_steps_bf16(gx, bias, h0, c0, w_hh, /*keep=*/false);
+  return {hs, cs[(gx.size(0) - 1) % 2]};
 }
 
 // Returns dg bf16 [T, B, 4H] (the gate pre-activations' grads), dh0, dc0 (fp32) and dw_hh (bf16).
@@ -507,6 +524,7 @@ Tensor column_sums_bf16(const Tensor& m) {
 
 TORCH_LIBRARY_FRAGMENT(charlm, m) {
   m.def("lstm_forward_bf16(Tensor gx, Tensor bias, Tensor h0, Tensor c0, Tensor w_hh) -> (Tensor, Tensor, Tensor)");
+  m.def("lstm_infer_bf16(Tensor gx, Tensor bias, Tensor h0, Tensor c0, Tensor w_hh) -> (Tensor, Tensor)");
   m.def("lstm_backward_bf16(Tensor dhs, Tensor dh_last, Tensor dc_last, Tensor acts, Tensor cs, Tensor h0, "
         "Tensor c0, Tensor hs, Tensor w_hh) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("rnn_forward_bf16(Tensor gx, Tensor bias, Tensor h0, Tensor w_hh) -> Tensor");
@@ -520,6 +538,7 @@ TORCH_LIBRARY_FRAGMENT(charlm, m) {
 
 TORCH_LIBRARY_IMPL(charlm, CPU, m) {
   m.impl("lstm_forward_bf16", &lstm_forward_bf16);
+  m.impl("lstm_infer_bf16", &lstm_infer_bf16);
   m.impl("lstm_backward_bf16", &lstm_backward_bf16);
   m.impl("rnn_forward_bf16", &rnn_forward_bf16);
   m.impl("rnn_backward_bf16", &rnn_backward_bf16);
