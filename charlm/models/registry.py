@@ -22,7 +22,7 @@ BACKEND_CHOICES: tuple[str, ...] = (AUTO, *BACKENDS)  # what model.backend and -
 # What `auto` runs on the CPU, by train precision and cell type; a cell type not listed runs
 # native. To be filled from scripts/bench.py measurements (README, Benchmark).
 CPU_AUTO: dict[str, dict[str, str]] = {
-    "fp32": {"lstm": "fused"},  # oneDNN's LSTM kernel trained faster than the native loop here
+    "fp32": {"lstm": "fused"},  # level with the native loop in training here, faster in evaluation
     "bf16": {},  # native for every cell type: its bf16 core is the fast one
 }
 
