@@ -1,5 +1,5 @@
 """`python -m charlm` is the `charlm` command."""
 
-from charlm.cli import main
+from charlm.entry import main
 
 main()

@@ -178,3 +178,24 @@ def test_ddp_rank_1_signalled_while_training(tmp_path, text_file):
     assert rank_output(tmp_path, 0, "stderr") == "" and rank_output(tmp_path, 1, "stderr") == ""
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 1
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_ctrl_c_while_the_command_line_loads_ends_in_one_line(monkeypatch, capsys):
+    import charlm.entry as entry
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry, "_load_cli", interrupted)
+    with pytest.raises(SystemExit) as done:
+        entry.main()
+    assert done.value.code == 130
+    assert capsys.readouterr().err == "charlm: interrupted while starting\n"
+
+
+def test_the_console_script_runs_the_command():
+    script = Path(sys.executable).with_name("charlm")
+    if not script.exists():
+        pytest.skip("charlm is not installed as a console script beside this python")
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "train" in done.stdout
