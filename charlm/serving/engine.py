@@ -223,13 +223,13 @@ class Engine:
                 self._release(group.jobs)
                 continue
             start = group.read
-            group.logits, group.state, group.read = read_prompt_chunk(self.model, group.ids, start, group.state)
+            last, group.state, group.read = read_prompt_chunk(self.model, group.ids, start, group.state)
             budget -= group.read - start
             if group.read < group.ids.shape[1]:
                 still.append(group)
                 continue
             rows_of = torch.repeat_interleave(torch.arange(len(group.jobs)), torch.tensor([j.n for j in group.jobs]))
-            parts_logits.append(group.logits.float()[rows_of.to(group.logits.device)])
+            parts_logits.append(last.float()[rows_of.to(last.device)])
             parts_state.append(tuple(s[:, rows_of.to(s.device)] for s in group.state))
             for job in group.jobs:
                 rows.extend(_Row(job, i, self.vocab.stream_decoder()) for i in range(job.n))
@@ -323,7 +323,6 @@ class _Reading:
     ids: torch.Tensor
     read: int = 0
     state: Optional[tuple] = None
-    logits: Optional[torch.Tensor] = None
 
 
 def _prompt_groups(jobs: list, device) -> list[_Reading]:

@@ -19,7 +19,6 @@
 #include "step_gemm.h"
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
