@@ -19,27 +19,67 @@ from typing import Optional
 
 import torch
 
+from charlm import hardware
 from charlm.atomic import replace, write_text_atomic
 from charlm.cache import cache_root
 
 # fp32/fp64 loops, and the mixed-precision (bf16 GEMM, fp32 state) loops
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("recurrent.cpp", "recurrent_bf16.cpp")]
 _HEADERS = [Path(__file__).parent / "csrc" / "step_gemm.h"]  # part of the cache key, not compiled alone
-# The parts of -ffast-math that let gcc vectorise the gate loops, without -ffinite-math-only:
-# that one lets the compiler assume no NaN or Inf exists, so a NaN entering a gate could come
-# out finite here but not in torch's kernels, silently corrupting a model the trainer's
-# non-finite check would otherwise catch. -march=native is right because the build happens on
-# the machine that runs it; -fopenmp lets the gate loops use torch's threads.
-_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
-           "-freciprocal-math", "-ffp-contract=fast", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
-_LDFLAGS = ["-lmvec", "-fopenmp"]
+# The parts of -ffast-math that let the compiler vectorise the gate loops, without
+# -ffinite-math-only: that one lets it assume no NaN or Inf exists, so a NaN entering a gate
+# could come out finite here but not in torch's kernels, silently corrupting a model the
+# trainer's non-finite check would otherwise catch.
+_MATH_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+               "-freciprocal-math", "-ffp-contract=fast"]
+# What each CHARLM_MAX_ISA level turns off of -march=native (gcc and clang spell these alike).
+_CAP_FLAGS = {"avx2": ["-mno-avx512f"], "avx512": ["-mno-avx512bf16"], "avx512_bf16": [], "amx": []}
+_loaded: dict = {}
+
+
+def build_flags(system: str | None = None, machine: str | None = None, libc: str | None = None,
+                level: str | None = None) -> tuple[list[str], list[str]]:
+    """Compiler and linker flags for this platform (arguments: to ask for another one).
+
+    x86: -march=native, right because the build happens on the machine that runs it, less what
+    CHARLM_MAX_ISA caps, with 512-bit vectors preferred where the level has them. Elsewhere (ARM,
+    Apple Silicon) portable code the compiler vectorises itself. -lmvec (glibc's vector maths,
+    which gcc calls for the vectorised exp/tanh) only on glibc; -fopenmp (the gate loops on
+    torch's threads) except on macOS, whose clang has no OpenMP by default."""
+    system = system or platform.system()
+    machine = (machine or platform.machine()).lower()
+    libc = libc if libc is not None else platform.libc_ver()[0]
+    cflags, ldflags = list(_MATH_FLAGS), []
+    if machine in ("x86_64", "amd64"):
+        level = level if level is not None else hardware.isa_level()
+        cflags.append("-march=native")
+        cap = hardware.isa_cap()
+        if cap is not None:
+            cflags += _CAP_FLAGS[cap]
+        cflags.append("-mprefer-vector-width=512" if hardware.at_least(level, "avx512") else "-mprefer-vector-width=256")
+    if system != "Darwin":
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    if system == "Linux" and libc == "glibc":
+        ldflags.append("-lmvec")
+    return cflags, ldflags
+
+
+def build_id() -> str:
+    """The native build in use here, as part of a measurement's key: its cache name, or 'none'."""
+    if cpp_loops() is None:
+        return "none"
+    return _library_path().stem
+
 _loaded: dict = {}
 
 
 def _library_path() -> Path:
-    """Where the built library is cached: keyed by the source, flags, torch and machine."""
+    """Where the built library is cached: keyed by the source, flags (so each CHARLM_MAX_ISA level has
+    a build of its own), torch and machine."""
     key = hashlib.sha256()
-    for part in (*(source.read_bytes() for source in _SOURCES + _HEADERS), " ".join(_CFLAGS + _LDFLAGS).encode(),
+    cflags, ldflags = build_flags()
+    for part in (*(source.read_bytes() for source in _SOURCES + _HEADERS), " ".join(cflags + ldflags).encode(),
                  torch.__version__.encode(),
                  sys.version.encode(), platform.machine().encode(), platform.node().encode()):
         key.update(part)
@@ -70,9 +110,9 @@ def _build() -> object:
     print(announce, file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder:
         name = f"charlm_recurrent_{path.stem.split('-')[1]}"
-        # copies: cpp_extension.load appends to the lists it is given
-        cpp_extension.load(name=name, sources=[str(source) for source in _SOURCES], extra_cflags=list(_CFLAGS),
-                           extra_ldflags=list(_LDFLAGS), build_directory=folder, is_python_module=False,
+        cflags, ldflags = build_flags()
+        cpp_extension.load(name=name, sources=[str(source) for source in _SOURCES], extra_cflags=cflags,
+                           extra_ldflags=ldflags, build_directory=folder, is_python_module=False,
                            verbose=False)
         built = Path(folder) / f"{name}.so"
         write_text_atomic(checksum, hashlib.sha256(built.read_bytes()).hexdigest())
@@ -100,6 +140,7 @@ def cpp_loops() -> Optional[object]:
     """torch.ops.charlm once built (None if disabled or if the build failed)."""
     if "ops" not in _loaded:
         _loaded["ops"] = None
+        hardware.isa_cap()  # a CHARLM_MAX_ISA it does not know is the user's to fix, not a failed build
         if os.environ.get("CHARLM_NO_CPP", "") not in ("", "0"):
             return None
         try:

@@ -128,7 +128,7 @@ Tensor previous_states(const Tensor& h0, const Tensor& hs) {
   return at::cat({h0.unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0).view({-1, hs.size(2)});
 }
 
-// The packed step GEMM where it applies (fp32 with AVX512, see step_gemm.h); double never.
+// The packed step GEMM where it applies (fp32 with AVX512 or AVX2, see step_gemm.h); double never.
 template <typename T>
 constexpr bool packable() { return std::is_same<T, float>::value; }
 

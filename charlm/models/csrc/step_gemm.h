@@ -14,8 +14,9 @@
 // g * units + u, as W_hh's rows are laid out). Packed, a panel holds all G gates of U units
 // (U = 16, or 32 for a single gate), so a thread that owns a panel owns whole units; each
 // 16-column vector of a panel is 16 consecutive columns of C, which comes out in that layout.
-// Without AVX512 (AVX512-BF16 for bf16) at build time, or for a size it does not take,
-// fits() is false and the callers keep ATen's GEMM.
+// The fp32 kernel is built for AVX512 or, without it, AVX2 with FMA; the bf16 one needs
+// AVX512-BF16. Without them at build time, or for a size it does not take, fits() is false and
+// the callers keep ATen's GEMM.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,33 +28,54 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define CHARLM_STEP_GEMM 1
 #endif
 
 namespace {
 
 using bf16_bits = uint16_t;  // the raw bits of a bfloat16
 
+#if defined(CHARLM_STEP_GEMM)
+// One vector of W fp32 sums and the register file it lives in: AVX512 (16 lanes, 32 registers)
+// where the build targets it, else AVX2 with FMA (8 lanes, 16 registers), what most laptops have.
+#if defined(__AVX512F__)
+struct Lanes {
+  using V = __m512;
+  static constexpr int64_t W = 16;
+  static constexpr int MAX_SUMS = 24;  // registers for sums, leaving room for A and B
+  static inline V zero() { return _mm512_setzero_ps(); }
+  static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static inline V fmadd(float a, const float* b, V acc) { return _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_loadu_ps(b), acc); }
+};
+#else
+struct Lanes {
+  using V = __m256;
+  static constexpr int64_t W = 8;
+  static constexpr int MAX_SUMS = 12;
+  static inline V zero() { return _mm256_setzero_ps(); }
+  static inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static inline V fmadd(float a, const float* b, V acc) { return _mm256_fmadd_ps(_mm256_set1_ps(a), _mm256_loadu_ps(b), acc); }
+};
+#endif
+
 // How one element type multiplies: D values of K per 32-bit lane, and the fused multiply-add of
-// one broadcast A group with one 16-column B vector into 16 fp32 sums.
+// one broadcast A group with one W-column B vector into W fp32 sums.
 template <typename E>
 struct StepKernel;
 
-#if defined(__AVX512F__)
 template <>
 struct StepKernel<float> {
   static constexpr int64_t D = 1;
   static constexpr bool available = true;
-  static inline __m512 madd(__m512 acc, const float* a, const float* b) {
-    return _mm512_fmadd_ps(_mm512_set1_ps(*a), _mm512_loadu_ps(b), acc);
-  }
+  static inline Lanes::V madd(Lanes::V acc, const float* a, const float* b) { return Lanes::fmadd(*a, b, acc); }
 };
 
 template <>
 struct StepKernel<bf16_bits> {
   static constexpr int64_t D = 2;  // vdpbf16ps: each lane sums the products of two bf16 pairs
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
   static constexpr bool available = true;
   static inline __m512 madd(__m512 acc, const bf16_bits* a, const bf16_bits* b) {
     int32_t pair;
@@ -62,7 +84,7 @@ struct StepKernel<bf16_bits> {
   }
 #else
   static constexpr bool available = false;
-  static inline __m512 madd(__m512 acc, const bf16_bits*, const bf16_bits*) { return acc; }  // never called
+  static inline Lanes::V madd(Lanes::V acc, const bf16_bits*, const bf16_bits*) { return acc; }  // never called
 #endif
 };
 
@@ -70,7 +92,8 @@ template <typename E>
 class StepGemm {
   using Kernel = StepKernel<E>;
   static constexpr int64_t D = Kernel::D;
-  using Columns = std::array<int64_t, 4>;
+  static constexpr int64_t W = Lanes::W;
+  using Columns = std::array<int64_t, 8>;  // where each W-column vector of a panel goes in C
 
  public:
   // The sizes taken: K groups into D, the units split into 16-unit panels, and the packing (one
@@ -113,51 +136,58 @@ class StepGemm {
 
   void panel_product(const E* a, int64_t M, int64_t p, float* c) const {
     const E* panel = packed_.data() + p * U_ * G_ * K_;
-    Columns cols{};  // where each of the panel's vectors goes in C
-    const int64_t vectors = panel_width(p) / 16;
-    for (int64_t v = 0; v < vectors; ++v) cols[v] = (v * 16 / U_) * units_ + p * U_ + v * 16 % U_;
-    switch (vectors) {
-      case 1: rows<1>(a, M, panel, c, cols); break;
-      case 2: rows<2>(a, M, panel, c, cols); break;
-      case 3: rows<3>(a, M, panel, c, cols); break;
-      case 4: rows<4>(a, M, panel, c, cols); break;
+    Columns cols{};
+    const int64_t vectors = panel_width(p) / W;
+    // Each 16 columns of a panel are 16 consecutive columns of C (one gate, 16 units).
+    for (int64_t v = 0; v < vectors; ++v) cols[v] = (v * W / U_) * units_ + p * U_ + v * W % U_;
+    switch (vectors * W / 16) {
+      case 1: rows<1 * 16 / W>(a, M, panel, c, cols); break;
+      case 2: rows<2 * 16 / W>(a, M, panel, c, cols); break;
+      case 3: rows<3 * 16 / W>(a, M, panel, c, cols); break;
+      case 4: rows<4 * 16 / W>(a, M, panel, c, cols); break;
       default: TORCH_CHECK(false, "StepGemm: unexpected panel width");
     }
   }
 
-  // Row tiles as tall as the 32 vector registers allow: MR * NV sums, NV panel vectors, one A group.
-  template <int NV>
+  // The panel's NW vectors in passes of at most as many as the registers hold sums for (with
+  // AVX512 one pass; with AVX2's 16 registers an LSTM panel of 8 vectors takes two).
+  template <int NW, int J0 = 0>
   void rows(const E* a, int64_t M, const E* panel, float* c, const Columns& cols) const {
-    constexpr int MR = NV >= 4 ? 6 : 8;
+    constexpr int PASS = W == 16 ? NW : 4;
+    constexpr int NJ = NW - J0 < PASS ? NW - J0 : PASS;
+    constexpr int MR = W == 16 ? (NJ >= 4 ? 6 : 8) : (Lanes::MAX_SUMS / NJ < 8 ? Lanes::MAX_SUMS / NJ : 8);
+    const E* first = panel + J0 * W * D;  // vector J0 of group 0
+    const int64_t stride = NW * W * D;    // one group of the panel
     int64_t m = 0;
-    for (; m + MR <= M; m += MR) tile<MR, NV>(a + m * K_, panel, c + m * N_, cols);
-    rows_left<NV, MR - 1>(M - m, a + m * K_, panel, c + m * N_, cols);
+    for (; m + MR <= M; m += MR) tile<MR, NJ>(a + m * K_, first, stride, c + m * N_, cols.data() + J0);
+    rows_left<NJ, MR - 1>(M - m, a + m * K_, first, stride, c + m * N_, cols.data() + J0);
+    if constexpr (J0 + NJ < NW) rows<NW, J0 + NJ>(a, M, panel, c, cols);
   }
 
-  template <int NV, int MR>
-  void rows_left(int64_t left, const E* a, const E* panel, float* c, const Columns& cols) const {
+  template <int NJ, int MR>
+  void rows_left(int64_t left, const E* a, const E* first, int64_t stride, float* c, const int64_t* out) const {
     if constexpr (MR > 0) {
       if (left == MR) {
-        tile<MR, NV>(a, panel, c, cols);
+        tile<MR, NJ>(a, first, stride, c, out);
       } else {
-        rows_left<NV, MR - 1>(left, a, panel, c, cols);
+        rows_left<NJ, MR - 1>(left, a, first, stride, c, out);
       }
     }
   }
 
-  // MR rows by NV*16 columns, summed over all K in registers.
-  template <int MR, int NV>
-  void tile(const E* a, const E* panel, float* c, const Columns& cols) const {
-    __m512 acc[MR][NV];
+  // MR rows by NJ vectors of W columns, summed over all K in registers.
+  template <int MR, int NJ>
+  void tile(const E* a, const E* first, int64_t stride, float* c, const int64_t* out) const {
+    Lanes::V acc[MR][NJ];
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+      for (int j = 0; j < NJ; ++j) acc[i][j] = Lanes::zero();
     for (int64_t q = 0; q < K_ / D; ++q) {
-      const E* bq = panel + q * NV * 16 * D;
+      const E* bq = first + q * stride;
       for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NV; ++j) acc[i][j] = Kernel::madd(acc[i][j], a + i * K_ + q * D, bq + j * 16 * D);
+        for (int j = 0; j < NJ; ++j) acc[i][j] = Kernel::madd(acc[i][j], a + i * K_ + q * D, bq + j * W * D);
     }
     for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(c + i * N_ + cols[j], acc[i][j]);
+      for (int j = 0; j < NJ; ++j) Lanes::store(c + i * N_ + out[j], acc[i][j]);
   }
 
   int64_t K_, N_, G_, units_, U_;
@@ -165,7 +195,7 @@ class StepGemm {
 };
 #else
 template <typename E>
-class StepGemm {  // no AVX512 at build time: never used (fits() is false)
+class StepGemm {  // neither AVX512 nor AVX2 at build time (or not x86): never used (fits() is false)
  public:
   static bool fits(int64_t, int64_t, int64_t, int64_t) { return false; }
   StepGemm(const E*, int64_t, int64_t, int64_t, int64_t, int64_t) {}
