@@ -123,7 +123,7 @@ def test_a_build_killed_midway_blocks_nothing(tmp_path):
     import sys
 
     assert cpp_loops() is not None
-    library = native._library_path()
+    library = native.library_path()
     cache = tmp_path / "cache"
     (cache / ".build-killed").mkdir(parents=True)
     (cache / ".build-killed" / "lock").write_text("")

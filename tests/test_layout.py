@@ -10,7 +10,7 @@ from pathlib import Path
 import charlm
 
 PACKAGE = Path(charlm.__file__).parent
-SHARED = {"charlm", "charlm.errors", "charlm.config", "charlm.atomic", "charlm.cache"}
+SHARED = {"charlm", "charlm.errors", "charlm.config", "charlm.atomic", "charlm.cache", "charlm.hardware"}
 # What each subpackage may import besides itself and the shared modules (see each __init__.py).
 ALLOWED = {
     "models": set(),

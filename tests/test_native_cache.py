@@ -35,7 +35,7 @@ def forward_in(cache) -> subprocess.CompletedProcess:
 def test_a_truncated_cached_library_is_rebuilt(tmp_path):
     if native.cpp_loops() is None:  # builds it into the tests' own cache, once
         pytest.skip("the C++ step loop cannot be built on this machine")
-    built = native._library_path()
+    built = native.library_path()
     damaged = tmp_path / built.name  # the same key: the copy is what a run with this cache would load
     shutil.copyfile(built, damaged)
     shutil.copyfile(built.with_name(built.name + ".sha256"), tmp_path / (built.name + ".sha256"))
@@ -58,7 +58,7 @@ def test_when_the_rebuild_fails_too_the_pytorch_loops_take_over(tmp_path, monkey
         raise RuntimeError("Error building extension: g++ not found")
 
     monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setattr(native, "_library_path", lambda: damaged)
+    monkeypatch.setattr(native, "library_path", lambda: damaged)
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.delenv("CHARLM_NO_CPP", raising=False)
     assert native.cpp_loops() is None

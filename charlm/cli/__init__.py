@@ -15,12 +15,12 @@ from typing import Optional
 
 import typer
 
-from charlm.cli import train, use, files, probe, serve, export, tune  # noqa: I001 - importing them registers their commands, in this order
+from charlm.cli import train, use, files, probe, serve, export, tune, doctor  # noqa: I001 - importing them registers their commands, in this order
 from charlm.cli.common import app
 from charlm.errors import Interrupted, UserError
 from charlm.training.signals import InterruptSignals
 
-__all__ = ["app", "main", "files", "probe", "train", "use"]
+__all__ = ["app", "main", "doctor", "export", "files", "probe", "serve", "train", "tune", "use"]
 
 
 def main(argv: Optional[list[str]] = None) -> None:

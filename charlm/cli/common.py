@@ -31,9 +31,11 @@ def check_backend(backend: Optional[str]) -> Optional[str]:
     return backend
 
 
-def load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = None, precision: str = "fp32"):
-    """A checkpoint's payload, its model on `device` (run with `backend`; auto resolved for the device
-    and `precision`), its vocabulary and its config."""
+def load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = None, precision: str = "fp32",
+               workload=None):
+    """A checkpoint's payload, its model on `device` (run with `backend`; auto measured for the device,
+    `precision` and `workload`, a charlm.models.autotune.Workload, and said in one line when measured
+    just now), its vocabulary and its config."""
     from charlm.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: PLC0415
     from charlm.training.runtime import resolve_device  # noqa: PLC0415
 
@@ -41,9 +43,20 @@ def load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = N
     if Path(checkpoint).suffix == ".safetensors":  # `charlm export --format safetensors`: its training facts
         from charlm.export.safetensors_format import load_safetensors  # noqa: PLC0415 - stand in for the payload
 
-        loaded = load_safetensors(Path(checkpoint), resolve_device(device), backend, precision)
+        loaded = load_safetensors(Path(checkpoint), resolve_device(device), backend, precision, workload, _say)
         return loaded.training, loaded.model, loaded.vocab, loaded.config
     payload = load_checkpoint(checkpoint)
-    model, vocab = model_from_checkpoint(payload, resolve_device(device), backend, precision)
+    model, vocab = model_from_checkpoint(payload, resolve_device(device), backend, precision, workload, _say)
     return payload, model, vocab, validate_config(payload["config"], "checkpoint config")
 
+
+
+def _say(line: str) -> None:
+    err_console.print(f"[dim]{line}[/]")
+
+
+def use_threads(threads: Optional[int]) -> None:
+    """--threads, or the machine's physical cores, for torch's CPU kernels and the native loops."""
+    from charlm.training.runtime import use_threads as set_threads  # noqa: PLC0415 - imports torch
+
+    set_threads(threads)

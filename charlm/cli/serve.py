@@ -49,9 +49,13 @@ def serve(
 
     _check_address_free(host, port)
     precision = _usable_precision(device, precision)
-    payload, model, vocab, cfg = load_model(checkpoint, device, backend, precision)
+    from charlm.models.autotune import Workload  # noqa: PLC0415
+
+    # auto is measured here, on a batch of streams stepping one character at a time, and the engine
+    # process runs what was picked
+    payload, model, vocab, cfg = load_model(checkpoint, device, backend, precision, Workload.generation(16))
     served = served_model(checkpoint, payload, model, vocab, cfg, precision,
-                          functools.partial(engine_model, checkpoint, device, backend, precision))
+                          functools.partial(engine_model, checkpoint, device, model.backend, precision))
     server = Server(served, Limits(max_tokens=max_tokens), api_key=api_key, max_requests=max_requests,
                     threads=threads)
     if host not in LOOPBACK:

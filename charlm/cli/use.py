@@ -10,10 +10,11 @@ from typing import Optional
 
 import typer
 
-from charlm.cli.common import BACKEND_HELP, CHECKPOINT_HELP, app, console, err_console, load_model
+from charlm.cli.common import BACKEND_HELP, CHECKPOINT_HELP, app, console, err_console, load_model, use_threads
 from charlm.config import sample_settings
 from charlm.errors import UserError
 
+THREADS_HELP = "CPU threads for the model's kernels (default: the machine's physical cores)."
 PRECISION_HELP = ("fp32, or bf16: bf16 matmuls with the state kept in fp32, faster where the hardware has bf16 "
                   "units (a CPU without them runs fp32, saying so).")
 
@@ -32,6 +33,7 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     stop_at_end: bool = typer.Option(False, "--stop-at-end", help="End each sample at its document's end marker "
                                      "(models trained with data.documents: lines)."),
     adapt_to: Optional[str] = typer.Option(None, "--adapt-to", help="First read this text (file, folder or glob) "
@@ -46,8 +48,11 @@ def sample(
     from charlm.data.vocab import EOS_TOKEN  # noqa: PLC0415
     from charlm.inference.sample import Decoding, generate, make_generator, prompt_ids  # noqa: PLC0415
 
+    from charlm.models.autotune import Workload  # noqa: PLC0415
+
     precision = _usable_precision(device, precision)
-    _, model, vocab, cfg = load_model(checkpoint, device, backend, precision)
+    use_threads(threads)
+    _, model, vocab, cfg = load_model(checkpoint, device, backend, precision, Workload.generation(num_samples))
     settings = sample_settings(cfg.sample, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed)
     if stop_at_end and not vocab.documents:
@@ -161,6 +166,7 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     backend: Optional[str] = typer.Option(None, "--backend", help=BACKEND_HELP),
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     window: Optional[int] = typer.Option(None, "--window", min=1, help="Score as nanoGPT does: independent windows "
                                          "of this many characters, each from a blank state (no carried state)."),
     dynamic: bool = typer.Option(False, "--dynamic", help="Also score with dynamic evaluation: the model "
@@ -175,13 +181,16 @@ def evaluate(
     from charlm.data.sources import read_text  # noqa: PLC0415
     from charlm.data.text import TextSettings  # noqa: PLC0415
     from charlm.inference.evaluate import evaluate_text  # noqa: PLC0415
+    from charlm.models.autotune import Workload  # noqa: PLC0415
     from charlm.training.checkpoint import resolve_checkpoint  # noqa: PLC0415
 
     precision = _usable_precision(device, precision)
     adapt = _dynamic_settings(segment, dynamic_lr, rule, decay) if dynamic else None
     if adapt is not None and window is not None:
         raise UserError("--window and --dynamic do not go together: dynamic evaluation carries the state")
-    _, model, vocab, cfg = load_model(checkpoint, device, backend, precision)
+    use_threads(threads)
+    workload = Workload.training(batch_size, segment) if adapt is not None else Workload.evaluation(batch_size, window or 64)
+    _, model, vocab, cfg = load_model(checkpoint, device, backend, precision, workload)
     text_settings = TextSettings.from_config(cfg.data)
     with _in_precision(model, precision):
         if adapt is None:

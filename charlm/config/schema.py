@@ -131,6 +131,7 @@ class TrainConfig(_Section):
     gradient_accumulation_steps: int = Field(1, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
+    threads: Optional[int] = Field(None, gt=0)  # CPU threads; None: the machine's physical cores
     loggers: list[Logger] = ["jsonl"]  # metrics.jsonl is always written; tensorboard and mlflow need charlm[track]
     mlflow_uri: Optional[str] = Field(None, min_length=1)  # None: sqlite:///<run dir>/mlflow.db
     mlflow_experiment: Optional[str] = Field(None, min_length=1)  # None: the run dir's name

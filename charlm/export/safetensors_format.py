@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -18,6 +18,7 @@ from charlm.config import Config
 from charlm.data.vocab import Vocab
 from charlm.export.extra import require
 from charlm.export.metadata import ExportFileError, metadata_of, read_metadata
+from charlm.models.autotune import Workload
 from charlm.models.model import CharLM
 from charlm.training.checkpoint import model_from_checkpoint
 
@@ -45,9 +46,10 @@ class Loaded:
 
 
 def load_safetensors(path: str | Path, device: torch.device | str = "cpu", backend: Optional[str] = None,
-                     precision: str = "fp32") -> Loaded:
+                     precision: str = "fp32", workload: Optional[Workload] = None,
+                     report: Optional[Callable[[str], None]] = None) -> Loaded:
     """The model a `charlm export --format safetensors` file holds, run on `backend` (default: its
-    config's model.backend, auto resolved for `device` and `precision`)."""
+    config's model.backend, auto resolved for `device`, `precision` and `workload`)."""
     safetensors = require("safetensors", command=f"reading {Path(path).name}")
     path = Path(path)
     if not path.is_file():
@@ -60,5 +62,5 @@ def load_safetensors(path: str | Path, device: torch.device | str = "cpu", backe
         raise ExportFileError(f"{path} is damaged or not a safetensors file ({err})") from None
     described = read_metadata(metadata, str(path))
     payload = {"config": described.config.to_dict(), "vocab": described.vocab.to_dict(), "model": weights}
-    model, vocab = model_from_checkpoint(payload, device, backend, precision)
+    model, vocab = model_from_checkpoint(payload, device, backend, precision, workload, report)
     return Loaded(model, vocab, described.config, described.training)

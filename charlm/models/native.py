@@ -69,12 +69,12 @@ def build_id() -> str:
     """The native build in use here, as part of a measurement's key: its cache name, or 'none'."""
     if cpp_loops() is None:
         return "none"
-    return _library_path().stem
+    return library_path().stem
 
 _loaded: dict = {}
 
 
-def _library_path() -> Path:
+def library_path() -> Path:
     """Where the built library is cached: keyed by the source, flags (so each CHARLM_MAX_ISA level has
     a build of its own), torch and machine."""
     key = hashlib.sha256()
@@ -95,7 +95,7 @@ def _build() -> object:
     into the cache (atomic and fsynced; concurrent builders just both rename), and a cached
     library is loaded directly, with no lock at all. A damaged cached library (cut short by a
     full disk, a partial copy) would fail every later run: it is removed and rebuilt."""
-    path = _library_path()
+    path = library_path()
     checksum = path.with_name(path.name + ".sha256")
     announce = "charlm: building the C++ step loop (once per machine and version, ~10 s)"
     if path.exists():

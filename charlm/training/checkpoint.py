@@ -7,7 +7,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -17,6 +17,7 @@ from charlm.config import Config, ConfigError, ModelConfig, validate_config
 from charlm.errors import UserError
 from charlm.training.rundir import BEST, LAST
 from charlm.models import registry
+from charlm.models.autotune import Workload, choose
 from charlm.models.model import CharLM, build_model
 from charlm.data.vocab import Vocab
 
@@ -111,11 +112,13 @@ def _with_defaults(saved: dict) -> dict:
 
 
 def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu", backend: str | None = None,
-                          precision: str = "fp32") -> tuple[CharLM, Vocab]:
+                          precision: str = "fp32", workload: Workload | None = None,
+                          report: Callable[[str], None] | None = None) -> tuple[CharLM, Vocab]:
     """Rebuild the model and vocabulary a checkpoint describes, with its weights, in eval mode.
 
     `backend` runs the same weights through another backend than its config's model.backend;
-    auto (either way) is resolved for `device` and `precision`."""
+    auto (either way) is measured on `workload` for `device` and `precision` (without one: the fixed
+    table), and `report` is told the choice when it was measured just now."""
     try:
         model_cfg = validate_config(payload["config"], "checkpoint config").model
         vocab = Vocab.from_dict(payload["vocab"])
@@ -123,7 +126,10 @@ def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu", bac
         raise CheckpointError(f"checkpoint has an invalid config or vocabulary: {err}") from None
     device = torch.device(device)
     choice = backend if backend is not None else model_cfg.backend
-    model = build_model(model_cfg, len(vocab), registry.resolve_backend(choice, model_cfg.type, device.type, precision))
+    chosen = choose(choice, model_cfg, len(vocab), device, precision, workload)
+    if chosen.measured and report is not None:
+        report(chosen.describe())
+    model = build_model(model_cfg, len(vocab), chosen.backend)
     try:
         model.load_state_dict(payload["model"])
     except (RuntimeError, TypeError) as err:

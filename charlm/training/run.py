@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from charlm import hardware
 from charlm.training import distributed
 from charlm.training.checkpoint import check_resumable, load_checkpoint
 from charlm.training.init_from import (Source, describe_start, given_vocab, load_source, start_facts,
@@ -21,11 +22,12 @@ from charlm.data.corpus import Corpus, load_corpus
 from charlm.training.distributed import World
 from charlm.errors import Interrupted, UserError
 from charlm.models.model import CharLM, build_model, count_parameters
+from charlm.models.autotune import Choice, Workload, choose, mode as autotune_mode
 from charlm.models.registry import describe_backend, resolve_backend
 from charlm.training.loggers import check_loggers, open_loggers
 from charlm.training.metrics import NoMetrics
 from charlm.training.rundir import RunLock, prepare_run_dir, write_config
-from charlm.training.runtime import (allow_tf32, check_precision, describe_device, process_device_note,
+from charlm.training.runtime import (allow_tf32, use_threads, check_precision, describe_device, process_device_note,
                                      resolve_device, seed_everything, usable_precision)
 from charlm.training.signals import StopRequests
 from charlm.training.trainer import Trainer, TrainOutcome
@@ -45,8 +47,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = Fa
     methods): the run is handed it, so training imports nothing from report."""
     with _stage(STARTING):
         check_loggers(cfg.train)  # a missing library of the track extra: say so before anything is written
+        hardware.isa_cap(), autotune_mode()  # and a CHARLM_MAX_ISA / CHARLM_AUTO it does not know
         world = distributed.world_from_env()
         device = resolve_device(cfg.train.device, world.local_rank if world.enabled else None)
+        use_threads(cfg.train.threads, world)
         check_precision(device, cfg.train.precision)
         cfg, precision_note = _usable_precision(cfg, device)
         allow_tf32(device, cfg.train.precision)
@@ -115,7 +119,7 @@ def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notic
         display.message(notice)
     if source is not None:  # config.yaml names the very file it started from (a run dir's best.pt)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": str(source.path)})})
-    model, origin = _build_model(cfg, corpus, device, source)
+    model, origin, choice = _build_model(cfg, corpus, device, source, world)
     trainer = Trainer(cfg, run_dir, corpus, model, device, display, world)
     if payload is not None:
         check_resumable(payload, cfg, corpus)
@@ -130,7 +134,7 @@ def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notic
         else NoMetrics()
     if world.main:
         write_config(run_dir, cfg.to_dict())
-        _announce(display, trainer, corpus, device, payload is not None, world)
+        _announce(display, trainer, corpus, device, payload is not None, world, choice)
         _announce_origin(display, origin, cfg.train.freeze, trainer.model, len(corpus.vocab))
     metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),
                   backend=trainer.model.backend, num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
@@ -139,23 +143,36 @@ def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notic
     return trainer, metrics
 
 
-def _build_model(cfg: Config, corpus: Corpus, device: torch.device,
-                 source: Optional[Source] = None) -> tuple[CharLM, dict]:
+def _build_model(cfg: Config, corpus: Corpus, device: torch.device, source: Optional[Source] = None,
+                 world: Optional[World] = None) -> tuple[CharLM, dict, Choice]:
     """The model cfg.model describes, on the backend model.backend names (auto resolved for this
     device and train.precision), initialised from train.seed, which also starts the training RNG
     (dropout): the same weights on every rank and the same run at every rerun. With a `source`
     (train.init_from) its trained weights replace the fresh ones (but for new characters' rows);
-    train.freeze's parameters are then frozen. Also returns what the start event records of both."""
+    train.freeze's parameters are then frozen. Also returns what the start event records of both, and
+    how the backend was chosen."""
+    choice = _choose_backend(cfg, len(corpus.vocab), device, world)
     seed_everything(cfg.train.seed)
-    backend = resolve_backend(cfg.model.backend, cfg.model.type, device.type, cfg.train.precision)
-    model = build_model(cfg.model, len(corpus.vocab), backend)
+    model = build_model(cfg.model, len(corpus.vocab), choice.backend)
     origin = {}
     if source is not None:
         origin["init_from"] = start_facts(source, transfer_weights(model, source.weights, source.vocab, corpus.vocab))
     frozen = freeze(model, cfg.train.freeze)
     if frozen:
         origin["frozen"] = frozen
-    return model, origin
+    return model, origin, choice
+
+
+def _choose_backend(cfg: Config, vocab_size: int, device: torch.device, world: Optional[World]) -> Choice:
+    """model.backend, with auto measured on this run's micro-batch shape. Under torchrun every rank
+    must run the same backend without timing each other: the fixed table there."""
+    if world is not None and world.enabled:
+        backend = resolve_backend(cfg.model.backend, cfg.model.type, device.type, cfg.train.precision)
+        return Choice(backend, "fixed table under torchrun")
+    train = cfg.train
+    micro = max(1, train.batch_size // train.gradient_accumulation_steps)
+    return choose(cfg.model.backend, cfg.model, vocab_size, device, train.precision,
+                  Workload.training(micro, train.seq_len))
 
 
 def _check_same_freeze(payload: dict, cfg: Config) -> None:
@@ -250,9 +267,12 @@ def _precision(precision: str, device: torch.device, backend: str) -> list[str]:
 
 
 def _announce(display, trainer: Trainer, corpus: Corpus, device: torch.device, resumed: bool,
-              world: World) -> None:
+              world: World, choice: Choice) -> None:
     cfg = trainer.cfg
     where = describe_device(device) + (f", {world.size} processes (torchrun)" if world.enabled else "")
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        where += f" ({hardware.cpu_model()}, {threads} thread{'s' if threads > 1 else ''})"
     display.message(f"device: {where}")
     skipped = f" ({corpus.val_oov_chars:,} val characters not in it)" if corpus.val_oov_chars else ""
     display.message(f"data: {corpus.train_ids.numel():,} train / {corpus.val_ids.numel():,} val units, "
@@ -261,6 +281,8 @@ def _announce(display, trainer: Trainer, corpus: Corpus, device: torch.device, r
     display.message(f"model: {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size} (backend {backend}), "
                     f"{count_parameters(trainer.model):,} parameters; "
                     f"{trainer.batches.windows_per_epoch} steps per epoch")
+    if cfg.model.backend == "auto":
+        display.message(choice.describe())
     extras = _precision(cfg.train.precision, device, trainer.model.backend)
     if cfg.train.gradient_accumulation_steps > 1:
         extras.append(f"{cfg.train.gradient_accumulation_steps} accumulation steps per update")

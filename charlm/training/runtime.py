@@ -7,7 +7,20 @@ from typing import Optional
 
 import torch
 
+from charlm import hardware
 from charlm.errors import UserError
+
+
+def use_threads(threads: Optional[int], world=None) -> int:
+    """Set the threads torch's CPU kernels (and the native loops) use: `threads`, or by default the
+    machine's physical cores; returns the count. Under torchrun the default is left to it (it gives
+    each process OMP_NUM_THREADS, 1 unless set, so processes on one node do not oversubscribe it)."""
+    if threads is None:
+        if world is not None and world.enabled:
+            return torch.get_num_threads()
+        threads = hardware.physical_cores()
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_device(spec: str, local_rank: Optional[int] = None) -> torch.device:
@@ -17,7 +30,7 @@ def resolve_device(spec: str, local_rank: Optional[int] = None) -> torch.device:
     if local_rank is not None:
         spec = process_device(spec, local_rank)
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"device {spec!r} requested but CUDA is not available here; use --device cpu or auto")
@@ -27,11 +40,17 @@ def resolve_device(spec: str, local_rank: Optional[int] = None) -> torch.device:
                             f"has {count}; start at most {count} processes per node (--nproc_per_node)")
         if index >= count:
             raise UserError(f"device {spec!r} requested but only {count} CUDA device(s) exist")
-    if spec == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if spec == "mps" and not mps_available():
         raise UserError("device 'mps' requested but Apple MPS is not available here; use --device cpu or auto")
     if spec not in ("cpu", "mps") and not spec.startswith("cuda"):
         raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
     return torch.device(spec)
+
+
+def mps_available() -> bool:
+    """Apple's GPU through torch's MPS backend (macOS on Apple Silicon)."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def process_device(spec: str, local_rank: int) -> str:
@@ -88,8 +107,6 @@ def check_precision(device: torch.device, precision: str) -> None:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"train.precision bf16 needs a GPU with bfloat16 support; {describe_device(device)} has none "
                         "(use fp16 or fp32)")
-    if precision != "fp32" and device.type == "mps":
-        raise UserError("train.precision bf16/fp16 is not supported on mps here; use fp32")
 
 
 def allow_tf32(device: torch.device, precision: str) -> bool:
@@ -121,6 +138,8 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as oneDNN checks before
     it picks its bf16 kernels. Without them bf16 is emulated, several times slower than fp32."""
+    if not hardware.bf16_units_allowed():  # CHARLM_MAX_ISA below avx512_bf16: act as such a CPU would
+        return False
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -130,6 +149,9 @@ def cpu_has_bf16_units() -> bool:
 def usable_precision(device: torch.device, precision: str) -> tuple[str, Optional[str]]:
     """The precision to run with here, and a one-line notice when it is not the one asked for:
     bf16 on a CPU without bf16 units runs in fp32 instead of several times slower."""
+    if precision != "fp32" and device.type == "mps":
+        return "fp32", (f"{precision} is not supported on Apple MPS here (autocast there is unmeasured and the "
+                        "recurrent loops would run it in fp32 anyway): running in fp32 instead")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units():
         return "fp32", ("this CPU has no bf16 units (AVX512-BF16 or AMX), where bf16 would run several times "
                         "slower than fp32: running in fp32 instead")

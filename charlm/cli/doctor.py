@@ -1,0 +1,68 @@
+"""`charlm doctor`: one screen on what this machine offers charlm and what `model.backend: auto` picks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from charlm.cli.common import app, console, use_threads
+
+
+@app.command()
+def doctor(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Measure auto's choices on this config's model "
+                                          "and batch shape (default: 2x256, E 64, B 32, T 128)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The CPU, its ISA levels and cores, torch, the C++ loops, bf16 / CUDA / MPS, and auto's
+    measured backend for each cell type in fp32 and bf16 (timed once, then cached)."""
+    from charlm.training.doctor import auto_choices, machine_facts  # noqa: PLC0415
+
+    use_threads(threads)
+    shape = {}
+    if config is not None:
+        from charlm.config import load_config  # noqa: PLC0415
+
+        cfg = load_config(config)
+        shape = {"model_cfg": cfg.model, "batch": cfg.train.batch_size // cfg.train.gradient_accumulation_steps,
+                 "steps": cfg.train.seq_len}
+    facts = machine_facts()
+    choices = auto_choices(**shape)
+    if as_json:
+        print(json.dumps({**facts, "auto": choices}))
+        return
+    _print(facts, choices)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _print(facts: dict, choices: list[dict]) -> None:
+    out = console()
+    levels = ", ".join(facts["isa_levels"]) or "none charlm uses (portable C++ kernels)"
+    cap = f"; CHARLM_MAX_ISA={facts['isa_cap']}" if facts["isa_cap"] else ""
+    onednn = f"; ONEDNN_MAX_CPU_ISA={facts['onednn_cap']}" if facts["onednn_cap"] else ""
+    loops = (f"built, {facts['cpp_loops_path']}" if facts["cpp_loops"] else
+             "disabled (CHARLM_NO_CPP)" if facts["cpp_disabled"] else "not built: the PyTorch step loops run (slower)")
+    rows = [
+        ("CPU", f"{facts['cpu']}, {facts['machine']}"),
+        ("ISA levels", f"{levels} (charlm's kernels: {facts['kernels_isa'] or 'portable'}{cap}{onednn})"),
+        ("cores", f"{facts['physical_cores']} physical, {facts['logical_cpus']} logical; {facts['threads']} threads"),
+        ("torch", f"{facts['torch']} (oneDNN {_yes(facts['onednn'])}, MKL {_yes(facts['mkl'])})"),
+        ("C++ loops", loops),
+        ("build flags", facts["cpp_flags"]),
+        ("bf16", "bf16 units: yes" if facts["bf16_units"] else "no bf16 units: bf16 configs run fp32"),
+        ("CUDA", ", ".join(facts["cuda_devices"]) if facts["cuda"] else "not available"),
+        ("MPS", "available" if facts["mps"] else "not available"),
+    ]
+    for name, value in rows:
+        out.print(f"{name:>12}  {value}")
+    out.print("\nmodel.backend: auto on the CPU (training step; measured once per shape, then cached):")
+    for row in choices:
+        ran = f" (runs {row['ran_as']})" if row["ran_as"] != row["precision"] else ""
+        out.print(f"  {row['cell']:6} {row['precision']}{ran:13} -> {row['backend']:7} {row['how']}")

@@ -1,0 +1,229 @@
+"""`model.backend: auto` decided by measurement: on first use of a key (the machine, the build, the
+precision and the run's shapes) each eligible backend is timed on the real shapes, the fastest is
+kept, and the choice is cached with its figures, so later runs with the same key start at once.
+
+Why measure: which backend wins depends on things no table can hold. On an AMD EPYC (AVX512-BF16)
+charlm's bf16 loops beat oneDNN's LSTM by 1.3x; on an Intel Xeon with AMX oneDNN's tiles made
+`fused` 1.8x faster than them; without the C++ build the native loops lose everywhere.
+
+CHARLM_AUTO=fixed skips measuring and uses the fixed table (registry.resolve_backend): what the
+tests use, so that they do not depend on timing. The weights are the same on every backend, so
+inference (eval, sample, serve) measures its own shapes and may pick differently from training.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from charlm import hardware
+from charlm.atomic import write_text_atomic
+from charlm.cache import cache_root
+from charlm.errors import UserError
+from charlm.models import registry
+from charlm.models.model import build_model
+
+AUTO_ENV = "CHARLM_AUTO"  # "measure" (the default) or "fixed"
+BUDGET_S = 2.2  # the whole measurement, warm-up included; the rounds stop before it is spent
+MAX_ROUNDS = 7
+SAMPLE_S = 0.03  # one timed sample repeats its call until it lasts about this long
+CACHE_NAME = "backend-choices.json"
+VERSION = 1  # of the cache's entries: a change of what is measured starts afresh
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the model will run: 'train' (forward, cross-entropy, backward and an AdamW step on
+    [batch, steps]), 'eval' (a no-grad forward of [batch, steps]) or 'generate' (`steps` one-character
+    no-grad steps of `batch` streams, the state carried)."""
+
+    mode: str
+    batch: int
+    steps: int
+
+    @staticmethod
+    def training(batch: int, steps: int) -> "Workload":
+        return Workload("train", batch, steps)
+
+    @staticmethod
+    def evaluation(streams: int = 64, window: int = 128) -> "Workload":
+        return Workload("eval", streams, window)
+
+    @staticmethod
+    def generation(streams: int = 1) -> "Workload":
+        return Workload("generate", streams, 16)
+
+
+@dataclass
+class Choice:
+    """The backend to run and why: `how` completes 'backend auto -> ...' in one line."""
+
+    backend: str
+    how: str
+    measured: bool = False  # timed just now (not fixed, not from the cache)
+    seconds: dict[str, float] = field(default_factory=dict)  # per backend, one workload call
+
+    def describe(self) -> str:
+        return f"backend auto -> {self.backend} ({self.how})"
+
+
+def mode() -> str:
+    value = os.environ.get(AUTO_ENV, "measure").strip().lower() or "measure"
+    if value not in ("measure", "fixed"):
+        raise UserError(f"{AUTO_ENV}={value!r}: use measure (time the backends once per shape) or fixed")
+    return value
+
+
+def candidates(cell_type: str) -> tuple[str, ...]:
+    """The backends worth timing: all but reference, the readable step-by-step cells."""
+    return tuple(b for b in registry.lookup(cell_type).backends if b != "reference")
+
+
+def choose(choice: str, model_cfg, vocab_size: int, device: torch.device, precision: str,
+           workload: Optional[Workload]) -> Choice:
+    """The concrete backend for `model_cfg` on `device`: `choice` itself unless it is auto; auto is
+    measured on the CPU (cached per key), else, or without a workload, the fixed rule."""
+    if choice != registry.AUTO:
+        return Choice(choice, "as configured")
+    eligible = candidates(model_cfg.type)
+    fixed = registry.resolve_backend(choice, model_cfg.type, device.type, precision)
+    if len(eligible) < 2:
+        return Choice(fixed, f"the only fast backend for {registry.lookup(model_cfg.type).title}")
+    if device.type != "cpu":
+        return Choice(fixed, f"fixed rule on {device.type}")
+    if workload is None or mode() == "fixed":
+        return Choice(fixed, "fixed table" + (f", {AUTO_ENV}=fixed" if workload is not None else ""))
+    key = measurement_key(model_cfg, device, precision, workload)
+    cached = read_cache().get(key)
+    if cached and cached.get("backend") in eligible:
+        return Choice(cached["backend"], _figures_text(cached["backend"], cached["seconds"])
+                      + f", measured {cached.get('date', '?')}; from cache", seconds=cached["seconds"])
+    started = time.perf_counter()
+    seconds = measure(eligible, model_cfg, vocab_size, device, precision, workload)
+    took = time.perf_counter() - started
+    best = min(seconds, key=seconds.get)
+    store(key, {"backend": best, "seconds": seconds, "took_s": round(took, 2),
+                "date": datetime.date.today().isoformat()})
+    return Choice(best, f"{_figures_text(best, seconds)}, measured in {took:.1f} s; cached", measured=True,
+                  seconds=seconds)
+
+
+def _figures_text(best: str, seconds: dict[str, float]) -> str:
+    others = [f"{seconds[b] / seconds[best]:.2f}x {b}" for b in seconds if b != best]
+    return ", ".join(others) if others else "measured"
+
+
+def measurement_key(model_cfg, device: torch.device, precision: str, workload: Workload) -> str:
+    """Everything the answer depends on, as one string (the cache's key)."""
+    from charlm.models.native import build_id  # noqa: PLC0415 - builds the loops on first use
+
+    parts = {
+        "v": VERSION, "device": device.type, "cpu": hardware.cpu_model(), "isa": hardware.isa_level(),
+        "onednn_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "mkl_cap": os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "build": build_id(),
+        "precision": precision, "cell": model_cfg.type, "layers": model_cfg.num_layers,
+        "hidden": model_cfg.hidden_size, "input": model_cfg.input, "embedding": model_cfg.embedding_dim,
+        "weight_dropout": model_cfg.weight_dropout > 0,
+        "mode": workload.mode, "batch": workload.batch, "steps": workload.steps,
+    }
+    return json.dumps(parts, sort_keys=True)
+
+
+def cache_path():
+    return cache_root() / CACHE_NAME
+
+
+def read_cache() -> dict:
+    """The cached choices by key; an unreadable file counts as empty (it is only a cache)."""
+    try:
+        entries = json.loads(cache_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def store(key: str, entry: dict) -> None:
+    entries = read_cache()
+    entries[key] = entry
+    cache_path().parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cache_path(), json.dumps(entries, indent=1, sort_keys=True))
+
+
+def measure(backends: tuple[str, ...], model_cfg, vocab_size: int, device: torch.device, precision: str,
+            workload: Workload, budget: float = BUDGET_S) -> dict[str, float]:
+    """Median seconds of one workload call on each backend: the same weights, warmed up once, then
+    rounds in rotated order until the next would pass `budget`. The caller's RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        runs = {b: _workload_call(b, model_cfg, vocab_size, device, precision, workload) for b in backends}
+        started = time.perf_counter()
+        repeats = {b: _repeats_for(run) for b, run in runs.items()}  # doubles as the warm-up
+        times: dict[str, list[float]] = {b: [] for b in backends}
+        names = list(backends)
+        for r in range(MAX_ROUNDS):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                begin = time.perf_counter()
+                for _ in range(repeats[name]):
+                    runs[name]()
+                times[name].append((time.perf_counter() - begin) / repeats[name])
+            spent = time.perf_counter() - started
+            if spent + spent / (r + 2) > budget:  # warm-up and r + 1 rounds so far, about alike
+                break
+    return {b: statistics.median(t) for b, t in times.items()}
+
+
+def _repeats_for(run: Callable[[], object]) -> int:
+    """How many calls make one timed sample of about SAMPLE_S (the first call is the warm-up)."""
+    run()
+    begin = time.perf_counter()
+    run()
+    once = max(time.perf_counter() - begin, 1e-6)
+    return max(1, min(50, round(SAMPLE_S / once)))
+
+
+def _workload_call(backend: str, model_cfg, vocab_size: int, device: torch.device, precision: str,
+                   workload: Workload) -> Callable[[], object]:
+    """One call of `workload` on a fresh model (seed 0) built for `backend`."""
+    torch.manual_seed(0)
+    model = build_model(model_cfg, vocab_size, backend).to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+    x = torch.randint(0, vocab_size, (workload.batch, workload.steps), device=device)
+    if workload.mode == "train":
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def train_step():
+            with autocast():
+                logits, _ = model(x)
+                loss = F.cross_entropy(logits.reshape(-1, vocab_size).float(), x.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return train_step
+    model.eval()
+    if workload.mode == "eval":
+        @torch.no_grad()
+        def evaluate():
+            with autocast():
+                return model(x)[0].float().sum().item()
+        return evaluate
+
+    @torch.no_grad()
+    def generate():
+        state = model.init_state(workload.batch, device)
+        with autocast():
+            for t in range(workload.steps):
+                logits, state = model(x[:, t:t + 1], state)
+        return logits.float().sum().item()
+    return generate
