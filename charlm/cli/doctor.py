@@ -38,6 +38,10 @@ def doctor(
     _print(facts, choices)
 
 
+_BF16_GEMM = {"amx-tiles": "AMX tiles (oneDNN's micro-kernel)", "brgemm": "oneDNN's micro-kernel, unpacked (forced)",
+              "vdpbf16ps": "AVX512-BF16 dot products (vdpbf16ps)", "aten": "ATen's bf16 GEMM"}
+
+
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
@@ -56,7 +60,9 @@ def _print(facts: dict, choices: list[dict]) -> None:
         ("torch", f"{facts['torch']} (oneDNN {_yes(facts['onednn'])}, MKL {_yes(facts['mkl'])})"),
         ("C++ loops", loops),
         ("build flags", facts["cpp_flags"]),
-        ("bf16", "bf16 units: yes" if facts["bf16_units"] else "no bf16 units: bf16 configs run fp32"),
+        ("bf16", ("bf16 units: yes" if facts["bf16_units"] else "no bf16 units: bf16 configs run fp32")
+         + (f"; step GEMM: {_BF16_GEMM.get(facts['bf16_step_gemm'], facts['bf16_step_gemm'])}"
+            if facts["bf16_step_gemm"] else "")),
         ("CUDA", ", ".join(facts["cuda_devices"]) if facts["cuda"] else "not available"),
         ("MPS", "available" if facts["mps"] else "not available"),
     ]

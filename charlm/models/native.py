@@ -25,7 +25,7 @@ from charlm.cache import cache_root
 
 # fp32/fp64 loops, and the mixed-precision (bf16 GEMM, fp32 state) loops
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("recurrent.cpp", "recurrent_bf16.cpp")]
-_HEADERS = [Path(__file__).parent / "csrc" / "step_gemm.h"]  # part of the cache key, not compiled alone
+_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("step_gemm.h", "tile_gemm.h")]  # part of the cache key, not compiled alone
 # The parts of -ffast-math that let the compiler vectorise the gate loops, without
 # -ffinite-math-only: that one lets it assume no NaN or Inf exists, so a NaN entering a gate
 # could come out finite here but not in torch's kernels, silently corrupting a model the

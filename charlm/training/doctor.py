@@ -38,6 +38,7 @@ def machine_facts() -> dict:
         "cpp_loops": ops is not None,
         "cpp_loops_path": str(native.library_path()) if ops is not None else None,
         "cpp_flags": " ".join(cflags + ldflags),
+        "bf16_step_gemm": ops.bf16_step_gemm() if ops is not None else None,
         "cpp_disabled": os.environ.get("CHARLM_NO_CPP", "") not in ("", "0"),
         "bf16_units": cpu_has_bf16_units(),
         "cuda": torch.cuda.is_available(),

@@ -16,11 +16,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "step_gemm.h"
+#include "tile_gemm.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -103,8 +104,17 @@ Tensor previous_states(const Tensor& h0, const Tensor& hs) {
   return at::cat({h0.to(at::kBFloat16).unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0).view({-1, hs.size(2)});
 }
 
-// ---- the recurrent GEMM of one step: StepGemm<bf16> (step_gemm.h) ----------------------------
-using BF16StepGemm = StepGemm<bf16>;
+// ---- the recurrent GEMM of one step: AMX tiles or vdpbf16ps (tile_gemm.h, step_gemm.h) -------
+using BF16StepGemm = Bf16StepGemm;
+
+// Which kernel the bf16 steps' GEMM runs on in this process, for `charlm doctor` and the tests.
+std::string bf16_step_gemm() {
+  switch (bf16_kernel()) {
+    case Bf16Kernel::Tiles: return tiles_packed() ? "amx-tiles" : "brgemm";
+    case Bf16Kernel::Dot: return "vdpbf16ps";
+    default: return "aten";
+  }
+}
 
 // ---- LSTM ---------------------------------------------------------------------------------
 
@@ -533,6 +543,7 @@ TORCH_LIBRARY_FRAGMENT(charlm, m) {
   m.def("gru_backward_bf16(Tensor dhs, Tensor dh_last, Tensor acts, Tensor ghn, Tensor hs, Tensor hs_b, Tensor h0, "
         "Tensor w_hh) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("column_sums_bf16(Tensor m) -> Tensor");
+  m.def("bf16_step_gemm() -> str", &bf16_step_gemm);
 }
 
 TORCH_LIBRARY_IMPL(charlm, CPU, m) {
