@@ -161,27 +161,28 @@ def measure(backends: tuple[str, ...], model_cfg, vocab_size: int, device: torch
             workload: Workload, budget: float = BUDGET_S) -> dict[str, float]:
     """Median seconds of one workload call on each backend: the same weights, warmed up once, then
     rounds in rotated order until the next would pass `budget`. The caller's RNG is left as it was."""
+    started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         runs = {b: _workload_call(b, model_cfg, vocab_size, device, precision, workload) for b in backends}
-        started = time.perf_counter()
         repeats = {b: _repeats_for(run) for b, run in runs.items()}  # doubles as the warm-up
         times: dict[str, list[float]] = {b: [] for b in backends}
         names = list(backends)
         for r in range(MAX_ROUNDS):
+            begin_round = time.perf_counter()
             for name in names[r % len(names):] + names[:r % len(names)]:
                 begin = time.perf_counter()
                 for _ in range(repeats[name]):
                     runs[name]()
                 times[name].append((time.perf_counter() - begin) / repeats[name])
-            spent = time.perf_counter() - started
-            if spent + spent / (r + 2) > budget:  # warm-up and r + 1 rounds so far, about alike
+            now = time.perf_counter()
+            if now - started + (now - begin_round) > budget:  # the next round would pass the budget
                 break
     return {b: statistics.median(t) for b, t in times.items()}
 
 
 def _repeats_for(run: Callable[[], object]) -> int:
-    """How many calls make one timed sample of about SAMPLE_S (the first call is the warm-up)."""
-    run()
+    """How many calls make one timed sample of about SAMPLE_S, judged from one warm-up call (which
+    is slower than later ones, so this errs towards fewer)."""
     begin = time.perf_counter()
     run()
     once = max(time.perf_counter() - begin, 1e-6)

@@ -22,6 +22,7 @@ from charlm.data.corpus import Corpus, load_corpus
 from charlm.training.distributed import World
 from charlm.errors import Interrupted, UserError
 from charlm.models.model import CharLM, build_model, count_parameters
+from charlm.models.native import cpp_loops
 from charlm.models.autotune import Choice, Workload, choose, mode as autotune_mode
 from charlm.models.registry import describe_backend, resolve_backend
 from charlm.training.loggers import check_loggers, open_loggers
@@ -152,6 +153,8 @@ def _build_model(cfg: Config, corpus: Corpus, device: torch.device, source: Opti
     train.freeze's parameters are then frozen. Also returns what the start event records of both, and
     how the backend was chosen."""
     choice = _choose_backend(cfg, len(corpus.vocab), device, world)
+    if choice.backend == "native" and device.type == "cpu":
+        cpp_loops()  # a first run builds the C++ loops here, not on train.max_time's clock
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, len(corpus.vocab), choice.backend)
     origin = {}
