@@ -69,15 +69,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=45)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--eval", action="store_true", help="charlm eval each run's best.pt on the held-out 10%%")
+    parser.add_argument("--only", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="run these backends only (the ratio needs auto and both others)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"no corpus at {args.data}: pass --data")
     folder = Path(tempfile.mkdtemp(prefix="charlm-auto-steps-"))
     built = build_loops(folder / "build")
-    runs: dict[str, list[dict]] = {b: [] for b in BACKENDS}
+    chosen = tuple(b for b in BACKENDS if b in args.only)
+    runs: dict[str, list[dict]] = {b: [] for b in chosen}
     for r in range(args.rounds):
-        order = BACKENDS[r % 3:] + BACKENDS[:r % 3]
+        order = chosen[r % len(chosen):] + chosen[:r % len(chosen)]
         for backend in order:
             cache = folder / f"cache-{r}-{backend}"  # auto measures afresh each round, as a first run would
             cache.mkdir()
@@ -91,7 +94,12 @@ def main() -> None:
             shown = f", eval {result['eval_loss']:.4f}" if "eval_loss" in result else ""
             print(f"round {r + 1} {backend:6}: {result['steps']:>5} steps on {result['ran_on']}, best val "
                   f"{result['best_val_loss']:.4f}{shown}  {result['auto_line']}", flush=True)
-    steps = {b: statistics.mean(run["steps"] for run in runs[b]) for b in BACKENDS}
+    steps = {b: statistics.mean(run["steps"] for run in runs[b]) for b in chosen}
+    if len(chosen) < 3:
+        print("mean steps: " + ", ".join(f"{b} {steps[b]:.0f}" for b in chosen))
+        if args.json:
+            print(json.dumps({"seconds": args.seconds, "runs": runs, "mean_steps": steps}))
+        return
     faster = max(steps["native"], steps["fused"])
     ratio = steps["auto"] / faster
     print(f"mean steps in {args.seconds:g} s: auto {steps['auto']:.0f}, native {steps['native']:.0f}, "

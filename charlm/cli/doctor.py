@@ -56,7 +56,8 @@ def _print(facts: dict, choices: list[dict]) -> None:
     rows = [
         ("CPU", f"{facts['cpu']}, {facts['machine']}"),
         ("ISA levels", f"{levels} (charlm's kernels: {facts['kernels_isa'] or 'portable'}{cap}{onednn})"),
-        ("cores", f"{facts['physical_cores']} physical, {facts['logical_cpus']} logical; {facts['threads']} threads"),
+        ("cores", f"{facts['physical_cores']} physical, {facts['logical_cpus']} logical; {facts['threads']} "
+                  f"thread{'s' if facts['threads'] != 1 else ''}"),
         ("torch", f"{facts['torch']} (oneDNN {_yes(facts['onednn'])}, MKL {_yes(facts['mkl'])})"),
         ("C++ loops", loops),
         ("build flags", facts["cpp_flags"]),

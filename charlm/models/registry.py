@@ -19,8 +19,10 @@ BACKENDS: tuple[str, ...] = ("native", "fused", "reference")  # the one list of 
 AUTO = "auto"  # model.backend's default: resolve_backend() picks a concrete one where device and precision are known
 BACKEND_CHOICES: tuple[str, ...] = (AUTO, *BACKENDS)  # what model.backend and --backend accept
 
-# What `auto` runs on the CPU, by train precision and cell type; a cell type not listed runs
-# native. To be filled from scripts/bench.py measurements (README, Benchmark).
+# What `auto` runs on the CPU when it does not measure (CHARLM_AUTO=fixed, as in the tests;
+# torchrun; info and export, which run no workload), by train precision and cell type; a cell
+# type not listed runs native. Otherwise charlm.models.autotune times the backends on the run's
+# shapes, since which is faster depends on the CPU (README, Fast on the machine you have).
 CPU_AUTO: dict[str, dict[str, str]] = {
     "fp32": {"lstm": "fused"},  # level with the native loop in training here, faster in evaluation
     "bf16": {},  # native for every cell type: its bf16 core is the fast one
