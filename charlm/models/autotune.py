@@ -33,8 +33,7 @@ from charlm.models.model import build_model
 
 AUTO_ENV = "CHARLM_AUTO"  # "measure" (the default) or "fixed"
 BUDGET_S = 2.2  # the whole measurement, warm-up included; the rounds stop before it is spent
-MAX_ROUNDS = 7
-SAMPLE_S = 0.03  # one timed sample repeats its call until it lasts about this long
+MAX_SAMPLES = 50  # timed calls per block at most (a tiny model's calls take microseconds)
 TIE = 0.03  # the fixed table's pick stays unless another backend is faster by more than this
 CACHE_NAME = "backend-choices.json"
 VERSION = 1  # of the cache's entries: a change of what is measured starts afresh
@@ -177,34 +176,32 @@ def store(key: str, entry: dict) -> None:
 
 def measure(backends: tuple[str, ...], model_cfg, vocab_size: int, device: torch.device, precision: str,
             workload: Workload, budget: float = BUDGET_S) -> dict[str, float]:
-    """Median seconds of one workload call on each backend: the same weights, warmed up once, then
-    rounds in rotated order until the next would pass `budget`. The caller's RNG is left as it was."""
+    """Median seconds of one workload call on each backend, the same weights for all. Each backend
+    runs in blocks, as it would in a run of its own, in the order A B ... B A (so a drift of the
+    machine's speed weighs on all alike): interleaved call by call, the native loops lost ~10%
+    here to the other backend's turns, and picked the slower backend. The first block of each
+    starts with an untimed warm-up call; the blocks share `budget`, which counts from the start,
+    model building included. The caller's RNG is left as it was."""
     started = time.perf_counter()
+    times: dict[str, list[float]] = {b: [] for b in backends}
     with torch.random.fork_rng(devices=[]):
         runs = {b: _workload_call(b, model_cfg, vocab_size, device, precision, workload) for b in backends}
-        repeats = {b: _repeats_for(run) for b, run in runs.items()}  # doubles as the warm-up
-        times: dict[str, list[float]] = {b: [] for b in backends}
-        names = list(backends)
-        for r in range(MAX_ROUNDS):
-            begin_round = time.perf_counter()
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                begin = time.perf_counter()
-                for _ in range(repeats[name]):
-                    runs[name]()
-                times[name].append((time.perf_counter() - begin) / repeats[name])
-            now = time.perf_counter()
-            if now - started + (now - begin_round) > budget:  # the next round would pass the budget
+        order = list(backends) + list(reversed(backends))
+        share = max(0.0, budget - (time.perf_counter() - started)) / len(order)
+        for visit, name in enumerate(order):
+            first = visit < len(backends)
+            if not first and time.perf_counter() - started > budget:
                 break
+            block = time.perf_counter()
+            if first:
+                runs[name]()  # oneDNN primitives, packed weights, the allocator's first touch
+            for _ in range(MAX_SAMPLES):
+                begin = time.perf_counter()
+                runs[name]()
+                times[name].append(time.perf_counter() - begin)
+                if time.perf_counter() - block + times[name][-1] > share:
+                    break
     return {b: statistics.median(t) for b, t in times.items()}
-
-
-def _repeats_for(run: Callable[[], object]) -> int:
-    """How many calls make one timed sample of about SAMPLE_S, judged from one warm-up call (which
-    is slower than later ones, so this errs towards fewer)."""
-    begin = time.perf_counter()
-    run()
-    once = max(time.perf_counter() - begin, 1e-6)
-    return max(1, min(50, round(SAMPLE_S / once)))
 
 
 def _workload_call(backend: str, model_cfg, vocab_size: int, device: torch.device, precision: str,
