@@ -50,7 +50,6 @@ def load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = N
     return payload, model, vocab, validate_config(payload["config"], "checkpoint config")
 
 
-
 def _say(line: str) -> None:
     err_console.print(f"[dim]{line}[/]")
 

@@ -26,10 +26,11 @@ def doctor(
     shape = {}
     if config is not None:
         from charlm.config import load_config  # noqa: PLC0415
+        from charlm.models.autotune import Workload  # noqa: PLC0415
 
         cfg = load_config(config)
-        shape = {"model_cfg": cfg.model, "batch": cfg.train.batch_size // cfg.train.gradient_accumulation_steps,
-                 "steps": cfg.train.seq_len}
+        step = Workload.of_training(cfg.train)
+        shape = {"model_cfg": cfg.model, "batch": step.batch, "steps": step.steps}
     facts = machine_facts()
     choices = auto_choices(**shape)
     if as_json:

@@ -47,7 +47,6 @@ def sample(
     from charlm.data.text import TextSettings  # noqa: PLC0415
     from charlm.data.vocab import EOS_TOKEN  # noqa: PLC0415
     from charlm.inference.sample import Decoding, generate, make_generator, prompt_ids  # noqa: PLC0415
-
     from charlm.models.autotune import Workload  # noqa: PLC0415
 
     precision = _usable_precision(device, precision)
@@ -189,7 +188,9 @@ def evaluate(
     if adapt is not None and window is not None:
         raise UserError("--window and --dynamic do not go together: dynamic evaluation carries the state")
     use_threads(threads)
-    workload = Workload.training(batch_size, segment) if adapt is not None else Workload.evaluation(batch_size, window or 64)
+    # dynamic evaluation takes a gradient step per segment: a training step's work
+    workload = (Workload.training(batch_size, segment) if adapt is not None
+                else Workload.evaluation(batch_size, window or 64))
     _, model, vocab, cfg = load_model(checkpoint, device, backend, precision, workload)
     text_settings = TextSettings.from_config(cfg.data)
     with _in_precision(model, precision):

@@ -54,6 +54,11 @@ class Workload:
         return Workload("train", batch, steps)
 
     @staticmethod
+    def of_training(train) -> "Workload":
+        """A run's step: one micro-batch (train.batch_size / gradient_accumulation_steps) of seq_len."""
+        return Workload("train", max(1, train.batch_size // train.gradient_accumulation_steps), train.seq_len)
+
+    @staticmethod
     def evaluation(streams: int = 64, window: int = 128) -> "Workload":
         return Workload("eval", streams, window)
 

@@ -172,10 +172,8 @@ def _choose_backend(cfg: Config, vocab_size: int, device: torch.device, world: O
     if world is not None and world.enabled:
         backend = resolve_backend(cfg.model.backend, cfg.model.type, device.type, cfg.train.precision)
         return Choice(backend, "fixed table under torchrun")
-    train = cfg.train
-    micro = max(1, train.batch_size // train.gradient_accumulation_steps)
-    return choose(cfg.model.backend, cfg.model, vocab_size, device, train.precision,
-                  Workload.training(micro, train.seq_len))
+    return choose(cfg.model.backend, cfg.model, vocab_size, device, cfg.train.precision,
+                  Workload.of_training(cfg.train))
 
 
 def _check_same_freeze(payload: dict, cfg: Config) -> None:
