@@ -80,6 +80,63 @@ def test_a_changed_machine_key_measures_again(measuring, monkeypatch):
     assert len(calls) == 2
 
 
+class SimulatedMachine:
+    """A clock that advances only by the calls it times: each backend's call costs its own seconds,
+    times `burst` while a neighbour is busy (calls number `burst_calls`)."""
+
+    def __init__(self, cost: dict[str, float], burst: float = 1.0, burst_calls: range = range(0)):
+        self.now, self.cost, self.burst, self.burst_calls = 0.0, cost, burst, burst_calls
+        self.order: list[str] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def runs(self) -> dict:
+        def call(name):
+            def run():
+                slow = self.burst if len(self.order) in self.burst_calls else 1.0
+                self.order.append(name)
+                self.now += self.cost[name] * slow
+            return run
+        return {name: call(name) for name in self.cost}
+
+
+def blocks_of(order: list[str]) -> list[str]:
+    return [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
+
+
+def test_timing_runs_in_blocks_a_b_b_a_and_stops_early_on_a_clear_lead():
+    machine = SimulatedMachine({"native": 0.05, "fused": 0.1})
+    seconds = autotune.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
+    assert seconds == pytest.approx({"native": 0.05, "fused": 0.1})
+    # warm-up blocks, then round A B, round B A: 2x is decisive after two rounds
+    assert blocks_of(machine.order) == ["native", "fused", "native", "fused", "native"]
+    assert machine.now < 1.5
+
+
+def test_a_near_tie_gets_every_round_the_budget_allows_and_keeps_within_it():
+    machine = SimulatedMachine({"native": 0.1, "fused": 0.097})
+    seconds = autotune.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
+    assert seconds["fused"] < seconds["native"]
+    assert len(blocks_of(machine.order)) >= 8
+    assert machine.now <= 2.7
+
+
+def test_a_burst_of_noise_spoils_one_block_not_the_answer():
+    # native's first timed call (after two warm-up calls of each) runs 3x slower: its block is that call
+    machine = SimulatedMachine({"native": 0.09, "fused": 0.1}, burst=3.0, burst_calls=range(4, 5))
+    seconds = autotune.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
+    assert seconds == pytest.approx({"native": 0.09, "fused": 0.1})
+    assert autotune.pick(seconds, "native") == "native"
+
+
+def test_a_call_longer_than_the_budget_still_times_each_backend_once():
+    machine = SimulatedMachine({"native": 1.5, "fused": 1.2})
+    seconds = autotune.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
+    assert seconds == pytest.approx({"native": 1.5, "fused": 1.2})
+    assert machine.order == ["native", "fused", "native", "fused"]
+
+
 def test_explicit_backend_and_fixed_mode_never_measure(measuring, monkeypatch):
     monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("measured"))
     for backend in ("native", "fused", "reference"):

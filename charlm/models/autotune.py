@@ -32,8 +32,11 @@ from charlm.models import registry
 from charlm.models.model import build_model
 
 AUTO_ENV = "CHARLM_AUTO"  # "measure" (the default) or "fixed"
-BUDGET_S = 2.2  # the whole measurement, warm-up included; the rounds stop before it is spent
+BUDGET_S = 2.7  # the whole measurement, model building and warm-up included: under 3 s
+BLOCK_S = 0.2  # one backend's turn; a call longer than this is a block of one call
 MAX_SAMPLES = 50  # timed calls per block at most (a tiny model's calls take microseconds)
+MAX_ROUNDS = 16
+DECISIVE = 0.15  # after two rounds, a lead this large ends the timing (single calls vary by ~10% here)
 TIE = 0.03  # native stays unless another backend is faster by more than this
 CACHE_NAME = "backend-choices.json"
 VERSION = 1  # of the cache's entries: a change of what is measured starts afresh
@@ -182,32 +185,65 @@ def store(key: str, entry: dict) -> None:
 
 def measure(backends: tuple[str, ...], model_cfg, vocab_size: int, device: torch.device, precision: str,
             workload: Workload, budget: float = BUDGET_S) -> dict[str, float]:
-    """Median seconds of one workload call on each backend, the same weights for all. Each backend
-    runs in blocks, as it would in a run of its own, in the order A B ... B A (so a drift of the
-    machine's speed weighs on all alike): interleaved call by call, the native loops lost ~10%
-    here to the other backend's turns, and picked the slower backend. The first block of each
-    starts with an untimed warm-up call; the blocks share `budget`, which counts from the start,
-    model building included. The caller's RNG is left as it was."""
+    """Seconds of one workload call on each backend, the same weights for all, timed in blocks
+    (time_in_blocks); `budget` counts from the start, model building included. The caller's RNG
+    is left as it was."""
     started = time.perf_counter()
-    times: dict[str, list[float]] = {b: [] for b in backends}
     with torch.random.fork_rng(devices=[]):
         runs = {b: _workload_call(b, model_cfg, vocab_size, device, precision, workload) for b in backends}
-        order = list(backends) + list(reversed(backends))
-        share = max(0.0, budget - (time.perf_counter() - started)) / len(order)
-        for visit, name in enumerate(order):
-            first = visit < len(backends)
-            if not first and time.perf_counter() - started > budget:
-                break
-            block = time.perf_counter()
-            if first:
-                runs[name]()  # oneDNN primitives, packed weights, the allocator's first touch
-            for _ in range(MAX_SAMPLES):
-                begin = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - begin)
-                if time.perf_counter() - block + times[name][-1] > share:
-                    break
-    return {b: statistics.median(t) for b, t in times.items()}
+        return time_in_blocks(runs, budget - (time.perf_counter() - started))
+
+
+def time_in_blocks(runs: dict[str, Callable[[], object]], budget: float,
+                   clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Each backend's typical call, in seconds: the median of its blocks' medians.
+
+    Each backend runs in blocks of ~BLOCK_S, as it would in a run of its own (interleaved call by
+    call, the native loops lost ~10% here to the other backend's turns and the slower backend was
+    picked), in rounds A B, B A, A B, ... so a drift of the machine's speed weighs on all alike.
+    A burst of noise from a neighbour spoils a block, not the answer: the median of the blocks
+    skips it. One round always runs; the timing stops when another round would not fit in `budget`
+    or, after two rounds, as soon as one backend leads clearly (_clear_lead). Near ties thus get the
+    most rounds, where they are needed; clear cases end in about a second. Each backend is first run untimed
+    for a block: oneDNN's primitives, packed weights and the allocator's first touch made the first
+    calls of a process here up to 40% slower than the rest."""
+    started = clock()
+    names = list(runs)
+    blocks: dict[str, list[float]] = {b: [] for b in names}
+    longest_call = 0.0
+    for name in names:
+        _run_for(runs[name], BLOCK_S, clock)
+    for round_no in range(MAX_ROUNDS):
+        if round_no >= 2 and _clear_lead(blocks):
+            break
+        if round_no >= 1 and clock() - started + len(names) * max(BLOCK_S, longest_call) > budget:
+            break
+        for name in (names if round_no % 2 == 0 else reversed(names)):
+            calls = _run_for(runs[name], BLOCK_S, clock)
+            longest_call = max(longest_call, max(calls))
+            blocks[name].append(statistics.median(calls))
+    return {b: statistics.median(blocks[b]) for b in names}
+
+
+def _run_for(run: Callable[[], object], seconds: float, clock: Callable[[], float]) -> list[float]:
+    """Calls `run` until `seconds` would be exceeded (at least once, at most MAX_SAMPLES times);
+    the seconds of each call."""
+    calls: list[float] = []
+    block = clock()
+    while len(calls) < MAX_SAMPLES:
+        begin = clock()
+        run()
+        calls.append(clock() - begin)
+        if clock() - block + calls[-1] > seconds:
+            break
+    return calls
+
+
+def _clear_lead(blocks: dict[str, list[float]]) -> bool:
+    """Whether one backend's slowest block beat every other backend's fastest by more than DECISIVE:
+    a lead that one noisy block cannot have made."""
+    leader = min(blocks, key=lambda b: statistics.median(blocks[b]))
+    return all(max(blocks[leader]) * (1 + DECISIVE) < min(blocks[b]) for b in blocks if b != leader)
 
 
 def _workload_call(backend: str, model_cfg, vocab_size: int, device: torch.device, precision: str,
