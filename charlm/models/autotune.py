@@ -204,14 +204,14 @@ def time_in_blocks(runs: dict[str, Callable[[], object]], budget: float,
     A burst of noise from a neighbour spoils a block, not the answer: the median of the blocks
     skips it. One round always runs; the timing stops when another round would not fit in `budget`
     or, after two rounds, as soon as one backend leads clearly (_clear_lead). Near ties thus get the
-    most rounds, where they are needed; clear cases end in about a second. Each backend is first run untimed
-    for a block: oneDNN's primitives, packed weights and the allocator's first touch made the first
-    calls of a process here up to 40% slower than the rest."""
+    most rounds, where they are needed; clear cases end in under two seconds. Warm-up blocks come first, untimed,
+    A B B A: a process's first second of work ran up to 2x slower here than the rest (for either
+    backend, whichever ran first), besides oneDNN's primitives and packed weights."""
     started = clock()
     names = list(runs)
     blocks: dict[str, list[float]] = {b: [] for b in names}
     longest_call = 0.0
-    for name in names:
+    for name in names + names[::-1]:
         _run_for(runs[name], BLOCK_S, clock)
     for round_no in range(MAX_ROUNDS):
         if round_no >= 2 and _clear_lead(blocks):
