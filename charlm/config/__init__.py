@@ -8,9 +8,10 @@ torch-free leaf: the cell types and backends): every other package may import th
 
 from charlm.config.loading import (apply_override, config_yaml, did_you_mean, load_config, read_config_file,
                                    read_yaml_mapping, sample_settings, validate_config)
+from charlm.config.redact import redact_uri
 from charlm.config.schema import (BACKEND_CHOICES, BACKENDS, SECTIONS, Backend, Config, ConfigError, DataConfig,
                                   ModelConfig, SampleConfig, TrainConfig, parse_duration, with_absolute_paths)
 
 __all__ = ["BACKEND_CHOICES", "BACKENDS", "SECTIONS", "Backend", "Config", "ConfigError", "DataConfig", "ModelConfig",
            "SampleConfig", "TrainConfig", "apply_override", "config_yaml", "did_you_mean", "load_config",
-           "parse_duration", "read_config_file", "read_yaml_mapping", "sample_settings", "validate_config", "with_absolute_paths"]
+           "parse_duration", "read_config_file", "read_yaml_mapping", "redact_uri", "sample_settings", "validate_config", "with_absolute_paths"]
