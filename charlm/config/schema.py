@@ -135,6 +135,9 @@ class TrainConfig(_Section):
     loggers: list[Logger] = ["jsonl"]  # metrics.jsonl is always written; tensorboard and mlflow need charlm[track]
     mlflow_uri: Optional[str] = Field(None, min_length=1)  # None: sqlite:///<run dir>/mlflow.db
     mlflow_experiment: Optional[str] = Field(None, min_length=1)  # None: the run dir's name
+    # seconds one TensorBoard/MLflow call may take before that logger is turned off for the run (and
+    # the most the run's end waits for them); an hour at most: a bound that never fires is no bound
+    logger_timeout: float = Field(60.0, gt=0, le=3600)
     # start from a trained model's weights: a checkpoint file or run dir (README, Fine-tuning)
     init_from: Optional[str] = None
     # parts left as they are: embedding, head, rnn.<k> or a parameter-name prefix

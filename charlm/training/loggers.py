@@ -1,17 +1,19 @@
 """Where a run's events go: metrics.jsonl always, TensorBoard and MLflow too when train.loggers names
-them. Their libraries (the `track` extra) are imported only by a run that uses them."""
+them, each on a thread of its own that training never waits for (a tracker can fail, training
+cannot). Their libraries (the `track` extra) are imported only by a run that uses them."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import logging
+import threading
 import time
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from charlm.config import Config, TrainConfig, config_yaml
+from charlm.atomic import write_text_atomic
+from charlm.config import Config, TrainConfig, config_yaml, redact_uri
 from charlm.errors import UserError
 from charlm.training.metrics import MetricsLog
 from charlm.training.rundir import MLFLOW_ARTIFACTS, MLFLOW_DB, MLFLOW_RUN, TENSORBOARD_DIR
@@ -62,45 +64,156 @@ def _mlflow_client(uri: str):
     try:
         return MlflowClient(tracking_uri=uri)
     except MlflowException as err:
-        raise UserError(f"train.mlflow_uri: MLflow cannot log to {uri}: {_first_line(err)}") from None
+        raise UserError(f"train.mlflow_uri: MLflow cannot log to {redact_uri(uri)}: "
+                        f"{redact_text(_first_line(err))}") from None
 
 
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-class Loggers:
-    """metrics.jsonl and the extra loggers behind MetricsLog's write / close: one event, every log."""
+class Sink:
+    """One optional logger (TensorBoard or MLflow) behind a thread of its own: training hands it calls
+    and never waits for them. A call that raises, or runs longer than train.logger_timeout, turns the
+    logger off for the rest of the run with one warning line; metrics.jsonl still has every event.
 
-    def __init__(self, jsonl: MetricsLog, extras: list):
-        self.jsonl, self.extras = jsonl, extras
-        self.wants_samples = bool(extras)  # previews are sent as `sample` events only where someone shows them
+    No retry at the next evaluation: by the time MLflow raises it has retried for minutes already, a
+    hung call still holds the thread, and a logger that came back would show a history with holes
+    that look like data. The thread is a daemon: a call that never returns cannot keep the process."""
+
+    def __init__(self, name: str, timeout: float, warn: Callable[[str], None]):
+        self.name, self.timeout, self.warn = name, timeout, warn
+        self.logger = None
+        self.failure: Optional[str] = None  # why it was turned off; set by its thread or by a timeout
+        self._warned = False
+        self._queue: list[tuple[str, Callable[[], None], bool]] = []
+        self._started: Optional[float] = None  # time.monotonic() when the call in progress began
+        self._changed = threading.Condition()
+        threading.Thread(target=self._work, name=f"charlm-{name}", daemon=True).start()
+
+    def open(self, factory: Callable[[], object]) -> bool:
+        """Make the logger on its thread, waiting at most the timeout; False (and a warning) if it failed."""
+        self.call("starting", lambda: setattr(self, "logger", factory()))
+        self.wait(time.monotonic() + self.timeout)
+        return self.failure is None
+
+    def send(self, event: str, fields: dict) -> None:
+        self.call(f"its {event} event at step {fields.get('step')}", lambda: self.logger.write(event, fields))
+
+    def finish(self) -> None:
+        """Queue the logger's close; a logger that raised earlier is closed too (its files, its run's status)."""
+        if self.logger is not None:
+            self.call("closing", self.logger.close, even_if_off=True)
+
+    def call(self, what: str, function: Callable[[], None], even_if_off: bool = False) -> None:
+        """Queue `function` (`what` names it in the warning); dropped once the logger is off."""
+        self._notice_hung()
+        if self.failure is None or (even_if_off and self._started is None):
+            with self._changed:
+                self._queue.append((what, function, even_if_off))
+                self._changed.notify_all()
+        self.report()
+
+    def wait(self, deadline: float) -> None:
+        """Until every queued call has run or time.monotonic() reaches `deadline`."""
+        with self._changed:
+            while (self._queue or self._started is not None) and time.monotonic() < deadline:
+                self._changed.wait(max(0.0, min(deadline - time.monotonic(), 0.5)))
+        self._notice_hung(at_end=bool(self._queue) or self._started is not None)
+        self.report()
+
+    def report(self) -> None:
+        """The one warning, printed by the training thread (the display is not shared with this one)."""
+        if self.failure is not None and not self._warned:
+            self._warned = True
+            self.warn(f"warning: {self.name} logging is off for the rest of this run: {self.failure}; "
+                      "metrics.jsonl has every event")
+
+    def _notice_hung(self, at_end: bool = False) -> None:
+        started = self._started
+        if self.failure is None and (at_end or (started is not None and time.monotonic() - started > self.timeout)):
+            self.failure = f"a call took longer than {self.timeout:g} s (train.logger_timeout)"
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue:
+                    self._changed.wait()
+                what, function, even_if_off = self._queue.pop(0)
+                if self.failure is not None and not even_if_off:
+                    self._changed.notify_all()
+                    continue
+                self._started = time.monotonic()
+            try:
+                function()
+            except BaseException as err:  # whatever a tracking library raises: that logger is off, training goes on
+                self.failure = self.failure or f"{what} failed ({type(err).__name__}: {redact_text(_first_line(err))})"
+            finally:
+                with self._changed:
+                    self._started = None
+                    self._changed.notify_all()
+
+
+def redact_text(text: str) -> str:
+    """`text` with the userinfo of every URI in it removed (an error message quoting train.mlflow_uri)."""
+    return " ".join(redact_uri(word) if "://" in word else word for word in text.split(" "))
+
+
+class Loggers:
+    """metrics.jsonl and the optional loggers behind MetricsLog's write / close: one event, every log.
+
+    metrics.jsonl is written at once. An evaluation and its preview sample reach the optional loggers
+    only after the checkpoint written with them (`checkpoint_written`): whatever a tracker does, the
+    checkpoint is on disk first."""
+
+    HELD = ("eval", "sample")  # events followed by a checkpoint (charlm.training.validation)
+
+    def __init__(self, jsonl: MetricsLog, sinks: list[Sink]):
+        self.jsonl, self.sinks = jsonl, sinks
+        self.wants_samples = bool(sinks)  # previews are sent as `sample` events only where someone shows them
+        self._held: list[tuple[str, dict]] = []
 
     def write(self, event: str, **fields) -> None:
         self.jsonl.write(event, **fields)
-        for logger in self.extras:
-            logger.write(event, fields)
+        if not self.sinks:
+            return
+        self._held.append((event, fields))
+        if event not in self.HELD:
+            self.checkpoint_written()
+
+    def checkpoint_written(self) -> None:
+        """Hand the held events to the optional loggers, in order."""
+        for event, fields in self._held:
+            for sink in self.sinks:
+                sink.send(event, fields)
+        self._held.clear()
 
     def close(self) -> None:
-        with ExitStack() as closing:  # each one closes even if another fails
-            closing.callback(self.jsonl.close)
-            for logger in self.extras:
-                closing.callback(logger.close)
+        """Close every logger; the optional ones get train.logger_timeout together, then are left behind."""
+        try:
+            self.checkpoint_written()
+            for sink in self.sinks:
+                sink.finish()
+            deadline = time.monotonic() + (self.sinks[0].timeout if self.sinks else 0.0)
+            for sink in self.sinks:
+                sink.wait(deadline)
+        finally:
+            self.jsonl.close()
 
 
 def open_loggers(cfg: Config, run_dir: Path, step: int, resumed: bool, message: Callable[[str], None]) -> Loggers:
-    """The logs of a run starting (or resuming) at `step`; `message` shows where the extra ones go."""
-    names = cfg.train.loggers
-    with ExitStack() as opened:
-        extras = []
-        if "tensorboard" in names:
-            extras.append(TensorBoardLogger(cfg, run_dir, step, resumed, message))
-            opened.callback(extras[-1].close)
-            message(f"tensorboard: {run_dir / TENSORBOARD_DIR} (view: tensorboard --logdir {run_dir})")
-        if "mlflow" in names:
-            extras.append(MlflowLogger(cfg, run_dir, step, resumed, message))
-        opened.pop_all()  # all open: they stay open for the run
-    return Loggers(MetricsLog(run_dir), extras)
+    """The logs of a run starting (or resuming) at `step`; `message` shows where the extra ones go.
+    A logger that cannot start is one warning; the run trains without it."""
+    makers = {"tensorboard": TensorBoardLogger, "mlflow": MlflowLogger}
+    sinks = []
+    for name in (name for name in cfg.train.loggers if name in makers):
+        told: list[str] = []  # its messages, shown from this thread once it has started
+        sink = Sink(name, cfg.train.logger_timeout, message)
+        if sink.open(lambda maker=makers[name]: maker(cfg, run_dir, step, resumed, told.append)):
+            sinks.append(sink)
+            for line in told:
+                message(line)
+    return Loggers(MetricsLog(run_dir), sinks)
 
 
 def flat_config(cfg: Config) -> dict:
@@ -137,6 +250,7 @@ class TensorBoardLogger:
         self.writer.file_writer.add_summary(experiment, step)
         self.writer.file_writer.add_summary(session, step)
         self.writer.add_text("config", _code_block(config_yaml(cfg.to_dict())), step)
+        message(f"tensorboard: {folder} (view: tensorboard --logdir {run_dir})")
 
     def write(self, event: str, fields: dict) -> None:
         for key, tag in SCALARS.get(event, {}).items():
@@ -162,10 +276,13 @@ class MlflowLogger:
             self.run_id = self._continued(resumed, message) or self._created(cfg, run_dir)
             self._log_config(cfg, step)
         except MlflowException as err:
-            raise UserError(f"train.mlflow_uri: MLflow cannot log to {self.uri}: {_first_line(err)}") from None
-        self.path.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}) + "\n", encoding="utf-8")
-        view = f"mlflow ui --backend-store-uri {self.uri}" if _database(self.uri) else self.uri
-        message(f"mlflow: run {self.run_id} in {self.uri} (view: {view})")
+            raise UserError(f"train.mlflow_uri: MLflow cannot log to {redact_uri(self.uri)}: "
+                            f"{redact_text(_first_line(err))}") from None
+        # Atomic: a torn file would stop the next --resume; no credentials in the run dir.
+        write_text_atomic(self.path, json.dumps({"run_id": self.run_id, "tracking_uri": redact_uri(self.uri)}) + "\n")
+        shown = redact_uri(self.uri)
+        view = f"mlflow ui --backend-store-uri {shown}" if _database(self.uri) else shown
+        message(f"mlflow: run {self.run_id} in {shown} (view: {view})")
 
     def _continued(self, resumed: bool, message: Callable[[str], None]) -> str | None:
         """The MLflow run of the charlm run being resumed, running again; None if there is none here."""
@@ -173,11 +290,15 @@ class MlflowLogger:
 
         if not resumed or not self.path.exists():
             return None
-        run_id = json.loads(self.path.read_text(encoding="utf-8"))["run_id"]
+        try:
+            run_id = str(json.loads(self.path.read_text(encoding="utf-8"))["run_id"])
+        except (OSError, ValueError, TypeError, KeyError):
+            message(f"mlflow: {self.path} is unreadable; starting a new MLflow run")
+            return None
         try:
             self.client.get_run(run_id)
         except MlflowException:
-            message(f"mlflow: run {run_id} of this run dir is not in {self.uri}; starting a new MLflow run")
+            message(f"mlflow: run {run_id} of this run dir is not in {redact_uri(self.uri)}; starting a new MLflow run")
             return None
         self.client.update_run(run_id, status="RUNNING")
         return run_id

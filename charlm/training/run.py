@@ -25,7 +25,7 @@ from charlm.models.model import CharLM, build_model, count_parameters
 from charlm.models.native import cpp_loops
 from charlm.models.autotune import Choice, Workload, choose, mode as autotune_mode
 from charlm.models.registry import describe_backend, resolve_backend
-from charlm.training.loggers import check_loggers, open_loggers
+from charlm.training.loggers import Loggers, check_loggers, open_loggers
 from charlm.training.metrics import NoMetrics
 from charlm.training.rundir import RunLock, prepare_run_dir, write_config
 from charlm.training.runtime import (allow_tf32, use_threads, check_precision, describe_device, process_device_note,
@@ -133,6 +133,8 @@ def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notic
         trainer.save()  # from here on the run dir always holds a loadable last.pt
     metrics = open_loggers(cfg, run_dir, trainer.pos.step, payload is not None, display.message) if world.main \
         else NoMetrics()
+    if isinstance(metrics, Loggers):
+        trainer.after_save = metrics.checkpoint_written
     if world.main:
         write_config(run_dir, cfg.to_dict())
         _announce(display, trainer, corpus, device, payload is not None, world, choice)

@@ -9,7 +9,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,8 @@ class Trainer:
         self.last_eval_step, self.bad_streak = -1, 0
         self._t0 = time.perf_counter()
         self.saved_at = (0, 0.0)  # (step, elapsed) of the last checkpoint
+        # After each checkpoint: the optional loggers get the evaluation it goes with only then (run.py).
+        self.after_save: Callable[[], None] = lambda: None
 
     # --- checkpoints --------------------------------------------------------------------
 
@@ -99,6 +101,7 @@ class Trainer:
         """last.pt (and best.pt): every rank calls this together; rank 0 writes."""
         checkpoint_contents.save(self, best)
         self.saved_at = (self.pos.step, self.elapsed())
+        self.after_save()
 
     def restore(self, payload: dict) -> None:
         """Continue exactly where the checkpoint left off (this rank's streams of its state)."""
