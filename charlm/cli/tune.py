@@ -32,6 +32,10 @@ def tune(
                                        help="Trials sampled at random, before the sampler and the median pruner "
                                             "learn from the results."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Sampler seed (give each worker its own)."),
+    stale_after: float = typer.Option(60.0, "--stale-after", min=2.0,
+                                      help="Seconds without a heartbeat after which a running trial's worker counts "
+                                           "as gone (killed, its machine lost) and another worker resumes the "
+                                           "trial; this worker sends one every quarter of it."),
 ) -> None:
     """Search hyperparameters: train trials with values drawn from a space file, stop hopeless ones
     early, and write the best trial's config. Run it on several processes or machines with one
@@ -44,7 +48,7 @@ def tune(
     base = with_absolute_paths(load_config(config, overrides))
     searched = load_space(space, base, fixed=tuple(a.partition("=")[0].strip() for a in overrides))
     sweep = Sweep(base, searched, out if out is not None else Path("runs") / f"{config.stem}-tune", trials,
-                  study_name or config.stem, storage, pruner, startup_trials, seed)
+                  study_name or config.stem, storage, pruner, startup_trials, seed, stale_after)
     study, store = open_study(sweep)
     shown = console()
     shown.print(f"study '{sweep.study_name}': {trials} trials of {', '.join(searched.keys)}; "
@@ -52,7 +56,7 @@ def tune(
     signum = work(study, store, sweep, lambda line: shown.print(line, markup=False))
 
     rows = trial_rows(study)
-    best_path = write_results(sweep.out, sweep.study_name, rows, searched.keys)
+    best_path = write_results(sweep.out, sweep.study_name, rows, searched.keys, base.to_dict())
     _print_table(rows, searched.keys, sweep.study_name)
     best = best_row(rows)
     if best is not None and best_path is not None:

@@ -12,6 +12,7 @@ from typing import Optional
 
 from charlm.atomic import write_text_atomic
 from charlm.config import config_yaml
+from charlm.tune.credentials import with_credentials
 
 BEST_CONFIG, TRIALS_CSV = "best.yaml", "trials.csv"
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "queued"}
@@ -27,7 +28,7 @@ class TrialRow:
     seconds: Optional[float]
     run_dir: str
     message: str
-    config: Optional[dict]  # the full config it trained with
+    config: Optional[dict]  # the full config it trained with, less the credentials of its URIs
 
 
 def trial_rows(study) -> list[TrialRow]:
@@ -51,14 +52,17 @@ def best_row(rows: list[TrialRow]) -> Optional[TrialRow]:
     return min(complete, key=lambda r: r.best_val) if complete else None
 
 
-def write_results(out: Path, study_name: str, rows: list[TrialRow], keys: list[str]) -> Optional[Path]:
-    """trials.csv, and best.yaml when a trial completed (returned). Atomic: workers may write at once."""
+def write_results(out: Path, study_name: str, rows: list[TrialRow], keys: list[str],
+                  base: Optional[dict] = None) -> Optional[Path]:
+    """trials.csv, and best.yaml when a trial completed (returned), with the credentials that the
+    study does not store taken from `base`, this worker's config. Atomic: workers may write at once."""
     write_text_atomic(out / TRIALS_CSV, trials_csv(rows, keys))
     best = best_row(rows)
     if best is None or best.config is None:
         return None
     path = out / BEST_CONFIG
-    write_text_atomic(path, best_yaml(best, study_name, len(rows), path))
+    config = best.config if base is None else with_credentials(best.config, base)
+    write_text_atomic(path, best_yaml(best, study_name, len(rows), path, config))
     return path
 
 
@@ -74,12 +78,12 @@ def trials_csv(rows: list[TrialRow], keys: list[str]) -> str:
     return text.getvalue()
 
 
-def best_yaml(best: TrialRow, study_name: str, count: int, path: Path) -> str:
+def best_yaml(best: TrialRow, study_name: str, count: int, path: Path, config: dict) -> str:
     lines = [f"# Best of {count} trials of study '{study_name}': trial {best.number}, val loss "
              f"{best.best_val:.4f} nats ({best.best_val / math.log(2):.4f} bpc) in {best.steps} steps.",
              *(f"#   {key}: {value}" for key, value in best.params.items()),
              f"# Train it: charlm train --config {path} (raise train.max_steps or train.max_time for a longer run)"]
-    return "\n".join(lines) + "\n" + config_yaml(best.config)
+    return "\n".join(lines) + "\n" + config_yaml(config)
 
 
 def _blank(value) -> str:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from charlm.config import SECTIONS, Config, ConfigError, did_you_mean, read_config_file, validate_config
 from charlm.errors import UserError
+from charlm.tune.credentials import carries_credentials
 
 EXAMPLE = "e.g. model.hidden_size: [128, 256] or train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}"
 _SCALARS = (str, int, float, bool, type(None))  # what an Optuna categorical can hold
@@ -167,6 +168,11 @@ def _choices(key: str, values: list) -> tuple:
     repeated = [v for i, v in enumerate(values) if v in values[:i]]
     if repeated:
         raise SpaceError(f"{key}: the choice {repeated[0]!r} is listed twice")
+    secret = [i for i, v in enumerate(values, 1) if carries_credentials(v)]
+    if secret:  # a searched value is stored in the study database, which other workers and tools read
+        raise SpaceError(f"{key}: choice {secret[0]} carries credentials (user:password@ or a secret query value), "
+                         "which the study database would store; give them in the config file (or with --set) "
+                         "and search only what has none")
     return tuple(values)
 
 

@@ -1,18 +1,22 @@
 """The Optuna study a sweep shares with its other workers, and one worker's loop: take a place
-among the first `trials` trials, run it, tell the study how it ended. Optuna is imported here only,
-inside functions: it is the `tune` extra."""
+among the first `trials` trials, run it, tell the study how it ended; queue again a trial whose
+worker died (heartbeat.py), and stay until the trials other workers run have ended. Optuna is
+imported here only, inside functions: it is the `tune` extra."""
 
 from __future__ import annotations
 
-import re
+import signal
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from charlm.config import Config, ConfigError
 from charlm.errors import UserError
 from charlm.training.signals import StopRequests
+from charlm.tune.credentials import hide_password, redact_message, without_credentials
+from charlm.tune.heartbeat import ALIVE_UNTIL, Heartbeat, beat_interval, is_stale
 from charlm.tune.space import Space, apply_params
 from charlm.tune.trial import TrialRun, run_trial, train_command
 
@@ -35,6 +39,7 @@ class Sweep:
     pruner: str = "median"
     startup_trials: int = 5  # trials sampled at random and never pruned
     seed: Optional[int] = None
+    stale_after: float = 60.0  # seconds without a heartbeat before a running trial's worker counts as gone
 
     @property
     def storage_url(self) -> str:
@@ -70,29 +75,56 @@ def open_study(sweep: Sweep):
             study = optuna.create_study(storage=storage, study_name=sweep.study_name, direction="minimize",
                                         load_if_exists=True, pruner=pruner, sampler=sampler)
     except ImportError:
-        raise UserError(f"cannot open the study storage {_hide_password(url)}: its database driver is not "
+        raise UserError(f"cannot open the study storage {hide_password(url)}: its database driver is not "
                         f"installed ({DRIVERS})") from None
     except Exception as err:  # noqa: BLE001 - a bad URL, a server that refuses: whatever the driver raises
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot open the study storage {_hide_password(url)}: {first}") from None
+        first = redact_message((str(err).strip().splitlines() or [type(err).__name__])[0])
+        raise UserError(f"cannot open the study storage {hide_password(url)}: {first}") from None
     _check_run_dirs(sweep, study)
     return study, storage
 
 
+class SweepStops(StopRequests):
+    """SIGINT and SIGTERM as for training, and SIGHUP too: a worker whose terminal goes away stops
+    its trainer (which has a session of its own and gets no hangup) and queues its trial."""
+
+    def __enter__(self):
+        super().__enter__()
+        self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._handle)
+        return self
+
+
 def work(study, storage, sweep: Sweep, say: Callable[[str], None]) -> Optional[int]:
-    """Run trials until the study has `sweep.trials` of them (or a signal stops this worker: the
-    trial it runs stops at a checkpoint and goes back in the queue). Returns that signal, if any."""
-    with StopRequests() as stop:
-        while stop.signal is None and _room_left(study, sweep.trials):
-            trial = study.ask()  # a queued (interrupted) trial first, else a new one
-            if trial.number >= sweep.trials or stop.signal is not None:
-                _requeue(study, storage, trial)  # another worker took the last place meanwhile
+    """Run trials until the study has `sweep.trials` finished ones (or a signal stops this worker:
+    the trial it runs stops at a checkpoint and goes back in the queue). While other workers run
+    the last trials, wait: a trial whose worker dies is queued again and run here. Returns the
+    signal, if any."""
+    with SweepStops() as stop:
+        waiting_said = False
+        while stop.signal is None:
+            _requeue_stale(study, storage, sweep, say)
+            if _room_left(study, sweep.trials):
+                trial = study.ask()  # a queued (interrupted) trial first, else a new one
+                if trial.number >= sweep.trials or stop.signal is not None:
+                    _requeue(study, storage, trial)  # another worker took the last place meanwhile
+                    continue
+                _run(study, storage, trial, sweep, stop, say)
+                continue
+            running = _running(study, sweep.trials)
+            if not running:
                 break
-            _run(study, storage, trial, sweep, stop, say)
+            if not waiting_said:
+                say(f"waiting for {_trial_list(running)}, run by other workers (a trial whose worker is gone "
+                    f"is queued again after {sweep.stale_after:g} s without its heartbeat, and run here)")
+                waiting_said = True
+            _sleep(beat_interval(sweep.stale_after), stop)
         return stop.signal
 
 
 def _run(study, storage, trial, sweep: Sweep, stop: StopRequests, say: Callable[[str], None]) -> None:
+    trial_id = _trial_id(study, storage, trial)
+    beat = Heartbeat(storage, trial_id, sweep.stale_after)
+    beat()  # at once: until then the trial's last heartbeat is its previous worker's, long past
     try:
         params = {p.key: p.suggest(trial) for p in sweep.space.params}
         say(f"trial {trial.number}: {format_params(params)}")
@@ -103,12 +135,16 @@ def _run(study, storage, trial, sweep: Sweep, stop: StopRequests, say: Callable[
         else:
             run_dir = sweep.out / f"trial_{trial.number:04d}"
             trial.set_user_attr("run_dir", str(run_dir.absolute()))
-            trial.set_user_attr("config", cfg.to_dict())
-            seen = set(storage.get_trial(_trial_id(study, storage, trial)).intermediate_values)
-            result = run_trial(train_command(run_dir, cfg), run_dir, _reporter(trial, seen), lambda: stop.signal)
+            trial.set_user_attr("config", without_credentials(cfg.to_dict()))  # the trainer gets them in trial.yaml
+            seen = set(storage.get_trial(trial_id).intermediate_values)
+            result = run_trial(train_command(run_dir, cfg), run_dir, _reporter(trial, seen), lambda: stop.signal,
+                               beat)
     except BaseException as err:
-        _tell(study, storage, trial, TrialRun("failed", None, 0, 0.0, f"charlm tune stopped with an error: {err!r}"))
+        _tell(study, storage, trial, TrialRun("failed", None, 0, 0.0,
+                                              redact_message(f"charlm tune stopped with an error: {err!r}")))
         raise
+    if result.message:  # a trainer's error line may quote a URI with its credentials
+        result = replace(result, message=redact_message(result.message))
     _tell(study, storage, trial, result)
     say(_ending(trial.number, result))
 
@@ -143,7 +179,42 @@ def _requeue(study, storage, trial) -> None:
     """Back to WAITING: the next worker to ask takes it, with its values (and its run dir's last.pt)."""
     from optuna.trial import TrialState  # noqa: PLC0415
 
-    storage.set_trial_state_values(_trial_id(study, storage, trial), TrialState.WAITING)
+    trial_id = _trial_id(study, storage, trial)
+    storage.set_trial_user_attr(trial_id, ALIVE_UNTIL, None)  # its next worker vouches anew
+    storage.set_trial_state_values(trial_id, TrialState.WAITING)
+
+
+def _requeue_stale(study, storage, sweep: Sweep, say: Callable[[str], None]) -> None:
+    """Back to WAITING: each running trial whose worker stopped sending heartbeats (killed, lost)."""
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(trial, sweep.stale_after, time.time()):
+            continue
+        # Read again just before writing: another worker may have queued it and a third taken it since.
+        fresh = storage.get_trial(_trial_id(study, storage, trial))
+        if fresh.state != TrialState.RUNNING or not is_stale(fresh, sweep.stale_after, time.time()):
+            continue
+        _requeue(study, storage, fresh)
+        say(f"trial {trial.number}: its worker is gone (no heartbeat); queued again, it resumes from its "
+            "checkpoint")
+
+
+def _running(study, trials: int) -> list[int]:
+    """The numbers of the first `trials` trials that other workers run now."""
+    from optuna.trial import TrialState  # noqa: PLC0415
+
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number < trials]
+
+
+def _sleep(seconds: float, stop: StopRequests) -> None:
+    deadline = time.monotonic() + seconds
+    while stop.signal is None and time.monotonic() < deadline:
+        time.sleep(min(0.1, seconds))
+
+
+def _trial_list(numbers: list[int]) -> str:
+    return ("trial " if len(numbers) == 1 else "trials ") + ", ".join(str(n) for n in numbers)
 
 
 def _trial_id(study, storage, trial) -> int:
@@ -195,7 +266,7 @@ def _check_run_dirs(sweep: Sweep, study) -> None:
     foreign = [p for p in found if not (p.name[6:].isdigit() and int(p.name[6:]) < count)]
     if foreign:
         raise UserError(f"{sorted(foreign)[0]} is not a trial of study '{sweep.study_name}' in "
-                        f"{_hide_password(sweep.storage_url)}; use another --out (or the --storage and "
+                        f"{hide_password(sweep.storage_url)}; use another --out (or the --storage and "
                         "--study-name of the sweep that made it)")
 
 
@@ -222,6 +293,3 @@ def _creation_lock(url: str) -> Iterator[None]:
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
-
-def _hide_password(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)

@@ -1,6 +1,7 @@
 """One trial: a `charlm train` subprocess in the trial's run dir, its metrics.jsonl read as it
 grows so that each evaluation is reported at once, and a SIGINT (the trainer checkpoints and
-exits) when the trial is pruned or the sweep is stopped."""
+exits) when the trial is pruned or the sweep is stopped. The trainer is tied to its worker
+(tether.py): a worker that dies, however, takes its trainer with it."""
 
 from __future__ import annotations
 
@@ -9,18 +10,20 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from charlm.atomic import write_text_atomic
 from charlm.config import Config, config_yaml
 from charlm.training.rundir import CONFIG, LAST, METRICS
+from charlm.tune.tether import tethered
 
 TRIAL_CONFIG = "trial.yaml"  # the config the sweep gave the trial (config.yaml: what ran)
 TRAIN_LOG = "train.log"  # the trainer's stdout and stderr
 POLL_SECONDS = 0.25
+STOP_SECONDS = 60  # what a stopped trainer gets to checkpoint and exit before it is killed
 ERROR_PREFIX = "charlm: error: "
 
 
@@ -60,32 +63,36 @@ class MetricsTail:
 
 
 def train_command(run_dir: Path, cfg: Config) -> list[str]:
-    """The command that trains (or, after an interruption, resumes) the trial in `run_dir`."""
+    """The command that trains (or, after an interruption, resumes) the trial in `run_dir`, tied
+    to this worker."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / LAST).is_file():
-        return [sys.executable, "-m", "charlm", "train", "--resume", "--out", str(run_dir), "--quiet"]
+        return tethered(os.getpid(), "charlm", ["train", "--resume", "--out", str(run_dir), "--quiet"])
     # A start cut short before its first checkpoint has nothing to resume: start over.
     for name in (METRICS, CONFIG):
         (run_dir / name).unlink(missing_ok=True)
-    (run_dir / TRIAL_CONFIG).write_text(config_yaml(cfg.to_dict()), encoding="utf-8")
-    return [sys.executable, "-m", "charlm", "train", "--config", str(run_dir / TRIAL_CONFIG),
-            "--out", str(run_dir), "--quiet"]
+    write_text_atomic(run_dir / TRIAL_CONFIG, config_yaml(cfg.to_dict()))
+    return tethered(os.getpid(), "charlm", ["train", "--config", str(run_dir / TRIAL_CONFIG),
+                                            "--out", str(run_dir), "--quiet"])
 
 
 def run_trial(command: list[str], run_dir: Path, report: Callable[[int, float], bool],
-              stop_signal: Callable[[], Optional[int]]) -> TrialRun:
+              stop_signal: Callable[[], Optional[int]], alive: Callable[[], None] = lambda: None) -> TrialRun:
     """Run the trainer until it ends. `report(step, val_loss)` is called for each evaluation and
-    says whether to prune; `stop_signal()` says whether the sweep was asked to stop."""
+    says whether to prune; `stop_signal()` says whether the sweep was asked to stop; `alive()` is
+    called at each look at the trainer (the worker's heartbeat)."""
     log_path = run_dir / TRAIN_LOG
     log_start = log_path.stat().st_size if log_path.exists() else 0
     tail, events, ending = MetricsTail(run_dir / METRICS), [], None
     with open(log_path, "ab") as log:
-        # A session of its own: a Ctrl-C in the terminal reaches `charlm tune` alone, which
-        # then stops the trainer with one SIGINT (a second one could cut its checkpoint short).
+        # A session (and process group) of its own: a Ctrl-C or a hangup in the terminal reaches
+        # `charlm tune` alone, which then stops the trainer's group with one SIGINT (a second one
+        # could cut its checkpoint short).
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})  # whole lines in the log
         try:
             while True:
+                alive()
                 finished = process.poll() is not None  # read after this, so the last events are seen
                 for event in tail.new_events():
                     events.append(event)
@@ -99,14 +106,29 @@ def run_trial(command: list[str], run_dir: Path, report: Callable[[int, float], 
         finally:
             if process.poll() is None:  # charlm tune itself failed: leave no trainer behind
                 _stop(process, "")
-                process.wait()
+                _wait_or_kill(process)
     return _outcome(process.returncode, events, ending, log_path, log_start)
 
 
 def _stop(process: subprocess.Popen, why: str) -> str:
+    """One SIGINT to the trainer's process group (the trainer and whatever it started)."""
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        try:
+            os.killpg(process.pid, signal.SIGINT)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
     return why
+
+
+def _wait_or_kill(process: subprocess.Popen) -> None:
+    try:
+        process.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:  # a trainer that does not stop is not left running
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
 
 
 def _outcome(code: int, events: list[dict], ending: Optional[str], log_path: Path, log_start: int) -> TrialRun:
@@ -133,5 +155,16 @@ def _failure(code: int, log_path: Path, log_start: int) -> str:
     if code == 2 and errors:
         return "; ".join(errors)
     if code < 0:
-        return f"the trainer was killed by {signal.Signals(-code).name}; its output is in {log_path}"
+        return f"the trainer was killed by {signal_name(-code)}; its output is in {log_path}"
     return f"the trainer exited with code {code}; its output is in {log_path}"
+
+
+def signal_name(signum: int) -> str:
+    """SIGKILL for the signals Python names; `signal 37 (SIGRTMIN+3)` for real-time and unknown ones."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        low, high = getattr(signal, "SIGRTMIN", None), getattr(signal, "SIGRTMAX", None)
+        if low is not None and high is not None and low <= signum <= high:
+            return f"signal {signum} (SIGRTMIN+{signum - low})"
+        return f"signal {signum}"
