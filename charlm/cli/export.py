@@ -3,6 +3,7 @@ single-step model, checked in onnxruntime against charlm after it is written."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -17,11 +18,14 @@ FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}  # --out's suffix -> 
 @app.command(name="export")
 def export_model(
     checkpoint: Path = typer.Option(..., "--checkpoint", help=CHECKPOINT_HELP),
-    out: Path = typer.Option(..., "--out", help="The file to write (replaced if it exists)."),
+    out: Path = typer.Option(..., "--out", help="The file to write (replaced if it exists; a run's checkpoint only "
+                             "with --force)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="safetensors or onnx (default: from --out's "
                                          "suffix, .safetensors or .onnx)."),
     check_steps: int = typer.Option(50, "--check-steps", min=0, help="onnx: steps to run the file in onnxruntime "
                                     "against charlm after writing it, at batch sizes 1 and 3 (0: no check)."),
+    force: bool = typer.Option(False, "--force", help="Replace a checkpoint file of a run folder with the export "
+                               "(never the checkpoint being exported)."),
 ) -> None:
     """Export a trained model as safetensors or ONNX.
 
@@ -33,6 +37,7 @@ def export_model(
     from charlm.models.registry import lookup  # noqa: PLC0415
 
     _check_out(out)
+    _check_not_a_checkpoint(out, checkpoint, force)
     chosen = _format(fmt, out)
     for module in ("safetensors.torch",) if chosen == "safetensors" else ("onnx", "onnxscript", "onnxruntime"):
         require(module)  # before the checkpoint loads: a missing extra is said at once
@@ -68,6 +73,23 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist; create it first")
+
+
+def _check_not_a_checkpoint(out: Path, checkpoint: Path, force: bool) -> None:
+    """--out never replaces the file being exported, and a run's checkpoint only with --force."""
+    from charlm.training.checkpoint import resolve_checkpoint  # noqa: PLC0415
+    from charlm.training.rundir import BEST, CONFIG, LAST  # noqa: PLC0415
+
+    if not out.exists():
+        return
+    source = resolve_checkpoint(checkpoint)
+    if out.resolve() == source.resolve() or os.path.samefile(out, source):
+        raise UserError(f"--out {out} is the checkpoint being exported (its source); write the export to "
+                        "another file")
+    in_a_run = any((out.parent / name).exists() for name in (CONFIG, LAST, BEST))
+    if in_a_run and (out.name in (LAST, BEST) or out.suffix == ".pt") and not force:
+        raise UserError(f"--out {out} is a checkpoint of the run in {out.parent}; write the export to another "
+                        "file (e.g. model.safetensors), or add --force to replace it")
 
 
 def _check_onnx(out: Path, model, vocab, cfg, steps: int) -> None:

@@ -56,11 +56,11 @@ def load_safetensors(path: str | Path, device: torch.device | str = "cpu", backe
         raise ExportFileError(f"model file not found: {path}")
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
+            # The metadata is checked (sizes included) before a single tensor is read.
+            described = read_metadata(handle.metadata(), str(path))
             weights = {name: handle.get_tensor(name) for name in handle.keys()}
     except (safetensors.SafetensorError, OSError) as err:
         raise ExportFileError(f"{path} is damaged or not a safetensors file ({err})") from None
-    described = read_metadata(metadata, str(path))
     payload = {"config": described.config.to_dict(), "vocab": described.vocab.to_dict(), "model": weights}
     model, vocab = model_from_checkpoint(payload, device, backend, precision, workload, report)
     return Loaded(model, vocab, described.config, described.training)

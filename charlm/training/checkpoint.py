@@ -7,7 +7,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import torch
 
@@ -30,6 +30,21 @@ FORMAT_VERSION = 1
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, damaged, foreign or inconsistent."""
+
+
+# The progress facts `charlm info` shows (and an export carries), by the type they must have when present:
+# a crafted file with a string for a number ends in one line here, not in a traceback where it is shown.
+FACT_TYPES = {"step": int, "epoch": int, "best_step": int, "best_val_loss": (int, float), "elapsed": (int, float),
+              "device": str, "backend": str}
+
+
+def wrong_fact(facts: Mapping) -> Optional[str]:
+    """The first progress fact of the wrong type, as `step 'many'`; None when each is right or absent."""
+    for key, kind in FACT_TYPES.items():
+        value = facts.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            return f"{key} {value!r}"[:60]
+    return None
 
 
 def resolve_checkpoint(spec: str | Path) -> Path:
@@ -84,6 +99,11 @@ def _check_format(payload: object, path: Path) -> None:
     for key in ("config", "vocab", "model"):
         if key not in payload:
             raise CheckpointError(f"{path} is incomplete: it has no {key!r} entry")
+    if not isinstance(payload["config"], dict) or not isinstance(payload["vocab"], dict):
+        raise CheckpointError(f"{path} is damaged: its config and vocabulary must be mappings")
+    wrong = wrong_fact(payload)
+    if wrong is not None:
+        raise CheckpointError(f"{path} is damaged: its progress fact {wrong} has the wrong type")
 
 
 def check_resumable(payload: dict, cfg: Config, corpus: Corpus) -> None:
@@ -122,8 +142,9 @@ def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu", bac
     try:
         model_cfg = validate_config(payload["config"], "checkpoint config").model
         vocab = Vocab.from_dict(payload["vocab"])
-    except (ConfigError, KeyError, TypeError, AssertionError) as err:
+    except (ConfigError, KeyError, TypeError, ValueError, AssertionError) as err:
         raise CheckpointError(f"checkpoint has an invalid config or vocabulary: {err}") from None
+    model_cfg.check_fits(len(vocab), "checkpoint config")  # before build_model allocates anything
     device = torch.device(device)
     choice = backend if backend is not None else model_cfg.backend
     chosen = choose(choice, model_cfg, len(vocab), device, precision, workload)

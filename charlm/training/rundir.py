@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from charlm.atomic import replace, write_text_atomic
 from charlm.config import config_yaml
@@ -56,19 +59,35 @@ class RunLock:
         return self
 
     def _acquire(self) -> None:
+        for _ in range(3):  # a lock that its owner removes while we look is tried again
+            if self._create():
+                return
+            with _one_takeover_at_a_time(self.run_dir):
+                if not self.path.exists():
+                    continue
+                owner = self._owner()
+                if owner is not None and owner != os.getpid() and pid_alive(owner):
+                    raise RunDirError(f"run dir {self.run_dir} is in use by another charlm train (pid {owner}); "
+                                      "wait for it to finish or choose another --out")
+                self.notices.append(f"taking over the lock of {self.run_dir} left by pid {owner}, "
+                                    "which is no longer running")
+                write_text_atomic(self.path, str(os.getpid()))
+                return
+        raise RunDirError(f"run dir {self.run_dir} is being locked and released by other processes; "
+                          "try again or choose another --out")
+
+    def _create(self) -> bool:
+        """The lock file, created with our pid already in it (a hard link fails if it exists): nobody
+        can read a lock that is there but empty. False if there is one."""
+        tmp = self.run_dir / f".lock.tmp-{os.getpid()}"
+        tmp.write_text(str(os.getpid()))
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = self._owner()
-            if owner is not None and owner != os.getpid() and pid_alive(owner):
-                raise RunDirError(f"run dir {self.run_dir} is in use by another charlm train (pid {owner}); "
-                                  "wait for it to finish or choose another --out") from None
-            self.notices.append(f"taking over the lock of {self.run_dir} left by pid {owner}, "
-                                "which is no longer running")
-            write_text_atomic(self.path, str(os.getpid()))
-            return
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
+            os.link(tmp, self.path)
+            return True
+        except (FileExistsError, FileNotFoundError):  # not found: the holder cleared our temp file away
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _owner(self) -> int | None:
         try:
@@ -79,6 +98,19 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if self._owner() == os.getpid():
             self.path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _one_takeover_at_a_time(run_dir: Path) -> Iterator[None]:
+    """An exclusive flock on the run dir itself while a stale lock is checked and replaced: two
+    starters cannot both see it stale and both take it. The kernel drops the flock when its holder
+    dies, and nothing is left in the folder."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> list[str]:
