@@ -32,13 +32,23 @@ def serve(
     precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (see charlm sample --help)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024,
                                           help="Threads of the generation engine (default: every core but one)."),
+    max_connections: int = typer.Option(256, "--max-connections", min=1, max=65536,
+                                        help="Open connections at once; more are answered 503 and closed."),
+    client_timeout: float = typer.Option(10.0, "--client-timeout", min=0.1, max=3600,
+                                         help="Seconds a client may take to send a request's head, again its "
+                                              "body, and may stop reading a response; then it is disconnected."),
+    allowed_hosts: Optional[str] = typer.Option(None, "--allowed-hosts",
+                                                help="Names clients may call this server by (the Host header), "
+                                                     "comma-separated, '*.example.org' for subdomains, '*' for any; "
+                                                     "127.0.0.1, localhost, ::1 and --host always."),
 ) -> None:
     """Serve a trained model: POST /v1/completions (OpenAI's shape, streaming too), GET /v1/models,
     GET /health, and a playground page at /."""
     try:
         import uvicorn  # noqa: PLC0415
 
-        from charlm.serving.app import Server, create_app  # noqa: PLC0415
+        from charlm.serving.app import (AllowedHosts, ConnectionLimits, Server, create_app,  # noqa: PLC0415
+                                        guarded_protocol)
         from charlm.serving.api import Limits  # noqa: PLC0415
     except ImportError as err:
         if err.name in ("uvicorn", "starlette") or "starlette" in str(err):
@@ -47,6 +57,7 @@ def serve(
     from charlm.cli.use import _usable_precision  # noqa: PLC0415
     from charlm.serving.loading import served_model  # noqa: PLC0415
 
+    hosts = AllowedHosts.parse(host, allowed_hosts)  # a bad name is the user's mistake: before loading anything
     _check_address_free(host, port)
     precision = _usable_precision(device, precision)
     from charlm.models.autotune import Workload  # noqa: PLC0415
@@ -57,14 +68,19 @@ def serve(
     served = served_model(checkpoint, payload, model, vocab, cfg, precision,
                           functools.partial(engine_model, checkpoint, device, model.backend, precision))
     server = Server(served, Limits(max_tokens=max_tokens), api_key=api_key, max_requests=max_requests,
-                    threads=threads)
+                    threads=threads, hosts=hosts)
     if host not in LOOPBACK:
         err_console.print(f"warning: listening on {host}, reachable from other machines"
-                          f"{'' if api_key else ' by anyone (no --api-key)'}")
+                          f"{'' if api_key else ' by anyone (no --api-key)'}"
+                          f"{'' if allowed_hosts else '; they must call it by a name --allowed-hosts gives'}")
     err_console.print(f"serving {served.name} on http://{_url_host(host)}:{port}/ (playground at /, API at /v1); "
                       "Ctrl-C stops")
+    limits = ConnectionLimits(max_connections=max_connections, client_timeout=client_timeout)
+    # uvicorn's own keep-alive timeout; its limit_concurrency is replaced by the protocol's cap (a JSON
+    # 503 at once, where uvicorn's waits for the request's head)
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=30, access_log=False)
+                            timeout_graceful_shutdown=30, access_log=False, http=guarded_protocol(limits),
+                            timeout_keep_alive=limits.keep_alive)
     uvicorn.Server(config).run()
 
 

@@ -3,27 +3,37 @@
 Routes: GET / (the playground page), GET /health, GET /v1/models, POST /v1/completions
 (OpenAI's completion shape; `stream: true` answers with server-sent events). Every error is
 JSON: {"error": {"message", "type", "code"}} with the matching HTTP status.
+
+Below the app, the connection: uvicorn's h11 protocol with the limits it lacks (a cap on
+connections, deadlines for a request's head and body, a bound on how long a client may stop
+reading), and a Host check in front of the routes (DNS rebinding reaches a loopback server from
+any web page).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hmac
+import ipaddress
 import json
+import re
+import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import AsyncIterator, Callable, Optional
+from typing import AsyncIterator, Callable, Optional, Union
 
+import h11
 import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from charlm.errors import UserError
 from charlm.inference.sample import make_generator, prompt_ids
@@ -44,36 +54,82 @@ class ServedModel:
 
 
 STREAM_INTERVAL = 0.02  # seconds between a stream's chunks (the first goes out at once)
+QUEUE_CAP = 1 << 18  # characters a request's handler may fall behind the engine before it is dropped
+
+
+@dataclass
+class Chunk:
+    """The text one choice gained since the handler last took (pieces joined once, when sent)."""
+
+    index: int
+    pieces: list[str] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    tokens: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+@dataclass(frozen=True)
+class End:
+    """The request is over: done, or failed with `error`."""
+
+    error: Optional[str] = None
 
 
 class EventQueue:
-    """Events from the engine to one request's handler on the event loop (put from any thread).
+    """Events from the engine to one request's handler, both on the event loop.
 
-    The engine sends one event per generated character; waking the loop for each would cost
-    more than the step at 64 requests, so a wake-up is scheduled only when none is pending
-    and the handler takes everything that arrived since."""
+    The engine sends one event per generated character per step; a choice's text events are merged
+    as they arrive (appended, joined once when taken), so a handler that takes after many steps
+    gets one chunk per choice at a cost linear in the text. Bounded: a handler more than `cap`
+    characters behind (its client stopped reading) overflows it; the queue then drops what it
+    holds, calls `on_overflow` (which cancels the request) and ends with an error."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.items, self.ready, self.wake_pending = loop, collections.deque(), asyncio.Event(), False
+    def __init__(self, cap: int = QUEUE_CAP):
+        self.cap, self.items, self.ready = cap, [], asyncio.Event()
+        self.open: dict[int, Chunk] = {}  # each choice's chunk still taking text
+        self.held = 0
+        self.over = False
+        self.on_overflow: Callable[[], None] = lambda: None
 
     def put(self, event: dict) -> None:
-        self.items.append(event)
-        if not self.wake_pending:
-            self.wake_pending = True
-            self.loop.call_soon_threadsafe(self.ready.set)
+        if self.over:
+            return
+        if "text" not in event:
+            self.items.append(End(event.get("error")))
+        elif self._hold(event):
+            return
+        self.ready.set()
 
-    async def take(self, timeout: Optional[float] = None) -> list[dict]:
-        """Every event so far (waiting for one first); [] when `timeout` passes without one."""
+    def _hold(self, event: dict) -> bool:
+        """Add a text event to its choice's chunk; True when that overflowed the queue."""
+        self.held += len(event["text"])
+        if self.held > self.cap:
+            self.over, self.items, self.open = True, [End(f"the client fell more than {self.cap:,} characters "
+                                                          "behind; the request was cancelled")], {}
+            self.ready.set()
+            self.on_overflow()
+            return True
+        chunk = self.open.get(event["index"])
+        if chunk is None:
+            chunk = self.open[event["index"]] = Chunk(event["index"])
+            self.items.append(chunk)
+        chunk.pieces.append(event["text"])
+        chunk.probs.extend(event.get("probs", ()))
+        if "finish_reason" in event:
+            chunk.finish_reason, chunk.tokens = event["finish_reason"], event["tokens"]
+            del self.open[event["index"]]
+        return False
+
+    async def take(self) -> list[Union[Chunk, End]]:
+        """Everything so far (waiting for something first)."""
         if not self.items:
-            try:
-                await asyncio.wait_for(self.ready.wait(), timeout)
-            except asyncio.TimeoutError:
-                return []
+            await self.ready.wait()
         self.ready.clear()
-        self.wake_pending = False  # before draining: an event put from now on schedules a new wake-up
-        taken = []
-        while self.items:
-            taken.append(self.items.popleft())
+        taken, self.items, self.open, self.held = self.items, [], {}, 0
         return taken
 
 
@@ -81,8 +137,12 @@ class Server:
     """The app's state: the engine, the limits and the API key."""
 
     def __init__(self, served: ServedModel, limits: Limits = Limits(), api_key: Optional[str] = None,
-                 max_requests: int = 64, max_body_bytes: int = 1 << 20, threads: Optional[int] = None):
-        self.served, self.limits, self.api_key = served, limits, api_key
+                 max_requests: int = 64, max_body_bytes: int = 1 << 20, threads: Optional[int] = None,
+                 hosts: Optional["AllowedHosts"] = None):
+        self.served, self.limits = served, limits
+        # compared as the bytes a client sends: the UTF-8 of the key as given
+        self.api_key = None if api_key is None else api_key.encode("utf-8")
+        self.hosts = hosts or AllowedHosts.parse("127.0.0.1")
         self.max_body_bytes = max_body_bytes
         self.engine = EngineProcess(served.load, max_requests, threads)
         self.started = time.time()
@@ -92,16 +152,30 @@ class Server:
     def check_key(self, request: Request) -> None:
         if self.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        given = next((value for name, value in request.scope["headers"] if name == b"authorization"), b"")
+        scheme, _, key = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(key.lstrip(b" "), self.api_key):
             raise RequestError("missing or wrong API key: send the header 'Authorization: Bearer <key>'", 401,
                                "authentication_error")
 
-    async def read_body(self, request: Request) -> bytes:
-        """The body, refused (413) as soon as it passes the cap, whatever Content-Length says."""
+    def check_declared_size(self, request: Request) -> None:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise RequestError(f"the request body is over this server's cap of {self.max_body_bytes:,} bytes", 413)
+
+    @staticmethod
+    def check_json(request: Request) -> None:
+        """JSON bodies only: a browser sends text/plain or a form cross-site without asking first
+        (no CORS preflight), and such a request must not run a generation."""
+        media, *params = (part.strip().lower() for part in request.headers.get("content-type", "").split(";"))
+        charsets = [p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")]
+        if media != "application/json" or any(c not in ("utf-8", "utf8") for c in charsets):
+            given = request.headers.get("content-type")
+            raise RequestError(f"send the body as JSON with 'Content-Type: application/json' (this request had "
+                               f"{repr(given) if given else 'none'})", 415)
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it passes the cap, whatever Content-Length says."""
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -127,8 +201,10 @@ class Server:
 
     async def completions(self, request: Request) -> Response:
         self.check_key(request)
+        self.check_declared_size(request)
+        self.check_json(request)
         body = parse_request(await self.read_body(request), self.limits)
-        events = EventQueue(asyncio.get_running_loop())
+        events = EventQueue()
         job, prompt_tokens, seed = self.make_job(body.prompt, body)
         try:
             ticket = self.engine.submit(job, events.put)
@@ -136,6 +212,7 @@ class Server:
             raise RequestError(f"{err}; try again shortly", 429, "rate_limit_error") from None
         except EngineDown as err:
             raise RequestError(f"{err}; restart the server", 503, "server_error") from None
+        events.on_overflow = ticket.cancel
         cid = completion_id()
         if body.stream:
             return StreamingResponse(self._stream(cid, ticket, events), media_type="text/event-stream",
@@ -146,22 +223,27 @@ class Server:
         return JSONResponse(result)
 
     async def _collect(self, request: Request, ticket: Ticket, n: int, events: EventQueue):
-        """Wait for the whole completion; a client that goes away cancels it."""
-        texts, reasons, tokens = [""] * n, ["length"] * n, 0
-        while True:
-            batch = await events.take(timeout=0.5)
-            if not batch and await request.is_disconnected():
-                ticket.cancel()
-                raise ClientDisconnect()
-            for event in batch:
-                if "error" in event:
-                    raise RequestError(event["error"], 503, "server_error")
-                if event.get("done"):
-                    return texts, reasons, tokens
-                texts[event["index"]] += event["text"]
-                if "finish_reason" in event:
-                    reasons[event["index"]] = event["finish_reason"]
-                    tokens += event["tokens"]
+        """Wait for the whole completion; a client that goes away cancels it at once (its
+        disconnect is awaited beside the events, not polled between them)."""
+        watcher = asyncio.ensure_future(_disconnected(request))
+        watcher.add_done_callback(lambda _: events.put({"error": "the client disconnected"}))
+        pieces, reasons, tokens = [[] for _ in range(n)], ["length"] * n, 0
+        try:
+            while True:
+                for item in await events.take():
+                    if isinstance(item, End):
+                        if watcher.done():
+                            ticket.cancel()
+                            raise ClientDisconnect()
+                        if item.error is not None:
+                            raise RequestError(item.error, 503, "server_error")
+                        return ["".join(p) for p in pieces], reasons, tokens
+                    pieces[item.index].extend(item.pieces)
+                    if item.finish_reason is not None:
+                        reasons[item.index] = item.finish_reason
+                        tokens += item.tokens
+        finally:
+            watcher.cancel()
 
     async def _stream(self, cid: str, ticket: Ticket, events: EventQueue) -> AsyncIterator[bytes]:
         """Server-sent events: one per choice per batch of characters ready, then [DONE].
@@ -169,15 +251,14 @@ class Server:
         name = self.served.name
         try:
             while True:
-                for event in _merged(await events.take()):
-                    if "error" in event:
-                        yield _sse({"error": {"message": event["error"], "type": "server_error", "code": 503}})
+                for item in await events.take():
+                    if isinstance(item, End) and item.error is not None:
+                        yield _sse({"error": {"message": item.error, "type": "server_error", "code": 503}})
                         return
-                    if event.get("done"):
+                    if isinstance(item, End):
                         yield b"data: [DONE]\n\n"
                         return
-                    yield _sse(chunk_body(cid, name, event["index"], event["text"], event.get("finish_reason"),
-                                          event.get("probs")))
+                    yield _sse(chunk_body(cid, name, item.index, item.text, item.finish_reason, item.probs))
                 # Let characters gather for a moment: one event per character per request would
                 # cost more in JSON and HTTP framing than the batched step that made them.
                 await asyncio.sleep(STREAM_INTERVAL)
@@ -188,7 +269,16 @@ class Server:
         self.check_key(request)
         return JSONResponse({"object": "list", "data": [{
             "id": self.served.name, "object": "model", "created": int(self.started), "owned_by": "charlm",
-            "charlm": self.served.description}]})
+            "charlm": self.public_facts()}]})
+
+    def public_facts(self) -> dict:
+        """What a client needs to know of the model and this server's limits; never the run's config
+        (it holds absolute data paths and tracking URIs, credentials included)."""
+        description = self.served.description
+        facts = {key: description[key] for key in PUBLIC_FACTS if key in description}
+        facts.update(max_tokens=self.limits.max_tokens, max_n=self.limits.max_n,
+                     max_prompt_chars=self.limits.max_prompt_chars)
+        return facts
 
     async def health(self, request: Request) -> Response:
         """ok (200), or 503 once the engine process has ended (a load balancer should take the server out)."""
@@ -201,25 +291,21 @@ class Server:
     async def playground(self, request: Request) -> Response:
         page = resources.files("charlm.serving").joinpath("playground.html").read_text(encoding="utf-8")
         prompt = self.served.description.get("config", {}).get("sample", {}).get("prompt", "")
+        # no other site may frame the page (clickjacking the Generate button with a key in it)
         return HTMLResponse(page.replace("__MODEL__", _html_escape(self.served.name))
                             .replace("__PROMPT__", _html_escape(prompt))
-                            .replace("__MAX_TOKENS__", str(self.limits.max_tokens)))
+                            .replace("__MAX_TOKENS__", str(self.limits.max_tokens)),
+                            headers={"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"})
 
 
-def _merged(batch: list[dict]) -> list[dict]:
-    """Consecutive text events of one choice as one event (fewer, larger SSE chunks under load)."""
-    merged: list[dict] = []
-    for event in batch:
-        last = merged[-1] if merged else None
-        if (last is not None and "text" in event and "text" in last and last["index"] == event["index"]
-                and "finish_reason" not in last):
-            last["text"] += event["text"]
-            last["probs"] = last.get("probs", []) + event.get("probs", [])
-            if "finish_reason" in event:
-                last["finish_reason"] = event["finish_reason"]
-        else:
-            merged.append(dict(event))
-    return merged
+PUBLIC_FACTS = ("type", "hidden_size", "num_layers", "vocab_size", "unit", "parameters", "trained_steps",
+                "best_val_loss")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(payload: dict) -> bytes:
@@ -261,8 +347,202 @@ def create_app(server: Server) -> Starlette:
 
     routes = [Route("/", server.playground), Route("/health", server.health), Route("/v1/models", server.models),
               Route("/v1/completions", server.completions, methods=["POST"])]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(HostGuard, hosts=server.hosts)],
                     exception_handlers={RequestError: request_error, HTTPException: http_error,
                                         ClientDisconnect: disconnected, Exception: bug})
     app.state.server = server
     return app
+
+
+# --- who may ask: the Host header ----------------------------------------------------------------
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class AllowedHosts:
+    """The names a request's Host header may give (any port): this machine's loopback names, the
+    --host served on, and --allowed-hosts ("*" for any, "*.example.org" for its subdomains)."""
+
+    names: frozenset[str]
+    suffixes: tuple[str, ...] = ()
+    anything: bool = False
+
+    @classmethod
+    def parse(cls, host: str, allowed: Optional[str] = None) -> "AllowedHosts":
+        names, suffixes, anything = set(LOOPBACK_NAMES), [], False
+        bound = host.strip("[]").lower()
+        if bound not in ("0.0.0.0", "::", ""):  # a wildcard address is no name a client should send
+            names.add(bound)
+        for entry in (e.strip().lower() for e in (allowed or "").split(",") if e.strip()):
+            if entry == "*":
+                anything = True
+            elif entry.startswith("*.") and _NAME.fullmatch(entry[2:]):
+                suffixes.append(entry[1:])
+            elif _host_name(entry.encode()) is not None:
+                names.add(_host_name(entry.encode()))
+            else:
+                raise UserError(f"--allowed-hosts: {entry!r} is not a host name; give names such as "
+                                "'example.org', '*.example.org', '10.0.0.5' or '*' (any), separated by commas")
+        return cls(frozenset(names), tuple(suffixes), anything)
+
+    def allows(self, header: Optional[bytes]) -> bool:
+        name = None if header is None else _host_name(header)
+        if name is None:
+            return False
+        return self.anything or name in self.names or name.endswith(self.suffixes)
+
+
+def _host_name(value: bytes) -> Optional[str]:
+    """The name of a Host header ("name", "name:port", "[v6]:port"), lower case; None when malformed."""
+    try:
+        text = value.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith("["):
+        inside, closed, port = text[1:].partition("]")
+        if not closed or (port and not (port.startswith(":") and port[1:].isdigit())):
+            return None
+        try:
+            return str(ipaddress.IPv6Address(inside))
+        except ValueError:
+            return None
+    name, colon, port = text.partition(":")
+    if colon and not port.isdigit():
+        return None
+    name = name[:-1] if name.endswith(".") else name  # "localhost." is localhost
+    return name if _NAME.fullmatch(name) else None
+
+
+class HostGuard:
+    """ASGI middleware: a request whose Host header this server does not answer to gets 421 (a web
+    page that rebinds its own name to 127.0.0.1 would otherwise reach the API); every response says
+    nosniff (a browser must not run a JSON error as a script or page)."""
+
+    def __init__(self, app, hosts: AllowedHosts):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = next((value for name, value in scope["headers"] if name == b"host"), None)
+        if not self.hosts.allows(host):
+            shown = "none" if host is None else repr(host.decode("latin-1"))
+            error = RequestError(f"this server does not answer to the Host {shown}; call it by an address it "
+                                 "serves on (127.0.0.1, localhost), or start it with --allowed-hosts NAME "
+                                 "to serve that name", 421)
+            return await JSONResponse(error.body(), status_code=421)(scope, receive, _nosniff(send))
+        await self.app(scope, receive, _nosniff(send))
+
+
+def _nosniff(send):
+    async def sending(message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+        await send(message)
+    return sending
+
+
+# --- the connection: limits uvicorn lacks ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How many connections a server holds, and how long a client may stall one.
+
+    `client_timeout` bounds, each from its start: reading a request's head, reading its body, and a
+    response the client does not read (the send buffer stays full). `keep_alive`: an idle
+    connection between requests. `send_buffer`: the kernel's buffer per connection (fixed, so a
+    client that stops reading is found after that much, not after megabytes of autotuned buffer)."""
+
+    max_connections: int = 256
+    client_timeout: float = 10.0
+    keep_alive: int = 5
+    send_buffer: int = 64 * 1024
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the guards it lacks. uvicorn times out only idle keep-alive
+    connections: a client that sent half a request head or half a body, or stopped reading a
+    stream, held its connection (and its request's slot) for ever; and it never caps connections.
+    `limits` is set on the subclass that guarded_protocol() makes."""
+
+    limits = ConnectionLimits()
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._phase: Optional[str] = None  # "head" or "body": what the running deadline waits for
+        self._deadline: Optional[asyncio.TimerHandle] = None
+        self._stall: Optional[asyncio.TimerHandle] = None
+        self._received = False
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer)
+        timeout = self.limits.client_timeout
+        if len(self.connections) > self.limits.max_connections:
+            self.app = _too_many_connections(self.limits.max_connections)  # this connection's one answer
+            timeout = min(timeout, 1.0)
+        self._arm("head", timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._received = True
+        super().data_received(data)
+        state = self.conn.their_state
+        phase = "head" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+        if phase is None:
+            self._disarm()
+        elif phase != self._phase:  # a new phase gets a new deadline; more bytes of one do not extend it
+            self._arm(phase, self.limits.client_timeout)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._disarm()
+        if self._stall is not None:
+            self._stall.cancel()
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.limits.client_timeout, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _arm(self, phase: str, timeout: float) -> None:
+        self._disarm()
+        self._phase, self._deadline = phase, self.loop.call_later(timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._phase = self._deadline = None
+
+    def _too_slow(self) -> None:
+        """The client took too long over a request's head or body: 408 (unless it sent nothing at all), close."""
+        if self.transport.is_closing():
+            return
+        if self._received and (self.cycle is None or not self.cycle.response_started):
+            what = "request head" if self._phase == "head" else "request body"
+            body = json.dumps(RequestError(f"the {what} took longer than {self.limits.client_timeout:g} s to "
+                                           "arrive", 408).body()).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()  # the handler waiting for the body gets the disconnect before it can answer
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type:
+    """The protocol class for uvicorn.Config(http=...), with these limits."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+
+
+def _too_many_connections(cap: int):
+    error = RequestError(f"this server already holds {cap} connections, its cap (--max-connections); "
+                         "try again shortly", 503, "server_error")
+
+    async def answer(scope, receive, send) -> None:
+        await JSONResponse(error.body(), status_code=503, headers={"Connection": "close", "Retry-After": "1"})(
+            scope, receive, send)
+    return answer

@@ -1,0 +1,279 @@
+"""`charlm serve` against careless and hostile HTTP clients (issue 25): slow and half-sent requests,
+too many connections, streams nobody reads, clients that leave, foreign Host headers, cross-site
+bodies, what /v1/models tells, and the API key. Raw sockets on 127.0.0.1 against a live server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from test_serve import LiveServer, run_dir  # noqa: F401 - run_dir is a fixture used here
+
+httpx = pytest.importorskip("httpx")
+
+CLIENT_TIMEOUT = 2  # seconds: --client-timeout of the servers here (the default is longer)
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):  # noqa: F811 - the fixture imported above
+    live = LiveServer(run_dir, "--max-tokens", "1000000", "--client-timeout", str(CLIENT_TIMEOUT))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def strict(run_dir):  # noqa: F811
+    """Few connections, an API key that is not ASCII, and a public name."""
+    live = LiveServer(run_dir, "--max-connections", "4", "--api-key", "clé", "--client-timeout", str(CLIENT_TIMEOUT),
+                      "--allowed-hosts", "charlm.example.org,*.internal.example")
+    yield live
+    live.stop()
+
+
+# --- raw HTTP -------------------------------------------------------------------------------
+
+def connect(live: LiveServer, receive_buffer: int = 0) -> socket.socket:
+    sock = socket.socket()
+    if receive_buffer:  # before connect: it sets the window the server may fill
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", live.port))
+    return sock
+
+
+def request_bytes(method: str, path: str, host: bytes, headers: dict = None, body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: " + host, b"Connection: close"]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}".encode())
+    for name, value in (headers or {}).items():
+        lines.append(name.encode() + b": " + (value if isinstance(value, bytes) else value.encode()))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class Reply:
+    def __init__(self, raw: bytes):
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def read_all(sock: socket.socket, limit_s: float = 10) -> bytes:
+    chunks, deadline = [], time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def ask(live: LiveServer, method: str, path: str, host: bytes = None, headers: dict = None,
+        body: bytes = b"") -> Reply:
+    host = f"127.0.0.1:{live.port}".encode() if host is None else host
+    with connect(live) as sock:
+        sock.sendall(request_bytes(method, path, host, headers, body))
+        return Reply(read_all(sock))
+
+
+def closed_by_server(sock: socket.socket, wait_s: float) -> bool:
+    """Whether the server ends this connection within wait_s (whatever it sends before)."""
+    sock.settimeout(wait_s)
+    deadline = time.monotonic() + wait_s
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    return False
+
+
+def health(live: LiveServer) -> dict:
+    return httpx.get(live.url + "/health", timeout=5).json()
+
+
+def wait_in_flight_zero(live: LiveServer, limit_s: float) -> float:
+    """Seconds until /health says no request is in flight (inf past limit_s)."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit_s:
+        if health(live)["in_flight"] == 0:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    return float("inf")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+COMPLETION = json.dumps({"prompt": "it", "max_tokens": 5}).encode()
+JSON = {"Content-Type": "application/json"}
+
+
+# --- slow clients and connections -------------------------------------------------------------
+
+def test_half_sent_requests_neither_block_the_server_nor_stay_open(server):
+    heads = [connect(server) for _ in range(40)]
+    bodies = [connect(server) for _ in range(10)]
+    try:
+        for sock in heads:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+        for sock in bodies:
+            sock.sendall(request_bytes("POST", "/v1/completions", b"127.0.0.1", JSON, COMPLETION)[:-20])
+        start = time.monotonic()
+        assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+        done = httpx.post(server.url + "/v1/completions", json={"prompt": "it", "max_tokens": 5}, timeout=5)
+        assert done.status_code == 200 and len(done.json()["choices"][0]["text"]) == 5
+        assert time.monotonic() - start < 3
+        # each of them is closed once --client-timeout has passed (from its first byte, not its last)
+        deadline = time.monotonic() + CLIENT_TIMEOUT + 4
+        still_open = [s for s in heads + bodies if not closed_by_server(s, max(0.01, deadline - time.monotonic()))]
+        assert not still_open, f"{len(still_open)} of 50 half-sent requests still open"
+    finally:
+        for sock in heads + bodies:
+            sock.close()
+
+
+def test_a_slowloris_trickle_does_not_extend_the_deadline(server):
+    with connect(server) as sock:
+        start = time.monotonic()
+        closed = False
+        for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 100:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            if closed_by_server(sock, 0.2):
+                closed = True
+                break
+        assert closed and time.monotonic() - start < CLIENT_TIMEOUT + 2
+
+
+def test_connections_beyond_the_cap_get_503_at_once(strict):
+    idle = [connect(strict) for _ in range(4)]
+    try:
+        time.sleep(0.3)
+        start = time.monotonic()
+        refused = ask(strict, "GET", "/health")
+        assert time.monotonic() - start < 2
+        assert refused.status == 503 and "connections" in refused.json()["error"]["message"]
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.3)
+    assert ask(strict, "GET", "/health").status == 200
+
+
+def test_a_streaming_client_that_stops_reading_is_dropped_and_memory_stays_bounded(server):
+    body = json.dumps({"prompt": "it", "max_tokens": 1000000, "n": 16, "stream": True}).encode()
+    before = rss_mb(server.proc.pid)
+    with connect(server, receive_buffer=4096) as sock:
+        sock.sendall(request_bytes("POST", "/v1/completions", f"127.0.0.1:{server.port}".encode(), JSON, body))
+        assert sock.recv(12).startswith(b"HTTP/1.1 200")
+        # the client reads no more: the server must give up on it, not buffer what it makes
+        peak, freed_after = before, float("inf")
+        start = time.monotonic()
+        while time.monotonic() - start < 20:
+            peak = max(peak, rss_mb(server.proc.pid))
+            if health(server)["in_flight"] == 0:
+                freed_after = time.monotonic() - start
+                break
+            time.sleep(0.2)
+        rest = read_all(sock, 5)
+    assert freed_after < 3 * CLIENT_TIMEOUT + 6, "the stream nobody reads was never dropped"
+    assert b"data: [DONE]" not in rest
+    assert peak - before < 64, f"server RSS grew {peak - before:.0f} MB for one stalled stream"
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_slot_within_a_step_or_two(server):
+    body = json.dumps({"prompt": "it", "max_tokens": 1000000}).encode()
+    with connect(server) as sock:
+        sock.sendall(request_bytes("POST", "/v1/completions", b"127.0.0.1", JSON, body))
+        deadline = time.monotonic() + 10
+        while health(server)["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health(server)["in_flight"] == 1
+    assert wait_in_flight_zero(server, 5) < 1.5
+
+
+# --- where a request may come from, and what it may carry ----------------------------------------
+
+def test_a_foreign_host_is_refused(server):
+    for method, path, body in [("GET", "/v1/models", b""), ("POST", "/v1/completions", COMPLETION), ("GET", "/", b"")]:
+        reply = ask(server, method, path, b"rebind.attacker.example", JSON, body)
+        assert reply.status == 421, (path, reply.status)
+        error = reply.json()["error"]
+        assert "rebind.attacker.example" in error["message"] and "--allowed-hosts" in error["message"]
+    assert health(server)["in_flight"] == 0
+    for host in [b"127.0.0.1", f"127.0.0.1:{server.port}".encode(), f"localhost:{server.port}".encode(),
+                 b"LocalHost", f"[::1]:{server.port}".encode()]:
+        assert ask(server, "GET", "/health", host).status == 200, host
+    for host in [b"127.0.0.1.attacker.example", b"localhost.attacker.example:80", b"", b"127.0.0.1@evil"]:
+        assert ask(server, "GET", "/health", host).status in (400, 421), host
+
+
+def test_allowed_hosts_name_the_public_names(strict):
+    assert ask(strict, "GET", "/health", b"charlm.example.org").status == 200
+    assert ask(strict, "GET", "/health", b"CHARLM.example.org:443").status == 200
+    assert ask(strict, "GET", "/health", b"gpu1.internal.example").status == 200
+    assert ask(strict, "GET", "/health", b"internal.example.evil").status == 421
+    assert ask(strict, "GET", "/health", b"example.org").status == 421
+
+
+def test_a_cross_site_form_post_runs_nothing(server):
+    steps = health(server)["steps"]
+    for kind in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None,
+                 "application/jsonx"]:
+        reply = ask(server, "POST", "/v1/completions", headers={"Content-Type": kind} if kind else {}, body=COMPLETION)
+        assert reply.status == 415, (kind, reply.status)
+        assert "application/json" in reply.json()["error"]["message"]
+    assert health(server)["steps"] == steps  # the engine never saw them
+    for kind in ["application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"]:
+        assert ask(server, "POST", "/v1/completions", headers={"Content-Type": kind}, body=COMPLETION).status == 200
+
+
+def test_models_tells_what_a_client_needs_and_no_paths(server, run_dir):  # noqa: F811
+    reply = ask(server, "GET", "/v1/models")
+    text = reply.body.decode()
+    entry = reply.json()["data"][0]
+    facts = entry["charlm"]
+    assert entry["id"] == "run" and facts["vocab_size"] > 20 and facts["type"] == "lstm"
+    assert facts["num_layers"] == 2 and facts["max_tokens"] == 1000000
+    assert "config" not in facts
+    assert str(run_dir.parent) not in text and "input.txt" not in text and "mlflow" not in text
+    assert '"/' not in text  # no absolute path of any kind
+
+
+def test_the_playground_cannot_be_framed_and_nothing_is_sniffed(server):
+    page = ask(server, "GET", "/")
+    assert page.status == 200 and page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert ask(server, "GET", "/v1/models").headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_bearer_scheme_is_any_case_and_the_key_is_the_bytes_sent(strict):
+    host = f"127.0.0.1:{strict.port}".encode()
+    for value in ["Bearer clé".encode(), "bearer clé".encode(), "BEARER  clé".encode()]:
+        assert ask(strict, "GET", "/v1/models", host, {"Authorization": value}).status == 200, value
+    for value in ["Bearer cle".encode(), "Bearer clé".encode("latin-1"), "Basic clé".encode(), b"Bearer",
+                  "Bearer clé ".encode() + b"x", "clé".encode()]:
+        reply = ask(strict, "GET", "/v1/models", host, {"Authorization": value})
+        assert reply.status == 401 and "Bearer" in reply.json()["error"]["message"], value
