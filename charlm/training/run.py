@@ -157,6 +157,7 @@ def _build_model(cfg: Config, corpus: Corpus, device: torch.device, source: Opti
     choice = _choose_backend(cfg, len(corpus.vocab), device, world)
     if choice.backend == "native" and device.type == "cpu":
         cpp_loops()  # a first run builds the C++ loops here, not on train.max_time's clock
+    cfg.model.check_fits(len(corpus.vocab))  # the corpus's vocabulary too: refused before anything is allocated
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model, len(corpus.vocab), choice.backend)
     origin = {}
