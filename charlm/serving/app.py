@@ -19,6 +19,7 @@ import ipaddress
 import json
 import re
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -80,7 +81,8 @@ class End:
 
 
 class EventQueue:
-    """Events from the engine to one request's handler, both on the event loop.
+    """Events from the engine to one request's handler on the event loop (EngineProcess delivers
+    there, but at shutdown from the thread that stops it: put() moves those onto the loop).
 
     The engine sends one event per generated character per step; a choice's text events are merged
     as they arrive (appended, joined once when taken), so a handler that takes after many steps
@@ -88,7 +90,8 @@ class EventQueue:
     characters behind (its client stopped reading) overflows it; the queue then drops what it
     holds, calls `on_overflow` (which cancels the request) and ends with an error."""
 
-    def __init__(self, cap: int = QUEUE_CAP):
+    def __init__(self, loop: asyncio.AbstractEventLoop, cap: int = QUEUE_CAP):
+        self.loop, self.loop_thread = loop, threading.get_ident()
         self.cap, self.items, self.ready = cap, [], asyncio.Event()
         self.open: dict[int, Chunk] = {}  # each choice's chunk still taking text
         self.held = 0
@@ -96,6 +99,9 @@ class EventQueue:
         self.on_overflow: Callable[[], None] = lambda: None
 
     def put(self, event: dict) -> None:
+        if threading.get_ident() != self.loop_thread:
+            self.loop.call_soon_threadsafe(self.put, event)
+            return
         if self.over:
             return
         if "text" not in event:
@@ -204,7 +210,7 @@ class Server:
         self.check_declared_size(request)
         self.check_json(request)
         body = parse_request(await self.read_body(request), self.limits)
-        events = EventQueue()
+        events = EventQueue(asyncio.get_running_loop())
         job, prompt_tokens, seed = self.make_job(body.prompt, body)
         try:
             ticket = self.engine.submit(job, events.put)
@@ -372,16 +378,16 @@ class AllowedHosts:
     @classmethod
     def parse(cls, host: str, allowed: Optional[str] = None) -> "AllowedHosts":
         names, suffixes, anything = set(LOOPBACK_NAMES), [], False
-        bound = host.strip("[]").lower()
-        if bound not in ("0.0.0.0", "::", ""):  # a wildcard address is no name a client should send
+        bound = _entry_name(host)
+        if bound not in (None, "0.0.0.0", "::"):  # a wildcard address is no name a client should send
             names.add(bound)
         for entry in (e.strip().lower() for e in (allowed or "").split(",") if e.strip()):
             if entry == "*":
                 anything = True
             elif entry.startswith("*.") and _NAME.fullmatch(entry[2:]):
                 suffixes.append(entry[1:])
-            elif _host_name(entry.encode()) is not None:
-                names.add(_host_name(entry.encode()))
+            elif _entry_name(entry) is not None:
+                names.add(_entry_name(entry))
             else:
                 raise UserError(f"--allowed-hosts: {entry!r} is not a host name; give names such as "
                                 "'example.org', '*.example.org', '10.0.0.5' or '*' (any), separated by commas")
@@ -392,6 +398,14 @@ class AllowedHosts:
         if name is None:
             return False
         return self.anything or name in self.names or name.endswith(self.suffixes)
+
+
+def _entry_name(entry: str) -> Optional[str]:
+    """A name as given on the command line: a host name, an address (IPv6 with or without brackets)."""
+    try:
+        return str(ipaddress.ip_address(entry.strip("[]")))
+    except ValueError:
+        return _host_name(entry.encode("utf-8"))
 
 
 def _host_name(value: bytes) -> Optional[str]:

@@ -197,6 +197,7 @@ def test_a_streaming_client_that_stops_reading_is_dropped_and_memory_stays_bound
                 break
             time.sleep(0.2)
         rest = read_all(sock, 5)
+    print(f"\nstalled stream: slot freed after {freed_after:.1f} s, server RSS {before:.0f} -> peak {peak:.0f} MB")
     assert freed_after < 3 * CLIENT_TIMEOUT + 6, "the stream nobody reads was never dropped"
     assert b"data: [DONE]" not in rest
     assert peak - before < 64, f"server RSS grew {peak - before:.0f} MB for one stalled stream"
@@ -210,7 +211,9 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot_within_a_step_or_two(
         while health(server)["in_flight"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert health(server)["in_flight"] == 1
-    assert wait_in_flight_zero(server, 5) < 1.5
+    freed_after = wait_in_flight_zero(server, 5)
+    print(f"\nnon-streaming client left: slot freed after {freed_after:.2f} s")
+    assert freed_after < 1.5
 
 
 # --- where a request may come from, and what it may carry ----------------------------------------
@@ -277,3 +280,19 @@ def test_the_bearer_scheme_is_any_case_and_the_key_is_the_bytes_sent(strict):
                   "Bearer clé ".encode() + b"x", "clé".encode()]:
         reply = ask(strict, "GET", "/v1/models", host, {"Authorization": value})
         assert reply.status == 401 and "Bearer" in reply.json()["error"]["message"], value
+
+
+def test_allowed_hosts_forms_and_a_bad_name_is_one_line(run_dir):  # noqa: F811
+    from charlm.serving.app import AllowedHosts
+
+    anywhere = AllowedHosts.parse("127.0.0.1", "*")
+    assert anywhere.allows(b"whatever.example:8080") and not anywhere.allows(b"bad host")
+    public = AllowedHosts.parse("0.0.0.0", "10.0.0.5,fe80::1,api.example.org:443")
+    assert public.allows(b"10.0.0.5:8000") and public.allows(b"[fe80::1]:80") and public.allows(b"api.example.org")
+    assert not public.allows(b"0.0.0.0:8000")  # a wildcard address is not a name of the server
+    assert AllowedHosts.parse("192.168.1.7").allows(b"192.168.1.7:8000")
+    from conftest import run_cli
+
+    result = run_cli("serve", "--checkpoint", str(run_dir), "--allowed-hosts", "ok.example,not a name")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--allowed-hosts: 'not a name' is not a host name" in result.stderr
