@@ -4,6 +4,7 @@ bodies, what /v1/models tells, and the API key. Raw sockets on 127.0.0.1 against
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -201,6 +202,32 @@ def test_a_streaming_client_that_stops_reading_is_dropped_and_memory_stays_bound
     assert freed_after < 3 * CLIENT_TIMEOUT + 6, "the stream nobody reads was never dropped"
     assert b"data: [DONE]" not in rest
     assert peak - before < 64, f"server RSS grew {peak - before:.0f} MB for one stalled stream"
+
+
+def test_the_event_queue_merges_in_linear_time_and_is_bounded():
+    from charlm.serving.app import End, EventQueue
+
+    async def scenario():
+        queue = EventQueue(asyncio.get_running_loop(), cap=100_000)
+        cancelled = []
+        queue.on_overflow = lambda: cancelled.append(True)
+        start = time.perf_counter()
+        for k in range(90_000):  # a handler that did not take for 45,000 steps of two choices
+            queue.put({"index": k % 2, "text": "ab"[k % 2], "probs": [0.5]})
+        queue.put({"index": 0, "text": "", "probs": [], "finish_reason": "length", "tokens": 45_000})
+        taken = await queue.take()
+        merging = time.perf_counter() - start
+        assert [(c.index, c.text[:2], len(c.text), len(c.probs), c.finish_reason) for c in taken] == [
+            (0, "aa", 45_000, 45_000, "length"), (1, "bb", 45_000, 45_000, None)]
+        assert merging < 2, f"{merging:.1f} s to merge 90,000 events"  # quadratic merging took minutes
+        for k in range(100_001):  # more than the cap behind: dropped, the request cancelled once
+            queue.put({"index": 1, "text": "b", "probs": [0.5]})
+        queue.put({"done": True})
+        taken = await queue.take()
+        assert len(taken) == 1 and isinstance(taken[0], End) and "100,000 characters behind" in taken[0].error
+        assert cancelled == [True] and not queue.items
+
+    asyncio.run(scenario())
 
 
 def test_a_non_streaming_client_that_leaves_frees_its_slot_within_a_step_or_two(server):
