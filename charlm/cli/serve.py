@@ -76,8 +76,8 @@ def serve(
     err_console.print(f"serving {served.name} on http://{_url_host(host)}:{port}/ (playground at /, API at /v1); "
                       "Ctrl-C stops")
     limits = ConnectionLimits(max_connections=max_connections, client_timeout=client_timeout)
-    # uvicorn's own keep-alive timeout; its limit_concurrency is replaced by the protocol's cap (a JSON
-    # 503 at once, where uvicorn's waits for the request's head)
+    # uvicorn's own keep-alive timeout; the protocol's cap replaces its limit_concurrency (which answers
+    # in plain text, and gives a connection over the cap as long as any other to send its head)
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=30, access_log=False, http=guarded_protocol(limits),
                             timeout_keep_alive=limits.keep_alive)
