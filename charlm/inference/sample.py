@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -25,6 +26,34 @@ class Decoding:
         """The decoding part of a sample section (config.SampleConfig) or anything with the same fields."""
         return cls(settings.temperature, settings.top_k, settings.top_p)
 
+    def problem(self) -> Optional["DecodingProblem"]:
+        """The first setting nothing can be drawn with (None: all can be). Any finite temperature >= 0
+        can: a tiny one is greedy decoding (see scaled_logits), a huge one about uniform."""
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not (math.isfinite(t) and t >= 0):  # NaN fails this too
+            return DecodingProblem("temperature", f"must be a finite number >= 0 (0 is greedy), not {t}")
+        if k is not None and k < 1:
+            return DecodingProblem("top_k", f"must be at least 1, not {k}")
+        if p is not None and not 0 < p <= 1:
+            return DecodingProblem("top_p", f"must be in (0, 1], not {p}")
+        return None
+
+
+class DecodingProblem(NamedTuple):
+    """A decoding setting nothing can be drawn with: the field and what is wrong with its value."""
+
+    field: str
+    reason: str
+
+
+class Undrawable(ValueError):
+    """Some rows' scores are not finite (NaN or infinity): no id can be drawn from them."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__(f"the model's scores for sample(s) {', '.join(str(r + 1) for r in rows)} are not finite "
+                         "(NaN or infinity)")
+        self.rows = rows
+
 
 def pick_next(logits: torch.Tensor, decoding: Decoding = Decoding(),
               generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -32,11 +61,43 @@ def pick_next(logits: torch.Tensor, decoding: Decoding = Decoding(),
 
     temperature 0 is greedy (argmax). top_k keeps the k highest logits; top_p keeps the
     smallest set of most likely ids whose probability reaches p (the nucleus); both apply
-    after temperature scaling, top_k first."""
-    assert decoding.temperature >= 0, "temperature must be >= 0"
+    after temperature scaling, top_k first. Raises Undrawable when a row's scores are not finite."""
+    problem = decoding.problem()
+    if problem is not None:
+        raise ValueError(f"{problem.field} {problem.reason}")
+    u = None if decoding.temperature == 0 else uniforms(logits.shape[0], generator, logits.device)
+    ids, usable = pick(logits, decoding, u)
+    if not bool(usable.all()):
+        raise Undrawable((~usable).nonzero().flatten().tolist())
+    return ids
+
+
+def pick(logits: torch.Tensor, decoding: Decoding, u: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One id per row of logits [B, V] with uniform numbers u [B] (None for greedy decoding): ids [B]
+    and which rows could be drawn from [B] (bool). A row that could not be (its scores are NaN,
+    +inf or all -inf) gets id 0: the check is on the scores and probabilities, before any id
+    exists, so no id is ever out of range (on CUDA an out-of-range index is a device-side assert
+    that ends the process's CUDA context, every request with it)."""
     if decoding.temperature == 0:
-        return logits.argmax(dim=-1)
-    return draw(sampling_probs(logits, decoding), generator)
+        usable = finite_scores(logits)
+        ids = logits.argmax(dim=-1)
+    else:
+        probs = sampling_probs(logits, decoding)
+        usable = drawable(probs)
+        # the rows that cannot be drawn from draw from a uniform stand-in (their ids are thrown away)
+        ids = inverse_cdf(torch.where(usable[:, None], probs, torch.ones_like(probs)), u)
+    usable = usable & (ids >= 0) & (ids < logits.shape[-1])
+    return ids.masked_fill(~usable, 0), usable
+
+
+def finite_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Rows of logits [B, V] greedy decoding can pick from: no NaN, no +inf, some score above -inf -> [B] bool."""
+    return ~(logits.isnan() | logits.isposinf()).any(dim=-1) & (logits > float("-inf")).any(dim=-1)
+
+
+def drawable(probs: torch.Tensor) -> torch.Tensor:
+    """Rows of probs [B, V] that can be drawn from: every probability finite and >= 0, summing above 0 -> [B] bool."""
+    return (probs.isfinite() & (probs >= 0)).all(dim=-1) & (probs.sum(dim=-1) > 0)
 
 
 def sampling_probs(logits: torch.Tensor, decoding: Decoding) -> torch.Tensor:
@@ -44,13 +105,31 @@ def sampling_probs(logits: torch.Tensor, decoding: Decoding) -> torch.Tensor:
 
     Every operation is per row, so rows computed together give what each gives alone (the
     server computes many requests' rows in one call and draws each with its own generator)."""
-    logits = logits.float() / decoding.temperature  # [B, V]
+    logits = scaled_logits(logits, decoding.temperature)  # [B, V]
     if decoding.top_k is not None and decoding.top_k < logits.shape[-1]:
         values, indices = logits.topk(decoding.top_k, dim=-1)  # [B, k]
         logits = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
     if decoding.top_p is not None and decoding.top_p < 1.0:
         logits = _nucleus(logits, decoding.top_p)
     return torch.softmax(logits, dim=-1)  # [B, V]
+
+
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits [B, V] / temperature (> 0), in float32, computed so that no temperature can overflow them.
+
+    Each row's largest score is subtracted first (softmax does not change), so the scaled scores
+    are <= 0 with the largest exactly 0; one far below it may become -inf, probability 0, which is
+    its limit anyway. Plain logits / 1e-300 made every score infinite, the softmax NaN and the
+    draw an id one past the vocabulary. A temperature below float32's normal range (which float32
+    would hold as 0, or flush to 0) is divided in float64, where it is not 0 down to 5e-324.
+    So a tiny temperature is greedy decoding, the distribution's limit as the temperature goes to 0
+    (ties, if any, share), not an error: turning the temperature down is how a user asks for
+    more predictable text, and any value of the documented range should give it."""
+    logits = logits.float()
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # NaN in a row with NaN, +inf or only -inf
+    if temperature < torch.finfo(torch.float32).tiny:
+        return (shifted.double() / temperature).float()
+    return shifted / temperature
 
 
 def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -81,7 +160,11 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the ids ranked above each one
-    sorted_logits[mass_before >= top_p] = float("-inf")  # the top id always has mass_before 0
+    outside = mass_before >= top_p
+    # The top id always stays (its mass_before is 0): a top_p below float32's range, such as 5e-324,
+    # compares as 0, and 0 >= 0 would drop every id of the row.
+    outside[:, 0] = False
+    sorted_logits[outside] = float("-inf")
     return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
 
 

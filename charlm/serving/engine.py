@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from charlm.inference.sample import PROMPT_CHUNK, Decoding, inverse_cdf, read_prompt_chunk, sampling_probs, uniforms
+from charlm.inference.sample import PROMPT_CHUNK, Decoding, pick, read_prompt_chunk, uniforms
 
 
 class Busy(Exception):
@@ -183,6 +183,7 @@ class Engine:
                         break
                     joining, self._pending = self._pending, []
                 try:
+                    joining = self._admit(joining)
                     self._reading.extend(_prompt_groups(joining, self.device))
                     logits, state = self._read_prompts(rows, logits, state)
                     if rows:
@@ -208,6 +209,19 @@ class Engine:
             self.in_flight -= len(failed)
         for job in failed.values():
             job.sink({"error": message})
+
+    def _admit(self, jobs: list) -> list:
+        """The requests the engine can serve; each other one ends with its own error event. The web
+        server checks requests before they get here; this keeps one that slipped by (an empty
+        prompt, n = 0, a top_k of 0) from failing the batch or holding its slot forever."""
+        admitted = []
+        for job in jobs:
+            refusal = _refusal(job, len(self.vocab))
+            if refusal is None:
+                admitted.append(job)
+            else:
+                self._fail([], [job], refusal)
+        return admitted
 
     def _read_prompts(self, rows: list, logits, state):
         """Read the next chunk of the waiting prompts, oldest first, about PROMPT_CHUNK positions in
@@ -250,10 +264,13 @@ class Engine:
 
     def _step(self, rows: list, logits: torch.Tensor, state: tuple):
         """Draw one unit for every row, send what is ready, drop finished rows, run one batched step."""
-        units = self._draw(rows, logits)
+        units, usable = self._draw(rows, logits)  # every unit in range, whatever the scores
+        failed = self._fail_undrawable(rows, usable)
         probs = torch.softmax(logits.float(), dim=-1).gather(1, units[:, None].to(logits.device))[:, 0].tolist()
-        ended = False
+        ended = bool(failed)
         for row, unit, prob in zip(rows, units.tolist(), probs):
+            if id(row.job) in failed:
+                continue
             if row.job.cancelled.is_set():
                 row.finish = row.finish or "cancelled"
                 ended = True
@@ -267,7 +284,7 @@ class Engine:
             # generate(), whose samples run until the last one ends); a cancelled one leaves at once.
             unfinished = {id(row.job) for row in rows if row.finish is None}
             keep = [i for i, row in enumerate(rows) if id(row.job) in unfinished]
-            self._release_finished(rows, keep)
+            self._release_finished(rows, keep, failed)
             if not keep:
                 return None, None, []
             if len(keep) < len(rows):
@@ -278,11 +295,28 @@ class Engine:
         self.steps += 1
         return out[:, -1].float(), state, rows
 
-    def _draw(self, rows: list, logits: torch.Tensor) -> torch.Tensor:
-        """One unit per row, as pick_next would draw it for each request alone: each request takes
-        its uniform numbers from its own generator, then the rows of all requests with the same
-        settings are drawn in one call (one multinomial call per request cost more than the
-        batched model step at 32 requests)."""
+    def _fail_undrawable(self, rows: list, usable: torch.Tensor) -> set:
+        """End each request with a row that could not be drawn from (its scores are NaN or infinite)
+        with its own error event; the ids of those requests. Their rows leave the batch at this step
+        and the other requests go on: rows never mix in the model, so one row's NaN stays its own.
+        A row already done is not looked at: its draws are thrown away."""
+        failed: dict[int, tuple[Completion, int]] = {}
+        for row, ok in zip(rows, usable.tolist()):
+            if not ok and row.finish is None and not row.job.cancelled.is_set():
+                failed.setdefault(id(row.job), (row.job, row.index))
+        for job, index in failed.values():
+            for row in rows:
+                if row.job is job:
+                    row.finish = "error"
+            self._fail([], [job], f"the model's scores for row {index} of this request are not finite "
+                                  "(NaN or infinity), so nothing can be drawn from them")
+        return set(failed)
+
+    def _draw(self, rows: list, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One unit per row, as pick_next would draw it for each request alone, and whether the row
+        could be drawn from ([N] each, on the CPU): each request takes its uniform numbers from its
+        own generator, then the rows of all requests with the same settings are drawn in one call
+        (one multinomial call per request cost more than the batched model step at 32 requests)."""
         parts: dict[Decoding, tuple[list[int], list[torch.Tensor]]] = {}
         start = 0
         for job, count in _groups(rows):
@@ -293,20 +327,20 @@ class Engine:
                     draws.append(uniforms(count, job.generator, logits.device))
             start += count
         units = torch.zeros(len(rows), dtype=torch.long)
+        usable = torch.ones(len(rows), dtype=torch.bool)
         for decoding, (index, draws) in parts.items():
             every_row = len(index) == len(rows)
             chosen = logits if every_row else logits[torch.tensor(index, device=logits.device)]
-            if decoding.temperature == 0:
-                picked = chosen.argmax(dim=-1)
-            else:
-                picked = inverse_cdf(sampling_probs(chosen, decoding), torch.cat(draws))
+            picked, ok = pick(chosen, decoding, torch.cat(draws) if draws else None)
             if every_row:
-                return picked.cpu()
+                return picked.cpu(), ok.cpu()
             units[torch.tensor(index)] = picked.cpu()
-        return units
+            usable[torch.tensor(index)] = ok.cpu()
+        return units, usable
 
-    def _release_finished(self, rows: list, keep: list) -> None:
-        kept = {id(rows[i].job) for i in keep}
+    def _release_finished(self, rows: list, keep: list, failed: frozenset = frozenset()) -> None:
+        """Send "done" for the requests of `rows` that are neither kept nor already `failed` (ids), and free their slots."""
+        kept = {id(rows[i].job) for i in keep} | set(failed)
         done = {id(row.job): row.job for row in rows if id(row.job) not in kept}
         if done:
             with self._lock:
@@ -333,6 +367,23 @@ def _prompt_groups(jobs: list, device) -> list[_Reading]:
         by_length.setdefault(int(job.prompt_ids.numel()), []).append(job)
     return [_Reading(group, torch.stack([job.prompt_ids for job in group]).to(device).long())
             for group in by_length.values()]
+
+
+def _refusal(job: Completion, vocab_size: int) -> Optional[str]:
+    """Why the engine cannot serve `job`, naming the field (None: it can)."""
+    problem = job.decoding.problem()
+    if problem is not None:
+        return f"{problem.field} {problem.reason}"
+    if job.n < 1:
+        return f"n must be at least 1, not {job.n}"
+    if job.max_tokens < 1:
+        return f"max_tokens must be at least 1, not {job.max_tokens}"
+    ids = job.prompt_ids
+    if ids.numel() == 0:
+        return "prompt: the engine needs at least one unit of prompt to start from"
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        return f"prompt: unit ids must be in [0, {vocab_size}), the model's vocabulary"
+    return None
 
 
 def _groups(rows: list) -> list[tuple[Completion, int]]:
