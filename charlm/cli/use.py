@@ -46,7 +46,7 @@ def sample(
     """Generate text from a trained model, streamed as it is drawn."""
     from charlm.data.text import TextSettings  # noqa: PLC0415
     from charlm.data.vocab import EOS_TOKEN  # noqa: PLC0415
-    from charlm.inference.sample import Decoding, generate, make_generator, prompt_ids  # noqa: PLC0415
+    from charlm.inference.sample import Decoding, Undrawable, generate, make_generator, prompt_ids  # noqa: PLC0415
     from charlm.models.autotune import Workload  # noqa: PLC0415
 
     precision = _usable_precision(device, precision)
@@ -54,6 +54,7 @@ def sample(
     _, model, vocab, cfg = load_model(checkpoint, device, backend, precision, Workload.generation(num_samples))
     settings = sample_settings(cfg.sample, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed)
+    decoding = _drawable_decoding(Decoding.of(settings))
     if stop_at_end and not vocab.documents:
         raise UserError("--stop-at-end needs a model trained with data.documents: lines (it has no end marker)")
     text = _prompt_text(prompt, prompt_file, settings.prompt)
@@ -63,13 +64,29 @@ def sample(
                           "training; they are read as <unk>")
     generator, used_seed = make_generator(next(model.parameters()).device, settings.seed)
     stop_id = vocab.special_id(EOS_TOKEN) if stop_at_end else None
-    with _in_precision(model, precision):
-        if adapt_to is not None:
-            _adapt(model, vocab, adapt_to, _dynamic_settings(segment, dynamic_lr, rule, 0.0), cfg)
-        _print_samples(vocab, text, num_samples, stop_id, lambda on_step: generate(
-            model, context, settings.length, num_samples, Decoding.of(settings), generator, on_step, stop_id))
+    try:
+        with _in_precision(model, precision):
+            if adapt_to is not None:
+                _adapt(model, vocab, adapt_to, _dynamic_settings(segment, dynamic_lr, rule, 0.0), cfg)
+            _print_samples(vocab, text, num_samples, stop_id, lambda on_step: generate(
+                model, context, settings.length, num_samples, decoding, generator, on_step, stop_id))
+    except Undrawable as err:
+        if num_samples == 1:
+            sys.stdout.write("\n")  # end the line the sample was streaming on
+        raise UserError(f"{err}, so no character can be drawn from them: the checkpoint's weights are likely NaN "
+                        "(a training that diverged) or overflow in this precision; sample from an earlier "
+                        "checkpoint, or with --precision fp32") from None
     if settings.seed is None:
         err_console.print(f"[dim]seed {used_seed} (pass --seed {used_seed} to draw the same text again)[/]")
+
+
+def _drawable_decoding(decoding):
+    """The decoding settings, or a UserError naming the option nothing can be drawn with (the sample
+    section of the checkpoint's config takes any float >= 0, inf included)."""
+    problem = decoding.problem()
+    if problem is not None:
+        raise UserError(f"--{problem.field.replace('_', '-')} {problem.reason}")
+    return decoding
 
 
 def _adapt(model, vocab, source: str, settings, cfg) -> None:
