@@ -40,6 +40,9 @@ class CompletionRequest(BaseModel):
 
     prompt: Union[str, list[str]] = ""
     max_tokens: int = Field(16, ge=1)
+    # Any value in [0, 100] is served: a tiny one (1e-300, 5e-324) is greedy decoding, the limit as the
+    # temperature goes to 0 (sampling_probs scales so that nothing overflows), not a 400; the engine
+    # still fails alone a request whose row cannot be drawn from (a model's NaN scores).
     temperature: float = Field(1.0, ge=0, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=1)
