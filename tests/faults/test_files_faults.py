@@ -81,17 +81,25 @@ def test_redact_uri_strips_userinfo_and_secret_query_values(uri, expected):
 
 
 CONTENDER = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from charlm.training.rundir import RunLock, RunDirError
-run_dir, start = Path(sys.argv[1]), float(sys.argv[2])
-time.sleep(max(0.0, start - time.time()))
+run_dir, meeting, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+
+def wait_for(prefix, number):  # bounded: a slow machine waits, a broken test ends
+    deadline = time.time() + 60
+    while len(list(meeting.glob(prefix + "-*"))) < number and time.time() < deadline:
+        time.sleep(0.005)
+
+(meeting / f"ready-{os.getpid()}").touch()
+wait_for("ready", count)  # all loaded: they try at the same moment
 try:
     with RunLock(run_dir):
         print("won", flush=True)
-        time.sleep(3)  # held while the others try
+        wait_for("refused", count - 1)  # held until every other one has tried
 except RunDirError as err:
     print("refused", err, flush=True)
+    (meeting / f"refused-{os.getpid()}").touch()
 """
 
 
@@ -106,10 +114,11 @@ def test_two_starters_on_a_stale_lock_exactly_one_wins(tmp_path, attempt):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / ".lock").write_text(str(dead_pid()))
-    start = time.time() + 1.5  # all of them loaded and waiting for the same moment
-    processes = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(run_dir), str(start)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    results = [process.communicate(timeout=60) for process in processes]
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    processes = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(run_dir), str(meeting), "4"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [process.communicate(timeout=120) for process in processes]
     outcomes = [out.split()[0] for out, _ in results if out]
     assert len(outcomes) == 4, results
     assert outcomes.count("won") == 1, results
