@@ -47,8 +47,9 @@ def serve(
     try:
         import uvicorn  # noqa: PLC0415
 
-        from charlm.serving.app import (AllowedHosts, ConnectionLimits, Server, create_app,  # noqa: PLC0415
-                                        guarded_protocol)
+        from charlm.serving.app import Server, create_app  # noqa: PLC0415
+        from charlm.serving.connection import ConnectionLimits, guarded_protocol  # noqa: PLC0415
+        from charlm.serving.hosts import AllowedHosts  # noqa: PLC0415
         from charlm.serving.api import Limits  # noqa: PLC0415
     except ImportError as err:
         if err.name in ("uvicorn", "starlette") or "starlette" in str(err):

@@ -4,10 +4,8 @@ Routes: GET / (the playground page), GET /health, GET /v1/models, POST /v1/compl
 (OpenAI's completion shape; `stream: true` answers with server-sent events). Every error is
 JSON: {"error": {"message", "type", "code"}} with the matching HTTP status.
 
-Below the app, the connection: uvicorn's h11 protocol with the limits it lacks (a cap on
-connections, deadlines for a request's head and body, a bound on how long a client may stop
-reading), and a Host check in front of the routes (DNS rebinding reaches a loopback server from
-any web page).
+In front of the routes, the Host check (hosts.py); below the app, the connection's limits
+(connection.py).
 """
 
 from __future__ import annotations
@@ -15,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
-import re
-import socket
 import threading
 import time
 import traceback
@@ -26,7 +21,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import AsyncIterator, Callable, Optional, Union
 
-import h11
 import torch
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -34,11 +28,11 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from charlm.errors import UserError
 from charlm.inference.sample import make_generator, prompt_ids
 from charlm.serving.api import (Limits, RequestError, chunk_body, completion_body, completion_id, parse_request)
+from charlm.serving.hosts import AllowedHosts, HostGuard
 from charlm.serving.worker import Busy, EngineDown, EngineProcess, Ticket
 
 
@@ -144,7 +138,7 @@ class Server:
 
     def __init__(self, served: ServedModel, limits: Limits = Limits(), api_key: Optional[str] = None,
                  max_requests: int = 64, max_body_bytes: int = 1 << 20, threads: Optional[int] = None,
-                 hosts: Optional["AllowedHosts"] = None):
+                 hosts: Optional[AllowedHosts] = None):
         self.served, self.limits = served, limits
         # compared as the bytes a client sends: the UTF-8 of the key as given
         self.api_key = None if api_key is None else api_key.encode("utf-8")
@@ -358,205 +352,3 @@ def create_app(server: Server) -> Starlette:
                                         ClientDisconnect: disconnected, Exception: bug})
     app.state.server = server
     return app
-
-
-# --- who may ask: the Host header ----------------------------------------------------------------
-
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
-_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
-
-
-@dataclass(frozen=True)
-class AllowedHosts:
-    """The names a request's Host header may give (any port): this machine's loopback names, the
-    --host served on, and --allowed-hosts ("*" for any, "*.example.org" for its subdomains)."""
-
-    names: frozenset[str]
-    suffixes: tuple[str, ...] = ()
-    anything: bool = False
-
-    @classmethod
-    def parse(cls, host: str, allowed: Optional[str] = None) -> "AllowedHosts":
-        names, suffixes, anything = set(LOOPBACK_NAMES), [], False
-        bound = _entry_name(host)
-        if bound not in (None, "0.0.0.0", "::"):  # a wildcard address is no name a client should send
-            names.add(bound)
-        for entry in (e.strip().lower() for e in (allowed or "").split(",") if e.strip()):
-            if entry == "*":
-                anything = True
-            elif entry.startswith("*.") and _NAME.fullmatch(entry[2:]):
-                suffixes.append(entry[1:])
-            elif _entry_name(entry) is not None:
-                names.add(_entry_name(entry))
-            else:
-                raise UserError(f"--allowed-hosts: {entry!r} is not a host name; give names such as "
-                                "'example.org', '*.example.org', '10.0.0.5' or '*' (any), separated by commas")
-        return cls(frozenset(names), tuple(suffixes), anything)
-
-    def allows(self, header: Optional[bytes]) -> bool:
-        name = None if header is None else _host_name(header)
-        if name is None:
-            return False
-        return self.anything or name in self.names or name.endswith(self.suffixes)
-
-
-def _entry_name(entry: str) -> Optional[str]:
-    """A name as given on the command line: a host name, an address (IPv6 with or without brackets)."""
-    try:
-        return str(ipaddress.ip_address(entry.strip("[]")))
-    except ValueError:
-        return _host_name(entry.encode("utf-8"))
-
-
-def _host_name(value: bytes) -> Optional[str]:
-    """The name of a Host header ("name", "name:port", "[v6]:port"), lower case; None when malformed."""
-    try:
-        text = value.decode("ascii").strip().lower()
-    except UnicodeDecodeError:
-        return None
-    if text.startswith("["):
-        inside, closed, port = text[1:].partition("]")
-        if not closed or (port and not (port.startswith(":") and port[1:].isdigit())):
-            return None
-        try:
-            return str(ipaddress.IPv6Address(inside))
-        except ValueError:
-            return None
-    name, colon, port = text.partition(":")
-    if colon and not port.isdigit():
-        return None
-    name = name[:-1] if name.endswith(".") else name  # "localhost." is localhost
-    return name if _NAME.fullmatch(name) else None
-
-
-class HostGuard:
-    """ASGI middleware: a request whose Host header this server does not answer to gets 421 (a web
-    page that rebinds its own name to 127.0.0.1 would otherwise reach the API); every response says
-    nosniff (a browser must not run a JSON error as a script or page)."""
-
-    def __init__(self, app, hosts: AllowedHosts):
-        self.app, self.hosts = app, hosts
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        host = next((value for name, value in scope["headers"] if name == b"host"), None)
-        if not self.hosts.allows(host):
-            shown = "none" if host is None else repr(host.decode("latin-1"))
-            error = RequestError(f"this server does not answer to the Host {shown}; call it by an address it "
-                                 "serves on (127.0.0.1, localhost), or start it with --allowed-hosts NAME "
-                                 "to serve that name", 421)
-            return await JSONResponse(error.body(), status_code=421)(scope, receive, _nosniff(send))
-        await self.app(scope, receive, _nosniff(send))
-
-
-def _nosniff(send):
-    async def sending(message) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
-        await send(message)
-    return sending
-
-
-# --- the connection: limits uvicorn lacks ---------------------------------------------------------
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """How many connections a server holds, and how long a client may stall one.
-
-    `client_timeout` bounds, each from its start: reading a request's head, reading its body, and a
-    response the client does not read (the send buffer stays full). `keep_alive`: an idle
-    connection between requests. `send_buffer`: the kernel's buffer per connection (fixed, so a
-    client that stops reading is found after that much, not after megabytes of autotuned buffer)."""
-
-    max_connections: int = 256
-    client_timeout: float = 10.0
-    keep_alive: int = 5
-    send_buffer: int = 64 * 1024
-
-
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with the guards it lacks. uvicorn times out only idle keep-alive
-    connections: a client that sent half a request head or half a body, or stopped reading a
-    stream, held its connection (and its request's slot) for ever; and it never caps connections.
-    `limits` is set on the subclass that guarded_protocol() makes."""
-
-    limits = ConnectionLimits()
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        self._phase: Optional[str] = None  # "head" or "body": what the running deadline waits for
-        self._deadline: Optional[asyncio.TimerHandle] = None
-        self._stall: Optional[asyncio.TimerHandle] = None
-        self._received = False
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer)
-        timeout = self.limits.client_timeout
-        if len(self.connections) > self.limits.max_connections:
-            self.app = _too_many_connections(self.limits.max_connections)  # this connection's one answer
-            timeout = min(timeout, 1.0)
-        self._arm("head", timeout)
-
-    def data_received(self, data: bytes) -> None:
-        self._received = True
-        super().data_received(data)
-        state = self.conn.their_state
-        phase = "head" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
-        if phase is None:
-            self._disarm()
-        elif phase != self._phase:  # a new phase gets a new deadline; more bytes of one do not extend it
-            self._arm(phase, self.limits.client_timeout)
-
-    def connection_lost(self, exc: Optional[Exception]) -> None:
-        self._disarm()
-        if self._stall is not None:
-            self._stall.cancel()
-        super().connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        if self._stall is None:
-            self._stall = self.loop.call_later(self.limits.client_timeout, self.transport.abort)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-
-    def _arm(self, phase: str, timeout: float) -> None:
-        self._disarm()
-        self._phase, self._deadline = phase, self.loop.call_later(timeout, self._too_slow)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self._phase = self._deadline = None
-
-    def _too_slow(self) -> None:
-        """The client took too long over a request's head or body: 408 (unless it sent nothing at all), close."""
-        if self.transport.is_closing():
-            return
-        if self._received and (self.cycle is None or not self.cycle.response_started):
-            what = "request head" if self._phase == "head" else "request body"
-            body = json.dumps(RequestError(f"the {what} took longer than {self.limits.client_timeout:g} s to "
-                                           "arrive", 408).body()).encode()
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-        self.transport.close()  # the handler waiting for the body gets the disconnect before it can answer
-
-
-def guarded_protocol(limits: ConnectionLimits) -> type:
-    """The protocol class for uvicorn.Config(http=...), with these limits."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
-
-
-def _too_many_connections(cap: int):
-    error = RequestError(f"this server already holds {cap} connections, its cap (--max-connections); "
-                         "try again shortly", 503, "server_error")
-
-    async def answer(scope, receive, send) -> None:
-        await JSONResponse(error.body(), status_code=503, headers={"Connection": "close", "Retry-After": "1"})(
-            scope, receive, send)
-    return answer

@@ -310,7 +310,7 @@ def test_the_bearer_scheme_is_any_case_and_the_key_is_the_bytes_sent(strict):
 
 
 def test_allowed_hosts_forms_and_a_bad_name_is_one_line(run_dir):  # noqa: F811
-    from charlm.serving.app import AllowedHosts
+    from charlm.serving.hosts import AllowedHosts
 
     anywhere = AllowedHosts.parse("127.0.0.1", "*")
     assert anywhere.allows(b"whatever.example:8080") and not anywhere.allows(b"bad host")
