@@ -69,9 +69,14 @@ class Chunk:
 
 @dataclass(frozen=True)
 class End:
-    """The request is over: done, or failed with `error`."""
+    """The request is over: done, or failed with `error`, answered with HTTP `status`."""
 
     error: Optional[str] = None
+    status: int = 503
+
+    @property
+    def kind(self) -> str:
+        return "invalid_request_error" if self.status < 500 else "server_error"
 
 
 class EventQueue:
@@ -99,7 +104,7 @@ class EventQueue:
         if self.over:
             return
         if "text" not in event:
-            self.items.append(End(event.get("error")))
+            self.items.append(End(event.get("error"), event.get("status", 503)))
         elif self._hold(event):
             return
         self.ready.set()
@@ -236,7 +241,7 @@ class Server:
                             ticket.cancel()
                             raise ClientDisconnect()
                         if item.error is not None:
-                            raise RequestError(item.error, 503, "server_error")
+                            raise RequestError(item.error, item.status, item.kind)
                         return ["".join(p) for p in pieces], reasons, tokens
                     pieces[item.index].extend(item.pieces)
                     if item.finish_reason is not None:
@@ -253,7 +258,7 @@ class Server:
             while True:
                 for item in await events.take():
                     if isinstance(item, End) and item.error is not None:
-                        yield _sse({"error": {"message": item.error, "type": "server_error", "code": 503}})
+                        yield _sse({"error": {"message": item.error, "type": item.kind, "code": item.status}})
                         return
                     if isinstance(item, End):
                         yield b"data: [DONE]\n\n"

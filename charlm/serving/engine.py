@@ -202,13 +202,16 @@ class Engine:
         self._fail([], [*self._pending, *self._reading_jobs()], "the server is shutting down")
         self._on_step()
 
-    def _fail(self, rows: list, jobs: list, message: str) -> None:
-        """End these requests with an error event and free their slots."""
+    def _fail(self, rows: list, jobs: list, message: str, status: int = 503) -> None:
+        """End these requests with an error event and free their slots. `status` is the HTTP status
+        the server answers with: 503 for the server's own state (shutting down, a failed step: try
+        again later), 400 for a request it cannot serve, 500 for a model whose scores are not finite
+        (retrying cannot help)."""
         failed = {id(job): job for job in [*(row.job for row in rows), *jobs]}
         with self._lock:
             self.in_flight -= len(failed)
         for job in failed.values():
-            job.sink({"error": message})
+            job.sink({"error": message, "status": status})
 
     def _admit(self, jobs: list) -> list:
         """The requests the engine can serve; each other one ends with its own error event. The web
@@ -220,7 +223,7 @@ class Engine:
             if refusal is None:
                 admitted.append(job)
             else:
-                self._fail([], [job], refusal)
+                self._fail([], [job], refusal, status=400)
         return admitted
 
     def _read_prompts(self, rows: list, logits, state):
@@ -309,7 +312,7 @@ class Engine:
                 if row.job is job:
                     row.finish = "error"
             self._fail([], [job], f"the model's scores for row {index} of this request are not finite "
-                                  "(NaN or infinity), so nothing can be drawn from them")
+                                  "(NaN or infinity), so nothing can be drawn from them", status=500)
         return set(failed)
 
     def _draw(self, rows: list, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

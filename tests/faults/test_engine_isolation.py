@@ -174,7 +174,7 @@ def test_non_finite_scores_for_one_row_fail_only_its_request(served, value, deco
     innocent = beside_innocent(poisoned, vocab, innocent_ids, [
         completion(vocab.encode("the " + poison).ids.long(), 40, decoding, n=2, sink=bad),
         completion(vocab.encode("the ").ids.long(), 40, Decoding(temperature=0), sink=clean)])
-    assert len(bad.errors()) == 1 and bad.events == [{"error": bad.errors()[0]}] and bad.overlapped
+    assert len(bad.errors()) == 1 and bad.events == [{"error": bad.errors()[0], "status": 500}] and bad.overlapped
     assert "not finite" in bad.errors()[0]
     assert clean.errors() == [] and clean.texts() == [greedy_text(model, vocab, vocab.encode("the ").ids.long(), 40)]
     assert_full_text(innocent, expected)
@@ -190,7 +190,7 @@ def test_a_row_that_draws_into_nan_scores_mid_stream_fails_alone(served):
     innocent = beside_innocent(poisoned, vocab, innocent_ids,
                                [completion(vocab.encode("the ").ids.long(), 400, Decoding(100.0), n=3, seed=5,
                                            sink=wild)])
-    assert wild.errors() and wild.events[-1] == {"error": wild.errors()[0]} and wild.overlapped
+    assert wild.errors() and wild.events[-1] == {"error": wild.errors()[0], "status": 500} and wild.overlapped
     # the row that drew the poisoned character sent it (the draw was fine), then failed at its next draw
     texts = wild.texts(3)
     assert sum(text.count(poison) for text in texts) == 1 and any(text.endswith(poison) for text in texts), texts
@@ -224,6 +224,7 @@ def test_a_request_the_engine_cannot_serve_gets_its_own_error(served, fields, na
                                [completion(prompt, job["max_tokens"], job["decoding"], n=job["n"], sink=refused)],
                                wait=20)
     assert len(refused.events) == 1 and named in refused.errors()[0], refused.events
+    assert refused.events[0]["status"] == 400  # the server answers 400: the request, not the server, is at fault
     assert_full_text(innocent, expected)
 
 

@@ -230,6 +230,27 @@ def test_the_event_queue_merges_in_linear_time_and_is_bounded():
     asyncio.run(scenario())
 
 
+def test_an_engine_error_keeps_its_status():
+    """A request the engine refuses is the client's fault (400), a model whose scores are not
+    finite is the server's (500: retrying cannot help), anything else is 503 (try again)."""
+    from charlm.serving.app import End, EventQueue
+
+    async def scenario():
+        ends = []
+        for event in ({"error": "n must be at least 1", "status": 400},
+                      {"error": "the model's scores ... are not finite", "status": 500},
+                      {"error": "the engine process ended"}):
+            queue = EventQueue(asyncio.get_running_loop())
+            queue.put(event)
+            ends += await queue.take()
+        return ends
+
+    ends = asyncio.run(scenario())
+    assert all(isinstance(end, End) for end in ends)
+    assert [(end.status, end.kind) for end in ends] == [
+        (400, "invalid_request_error"), (500, "server_error"), (503, "server_error")]
+
+
 def test_a_non_streaming_client_that_leaves_frees_its_slot_within_a_step_or_two(server):
     body = json.dumps({"prompt": "it", "max_tokens": 1000000}).encode()
     with connect(server) as sock:
