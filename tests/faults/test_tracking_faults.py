@@ -4,6 +4,7 @@ checkpoint and exits 0; metrics.jsonl keeps every event."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -106,3 +107,20 @@ def test_an_unreachable_mlflow_server_is_one_warning_and_the_run_trains(tmp_path
     lines = warnings(result.stdout, result.stderr)
     assert len(lines) == 1 and "mlflow" in lines[0], result.stdout + result.stderr
     assert "secret" not in result.stdout + result.stderr  # the URI's password is not printed
+
+
+def test_a_torn_mlflow_run_file_does_not_stop_a_resume(tmp_path, text_file, capsys):
+    """mlflow-run.json is written atomically now; one torn by an older charlm (or by hand) starts a new MLflow run."""
+    run_dir = tmp_path / "run"
+    config = write_tiny(tmp_path, text_file, loggers=["mlflow"])
+    code, _, err = call(capsys, "train", "--config", config, "--out", str(run_dir))
+    assert code == 0, err
+    record = run_dir / "mlflow-run.json"
+    first = json.loads(record.read_text())["run_id"]
+    record.write_text(record.read_text()[:12])  # cut short mid-write
+    code, out, err = call(capsys, "train", "--resume", "--out", str(run_dir), "--set", "train.max_steps=9")
+    assert code == 0, err
+    assert "Traceback" not in out + err and not warnings(out, err)
+    assert f"{record} is unreadable; starting a new MLflow run" in out + err
+    assert json.loads(record.read_text())["run_id"] != first
+    assert not list(run_dir.glob(".mlflow-run.json.tmp-*"))
