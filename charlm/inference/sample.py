@@ -66,38 +66,33 @@ def pick_next(logits: torch.Tensor, decoding: Decoding = Decoding(),
     if problem is not None:
         raise ValueError(f"{problem.field} {problem.reason}")
     u = None if decoding.temperature == 0 else uniforms(logits.shape[0], generator, logits.device)
-    ids, usable = pick(logits, decoding, u)
-    if not bool(usable.all()):
-        raise Undrawable((~usable).nonzero().flatten().tolist())
+    ids = pick(logits, decoding, u)
+    bad = chosen_probs(logits, ids).isnan()
+    if bool(bad.any()):
+        raise Undrawable(bad.nonzero().flatten().tolist())
     return ids
 
 
-def pick(logits: torch.Tensor, decoding: Decoding, u: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One id per row of logits [B, V] with uniform numbers u [B] (None for greedy decoding): ids [B]
-    and which rows could be drawn from [B] (bool). A row that could not be (its scores are NaN,
-    +inf or all -inf) gets id 0: the check is on the scores and probabilities, before any id
-    exists, so no id is ever out of range (on CUDA an out-of-range index is a device-side assert
-    that ends the process's CUDA context, every request with it)."""
+def pick(logits: torch.Tensor, decoding: Decoding, u: Optional[torch.Tensor]) -> torch.Tensor:
+    """One id per row of logits [B, V] with uniform numbers u [B] (None for greedy decoding) -> [B].
+    Every id is in range whatever the scores (argmax's are; inverse_cdf's are clamped), so a row
+    of NaN or infinite scores cannot index past the vocabulary (on CUDA an out-of-range index is
+    a device-side assert that ends the process's CUDA context, every request with it); its id is
+    meaningless, and chosen_probs says which rows those are."""
     if decoding.temperature == 0:
-        usable = finite_scores(logits)
-        ids = logits.argmax(dim=-1)
-    else:
-        probs = sampling_probs(logits, decoding)
-        usable = drawable(probs)
-        # the rows that cannot be drawn from draw from a uniform stand-in (their ids are thrown away)
-        ids = inverse_cdf(torch.where(usable[:, None], probs, torch.ones_like(probs)), u)
-    usable = usable & (ids >= 0) & (ids < logits.shape[-1])
-    return ids.masked_fill(~usable, 0), usable
+        return logits.argmax(dim=-1)
+    return inverse_cdf(sampling_probs(logits, decoding), u)
 
 
-def finite_scores(logits: torch.Tensor) -> torch.Tensor:
-    """Rows of logits [B, V] greedy decoding can pick from: no NaN, no +inf, some score above -inf -> [B] bool."""
-    return ~(logits.isnan() | logits.isposinf()).any(dim=-1) & (logits > float("-inf")).any(dim=-1)
-
-
-def drawable(probs: torch.Tensor) -> torch.Tensor:
-    """Rows of probs [B, V] that can be drawn from: every probability finite and >= 0, summing above 0 -> [B] bool."""
-    return (probs.isfinite() & (probs >= 0)).all(dim=-1) & (probs.sum(dim=-1) > 0)
+def chosen_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The model's probability of each row's id: logits [B, V], ids [B] -> [B] (float32). NaN
+    exactly where the row's scores are not finite (a NaN, a +inf, or only -inf make every entry
+    of the row's softmax NaN), so it doubles as the check that a row could be drawn from: the
+    server computes these probabilities anyway (it sends them), and a separate check on every
+    character made a one-stream server 5% slower. (Sampling scales the scores first: at a
+    temperature above SHIFT_BELOW only scores beyond 1e32 could overflow there and not here; the
+    id drawn for such a row is in range but meaningless.)"""
+    return torch.softmax(logits.float(), dim=-1).gather(1, ids[:, None].to(logits.device))[:, 0]
 
 
 def sampling_probs(logits: torch.Tensor, decoding: Decoding) -> torch.Tensor:
@@ -114,18 +109,25 @@ def sampling_probs(logits: torch.Tensor, decoding: Decoding) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)  # [B, V]
 
 
+SHIFT_BELOW = 1e-6  # temperatures under which scaled_logits shifts the scores first
+
+
 def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """logits [B, V] / temperature (> 0), in float32, computed so that no temperature can overflow them.
 
-    Each row's largest score is subtracted first (softmax does not change), so the scaled scores
-    are <= 0 with the largest exactly 0; one far below it may become -inf, probability 0, which is
-    its limit anyway. Plain logits / 1e-300 made every score infinite, the softmax NaN and the
-    draw an id one past the vocabulary. A temperature below float32's normal range (which float32
-    would hold as 0, or flush to 0) is divided in float64, where it is not 0 down to 5e-324.
-    So a tiny temperature is greedy decoding, the distribution's limit as the temperature goes to 0
-    (ties, if any, share), not an error: turning the temperature down is how a user asks for
-    more predictable text, and any value of the documented range should give it."""
+    Plain logits / 1e-300 made every score infinite, the softmax NaN and the draw an id one past
+    the vocabulary. Below SHIFT_BELOW each row's largest score is subtracted first (softmax does
+    not change), so the scaled scores are <= 0 with the largest exactly 0; one far below it may
+    become -inf, probability 0, its limit anyway; and a temperature below float32's normal range
+    (which float32 would hold as 0) is divided in float64, where it is not 0 down to 5e-324.
+    So a tiny temperature is greedy decoding, the distribution's limit as the temperature goes
+    to 0 (ties share), not an error: turning the temperature down is how a user asks for more
+    predictable text. Above SHIFT_BELOW only scores beyond 1e32 could overflow, which no working
+    model gives (such a row fails alone); the shift is skipped there because a server scales
+    once per character and the two extra operations cost several percent of a one-stream step."""
     logits = logits.float()
+    if temperature >= SHIFT_BELOW:
+        return logits / temperature
     shifted = logits - logits.amax(dim=-1, keepdim=True)  # NaN in a row with NaN, +inf or only -inf
     if temperature < torch.finfo(torch.float32).tiny:
         return (shifted.double() / temperature).float()
@@ -146,13 +148,15 @@ def uniforms(count: int, generator: Optional[torch.Generator], device) -> torch.
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The id whose slice of [0, 1) holds u, row by row: probs [B, V] (each row summing to about 1),
-    u [B] -> ids [B]. An id of probability 0 has an empty slice, so it is never drawn."""
+    u [B] -> ids [B]. An id of probability 0 has an empty slice, so it is never drawn. A row with
+    NaN (from NaN or infinite scores) gets some id in range."""
     cdf = probs.double().cumsum(dim=-1)  # [B, V]; float64 so that rounding cannot open an empty slice
     total = cdf[:, -1:]
     # u * total can round up to total itself: kept below it, the first cdf above it is the last id
     # with a non-empty slice (the ids after it, of probability 0, have the same cdf).
     point = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, point, right=True).squeeze(-1)  # the first id whose cdf passes the point
+    ids = torch.searchsorted(cdf, point, right=True).clamp_(max=probs.shape[-1] - 1)  # a NaN cdf: any index
+    return ids.squeeze(-1)
 
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:

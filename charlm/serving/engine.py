@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from charlm.inference.sample import PROMPT_CHUNK, Decoding, pick, read_prompt_chunk, uniforms
+from charlm.inference.sample import PROMPT_CHUNK, Decoding, chosen_probs, pick, read_prompt_chunk, uniforms
 
 
 class Busy(Exception):
@@ -267,9 +267,9 @@ class Engine:
 
     def _step(self, rows: list, logits: torch.Tensor, state: tuple):
         """Draw one unit for every row, send what is ready, drop finished rows, run one batched step."""
-        units, usable = self._draw(rows, logits)  # every unit in range, whatever the scores
-        failed = self._fail_undrawable(rows, usable)
-        probs = torch.softmax(logits.float(), dim=-1).gather(1, units[:, None].to(logits.device))[:, 0].tolist()
+        units = self._draw(rows, logits)  # every unit in range, whatever the scores
+        probs = chosen_probs(logits, units).tolist()  # NaN for a row whose scores are not finite
+        failed = self._fail_undrawable(rows, probs)
         ended = bool(failed)
         for row, unit, prob in zip(rows, units.tolist(), probs):
             if id(row.job) in failed:
@@ -298,14 +298,16 @@ class Engine:
         self.steps += 1
         return out[:, -1].float(), state, rows
 
-    def _fail_undrawable(self, rows: list, usable: torch.Tensor) -> set:
+    def _fail_undrawable(self, rows: list, probs: list[float]) -> set:
         """End each request with a row that could not be drawn from (its scores are NaN or infinite)
         with its own error event; the ids of those requests. Their rows leave the batch at this step
         and the other requests go on: rows never mix in the model, so one row's NaN stays its own.
         A row already done is not looked at: its draws are thrown away."""
+        if not any(p != p for p in probs):  # no NaN: every step but a faulty one
+            return set()
         failed: dict[int, tuple[Completion, int]] = {}
-        for row, ok in zip(rows, usable.tolist()):
-            if not ok and row.finish is None and not row.job.cancelled.is_set():
+        for row, prob in zip(rows, probs):
+            if prob != prob and row.finish is None and not row.job.cancelled.is_set():
                 failed.setdefault(id(row.job), (row.job, row.index))
         for job, index in failed.values():
             for row in rows:
@@ -315,11 +317,11 @@ class Engine:
                                   "(NaN or infinity), so nothing can be drawn from them", status=500)
         return set(failed)
 
-    def _draw(self, rows: list, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One unit per row, as pick_next would draw it for each request alone, and whether the row
-        could be drawn from ([N] each, on the CPU): each request takes its uniform numbers from its
-        own generator, then the rows of all requests with the same settings are drawn in one call
-        (one multinomial call per request cost more than the batched model step at 32 requests)."""
+    def _draw(self, rows: list, logits: torch.Tensor) -> torch.Tensor:
+        """One unit per row [N] (on the CPU), as pick_next would draw it for each request alone: each
+        request takes its uniform numbers from its own generator, then the rows of all requests with
+        the same settings are drawn in one call (one multinomial call per request cost more than the
+        batched model step at 32 requests). Every unit is in range, whatever the scores."""
         parts: dict[Decoding, tuple[list[int], list[torch.Tensor]]] = {}
         start = 0
         for job, count in _groups(rows):
@@ -330,16 +332,14 @@ class Engine:
                     draws.append(uniforms(count, job.generator, logits.device))
             start += count
         units = torch.zeros(len(rows), dtype=torch.long)
-        usable = torch.ones(len(rows), dtype=torch.bool)
         for decoding, (index, draws) in parts.items():
             every_row = len(index) == len(rows)
             chosen = logits if every_row else logits[torch.tensor(index, device=logits.device)]
-            picked, ok = pick(chosen, decoding, torch.cat(draws) if draws else None)
+            picked = pick(chosen, decoding, torch.cat(draws) if draws else None)
             if every_row:
-                return picked.cpu(), ok.cpu()
+                return picked.cpu()
             units[torch.tensor(index)] = picked.cpu()
-            usable[torch.tensor(index)] = ok.cpu()
-        return units, usable
+        return units
 
     def _release_finished(self, rows: list, keep: list, failed: frozenset = frozenset()) -> None:
         """Send "done" for the requests of `rows` that are neither kept nor already `failed` (ids), and free their slots."""
