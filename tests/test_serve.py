@@ -184,7 +184,7 @@ def test_a_bug_fails_the_requests_in_flight_and_the_engine_serves_on(capfd):
         first = Collect()
         engine.submit(Completion(vocab.encode("it").ids.long(), 50, Decoding(),
                                  make_generator(torch.device("cpu"), 1)[0], sink=first))
-        assert first.done.wait(60) and first.events[-1] == {"error": "internal error: RuntimeError"}
+        assert first.done.wait(60) and first.events[-1] == {"error": "internal error: RuntimeError", "status": 503}
         second = Collect()
         engine.submit(Completion(vocab.encode("it").ids.long(), 5, Decoding(),
                                  make_generator(torch.device("cpu"), 1)[0], sink=second))
