@@ -29,6 +29,7 @@ def measuring(monkeypatch, tmp_path):
     return tmp_path / "cache" / autotune.CACHE_NAME
 
 
+@pytest.mark.slow
 def test_measured_choice_is_made_cached_and_reused(measuring):
     rng = torch.get_rng_state()
     first = choose("auto", TINY, 30, CPU, "fp32", Workload.training(4, 16))
@@ -153,6 +154,7 @@ def test_explicit_backend_and_fixed_mode_never_measure(measuring, monkeypatch):
         choose("auto", TINY, 30, CPU, "fp32", Workload.training(4, 16))
 
 
+@pytest.mark.slow
 def test_train_says_the_measured_choice_then_reuses_it(tmp_path, monkeypatch, text_file):
     monkeypatch.setenv("CHARLM_AUTO", "measure")
     monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "cache"))
@@ -171,6 +173,7 @@ def test_train_says_the_measured_choice_then_reuses_it(tmp_path, monkeypatch, te
     assert "backend auto" not in explicit.stdout and "(backend native)" in explicit.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variable,value,fragment", [("CHARLM_AUTO", "maybe", "CHARLM_AUTO"),
                                                      ("CHARLM_MAX_ISA", "sse9", "CHARLM_MAX_ISA")])
 def test_unknown_setting_is_one_line(tmp_path, monkeypatch, text_file, variable, value, fragment):
@@ -244,6 +247,7 @@ def test_isa_cap_below_bf16_runs_bf16_as_fp32(monkeypatch):
     assert precision == "fp32" and "no bf16 units" in notice
 
 
+@pytest.mark.slow
 def test_doctor_reports_the_machine_and_auto_choices():
     done = run_cli("doctor", "--json")
     assert done.returncode == 0, done.stderr

@@ -25,6 +25,7 @@ def eval_json(capsys, run_dir, text, *options):
     return json.loads(out), err
 
 
+@pytest.mark.slow
 @needs_bf16
 def test_eval_in_bf16_scores_as_fp32_does(trained, capsys):
     run_dir, config, _ = trained
@@ -36,6 +37,7 @@ def test_eval_in_bf16_scores_as_fp32_does(trained, capsys):
     assert bf16["loss_nats"] == pytest.approx(fp32["loss_nats"], rel=1e-2)
 
 
+@pytest.mark.slow
 @needs_bf16
 def test_sample_in_bf16(trained, capsys):
     code, out, err = call(capsys, "sample", "--checkpoint", str(trained[0]), "--device", "cpu", "--length", "30",

@@ -38,6 +38,7 @@ def trained(tmp_path_factory):
     return run_dir, config, result
 
 
+@pytest.mark.slow
 def test_train_sample_eval_info_end_to_end(trained, cli, text_file):
     run_dir, _, result = trained
     assert "device: cpu" in result.stdout and "val loss" in result.stdout
@@ -101,6 +102,7 @@ def test_python_dash_m_and_help(cli):
     assert result.returncode == 0 and "train" in result.stdout and "sample" in result.stdout
 
 
+@pytest.mark.slow
 def test_greedy_batched_samples_and_eval_with_oov(trained, capsys, tmp_path):
     run_dir = trained[0]
     code, out, err = call(capsys, "sample", "--checkpoint", str(run_dir), "--prompt", "It", "--length", "10",
@@ -114,6 +116,7 @@ def test_greedy_batched_samples_and_eval_with_oov(trained, capsys, tmp_path):
     assert json.loads(out)["oov_chars"] == 2
 
 
+@pytest.mark.slow
 def test_resume_gives_exactly_the_same_parameters(tmp_path, text_file, write_config, cli):
     """20 steps in one run == 10 steps + resume + 10 steps (dropout and weight dropout on, so
     RNG state matters too; the weight average carries over as well)."""
@@ -134,6 +137,7 @@ def test_resume_gives_exactly_the_same_parameters(tmp_path, text_file, write_con
         assert torch.equal(a["raw_model"][name], b["raw_model"][name]), name
 
 
+@pytest.mark.slow
 def test_run_dir_is_never_silently_overwritten(trained, capsys, tmp_path):
     run_dir, config = tmp_path / "run", trained[1]
     shutil.copytree(trained[0], run_dir)
@@ -193,6 +197,7 @@ def test_bad_yaml_and_unknown_key(tmp_path, capsys):
     assert_user_error(call(capsys, "train"), "give --config FILE")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,fragment", [
     (["--prompt", "Zebra{}"], "the prompt has 3 character(s) the model never saw"),
     (["--length", "0"], "--length: input should be greater than 0"),
@@ -228,6 +233,7 @@ def test_malicious_checkpoint_is_refused_by_every_command(tmp_path, capsys, text
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_eval_text_errors(trained, capsys, tmp_path):
     run_dir = trained[0]
     assert_user_error(call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(tmp_path / "no.txt")),
@@ -252,6 +258,7 @@ def test_cuda_run_samples_and_evaluates_on_cpu(tmp_path, text_file, write_config
     assert on_cpu["loss_nats"] == pytest.approx(on_gpu["loss_nats"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resumes(tmp_path, text_file, write_config):
     import os
     import signal
@@ -281,6 +288,7 @@ def test_ctrl_c_saves_and_resumes(tmp_path, text_file, write_config):
     assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == step + 3
 
 
+@pytest.mark.slow
 def test_checkpoint_runs_with_every_backend(trained, capsys, text_file):
     """Trained with backend auto (fused, for a CPU LSTM in fp32); the same weights evaluate and sample
     alike on every backend."""
@@ -311,6 +319,7 @@ def test_resume_may_switch_backend(tmp_path, text_file, write_config, capsys):
     assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 6
 
 
+@pytest.mark.slow
 def test_resume_with_random_offsets_crosses_epochs_exactly(tmp_path, text_file, write_config, cli):
     """With train.random_offsets each epoch reads shifted windows; 40 steps (2.7 epochs) in one
     run == 20 + resume + 20, and the run differs from one without the shifts."""
@@ -354,6 +363,7 @@ BAD_TEXTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(BAD_TEXTS))
 def test_eval_rejects_bad_text(trained, capsys, tmp_path, kind):
     content, fragment = BAD_TEXTS[kind]
@@ -363,6 +373,7 @@ def test_eval_rejects_bad_text(trained, capsys, tmp_path, kind):
     assert_user_error(call(capsys, "eval", "--checkpoint", str(trained[0]), "--text", str(path)), fragment)
 
 
+@pytest.mark.slow
 def test_eval_rejects_a_folder_without_text(trained, capsys, tmp_path):
     (tmp_path / "only-binary").mkdir()
     (tmp_path / "only-binary" / "x.bin").write_bytes(b"\x00\x01")
@@ -370,6 +381,7 @@ def test_eval_rejects_a_folder_without_text(trained, capsys, tmp_path):
                       "holds no text files")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content,fragment", [
     (None, "file not found"),
     (b"", "is empty"),
@@ -383,6 +395,7 @@ def test_sample_rejects_bad_prompt_files(trained, capsys, tmp_path, content, fra
     assert_user_error(call(capsys, "sample", "--checkpoint", str(trained[0]), "--prompt-file", str(path)), fragment)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command,option,value", [
     ("sample", "--num-samples", "-1"), ("sample", "--seed", "-5"), ("sample", "--length", "-5"),
     ("sample", "--top-k", "0"), ("eval", "--batch-size", "0"), ("eval", "--batch-size", "-2"),

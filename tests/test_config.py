@@ -166,6 +166,7 @@ def _load_text(text: str, overrides=()):
             return None
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(_documents)
 def test_random_yaml_documents(document):

@@ -48,6 +48,7 @@ def config(tmp_path, text_file, write_config):
                                            "lr_schedule": "constant"}))  # resumes change max_steps
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, config, cli):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert cli("train", "--config", str(config), "--out", str(single)).returncode == 0
@@ -64,6 +65,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, conf
     assert torch.load(ddp / "last.pt", weights_only=True)["train_state"][0].shape == (2, 8, 16)
 
 
+@pytest.mark.slow
 def test_resume_across_ddp_and_single_process(tmp_path, config, cli):
     whole, mixed = tmp_path / "whole", tmp_path / "mixed"
     assert cli("train", "--config", str(config), "--out", str(whole)).returncode == 0
@@ -77,6 +79,7 @@ def test_resume_across_ddp_and_single_process(tmp_path, config, cli):
     assert_same_params(params(whole), params(mixed))
 
 
+@pytest.mark.slow
 def test_ddp_with_dropout_resumes_exactly(tmp_path, text_file, write_config):
     """Each rank's dropout stream is saved and continued: 3 + resumed 3 steps = 6 steps."""
     config = write_config(tiny_config(text_file, model={"num_layers": 2, "dropout": 0.3},
@@ -156,6 +159,7 @@ def test_fp16_skips_overflowing_steps_and_shrinks_the_loss_scale(tmp_path, text_
     assert all(torch.isfinite(w).all() for w in payload["model"].values())
 
 
+@pytest.mark.slow
 def test_fp16_with_a_huge_learning_rate_ends_without_a_traceback(tmp_path, text_file, write_config, cli):
     config = write_config(tiny_config(text_file, train={"precision": "fp16", "lr": 1000, "max_steps": 30,
                                                         "eval_interval": 10}))

@@ -89,6 +89,7 @@ def trained(tmp_path_factory):
     return run_dir, text_file
 
 
+@pytest.mark.slow
 def test_eval_dynamic_json_reports_static_and_dynamic_side_by_side(trained, capsys):
     run_dir, text_file = trained
     code, out, err = call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--json",
@@ -103,6 +104,7 @@ def test_eval_dynamic_json_reports_static_and_dynamic_side_by_side(trained, caps
     assert code == 0 and "static:" in out and "dynamic:" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,fragment", [
     (["--rule", "adam"], "update rule must be one of sgd, rms"),
     (["--segment", "0"], "segment length must be at least 1"),
@@ -115,6 +117,7 @@ def test_bad_dynamic_options_are_one_line(trained, capsys, args, fragment):
                            *args), fragment)
 
 
+@pytest.mark.slow
 def test_sample_adapt_to_reads_the_file_first(trained, capsys, tmp_path):
     run_dir, _ = trained
     style = tmp_path / "style.txt"

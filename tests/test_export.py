@@ -74,6 +74,7 @@ def checkpoint_model(run_dir: Path):
 
 # --- safetensors ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_safetensors_round_trip_through_the_cli(run, tmp_path, capsys):
     run_dir, text_file = run
     out = tmp_path / "tiny.safetensors"
@@ -109,6 +110,7 @@ def test_safetensors_round_trip_through_the_cli(run, tmp_path, capsys):
     assert "checked in onnxruntime against charlm over 8 steps" in converted.stdout
 
 
+@pytest.mark.slow
 def test_safetensors_reads_with_safetensors_alone(run, tmp_path, capsys):
     """What README shows: tensors by their state_dict names, config and vocabulary as JSON metadata."""
     out = tmp_path / "tiny.safetensors"
@@ -125,6 +127,7 @@ def test_safetensors_reads_with_safetensors_alone(run, tmp_path, capsys):
         assert np.array_equal(weights[name], tensor.numpy()), name
 
 
+@pytest.mark.slow
 def test_foreign_damaged_and_newer_safetensors_are_one_line(run, tmp_path, capsys):
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
@@ -197,6 +200,7 @@ def parity(path: Path, model, vocab, batch_size: int, steps: int = 12) -> tuple[
     return worst_logits, worst_state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell_type,input,backend", [
     ("lstm", "embedding", "fused"), ("gru", "onehot", "fused"), ("rnn", "embedding", "fused"),
     ("mingru", "embedding", "reference")])
@@ -209,6 +213,7 @@ def test_onnx_matches_charlm_for_each_cell_type_at_any_batch_size(cell_type, inp
         assert logits < TOLERANCE and state < TOLERANCE, (batch_size, logits, state)
 
 
+@pytest.mark.slow
 def test_onnx_export_through_the_cli(run, onnx_file):
     path, result = onnx_file
     assert result.stdout.startswith(f"wrote {path} (onnx")
@@ -245,6 +250,7 @@ def no_torch(tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_onnx_sample_needs_no_torch_and_matches_charlm_sample(run, onnx_file, no_torch):
     path, _ = onnx_file
     args = ("--prompt", "It was", "--length", "40", "--temperature", "0")
@@ -316,6 +322,7 @@ def test_script_decoding_rules():
 
 # --- mistakes ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_export_mistakes_are_one_line(run, tmp_path, capsys):
     run_dir = run[0]
     assert_user_error(call(capsys, "export", "--checkpoint", run_dir, "--out", tmp_path / "m.bin"),
@@ -329,6 +336,7 @@ def test_export_mistakes_are_one_line(run, tmp_path, capsys):
     assert_user_error(call(capsys, "export", "--checkpoint", run_dir, "--out", tmp_path), "is a folder")
 
 
+@pytest.mark.slow
 def test_a_missing_extra_names_it(run, tmp_path):
     """onnxscript (or safetensors) absent: one line saying to install charlm[export], exit 2."""
     blocker = tmp_path / "blocked"

@@ -140,6 +140,7 @@ def test_transfer_weights_moves_rows_by_token_and_initialises_new_ones(input_kin
 # --- end to end through the CLI ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end(source, new_config, tmp_path, capsys):
     """Fine-tune on text B with the embedding and head frozen: at the end the old characters' rows
     are still bit for bit the source's (at their ids), the new ones as documented, the recurrent
@@ -181,6 +182,7 @@ def test_finetune_end_to_end(source, new_config, tmp_path, capsys):
     assert_user_error(call(capsys, "sample", "--checkpoint", source, "--prompt", prompt), "never saw in training")
 
 
+@pytest.mark.slow
 def test_resuming_a_finetuned_run_continues_it(source, new_config, tmp_path, capsys):
     """6 fine-tuning steps == 3 + resume + 3, bit for bit, with the source gone by then: a resume
     continues the run's own weights and vocabulary and never goes back to train.init_from."""
@@ -206,6 +208,7 @@ def test_resuming_a_finetuned_run_continues_it(source, new_config, tmp_path, cap
     assert "init_from" in first and resumed["resumed"] is True and "init_from" not in resumed
 
 
+@pytest.mark.slow
 def test_freeze_from_scratch_keeps_frozen_weights_bit_identical(new_config, tmp_path, capsys):
     """Without --init-from too: frozen parameters stay at their initial values (also in the weight
     average that best.pt holds, with clipping on), the others train; the optimiser holds only those."""
@@ -224,6 +227,7 @@ def test_freeze_from_scratch_keeps_frozen_weights_bit_identical(new_config, tmp_
     assert "frozen (train.freeze: embedding, rnn.0, head.bias)" in out
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(source, new_config, tmp_path, capsys):
     config = new_config()
     out = ["--out", tmp_path / "run"]

@@ -41,11 +41,13 @@ def test_amx_tiles_only_where_the_cpu_has_amx(ops):
         assert kind == "amx-tiles"
 
 
+@pytest.mark.slow
 def test_a_lower_isa_cap_keeps_the_tiles_off(ops):
     kind = kernel_in_fresh_process(CHARLM_MAX_ISA="avx512_bf16", CHARLM_BF16_GEMM="brgemm")
     assert kind in ("vdpbf16ps", "aten")
 
 
+@pytest.mark.slow
 def test_the_tile_code_computes_what_the_loops_expect(ops):
     """Forced onto oneDNN's micro-kernel (unpacked where there is no AMX), the bf16 layer tests pass."""
     if kernel_in_fresh_process(CHARLM_BF16_GEMM="brgemm") != "brgemm" and "amx_bf16" not in hardware.cpu_flags():

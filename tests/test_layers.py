@@ -116,6 +116,7 @@ def test_other_dtypes_use_the_torch_loops():
     assert native.step_loops(torch.zeros(1, dtype=torch.bfloat16)) is TORCH_LOOPS
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
 def test_a_build_killed_midway_blocks_nothing(tmp_path):
     """A build folder left with a lock file (its process killed) must not stall later loads."""

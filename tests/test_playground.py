@@ -36,6 +36,7 @@ def generated(tab) -> str:
     return tab.evaluate("() => pieces.map((x) => x[0]).join('')")
 
 
+@pytest.mark.slow
 def test_generate_streams_text_onto_the_page(page):
     page.fill("#prompt", "it was the")
     page.fill("#seed", "3")
@@ -55,6 +56,7 @@ def test_generate_streams_text_onto_the_page(page):
     assert len(spans) == 200 and len(set(spans)) > 5
 
 
+@pytest.mark.slow
 def test_text_arrives_while_it_is_generated_and_stop_ends_it(page):
     page.uncheck("#colour")
     page.fill("#seed", "")
@@ -72,6 +74,7 @@ def test_text_arrives_while_it_is_generated_and_stop_ends_it(page):
     assert len(generated(page)) == stopped_at  # nothing arrives after Stop
 
 
+@pytest.mark.slow
 def test_a_bad_setting_shows_the_servers_message(page):
     page.fill("#prompt", "Zzz")  # 'Z' never occurs in the training text
     page.click("#generate")

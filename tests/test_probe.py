@@ -109,6 +109,7 @@ def runs(tmp_path_factory):
     return dirs, text_file
 
 
+@pytest.mark.slow
 def test_probe_gradients_and_context_write_a_png_and_json(runs, capsys, tmp_path):
     (rnn, lstm), text_file = runs
     code, out, err = call(capsys, "probe", "gradients", "--checkpoint", str(rnn), "--checkpoint", str(lstm),
@@ -132,6 +133,7 @@ def test_probe_gradients_and_context_write_a_png_and_json(runs, capsys, tmp_path
     assert (tmp_path / "ctx.png").exists()
 
 
+@pytest.mark.slow
 def test_probe_on_a_text_too_short_is_one_line(runs, capsys, tmp_path):
     (rnn, _), _ = runs
     short = tmp_path / "short.txt"
@@ -140,6 +142,7 @@ def test_probe_on_a_text_too_short_is_one_line(runs, capsys, tmp_path):
                            "--out", str(tmp_path / "c")), "give a longer --text or a smaller --max-k")
 
 
+@pytest.mark.slow
 def test_probe_to_a_path_that_cannot_be_written_is_one_line(runs, capsys, tmp_path):
     (rnn, _), text_file = runs
     blocked = tmp_path / "a_file"

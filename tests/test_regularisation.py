@@ -121,6 +121,7 @@ def test_embedding_dropout_needs_an_embedding(tmp_path):
     assert cfg.model.locked_dropout and cfg.train.ar == 2.0 and cfg.train.tar == 1.0
 
 
+@pytest.mark.slow
 def test_a_run_with_every_regulariser_learns(tmp_path, text_file, cli, write_config):
     """Through the CLI: locked, input and embedding dropout, AR and TAR, bf16 native; the val loss
     falls well below the untrained model's ln(V), and the logged loss is the cross-entropy alone."""

@@ -47,6 +47,7 @@ def wait_for(predicate, seconds=60.0):
     return False
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, text_file, write_config):
     """SIGKILL a real training process again and again, mostly mid-save (a save every step)."""
     config = write_config(tiny_config(text_file, model={"hidden_size": 64, "num_layers": 2},
@@ -76,6 +77,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, text_file, 
     assert not list(run_dir.glob(".*.tmp-*"))  # unfinished writes were cleaned up
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_143(tmp_path, text_file, write_config):
     config = write_config(tiny_config(text_file, train={"max_steps": None, "max_time": "5m", "log_interval": 1,
                                                         "eval_interval": 100_000}))

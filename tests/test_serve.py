@@ -283,6 +283,7 @@ def sse_events(response) -> list:
     return events
 
 
+@pytest.mark.slow
 def test_health_and_models(server):
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == "run"
@@ -293,6 +294,7 @@ def test_health_and_models(server):
     assert entry["charlm"]["num_layers"] == 2 and "config" not in entry["charlm"]  # no paths or tracking URIs
 
 
+@pytest.mark.slow
 def test_completion_equals_charlm_sample_with_the_same_seed(server, run_dir):
     body = {"prompt": "it was", "max_tokens": 30, "temperature": 0.7, "top_k": 10, "seed": 4}
     result = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()
@@ -306,6 +308,7 @@ def test_completion_equals_charlm_sample_with_the_same_seed(server, run_dir):
     assert sample.stdout == "it was" + choice["text"] + "\n"
 
 
+@pytest.mark.slow
 def test_streamed_equals_not_streamed(server):
     body = {"prompt": "the age", "max_tokens": 60, "temperature": 1.0, "top_p": 0.9, "seed": 11, "n": 2}
     whole = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()
@@ -324,6 +327,7 @@ def test_streamed_equals_not_streamed(server):
     assert texts == [c["text"] for c in whole["choices"]] and reasons == ["length", "length"]
 
 
+@pytest.mark.slow
 def test_stop_sequence_over_http(server):
     body = {"prompt": "it was the", "max_tokens": 200, "temperature": 1.0, "seed": 5, "stop": ["s", "t"]}
     choice = httpx.post(server.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]
@@ -344,6 +348,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, status, fragment", BAD_REQUESTS)
 def test_bad_requests_get_a_json_error_and_status(server, body, status, fragment):
     response = httpx.post(server.url + "/v1/completions", content=body, timeout=10,
@@ -353,6 +358,7 @@ def test_bad_requests_get_a_json_error_and_status(server, body, status, fragment
     assert fragment in error["message"] and error["code"] == status
 
 
+@pytest.mark.slow
 def test_routes_methods_and_body_size(server):
     missing = httpx.get(server.url + "/v1/engines")
     assert missing.status_code == 404 and "no route /v1/engines" in missing.json()["error"]["message"]
@@ -364,6 +370,7 @@ def test_routes_methods_and_body_size(server):
     assert named.status_code == 200  # unknown fields are ignored: nothing in a request names a file
 
 
+@pytest.mark.slow
 def test_32_parallel_requests_all_correct(server):
     bodies = [{"prompt": "it was", "max_tokens": 40, "temperature": 0.9, "seed": 1000 + k} for k in range(32)]
     alone = [httpx.post(server.url + "/v1/completions", json=b, timeout=30).json()["choices"][0]["text"]
@@ -386,6 +393,7 @@ def test_32_parallel_requests_all_correct(server):
     assert len(set(texts)) > 25  # each request drew from its own generator
 
 
+@pytest.mark.slow
 def test_a_client_that_disconnects_frees_its_slot(server):
     with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
                       json={"prompt": "it", "max_tokens": 3000, "stream": True}) as response:
@@ -398,6 +406,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     assert httpx.get(server.url + "/health").json()["in_flight"] == 0
 
 
+@pytest.mark.slow
 def test_too_many_in_flight_is_429(run_dir):
     live = LiveServer(run_dir, "--max-requests", "1", "--max-tokens", "100000")
     try:
@@ -411,6 +420,7 @@ def test_too_many_in_flight_is_429(run_dir):
         live.stop()
 
 
+@pytest.mark.slow
 def test_api_key_is_required_on_the_api_only(run_dir):
     live = LiveServer(run_dir, "--api-key", "s3cret", "--threads", "1")
     try:
@@ -428,6 +438,7 @@ def test_api_key_is_required_on_the_api_only(run_dir):
         live.stop()
 
 
+@pytest.mark.slow
 def test_sigint_ends_in_flight_streams_cleanly(run_dir):
     live = LiveServer(run_dir, "--max-tokens", "2000")
     events = []
@@ -447,6 +458,7 @@ def test_sigint_ends_in_flight_streams_cleanly(run_dir):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_serve_without_the_extra_says_what_to_install(run_dir, tmp_path):
     blocker = tmp_path / "sitecustomize.py"
     blocker.write_text("import sys\nsys.modules['uvicorn'] = None\n", encoding="utf-8")
@@ -457,6 +469,7 @@ def test_serve_without_the_extra_says_what_to_install(run_dir, tmp_path):
     assert result.stderr.strip() == "charlm: error: charlm serve needs the serving extra: pip install 'charlm[serve]'"
 
 
+@pytest.mark.slow
 def test_a_public_host_warns(run_dir):
     live = LiveServer(run_dir, "--host", "0.0.0.0")
     try:
@@ -466,6 +479,7 @@ def test_a_public_host_warns(run_dir):
     assert "warning: listening on 0.0.0.0, reachable from other machines by anyone (no --api-key)" in err
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_one_line_and_exit_2(server, run_dir):
     port = server.url.rsplit(":", 1)[1]
     result = subprocess.run([sys.executable, "-m", "charlm", "serve", "--checkpoint", str(run_dir), "--port", port],
@@ -488,6 +502,7 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the engine process")
 def test_a_dead_engine_process_fails_requests_in_flight_and_then_503(run_dir):
     live = LiveServer(run_dir, "--max-tokens", "100000")

@@ -52,6 +52,7 @@ def ended_with_one_line(proc: subprocess.Popen, signum: int, tmp_path: Path) -> 
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_the_corpus_is_encoded(tmp_path, big_text, signum):
     proc = start(tmp_path, tiny_config(big_text))
@@ -64,6 +65,7 @@ def test_a_signal_while_the_corpus_is_encoded(tmp_path, big_text, signum):
     assert not list((tmp_path / "run").glob("*.pt"))
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_final_evaluation(tmp_path):
     text = tmp_path / "input.txt"
     text.write_text(PARAGRAPH * 1200, encoding="utf-8")
@@ -94,6 +96,7 @@ def trained(tmp_path_factory) -> Path:
     return folder / "run"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_sample_stops_quietly(trained, signum):
     proc = subprocess.Popen([sys.executable, "-m", "charlm", "sample", "--checkpoint", str(trained),
@@ -148,6 +151,7 @@ def finish(launcher: subprocess.Popen) -> None:
 needs_proc = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers in /proc")
 
 
+@pytest.mark.slow
 @needs_proc
 def test_ddp_rank_1_signalled_while_rank_0_encodes(tmp_path, big_text):
     launcher = torchrun(tmp_path, tiny_config(big_text, train={"batch_size": 8}))
@@ -164,6 +168,7 @@ def test_ddp_rank_1_signalled_while_rank_0_encodes(tmp_path, big_text):
     assert not list((tmp_path / "cache" / "data").glob(".build-*"))
 
 
+@pytest.mark.slow
 @needs_proc
 def test_ddp_rank_1_signalled_while_training(tmp_path, text_file):
     config = tiny_config(text_file, train={"batch_size": 8, "max_steps": None, "max_time": "5m", "log_interval": 1,

@@ -66,6 +66,7 @@ def tracked(tmp_path_factory):
     return run_dir, text_file, result
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_what_metrics_jsonl_gets(tracked):
     run_dir, _, result = tracked
     accumulator = tensorboard(run_dir)
@@ -85,6 +86,7 @@ def test_tensorboard_gets_what_metrics_jsonl_gets(tracked):
     assert f"tensorboard: {run_dir / 'tensorboard'} (view: tensorboard --logdir {run_dir})" in result.stdout
 
 
+@pytest.mark.slow
 def test_tensorboard_hparams_hold_the_resolved_config(tracked):
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -99,6 +101,7 @@ def test_tensorboard_hparams_hold_the_resolved_config(tracked):
     assert session.hparams["train.loggers"].string_value == '["jsonl", "tensorboard", "mlflow"]'
 
 
+@pytest.mark.slow
 def test_mlflow_gets_what_metrics_jsonl_gets(tracked):
     run_dir, text_file, result = tracked
     client, run = mlflow_run(run_dir)
@@ -123,6 +126,7 @@ def test_mlflow_gets_what_metrics_jsonl_gets(tracked):
     assert f"mlflow: run {run.info.run_id} in sqlite:///{run_dir / 'mlflow.db'}" in result.stdout
 
 
+@pytest.mark.slow
 def test_readers_of_metrics_jsonl_pass_over_sample_events(tracked):
     run_dir, _, _ = tracked
     listing = run_cli("runs", str(run_dir.parent))
@@ -130,6 +134,7 @@ def test_readers_of_metrics_jsonl_pass_over_sample_events(tracked):
     assert "finished" in listing.stdout and "lstm 1x16" in listing.stdout
 
 
+@pytest.mark.slow
 def test_samples_for_the_loggers_leave_training_as_it_was(tracked, tmp_path):
     """--quiet with jsonl alone draws no preview; the tracked run drew one per evaluation: same numbers."""
     run_dir, _, _ = tracked
@@ -143,6 +148,7 @@ def test_samples_for_the_loggers_leave_training_as_it_was(tracked, tmp_path):
                [[e[f] for f in fields] for e in events(run_dir, event)]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_tensorboard_folder_and_mlflow_run(tmp_path):
     run_dir, _, _, _ = train_tiny_run(tmp_path, train=BOTH)
     _, first = mlflow_run(run_dir)
@@ -171,6 +177,7 @@ def test_resume_continues_the_same_tensorboard_folder_and_mlflow_run(tmp_path):
     assert mlflow_run(run_dir)[1].info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_overwrite_moves_the_replaced_runs_tracking_files_aside_with_its_other_files(tmp_path):
     run_dir, _, config, _ = train_tiny_run(tmp_path, train=BOTH)
     # (no client opened on the store before it moves: SQLAlchemy would keep the moved file open)
@@ -187,6 +194,7 @@ def test_overwrite_moves_the_replaced_runs_tracking_files_aside_with_its_other_f
     assert [s.step for s in EventAccumulator(str(aside / "tensorboard")).Reload().Scalars("train/loss")] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_mlflow_run_as_killed(tmp_path, text_file, write_config):
     config = write_config(tiny_config(text_file, train={"max_steps": None, "max_time": "5m", "log_interval": 1,
                                                         "eval_interval": 100_000, "loggers": ["mlflow"]}))
@@ -211,6 +219,7 @@ def test_ctrl_c_ends_the_mlflow_run_as_killed(tmp_path, text_file, write_config)
     assert not (run_dir / "tensorboard").exists()  # loggers: [mlflow] alone; metrics.jsonl is always written
 
 
+@pytest.mark.slow
 def test_an_error_ends_the_mlflow_run_as_failed_in_a_shared_store(tmp_path, text_file, monkeypatch, capsys):
     """A store of the user's own (train.mlflow_uri) with a named experiment; charlm run from elsewhere."""
     monkeypatch.setattr(trainer_module.Trainer, "loss", staticmethod(lambda logits, targets: logits.sum() * float("nan")))
@@ -233,6 +242,7 @@ def test_an_error_ends_the_mlflow_run_as_failed_in_a_shared_store(tmp_path, text
     assert not list(elsewhere.iterdir())  # nothing in the working directory (MLflow's default is ./mlruns)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logger, module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"),
                                             ("mlflow", "sqlalchemy")])
 def test_a_missing_library_is_one_line_before_anything_is_written(tmp_path, text_file, write_config, logger, module):

@@ -127,6 +127,7 @@ def test_ema_validates_and_saves_the_average(text_file, tmp_path):
     assert evaluate_ids(raw, corpus.val_ids, 64).loss_nats != pytest.approx(evals[-1]["val_loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_max_time_budget_stops_training(text_file, tmp_path):
     cfg = validate_config(tiny_config(text_file, train={"max_steps": None, "max_time": "2s", "eval_interval": 10_000}))
     outcome = train(cfg, tmp_path / "run", display=quiet())

@@ -59,6 +59,7 @@ def events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("space_text, extra, expected", [
     ("model.hiden_size: [8, 16]\n", [], "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
     ("modle.hidden_size: [8]\n", [], "unknown section 'modle'; did you mean 'model'?"),
@@ -100,6 +101,7 @@ def test_shipped_spaces_fit_their_configs_and_open_with_their_command(path):
     assert any(f"charlm tune --config configs/{path.name} --space configs/spaces/{path.name}" in line for line in head)
 
 
+@pytest.mark.slow
 def test_values_that_only_clash_together_fail_their_trial(optuna, sweep_files, tmp_path):
     # Each value alone suits the config (lr 0.02, min_lr 0); together min_lr > lr.
     config, space = sweep_files("train.lr: [0.001]\ntrain.min_lr: [0.005]\n", train={"lr": 0.02})

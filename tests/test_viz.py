@@ -116,6 +116,7 @@ def viz_run(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_viz_writes_a_self_contained_page(viz_run, capsys):
     page = viz_run / "page.html"
     code, out, err = call(capsys, "viz", "--checkpoint", str(viz_run / "run"), "--text", str(viz_run / "input.txt"),
@@ -128,11 +129,13 @@ def test_viz_writes_a_self_contained_page(viz_run, capsys):
     assert "showing the first 3,000" in err
 
 
+@pytest.mark.slow
 def test_viz_errors(viz_run, capsys):
     assert_user_error(call(capsys, "viz", "--checkpoint", str(viz_run / "run")), "give --text FILE or --prompt TEXT")
     assert_user_error(call(capsys, "viz", "--checkpoint", str(viz_run / "missing"), "--prompt", "hi"), "checkpoint not found")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source,content,fragment", [
     ("--prompt", "", "--prompt is empty"),
     ("--prompt", "a", "the text has fewer than 2 characters; nothing to show"),
@@ -183,6 +186,7 @@ frame.onload = () => {
 </script></body></html>"""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_page_in_a_real_browser(viz_run, capsys):
     """20,000 characters rendered by headless Chromium: coloured spans, and the selectors repaint them."""
@@ -225,6 +229,7 @@ def mingru_page(viz_run, tmp_path_factory):
     return page
 
 
+@pytest.mark.slow
 def test_mingru_viz_page_has_its_channels(mingru_page):
     html = mingru_page.read_text(encoding="utf-8")
     data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', html, re.S).group(1))
@@ -234,6 +239,7 @@ def test_mingru_viz_page_has_its_channels(mingru_page):
     assert data["scales"]["candidate"]["legend"] == "tanh(h~): -1 to 1"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_mingru_page_in_a_real_browser(mingru_page):
     harness = mingru_page.parent / "harness.html"

@@ -248,6 +248,7 @@ FUZZ = settings(max_examples=40, deadline=30_000, database=None, print_blob=True
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data(), temperature=_temperatures, top_k=_top_ks, top_p=_top_ps, n=st.integers(0, 4),
        max_tokens=st.integers(0, 30), stop=_stops, seed=st.integers(0, 2**32))

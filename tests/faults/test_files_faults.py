@@ -135,6 +135,7 @@ CRAFTED_METADATA = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CRAFTED_METADATA))
 def test_malformed_export_metadata_is_one_line_for_info(run, tmp_path, capsys, name):
     changes, fragment = CRAFTED_METADATA[name]
@@ -146,6 +147,7 @@ ABSURD = {"hidden_1e6": {"hidden_size": 10**6}, "hidden_1e7": {"hidden_size": 10
           "layers_1e4": {"num_layers": 10**4}, "embedding_1e9": {"embedding_dim": 10**9}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ABSURD))
 def test_absurd_sizes_in_an_export_are_one_line_for_every_command_before_any_allocation(run, tmp_path, capsys, name):
     _, text_file, exported = run
@@ -156,6 +158,7 @@ def test_absurd_sizes_in_an_export_are_one_line_for_every_command_before_any_all
     assert not (tmp_path / "again.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_vocabulary_too_large_for_its_width_is_refused_before_any_allocation(run, tmp_path, capsys):
     """Each is allowed alone; together (600,000 characters x a 16,384 wide head) they are ~1e10 parameters."""
     exported = run[2]
@@ -182,6 +185,7 @@ CRAFTED_CHECKPOINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CRAFTED_CHECKPOINTS))
 def test_a_crafted_checkpoint_is_one_line_for_every_command(run, tmp_path, capsys, name):
     run_dir, text_file, _ = run
@@ -203,6 +207,7 @@ def test_the_config_schema_bounds_sizes():
 # --- export never destroys its source -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_refuses_to_overwrite_its_own_source(run, capsys):
     run_dir = run[0]
     before = (run_dir / "best.pt").read_bytes()
@@ -215,6 +220,7 @@ def test_export_refuses_to_overwrite_its_own_source(run, capsys):
     assert (run_dir / "best.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_export_refuses_a_checkpoint_file_of_a_run_without_force(run, tmp_path, capsys):
     run_dir = run[0]
     before = (run_dir / "last.pt").read_bytes()
@@ -231,6 +237,7 @@ def test_export_refuses_a_checkpoint_file_of_a_run_without_force(run, tmp_path, 
     assert (copy / "last.pt").read_bytes() != before  # --force: the user said so
 
 
+@pytest.mark.slow
 def test_export_still_writes_a_new_file_and_replaces_an_earlier_export(run, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     for _ in range(2):
@@ -241,6 +248,7 @@ def test_export_still_writes_a_new_file_and_replaces_an_earlier_export(run, tmp_
 # --- no credentials or absolute paths in export metadata ------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_metadata_carries_no_credentials_or_absolute_paths(run, tmp_path, capsys):
     run_dir = run[0]
     payload = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)

@@ -86,6 +86,7 @@ def assert_one_line(result, *fragments):
     assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr
 
 
+@pytest.mark.slow
 def test_sample_with_a_tiny_temperature_is_the_greedy_text(run_dir):
     greedy = sample(run_dir, "--temperature", "0")
     assert greedy.returncode == 0, greedy.stderr
@@ -97,6 +98,7 @@ def test_sample_with_a_tiny_temperature_is_the_greedy_text(run_dir):
     assert nucleus.returncode == 0 and nucleus.stdout == greedy.stdout, nucleus.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, option", [(("--temperature", "inf"), "--temperature"),
                                           (("--temperature", "nan"), "--temperature"),
                                           (("--top-p", "nan"), "--top-p")])
@@ -104,6 +106,7 @@ def test_sample_with_a_setting_nothing_can_be_drawn_with_is_one_line(run_dir, ar
     assert_one_line(sample(run_dir, *args), option)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_samples", ["1", "3"])
 def test_sample_from_a_model_with_nan_weights_is_one_line(run_dir, tmp_path, num_samples):
     payload = load_checkpoint(run_dir)

@@ -129,6 +129,7 @@ JSON = {"Content-Type": "application/json"}
 
 # --- slow clients and connections -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_half_sent_requests_neither_block_the_server_nor_stay_open(server):
     heads = [connect(server) for _ in range(40)]
     bodies = [connect(server) for _ in range(10)]
@@ -151,6 +152,7 @@ def test_half_sent_requests_neither_block_the_server_nor_stay_open(server):
             sock.close()
 
 
+@pytest.mark.slow
 def test_a_slowloris_trickle_does_not_extend_the_deadline(server):
     with connect(server) as sock:
         start = time.monotonic()
@@ -167,6 +169,7 @@ def test_a_slowloris_trickle_does_not_extend_the_deadline(server):
         assert closed and time.monotonic() - start < CLIENT_TIMEOUT + 2
 
 
+@pytest.mark.slow
 def test_connections_beyond_the_cap_get_503_at_once(strict):
     idle = [connect(strict) for _ in range(4)]
     try:
@@ -182,6 +185,7 @@ def test_connections_beyond_the_cap_get_503_at_once(strict):
     assert ask(strict, "GET", "/health").status == 200
 
 
+@pytest.mark.slow
 def test_a_streaming_client_that_stops_reading_is_dropped_and_memory_stays_bounded(server):
     body = json.dumps({"prompt": "it", "max_tokens": 1000000, "n": 16, "stream": True}).encode()
     before = rss_mb(server.proc.pid)
@@ -251,6 +255,7 @@ def test_an_engine_error_keeps_its_status():
         (400, "invalid_request_error"), (500, "server_error"), (503, "server_error")]
 
 
+@pytest.mark.slow
 def test_a_non_streaming_client_that_leaves_frees_its_slot_within_a_step_or_two(server):
     body = json.dumps({"prompt": "it", "max_tokens": 1000000}).encode()
     with connect(server) as sock:
@@ -266,6 +271,7 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot_within_a_step_or_two(
 
 # --- where a request may come from, and what it may carry ----------------------------------------
 
+@pytest.mark.slow
 def test_a_foreign_host_is_refused(server):
     for method, path, body in [("GET", "/v1/models", b""), ("POST", "/v1/completions", COMPLETION), ("GET", "/", b"")]:
         reply = ask(server, method, path, b"rebind.attacker.example", JSON, body)
@@ -280,6 +286,7 @@ def test_a_foreign_host_is_refused(server):
         assert ask(server, "GET", "/health", host).status in (400, 421), host
 
 
+@pytest.mark.slow
 def test_allowed_hosts_name_the_public_names(strict):
     assert ask(strict, "GET", "/health", b"charlm.example.org").status == 200
     assert ask(strict, "GET", "/health", b"CHARLM.example.org:443").status == 200
@@ -288,6 +295,7 @@ def test_allowed_hosts_name_the_public_names(strict):
     assert ask(strict, "GET", "/health", b"example.org").status == 421
 
 
+@pytest.mark.slow
 def test_a_cross_site_form_post_runs_nothing(server):
     steps = health(server)["steps"]
     for kind in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None,
@@ -300,6 +308,7 @@ def test_a_cross_site_form_post_runs_nothing(server):
         assert ask(server, "POST", "/v1/completions", headers={"Content-Type": kind}, body=COMPLETION).status == 200
 
 
+@pytest.mark.slow
 def test_models_tells_what_a_client_needs_and_no_paths(server, run_dir):  # noqa: F811
     reply = ask(server, "GET", "/v1/models")
     text = reply.body.decode()
@@ -312,6 +321,7 @@ def test_models_tells_what_a_client_needs_and_no_paths(server, run_dir):  # noqa
     assert '"/' not in text  # no absolute path of any kind
 
 
+@pytest.mark.slow
 def test_the_playground_cannot_be_framed_and_nothing_is_sniffed(server):
     page = ask(server, "GET", "/")
     assert page.status == 200 and page.headers["x-frame-options"] == "DENY"
@@ -320,6 +330,7 @@ def test_the_playground_cannot_be_framed_and_nothing_is_sniffed(server):
     assert ask(server, "GET", "/v1/models").headers["x-content-type-options"] == "nosniff"
 
 
+@pytest.mark.slow
 def test_the_bearer_scheme_is_any_case_and_the_key_is_the_bytes_sent(strict):
     host = f"127.0.0.1:{strict.port}".encode()
     for value in ["Bearer clé".encode(), "bearer clé".encode(), "BEARER  clé".encode()]:
@@ -330,6 +341,7 @@ def test_the_bearer_scheme_is_any_case_and_the_key_is_the_bytes_sent(strict):
         assert reply.status == 401 and "Bearer" in reply.json()["error"]["message"], value
 
 
+@pytest.mark.slow
 def test_allowed_hosts_forms_and_a_bad_name_is_one_line(run_dir):  # noqa: F811
     from charlm.serving.hosts import AllowedHosts
 

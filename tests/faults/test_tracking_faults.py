@@ -43,6 +43,7 @@ def assert_trained_to_the_end(run_dir, code, out, err) -> None:
     assert [e["step"] for e in read_metrics(run_dir) if e["event"] == "eval"] == [3, 6]  # metrics.jsonl has all
 
 
+@pytest.mark.slow
 def test_a_tracker_that_raises_is_turned_off_with_one_warning(tmp_path, text_file, monkeypatch, capsys):
     calls = []
 
@@ -60,6 +61,7 @@ def test_a_tracker_that_raises_is_turned_off_with_one_warning(tmp_path, text_fil
     assert len(calls) == 1  # turned off at its first failure, not called again
 
 
+@pytest.mark.slow
 def test_a_tracker_that_raises_at_the_first_evaluation_costs_no_checkpoint(tmp_path, text_file, monkeypatch, capsys):
     """The reproduced defect: the sink was called before the evaluation's checkpoint was written."""
     def broken_at_eval(self, event, fields):
@@ -74,6 +76,7 @@ def test_a_tracker_that_raises_at_the_first_evaluation_costs_no_checkpoint(tmp_p
     assert len(warnings(out, err)) == 1
 
 
+@pytest.mark.slow
 def test_a_tracker_that_hangs_neither_holds_training_nor_its_end(tmp_path, text_file, monkeypatch, capsys):
     release = threading.Event()
 
@@ -96,6 +99,7 @@ def test_a_tracker_that_hangs_neither_holds_training_nor_its_end(tmp_path, text_
     assert len(lines) == 1 and "tensorboard" in lines[0] and "1 s" in lines[0], out + err
 
 
+@pytest.mark.slow
 def test_an_unreachable_mlflow_server_is_one_warning_and_the_run_trains(tmp_path, text_file, monkeypatch):
     """Through the real CLI: a server that refuses connections (MLflow's retries cut short for the test)."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -109,6 +113,7 @@ def test_an_unreachable_mlflow_server_is_one_warning_and_the_run_trains(tmp_path
     assert "secret" not in result.stdout + result.stderr  # the URI's password is not printed
 
 
+@pytest.mark.slow
 def test_a_torn_mlflow_run_file_does_not_stop_a_resume(tmp_path, text_file, capsys):
     """mlflow-run.json is written atomically now; one torn by an older charlm (or by hand) starts a new MLflow run."""
     run_dir = tmp_path / "run"

@@ -221,6 +221,7 @@ def test_trial_yaml_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, text_
     assert [p.name for p in run_dir.iterdir()] == [TRIAL_CONFIG]  # no temp file left either
 
 
+@pytest.mark.slow
 def test_a_storage_password_never_shows_in_a_message(sweep_files, tmp_path):
     config, space = sweep_files()
     for url in (f"postgresql://:{SECRET}@127.0.0.1:9/db", f"postgresql://bob:{SECRET}@127.0.0.1:9/db",
