@@ -59,6 +59,8 @@ def test_defaults_fill_in(tmp_path):
     (MINIMAL + "model:\n  dropout: 1.5\n", "model.dropout: input should be less than 1"),
     (MINIMAL + "  device: gpu\n", "train.device: must be auto, cpu, cuda, cuda:N or mps"),
     (MINIMAL + "  max_time: soon\n", "train.max_time: must be a duration"),
+    (MINIMAL + "  max_time: {0: null}\n", "train.max_time: must be a duration"),  # `--set train.max_time=0:`
+    (MINIMAL + "  max_time: [10m]\n", "train.max_time: must be a duration"),
     (MINIMAL + "sample:\n  top_p: 1.5\n", "sample.top_p: input should be less than or equal to 1"),
     (MINIMAL + "sample:\n  temperature: -1\n", "sample.temperature: input should be greater than or equal to 0"),
     (MINIMAL + "modle:\n  type: rnn\n", "modle: unknown section; did you mean 'model'?"),

@@ -22,8 +22,8 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 
 def parse_duration(value: str | int | float) -> float:
     """'90s', '10m', '2h', '1h30m' or a plain number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration such as 90s, 10m or 2h")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):  # YAML gives `0:` as a mapping
+        raise ValueError(f"must be a duration such as 90s, 10m or 2h (got {value!r})")
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
