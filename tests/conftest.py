@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import tempfile
+import threading
 
 import pytest
 
@@ -88,3 +89,33 @@ def train_tiny_run(folder: Path, **sections) -> tuple[Path, Path, Path, subproce
 
 def needs_shared_data(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (shared corpora not mounted)")
+
+
+class Collect:
+    """The events of one engine request (its sink), and when it is done. `beside` (another Collect)
+    is looked at when this request ends, to record whether that one was still running then (so the
+    two really shared the batch)."""
+
+    def __init__(self, beside: "Collect | None" = None):
+        self.events, self.done, self.beside = [], threading.Event(), beside
+        self.overlapped = None
+
+    def __call__(self, event):  # runs in the engine's thread
+        self.events.append(event)
+        if event.get("done") or "error" in event:
+            if self.beside is not None:
+                self.overlapped = not self.beside.done.is_set()
+            self.done.set()
+
+    def texts(self, n=1):
+        out = [""] * n
+        for event in self.events:
+            if "text" in event:
+                out[event["index"]] += event["text"]
+        return out
+
+    def finals(self):
+        return [e for e in self.events if "finish_reason" in e]
+
+    def errors(self):
+        return [e["error"] for e in self.events if "error" in e]

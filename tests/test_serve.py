@@ -19,7 +19,7 @@ from charlm.data.vocab import Vocab
 from charlm.inference.sample import PROMPT_CHUNK, Decoding, generate, make_generator
 from charlm.models.model import CharLM
 from charlm.serving.engine import Busy, Completion, Engine, _Row
-from conftest import PARAGRAPH, run_cli, train_tiny_run
+from conftest import PARAGRAPH, Collect, run_cli, train_tiny_run
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
@@ -27,24 +27,6 @@ pytest.importorskip("uvicorn")
 
 
 # --- the engine, without a server ------------------------------------------------------------
-
-class Collect:
-    """A sink that keeps the events of one request and says when it is done."""
-
-    def __init__(self):
-        self.events, self.done = [], threading.Event()
-
-    def __call__(self, event):
-        self.events.append(event)
-        if event.get("done") or "error" in event:
-            self.done.set()
-
-    def texts(self, n=1):
-        out = [""] * n
-        for event in self.events:
-            if "text" in event:
-                out[event["index"]] += event["text"]
-        return out
 
 
 def small_model():

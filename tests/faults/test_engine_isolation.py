@@ -23,41 +23,12 @@ from charlm.inference.sample import Decoding, generate, make_generator
 from charlm.models.model import CharLM
 from charlm.serving.api import Limits, RequestError, parse_request
 from charlm.serving.engine import Completion, Engine
-from conftest import PARAGRAPH
+from conftest import PARAGRAPH, Collect
 
 INNOCENT_TOKENS = 300  # longer than any other request here, so it is still in the batch when they end
 INNOCENT_PROMPT = "it was the "
 WAIT = 60  # seconds for a request that should end (a hang fails the test instead of stalling it)
 CPU = torch.device("cpu")
-
-
-class Collect:
-    """A request's events; `beside` (another Collect) is looked at when this request ends, to record
-    whether that one was still running then (so the two really shared the batch)."""
-
-    def __init__(self, beside: "Collect | None" = None):
-        self.events, self.done, self.beside = [], threading.Event(), beside
-        self.overlapped = None
-
-    def __call__(self, event):  # runs in the engine's thread
-        self.events.append(event)
-        if event.get("done") or "error" in event:
-            if self.beside is not None:
-                self.overlapped = not self.beside.done.is_set()
-            self.done.set()
-
-    def texts(self, n=1):
-        out = [""] * n
-        for event in self.events:
-            if "text" in event:
-                out[event["index"]] += event["text"]
-        return out
-
-    def finals(self):
-        return [e for e in self.events if "finish_reason" in e]
-
-    def errors(self):
-        return [e["error"] for e in self.events if "error" in e]
 
 
 class PoisonedScores(torch.nn.Module):
