@@ -9,6 +9,7 @@ from pathlib import Path
 
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -119,3 +120,71 @@ class Collect:
 
     def errors(self):
         return [e["error"] for e in self.events if "error" in e]
+
+
+def call(capsys, *argv):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from charlm.cli import main  # noqa: PLC0415 - torch loads only for the tests that run the CLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def assert_user_error(result, fragment):
+    """A user's mistake: exit 2 and one line on stderr that says `fragment`."""
+    code, _, err = result
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("charlm: error: "), err
+    assert fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+def wait_for(predicate, seconds=60.0):
+    """Poll `predicate` until it holds (True) or `seconds` pass (False)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def quiet():
+    """A training display that prints nothing."""
+    from rich.console import Console  # noqa: PLC0415
+
+    from charlm.report.progress import TrainingDisplay  # noqa: PLC0415
+
+    return TrainingDisplay(Console(quiet=True))
+
+
+def params(run_dir):
+    """The weights of a run's last.pt."""
+    import torch  # noqa: PLC0415
+
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+class InfGradients:
+    """Makes the training loss infinite on chosen calls (counted from 1): its gradients overflow."""
+
+    def __init__(self, bad_calls):
+        self.bad_calls, self.calls = set(bad_calls), 0
+        from charlm.training import trainer as trainer_module  # noqa: PLC0415
+
+        self.real = trainer_module.Trainer.loss
+
+    def __call__(self, logits, targets):
+        self.calls += 1
+        loss = self.real(logits, targets)
+        return loss * float("inf") if self.calls in self.bad_calls else loss
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run trained once per module through the real entry point (a subprocess)."""
+    run_dir, _, config, result = train_tiny_run(tmp_path_factory.mktemp("trained"))
+    return run_dir, config, result

@@ -21,13 +21,13 @@ from charlm.models.fused import NOT_FLAT_WARNING, layer_weights
 from charlm.models.layers import RecurrentStack
 from charlm.models.model import CharLM
 from charlm.models.registry import CELL_TYPES, lookup
-from charlm.training.checkpoint import load_checkpoint, save_checkpoint
-from charlm.training.metrics import read_metrics
+from charlm.store.checkpoint import load_checkpoint, save_checkpoint
+from charlm.store.metrics import read_metrics
 from charlm.training.run import train
 from conftest import tiny_config
-from test_distributed import InfGradients, params
+from conftest import InfGradients, params
 from test_fused import KernelDtypes
-from test_trainer import quiet
+from conftest import quiet
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 KINDS = CELL_TYPES

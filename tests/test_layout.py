@@ -12,16 +12,19 @@ import charlm
 PACKAGE = Path(charlm.__file__).parent
 SHARED = {"charlm", "charlm.errors", "charlm.config", "charlm.atomic", "charlm.cache", "charlm.hardware"}
 # What each subpackage may import besides itself and the shared modules (see each __init__.py).
+# charlm.store (run dir, checkpoint files, metrics.jsonl) sits below everything that reads a run's
+# files: none of them imports training to read one.
 ALLOWED = {
     "models": set(),
     "data": set(),
+    "store": {"models", "data"},
     "inference": {"data"},
-    "training": {"models", "data", "inference"},
-    "report": {"data", "training.rundir", "training.metrics"},
+    "training": {"models", "data", "store", "inference"},
+    "report": {"data", "store"},
     "config": {"models.registry"},
-    "serving": {"data", "inference"},
-    "export": {"models", "data", "inference", "training.checkpoint"},
-    "tune": {"training.rundir", "training.signals"},
+    "serving": {"data", "inference", "store"},
+    "export": {"models", "data", "inference", "store"},
+    "tune": {"store.rundir", "store.metrics", "training.signals"},
 }
 
 
@@ -58,3 +61,63 @@ def test_help_imports_no_torch():
             "print('torch' in sys.modules, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stderr.strip().splitlines()[-1] == "False", result.stderr
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the charlm modules it imports (a `from package import module` names the module)."""
+    paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("charlm"):
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in paths else node.module
+                          for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in paths}
+        graph[name] = {module for module in found if module in paths and module not in (name, "charlm")}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_circles_are_found():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    """Type-only imports count too: a module that needs another's type to be read is tied to it."""
+    assert circles(import_graph()) == []

@@ -36,7 +36,7 @@ def load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = N
     """A checkpoint's payload, its model on `device` (run with `backend`; auto measured for the device,
     `precision` and `workload`, a charlm.models.autotune.Workload, and said in one line when measured
     just now), its vocabulary and its config."""
-    from charlm.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: PLC0415
+    from charlm.store.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: PLC0415
     from charlm.training.runtime import resolve_device  # noqa: PLC0415
 
     backend = check_backend(backend)

@@ -77,8 +77,8 @@ def _check_out(out: Path) -> None:
 
 def _check_not_a_checkpoint(out: Path, checkpoint: Path, force: bool) -> None:
     """--out never replaces the file being exported, and a run's checkpoint only with --force."""
-    from charlm.training.checkpoint import resolve_checkpoint  # noqa: PLC0415
-    from charlm.training.rundir import BEST, CONFIG, LAST  # noqa: PLC0415
+    from charlm.store.checkpoint import resolve_checkpoint  # noqa: PLC0415
+    from charlm.store.rundir import BEST, CONFIG, LAST  # noqa: PLC0415
 
     if not out.exists():
         return

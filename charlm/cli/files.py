@@ -89,7 +89,7 @@ def runs(folder: Path = typer.Argument(Path("runs"), help="Folder holding run di
     """A table of the runs in a folder: model, size, steps, best val loss, time, state."""
     from rich.table import Table  # noqa: PLC0415
 
-    from charlm.training.metrics import find_runs, summarize  # noqa: PLC0415
+    from charlm.store.metrics import find_runs, summarize  # noqa: PLC0415
 
     table = Table(title=f"runs in {folder}")
     for column in ("run", "model", "params", "steps", "best val (nats)", "best bpc", "time", "state"):
@@ -118,7 +118,7 @@ def viz(
     from charlm.data.text import TextSettings  # noqa: PLC0415
     from charlm.report.page import render_page  # noqa: PLC0415
     from charlm.report.viz import inspect  # noqa: PLC0415
-    from charlm.training.checkpoint import describe_model  # noqa: PLC0415
+    from charlm.store.checkpoint import describe_model  # noqa: PLC0415
 
     if (text is None) == (prompt is None):
         raise UserError("give --text FILE or --prompt TEXT (one of them)")

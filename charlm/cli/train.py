@@ -13,7 +13,7 @@ import typer
 from charlm.cli.common import app, console
 from charlm.config import load_config, with_absolute_paths
 from charlm.errors import UserError
-from charlm.training.rundir import BEST, CONFIG, LAST
+from charlm.store.rundir import BEST, CONFIG, LAST
 
 
 @app.command()

@@ -198,7 +198,7 @@ def evaluate(
     from charlm.data.text import TextSettings  # noqa: PLC0415
     from charlm.inference.evaluate import evaluate_text  # noqa: PLC0415
     from charlm.models.autotune import Workload  # noqa: PLC0415
-    from charlm.training.checkpoint import resolve_checkpoint  # noqa: PLC0415
+    from charlm.store.checkpoint import resolve_checkpoint  # noqa: PLC0415
 
     precision = _usable_precision(device, precision)
     adapt = _dynamic_settings(segment, dynamic_lr, rule, decay) if dynamic else None
@@ -260,7 +260,7 @@ def info(
 ) -> None:
     """Describe a checkpoint: model, size, vocabulary, progress, best validation loss."""
     from charlm.models.model import count_parameters  # noqa: PLC0415
-    from charlm.training.checkpoint import describe_model, resolve_checkpoint  # noqa: PLC0415
+    from charlm.store.checkpoint import describe_model, resolve_checkpoint  # noqa: PLC0415
 
     payload, model, vocab, cfg = load_model(checkpoint)
     best = payload.get("best_val_loss")

@@ -15,7 +15,7 @@ from charlm import __version__
 from charlm.config import Config, ConfigError, redact_uri, validate_config
 from charlm.data.vocab import Vocab
 from charlm.errors import UserError
-from charlm.training.checkpoint import wrong_fact
+from charlm.store.checkpoint import wrong_fact
 
 FORMAT_VERSION = 1  # of the keys below and what they hold
 VERSION_KEY = "charlm.format_version"

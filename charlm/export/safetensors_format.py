@@ -20,7 +20,7 @@ from charlm.export.extra import require
 from charlm.export.metadata import ExportFileError, metadata_of, read_metadata
 from charlm.models.autotune import Workload
 from charlm.models.model import CharLM
-from charlm.training.checkpoint import model_from_checkpoint
+from charlm.store.checkpoint import model_from_checkpoint
 
 SUFFIX = ".safetensors"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from charlm.atomic import atomic_open
 from charlm.errors import UserError
-from charlm.training.metrics import read_metrics
-from charlm.training.rundir import METRICS
+from charlm.store.metrics import read_metrics
+from charlm.store.rundir import METRICS
 
 LN2 = math.log(2)
 

@@ -11,9 +11,9 @@ import torch
 
 from charlm.models.model import count_parameters
 from charlm.training import distributed
-from charlm.training.checkpoint import save_checkpoint
+from charlm.store.checkpoint import save_checkpoint
 from charlm.training.distributed import World
-from charlm.training.rundir import BEST, LAST
+from charlm.store.rundir import BEST, LAST
 from charlm.training.runtime import describe_device, rng_state, set_rng_state
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from charlm.data.corpus import Progress, load_corpus
 from charlm.data.vocab import Vocab
 from charlm.errors import UserError
 from charlm.models.model import CharLM
-from charlm.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from charlm.store.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 
 # What makes two models' weights interchangeable (embedding_dim only with an embedding), and what a
 # unit is: a character must mean to the new run what it meant to the trained model.

@@ -15,8 +15,8 @@ from typing import Callable, Optional
 from charlm.atomic import write_text_atomic
 from charlm.config import Config, TrainConfig, config_yaml, redact_uri
 from charlm.errors import UserError
-from charlm.training.metrics import MetricsLog
-from charlm.training.rundir import MLFLOW_ARTIFACTS, MLFLOW_DB, MLFLOW_RUN, TENSORBOARD_DIR
+from charlm.store.metrics import MetricsLog
+from charlm.store.rundir import MLFLOW_ARTIFACTS, MLFLOW_DB, MLFLOW_RUN, TENSORBOARD_DIR
 
 INSTALL = "pip install 'charlm[track]'"
 DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow stores that need sqlalchemy

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from charlm.errors import UserError
-from charlm.training.checkpoint import load_checkpoint
-from charlm.training.metrics import MetricsLog
-from charlm.training.rundir import LAST
+from charlm.store.checkpoint import load_checkpoint
+from charlm.store.metrics import MetricsLog
+from charlm.store.rundir import LAST
 
 if TYPE_CHECKING:
     from charlm.training.trainer import Trainer

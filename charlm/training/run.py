@@ -12,11 +12,11 @@ import torch
 
 from charlm import hardware
 from charlm.training import distributed
-from charlm.training.checkpoint import check_resumable, load_checkpoint
+from charlm.store.checkpoint import check_resumable, load_checkpoint
 from charlm.training.init_from import (Source, describe_start, given_vocab, load_source, start_facts,
                                        transfer_weights, vocab_dims)
 from charlm.training.optim import freeze
-from charlm.training.rundir import LAST
+from charlm.store.rundir import LAST
 from charlm.config import Config
 from charlm.data.corpus import Corpus, load_corpus
 from charlm.training.distributed import World
@@ -26,8 +26,8 @@ from charlm.models.native import cpp_loops
 from charlm.models.autotune import Choice, Workload, choose, mode as autotune_mode
 from charlm.models.registry import describe_backend, resolve_backend
 from charlm.training.loggers import Loggers, check_loggers, open_loggers
-from charlm.training.metrics import NoMetrics
-from charlm.training.rundir import RunLock, prepare_run_dir, write_config
+from charlm.store.metrics import NoMetrics
+from charlm.store.rundir import RunLock, prepare_run_dir, write_config
 from charlm.training.runtime import (allow_tf32, use_threads, check_precision, describe_device, process_device_note,
                                      resolve_device, seed_everything, usable_precision)
 from charlm.training.signals import StopRequests

@@ -22,7 +22,8 @@ from charlm.inference.evaluate import EvalResult
 from charlm.training import checkpoint_contents, distributed
 from charlm.training.checkpoint_contents import Progress
 from charlm.training.distributed import World
-from charlm.training.metrics import IntervalStats, MetricsLog
+from charlm.store.metrics import MetricsLog
+from charlm.training.metrics import IntervalStats
 from charlm.training.optim import Budget, WeightAverage, build_optimizer, learning_rate
 from charlm.training.recovery import out_of_patience, skip_bad_step
 from charlm.training.runtime import autocast, batch_to_device, grad_scaler

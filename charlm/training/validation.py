@@ -13,7 +13,7 @@ from charlm.data.text import TextSettings
 from charlm.inference.evaluate import EvalResult, evaluate_totals, result_of
 from charlm.inference.sample import Decoding, generate, prompt_ids
 from charlm.training import distributed
-from charlm.training.metrics import MetricsLog
+from charlm.store.metrics import MetricsLog
 
 if TYPE_CHECKING:
     from charlm.training.trainer import Trainer

@@ -5,7 +5,7 @@ workers (study.py), the heartbeat that finds the trials of dead workers (heartbe
 sweep keeps out of its messages and its database (credentials.py), and the sweep's results:
 best.yaml, trials.csv (results.py).
 
-May import `charlm.config`, the shared helpers and the training package's torch-free run-dir,
-metrics and signal modules; optuna only inside functions (it is the `tune` extra). Never imports
-torch: each trial trains in a process of its own (tether.py runs `charlm train` there).
+May import `charlm.config`, the shared helpers, `charlm.store`'s torch-free run-dir and metrics
+modules and the training package's signal module; optuna only inside functions (it is the `tune`
+extra). Never imports torch: each trial trains in a process of its own (tether.py runs `charlm train` there).
 """

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from charlm.atomic import write_text_atomic
 from charlm.config import Config, config_yaml
-from charlm.training.rundir import CONFIG, LAST, METRICS
+from charlm.store.rundir import CONFIG, LAST, METRICS
 from charlm.tune.tether import tethered
 
 TRIAL_CONFIG = "trial.yaml"  # the config the sweep gave the trial (config.yaml: what ran)

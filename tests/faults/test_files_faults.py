@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from charlm.config import redact_uri
 from conftest import train_tiny_run
-from test_cli import assert_user_error, call
+from conftest import assert_user_error, call
 
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="needs the export extra")
 
@@ -83,7 +82,7 @@ def test_redact_uri_strips_userinfo_and_secret_query_values(uri, expected):
 CONTENDER = """
 import os, sys, time
 from pathlib import Path
-from charlm.training.rundir import RunLock, RunDirError
+from charlm.store.rundir import RunLock, RunDirError
 run_dir, meeting, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 
 def wait_for(prefix, number):  # bounded: a slow machine waits, a broken test ends

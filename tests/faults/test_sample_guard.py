@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from charlm.inference.sample import Decoding, Undrawable, pick_next, sampling_probs
-from charlm.training.checkpoint import load_checkpoint, save_checkpoint
+from charlm.store.checkpoint import load_checkpoint, save_checkpoint
 from conftest import run_cli, train_tiny_run
 
 # the reference backend: no C++ build in each fresh test cache (what is tested here is the draw)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import LiveServer, run_dir, sse_events  # noqa: F401 - run_dir is a fixture used here
+from live_server import LiveServer, run_dir, sse_events  # noqa: F401 - run_dir is a fixture used here
 
 httpx = pytest.importorskip("httpx")
 

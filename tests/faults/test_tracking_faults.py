@@ -15,10 +15,10 @@ pytest.importorskip("mlflow", reason="needs the track extra: pip install 'charlm
 
 from charlm.config import config_yaml  # noqa: E402
 from charlm.training import loggers as loggers_module  # noqa: E402
-from charlm.training.checkpoint import load_checkpoint  # noqa: E402
-from charlm.training.metrics import read_metrics  # noqa: E402
+from charlm.store.checkpoint import load_checkpoint  # noqa: E402
+from charlm.store.metrics import read_metrics  # noqa: E402
 from conftest import run_cli, tiny_config  # noqa: E402
-from test_cli import call  # noqa: E402
+from conftest import call  # noqa: E402
 
 STEPS = 6  # evaluations at 3 and 6 (tiny_config)
 

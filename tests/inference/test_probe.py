@@ -13,7 +13,7 @@ from charlm.inference.probe import context_losses, doubling, gradient_norms
 from charlm.models.model import CharLM
 
 from conftest import PARAGRAPH, run_cli, tiny_config
-from test_cli import assert_user_error, call
+from conftest import assert_user_error, call
 
 V = 9
 

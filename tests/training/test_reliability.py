@@ -18,14 +18,14 @@ from rich.console import Console
 import charlm.training.checkpoint_contents as contents_module
 import charlm.training.trainer as trainer_module
 import charlm.training.validation as validation_module
-from charlm.training.checkpoint import load_checkpoint
+from charlm.store.checkpoint import load_checkpoint
 from charlm.config import validate_config
 from charlm.report.progress import TrainingDisplay
 from charlm.models.model import CharLM
-from charlm.training.metrics import read_metrics
+from charlm.store.metrics import read_metrics
 from charlm.training.run import train
-from conftest import run_cli, tiny_config
-from test_cli import assert_user_error, call
+from conftest import run_cli, tiny_config, wait_for
+from conftest import assert_user_error, call
 
 
 def quiet():
@@ -36,15 +36,6 @@ def start_training(config, run_dir, *extra):
     return subprocess.Popen([sys.executable, "-m", "charlm", "train", "--config", str(config), "--out", str(run_dir),
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_for(predicate, seconds=60.0):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.slow

@@ -9,33 +9,8 @@ import pytest
 
 import torch
 
-from charlm.cli import main
 
-from conftest import PARAGRAPH, run_cli, tiny_config, train_tiny_run
-
-
-def call(capsys, *argv):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def assert_user_error(result, fragment):
-    code, _, err = result
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("charlm: error: "), err
-    assert fragment in lines[0], err
-    assert "Traceback" not in err
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny run trained once per module through the real entry point (a subprocess)."""
-    run_dir, _, config, result = train_tiny_run(tmp_path_factory.mktemp("trained"))
-    return run_dir, config, result
+from conftest import PARAGRAPH, assert_user_error, call, run_cli, tiny_config
 
 
 @pytest.mark.slow

@@ -21,9 +21,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import charlm.training.trainer as trainer_module  # noqa: E402
 from charlm.config import ConfigError, config_yaml, validate_config  # noqa: E402
-from charlm.training.metrics import read_metrics  # noqa: E402
+from charlm.store.metrics import read_metrics  # noqa: E402
 from conftest import run_cli, tiny_config, train_tiny_run  # noqa: E402
-from test_cli import assert_user_error, call  # noqa: E402
+from conftest import assert_user_error, call  # noqa: E402
 
 BOTH = {"loggers": ["jsonl", "tensorboard", "mlflow"]}
 TB_SCALARS = {"train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",

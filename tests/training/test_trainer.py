@@ -8,15 +8,14 @@ from collections import Counter
 import pytest
 import torch
 
-from charlm.training.checkpoint import load_checkpoint, model_from_checkpoint
+from charlm.store.checkpoint import load_checkpoint, model_from_checkpoint
 from charlm.config import TrainConfig, validate_config
 from charlm.data.corpus import load_corpus
 from charlm.inference.evaluate import evaluate_ids
-from charlm.report.progress import TrainingDisplay
-from charlm.training.metrics import read_metrics
+from charlm.store.metrics import read_metrics
 from charlm.training.optim import Budget, WeightAverage, learning_rate
 from charlm.training.run import train
-from conftest import tiny_config
+from conftest import quiet, tiny_config
 
 
 def schedule(**kwargs):
@@ -39,11 +38,6 @@ def test_budget_is_whichever_ends_first():
     budget = Budget(TrainConfig(max_steps=100, max_time="10s"))
     assert budget.fraction(50, 2.0) == 0.5 and budget.fraction(10, 8.0) == 0.8
     assert budget.reached(100, 0.0) and budget.reached(1, 10.0) and not budget.reached(99, 9.9)
-
-
-def quiet():
-    from rich.console import Console
-    return TrainingDisplay(Console(quiet=True))
 
 
 def bigram_entropy(text: str) -> float:

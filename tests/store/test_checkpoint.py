@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from charlm.training.checkpoint import (FORMAT_VERSION, CheckpointError, describe_model, load_checkpoint,
+from charlm.store.checkpoint import (FORMAT_VERSION, CheckpointError, describe_model, load_checkpoint,
                                         model_from_checkpoint, resolve_checkpoint, save_checkpoint)
 from charlm.config import validate_config
 from charlm.models.model import build_model

@@ -12,7 +12,7 @@ from charlm.inference.evaluate import evaluate_ids
 from charlm.models.model import CharLM
 
 from conftest import train_tiny_run
-from test_cli import assert_user_error, call
+from conftest import assert_user_error, call
 
 V = 11
 

@@ -14,7 +14,7 @@ import pytest
 import charlm.data.download as download_module
 from charlm.data.download import KnownCorpus, Part
 from charlm.data.tang import poems_to_text
-from test_cli import assert_user_error, call
+from conftest import assert_user_error, call
 
 BODY = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 400).encode()
 GOOD_SHA = hashlib.sha256(BODY).hexdigest()

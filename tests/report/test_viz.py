@@ -21,7 +21,7 @@ from charlm.report.page import render_page
 from charlm.report.viz import inspect
 from charlm.data.vocab import Vocab
 from conftest import PARAGRAPH, ROOT, tiny_config
-from test_cli import assert_user_error, call
+from conftest import assert_user_error, call
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 

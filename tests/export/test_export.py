@@ -28,7 +28,7 @@ from charlm.export.onnx_format import SingleStep, write_onnx
 from charlm.export.safetensors_format import load_safetensors
 from charlm.inference.sample import Decoding, generate, prompt_ids
 from charlm.models.model import build_model
-from charlm.training.checkpoint import load_checkpoint, model_from_checkpoint
+from charlm.store.checkpoint import load_checkpoint, model_from_checkpoint
 
 from conftest import PARAGRAPH, ROOT, run_cli, tiny_config, train_tiny_run
 

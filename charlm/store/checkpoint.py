@@ -15,7 +15,7 @@ from charlm import __version__
 from charlm.atomic import atomic_open
 from charlm.config import Config, ConfigError, ModelConfig, validate_config
 from charlm.errors import UserError
-from charlm.training.rundir import BEST, LAST
+from charlm.store.rundir import BEST, LAST
 from charlm.models import registry
 from charlm.models.autotune import Workload, choose
 from charlm.models.model import CharLM, build_model

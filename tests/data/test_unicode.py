@@ -14,7 +14,7 @@ from charlm.data.corpus import load_corpus
 from charlm.data.text import BOS, EOS, TextSettings, iter_file_text, units_of
 from charlm.data.vocab import BOS_TOKEN, EOS_TOKEN, UNK, Vocab
 from conftest import SHARED_DATA, needs_shared_data, tiny_config
-from test_cli import assert_user_error, call
+from conftest import assert_user_error, call
 
 TANG = SHARED_DATA / "chinese" / "tang_poems.txt"
 

@@ -10,9 +10,7 @@ import charlm.training.runtime as runtime
 from charlm.config import validate_config
 from charlm.models.native import cpp_loops
 from charlm.training.run import train
-from conftest import tiny_config
-from test_cli import assert_user_error, call, trained  # noqa: F401 - trained is a fixture
-from test_trainer import quiet
+from conftest import assert_user_error, call, quiet, tiny_config
 
 needs_bf16 = pytest.mark.skipif(not runtime.cpu_has_bf16_units() or cpp_loops() is None,
                                 reason="this CPU has no bf16 units (or the C++ loops are not built)")

@@ -15,9 +15,9 @@ import pytest
 
 from charlm.config import config_yaml
 
-from charlm.training.checkpoint import load_checkpoint
+from charlm.store.checkpoint import load_checkpoint
 from conftest import PARAGRAPH, ROOT, run_cli, tiny_config
-from test_reliability import wait_for
+from conftest import wait_for
 
 
 @pytest.fixture(scope="module")

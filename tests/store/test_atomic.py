@@ -11,7 +11,7 @@ import torch
 
 import charlm
 from charlm.atomic import atomic_open, atomic_path, write_bytes_atomic, write_text_atomic
-from charlm.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from charlm.store.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from charlm.config import validate_config
 from charlm.data.corpus import load_corpus
 from conftest import tiny_config

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from test_serve import LiveServer, run_dir  # noqa: F401 - run_dir is a fixture used here
+from live_server import LiveServer, run_dir  # noqa: F401 - run_dir is a fixture used here
 
 pytest.importorskip("httpx")
 playwright_api = pytest.importorskip("playwright.sync_api")

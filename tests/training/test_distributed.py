@@ -15,11 +15,11 @@ from charlm.training import trainer as trainer_module
 from charlm.config import validate_config
 from charlm.errors import UserError
 from charlm.training.distributed import World, any_rank_flag
-from charlm.training.metrics import read_metrics
+from charlm.store.metrics import read_metrics
 from charlm.training.runtime import process_device_note, resolve_device
 from charlm.training.run import train
-from conftest import ROOT, tiny_config
-from test_trainer import quiet
+from conftest import ROOT, InfGradients, params, tiny_config
+from conftest import quiet
 
 
 def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -28,10 +28,6 @@ def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "charlm", *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
-
-
-def params(run_dir):
-    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
 
 
 def assert_same_params(a, b, tol=1e-5):
@@ -108,7 +104,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path, text_file, weight
 
 
 def test_batch_must_split_evenly(tmp_path, text_file, capsys):
-    from test_cli import assert_user_error, call
+    from conftest import assert_user_error, call
     config = tmp_path / "c.yaml"
     config.write_text(json.dumps(tiny_config(text_file, train={"batch_size": 6, "gradient_accumulation_steps": 4})))
     assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "r")),
@@ -131,19 +127,6 @@ def test_bf16_autocast_on_the_cpu_learns_as_fp32_does(tmp_path, text_file, backe
     assert abs(bf16 - fp32) < 0.1, (bf16, fp32)
     weights = params(tmp_path / "bf16")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())  # master weights
-
-
-class InfGradients:
-    """Makes the training loss infinite on chosen calls (counted from 1): its gradients overflow."""
-
-    def __init__(self, bad_calls):
-        self.bad_calls, self.calls = set(bad_calls), 0
-        self.real = trainer_module.Trainer.loss
-
-    def __call__(self, logits, targets):
-        self.calls += 1
-        loss = self.real(logits, targets)
-        return loss * float("inf") if self.calls in self.bad_calls else loss
 
 
 def test_fp16_skips_overflowing_steps_and_shrinks_the_loss_scale(tmp_path, text_file, monkeypatch):

@@ -14,8 +14,8 @@ from charlm.models.model import CharLM
 from charlm.training import trainer as trainer_module
 from charlm.training.run import train
 from conftest import tiny_config
-from test_distributed import params
-from test_trainer import quiet
+from conftest import params
+from conftest import quiet
 
 
 class KernelDtypes(TorchDispatchMode):
