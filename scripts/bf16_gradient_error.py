@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm.data.sources import read_text
-from charlm.training.checkpoint import load_checkpoint, model_from_checkpoint
+from charlm.store.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def gradients(payload: dict, backend: str, precision: str, x: torch.Tensor, y: torch.Tensor) -> dict:
