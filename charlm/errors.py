@@ -5,8 +5,6 @@ The CLI turns each into one line on stderr and exit code 2 (128 + signal); every
 
 from __future__ import annotations
 
-from typing import Optional
-
 
 class UserError(Exception):
     """A mistake the user can fix; its message names the problem and what to do."""
@@ -19,6 +17,6 @@ class Interrupted(BaseException):
     build, a compile fallback) do not swallow it; `with` blocks and `finally` clauses still clean
     up. `during` says what it cut short and what is left, for the one line the CLI prints."""
 
-    def __init__(self, signum: int, during: Optional[str] = None):
+    def __init__(self, signum: int, during: str | None = None):
         super().__init__(signum)
         self.signum, self.during = signum, during

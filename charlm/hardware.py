@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-from typing import Optional
 
 from charlm.errors import UserError
 
@@ -68,7 +67,7 @@ def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 
 
-def cpu_isa_level(flags: Optional[frozenset[str]] = None) -> Optional[str]:
+def cpu_isa_level(flags: frozenset[str] | None = None) -> str | None:
     """The highest level whose flags this CPU (or `flags`) has, each level needing the ones below it."""
     if flags is None:
         if not is_x86():
@@ -82,7 +81,7 @@ def cpu_isa_level(flags: Optional[frozenset[str]] = None) -> Optional[str]:
     return level
 
 
-def isa_cap() -> Optional[str]:
+def isa_cap() -> str | None:
     """CHARLM_MAX_ISA, checked (None when unset); a value it does not know is a one-line error."""
     value = os.environ.get(ISA_ENV, "").strip().lower()
     if not value:
@@ -93,19 +92,19 @@ def isa_cap() -> Optional[str]:
     return value
 
 
-def capped(level: Optional[str], cap: Optional[str]) -> Optional[str]:
+def capped(level: str | None, cap: str | None) -> str | None:
     """The lower of a CPU's level and a cap (None: no level at all)."""
     if level is None or cap is None:
         return level
     return ISA_LEVELS[min(ISA_LEVELS.index(level), ISA_LEVELS.index(cap))]
 
 
-def isa_level() -> Optional[str]:
+def isa_level() -> str | None:
     """The level charlm's kernels are built for here: the CPU's own, capped by CHARLM_MAX_ISA."""
     return capped(cpu_isa_level(), isa_cap())
 
 
-def at_least(level: Optional[str], wanted: str) -> bool:
+def at_least(level: str | None, wanted: str) -> bool:
     return level is not None and ISA_LEVELS.index(level) >= ISA_LEVELS.index(wanted)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import load_serve  # noqa: E402
+import load_serve
 
 HERE = Path(__file__).resolve().parents[1]
 

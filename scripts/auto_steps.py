@@ -40,7 +40,7 @@ def train(config: Path, data: Path, backend: str, seconds: float, out: Path, cac
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     end = next(e for e in reversed(events) if e["event"] == "end")
     start = next(e for e in events if e["event"] == "start")
-    line = next((l for l in done.stdout.splitlines() if l.startswith("backend auto -> ")), "")
+    line = next((out_line for out_line in done.stdout.splitlines() if out_line.startswith("backend auto -> ")), "")
     return {"steps": end["step"], "best_val_loss": end.get("best_val_loss"), "ran_on": start["backend"],
             "auto_line": line}
 

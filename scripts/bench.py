@@ -27,20 +27,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from reference_lstm import TorchNNLM
 from torch import nn
 
 from charlm.data.sources import read_text
+from charlm.data.vocab import Vocab
 from charlm.inference.evaluate import IGNORE, evaluate_ids, stream_layout
+from charlm.inference.sample import generate, make_generator
 from charlm.models.model import CharLM
 from charlm.models.native import cpp_loops
-from charlm.inference.sample import generate, make_generator
-from charlm.data.vocab import Vocab
-from reference_lstm import TorchNNLM
 
 V, E, L = 65, 64, 2  # Tiny Shakespeare's vocabulary size, the default embedding, layers
 VARIANTS = ("native", "fused", "torch.nn")

@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import platform
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 

@@ -19,7 +19,6 @@ import json
 import secrets
 import sys
 import unicodedata
-from typing import Optional
 
 import numpy as np
 import onnxruntime
@@ -43,7 +42,7 @@ class Vocabulary:
         self.offset = len(self.specials)
         self.index = {ord(c): i for i, c in enumerate(self.chars)}
 
-    def id_of(self, unit: int) -> Optional[int]:
+    def id_of(self, unit: int) -> int | None:
         """The id of a unit (a code point, a byte value or a document marker); None when unknown and
         there is no <unk> (charlm then drops it)."""
         if unit < 0:
@@ -107,7 +106,7 @@ def prompt_ids(vocab: Vocabulary, data: dict, prompt: str) -> list[int]:
     return ids or [vocab.offset]
 
 
-def pick_next(logits: np.ndarray, temperature: float, top_k: Optional[int], top_p: Optional[float],
+def pick_next(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
               rng: np.random.Generator) -> np.ndarray:
     """One id per row of logits [B, V]: greedy at temperature 0, else drawn after top-k, then top-p."""
     if temperature == 0:
@@ -139,8 +138,8 @@ class StepModel:
     def __init__(self, path: str):
         try:
             self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types for a bad file
-            raise UsageError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        except Exception as err:
+            raise UsageError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
         meta = self.session.get_modelmeta().custom_metadata_map
         version = meta.get(VERSION_KEY)
         if version is None or CONFIG_KEY not in meta or VOCAB_KEY not in meta:
@@ -160,8 +159,8 @@ class StepModel:
 
 
 def generate(model: StepModel, context: list[int], length: int, num_samples: int, temperature: float,
-             top_k: Optional[int], top_p: Optional[float], rng: np.random.Generator,
-             stop_id: Optional[int] = None, on_step=None) -> np.ndarray:
+             top_k: int | None, top_p: float | None, rng: np.random.Generator,
+             stop_id: int | None = None, on_step=None) -> np.ndarray:
     """Read the prompt ids one step at a time from a blank state, then draw `length` ids for each of
     `num_samples` samples [N, length'] (ending once every sample has drawn `stop_id`)."""
     state = model.blank_state(1)
@@ -184,7 +183,7 @@ def generate(model: StepModel, context: list[int], length: int, num_samples: int
     return out
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the .onnx file charlm export wrote")
     parser.add_argument("--prompt", "-p", help="text to start from (default: the config's sample.prompt)")
@@ -254,7 +253,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"seed {seed} (pass --seed {seed} to draw the same text again)", file=sys.stderr)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from playwright.sync_api import sync_playwright
-
 from load_serve import start_server, stop_server
+from playwright.sync_api import sync_playwright
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--disable-quic"]

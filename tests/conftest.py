@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
-
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -97,7 +96,7 @@ class Collect:
     is looked at when this request ends, to record whether that one was still running then (so the
     two really shared the batch)."""
 
-    def __init__(self, beside: "Collect | None" = None):
+    def __init__(self, beside: Collect | None = None):
         self.events, self.done, self.beside = [], threading.Event(), beside
         self.overlapped = None
 
@@ -124,7 +123,7 @@ class Collect:
 
 def call(capsys, *argv):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    from charlm.cli import main  # noqa: PLC0415 - torch loads only for the tests that run the CLI
+    from charlm.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
@@ -154,16 +153,16 @@ def wait_for(predicate, seconds=60.0):
 
 def quiet():
     """A training display that prints nothing."""
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
-    from charlm.report.progress import TrainingDisplay  # noqa: PLC0415
+    from charlm.report.progress import TrainingDisplay
 
     return TrainingDisplay(Console(quiet=True))
 
 
 def params(run_dir):
     """The weights of a run's last.pt."""
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch.load(run_dir / "last.pt", weights_only=True)["model"]
 
@@ -173,7 +172,7 @@ class InfGradients:
 
     def __init__(self, bad_calls):
         self.bad_calls, self.calls = set(bad_calls), 0
-        from charlm.training import trainer as trainer_module  # noqa: PLC0415
+        from charlm.training import trainer as trainer_module
 
         self.real = trainer_module.Trainer.loss
 

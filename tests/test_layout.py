@@ -121,3 +121,10 @@ def test_circles_are_found():
 def test_no_import_circles():
     """Type-only imports count too: a module that needs another's type to be read is tied to it."""
     assert circles(import_graph()) == []
+
+
+def test_modules_stay_small():
+    """A module over 300 lines does two jobs (house style): split it where the seam is."""
+    long = [f"{path.relative_to(PACKAGE)}: {n} lines" for path in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 300]
+    assert not long, "\n".join(long)

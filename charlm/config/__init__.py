@@ -6,11 +6,31 @@ into one line naming its dotted key. Imports only charlm.errors and charlm.model
 torch-free leaf: the cell types and backends): every other package may import the config.
 """
 
-from charlm.config.loading import (apply_override, config_yaml, did_you_mean, load_config, read_config_file,
-                                   read_yaml_mapping, sample_settings, validate_config)
+from charlm.config.loading import (
+                                   apply_override,
+                                   config_yaml,
+                                   did_you_mean,
+                                   load_config,
+                                   read_config_file,
+                                   read_yaml_mapping,
+                                   sample_settings,
+                                   validate_config,
+)
 from charlm.config.redact import redact_uri
-from charlm.config.schema import (BACKEND_CHOICES, BACKENDS, SECTIONS, Backend, Config, ConfigError, DataConfig,
-                                  ModelConfig, SampleConfig, TrainConfig, parse_duration, with_absolute_paths)
+from charlm.config.schema import (
+                                   BACKEND_CHOICES,
+                                   BACKENDS,
+                                   SECTIONS,
+                                   Backend,
+                                   Config,
+                                   ConfigError,
+                                   DataConfig,
+                                   ModelConfig,
+                                   SampleConfig,
+                                   TrainConfig,
+                                   parse_duration,
+                                   with_absolute_paths,
+)
 
 __all__ = ["BACKEND_CHOICES", "BACKENDS", "SECTIONS", "Backend", "Config", "ConfigError", "DataConfig", "ModelConfig",
            "SampleConfig", "TrainConfig", "apply_override", "config_yaml", "did_you_mean", "load_config",

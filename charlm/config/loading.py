@@ -12,7 +12,6 @@ from pydantic import BaseModel, ValidationError
 
 from charlm.config.schema import SECTIONS, Config, ConfigError, SampleConfig
 
-
 # --- YAML reading -------------------------------------------------------------------------
 
 
@@ -38,7 +37,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 def _parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)  # safe: _StrictLoader is a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

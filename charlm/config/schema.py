@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from charlm.errors import UserError
 import charlm.models.registry as registry
+from charlm.errors import UserError
 
 
 class ConfigError(UserError):
@@ -43,14 +43,14 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     path: str = Field(min_length=1)
-    val_path: Optional[str] = None
+    val_path: str | None = None
     val_fraction: float = Field(0.1, gt=0, lt=1)
     unit: Literal["chars", "bytes"] = "chars"
     normalize: Literal["none", "NFC", "NFKC"] = "none"
     newlines: Literal["keep", "lf"] = "keep"
     documents: Literal["none", "lines"] = "none"
     min_freq: int = Field(1, gt=0)
-    max_vocab: Optional[int] = Field(None, ge=2)
+    max_vocab: int | None = Field(None, ge=2)
     on_decode_error: Literal["error", "skip"] = "error"
 
 
@@ -104,7 +104,7 @@ class ModelConfig(_Section):
                               f"~{bound:.2g} parameters, more than a machine can hold ({MAX_PARAMETERS:.2g})")
 
     @model_validator(mode="after")
-    def _fits_a_machine(self) -> "ModelConfig":
+    def _fits_a_machine(self) -> ModelConfig:
         bound = self.parameter_bound(2)  # the smallest vocabulary; the real one is checked where it is known
         if bound > MAX_PARAMETERS:
             raise ValueError(f"hidden_size {self.hidden_size}, num_layers {self.num_layers} and embedding_dim "
@@ -113,7 +113,7 @@ class ModelConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _embedding_dropout_needs_embedding(self) -> "ModelConfig":
+    def _embedding_dropout_needs_embedding(self) -> ModelConfig:
         if self.embedding_dropout > 0 and self.input != "embedding":
             raise ValueError("model.embedding_dropout needs model.input: embedding (one-hot input has no embedding "
                              "rows to drop; use model.input_dropout)")
@@ -153,31 +153,31 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1)  # validate/save/sample an average of the weights
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # validate/save/sample an average of the weights
     ar: float = Field(0.0, ge=0)  # activation regularisation: ar * mean(h_dropped^2) of the top layer
     tar: float = Field(0.0, ge=0)  # temporal activation regularisation: tar * mean((h_t - h_{t-1})^2)
-    max_steps: Optional[int] = Field(None, gt=0)
-    max_time: Optional[str] = None
+    max_steps: int | None = Field(None, gt=0)
+    max_time: str | None = None
     eval_interval: int = Field(500, gt=0)
     log_interval: int = Field(50, gt=0)
     eval_batch_size: int = Field(64, gt=0)
-    checkpoint_interval: Optional[Union[int, str]] = None  # steps, or a duration such as "10m"
-    patience: Optional[int] = Field(None, gt=0)
+    checkpoint_interval: int | str | None = None  # steps, or a duration such as "10m"
+    patience: int | None = Field(None, gt=0)
     max_bad_steps: int = Field(10, gt=0)
     rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
     max_rollbacks: int = Field(3, ge=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
-    threads: Optional[int] = Field(None, gt=0)  # CPU threads; None: the machine's physical cores
+    threads: int | None = Field(None, gt=0)  # CPU threads; None: the machine's physical cores
     loggers: list[Logger] = ["jsonl"]  # metrics.jsonl is always written; tensorboard and mlflow need charlm[track]
-    mlflow_uri: Optional[str] = Field(None, min_length=1)  # None: sqlite:///<run dir>/mlflow.db
-    mlflow_experiment: Optional[str] = Field(None, min_length=1)  # None: the run dir's name
+    mlflow_uri: str | None = Field(None, min_length=1)  # None: sqlite:///<run dir>/mlflow.db
+    mlflow_experiment: str | None = Field(None, min_length=1)  # None: the run dir's name
     # seconds one TensorBoard/MLflow call may take before that logger is turned off for the run (and
     # the most the run's end waits for them); an hour at most: a bound that never fires is no bound
     logger_timeout: float = Field(60.0, gt=0, le=3600)
     # start from a trained model's weights: a checkpoint file or run dir (README, Fine-tuning)
-    init_from: Optional[str] = None
+    init_from: str | None = None
     # parts left as they are: embedding, head, rnn.<k> or a parameter-name prefix
     freeze: list[str] = Field(default_factory=list)
 
@@ -215,11 +215,11 @@ class TrainConfig(_Section):
         return value
 
     @property
-    def checkpoint_steps(self) -> Optional[int]:
+    def checkpoint_steps(self) -> int | None:
         return self.checkpoint_interval if isinstance(self.checkpoint_interval, int) else None
 
     @property
-    def checkpoint_seconds(self) -> Optional[float]:
+    def checkpoint_seconds(self) -> float | None:
         value = self.checkpoint_interval
         return parse_duration(value) if isinstance(value, str) else None
 
@@ -246,7 +246,7 @@ class TrainConfig(_Section):
         return str(value)
 
     @model_validator(mode="after")
-    def _has_budget(self) -> "TrainConfig":
+    def _has_budget(self) -> TrainConfig:
         if self.max_steps is None and self.max_time is None:
             raise ValueError("set train.max_steps or train.max_time (or both) so training knows when to stop")
         if self.min_lr > self.lr:
@@ -254,7 +254,7 @@ class TrainConfig(_Section):
         return self
 
     @property
-    def max_time_seconds(self) -> Optional[float]:
+    def max_time_seconds(self) -> float | None:
         return None if self.max_time is None else parse_duration(self.max_time)
 
 
@@ -262,9 +262,9 @@ class SampleConfig(_Section):
     prompt: str = "\n"
     length: int = Field(500, gt=0, le=1_000_000)  # more is almost certainly a typo
     temperature: float = Field(0.8, ge=0)
-    top_k: Optional[int] = Field(None, gt=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = Field(None, ge=0)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0)
 
 
 class Config(_Section):
@@ -279,7 +279,7 @@ class Config(_Section):
 
 def with_absolute_paths(cfg: Config) -> Config:
     """The config with its data paths (and train.init_from) made absolute, so a run dir's config works from anywhere."""
-    def absolute(spec: Optional[str]) -> Optional[str]:
+    def absolute(spec: str | None) -> str | None:
         if spec is None or spec.startswith("builtin:"):
             return spec
         return str(Path(spec).expanduser().absolute())

@@ -15,9 +15,9 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -44,8 +44,8 @@ class Corpus:
     notices: tuple[str, ...] = ()  # skipped files, rare characters mapped to <unk>, cache use
 
 
-def load_corpus(data, progress: Optional[Progress] = None, cache: Optional[Path] = None,
-                vocab: Optional[Vocab] = None) -> Corpus:
+def load_corpus(data, progress: Progress | None = None, cache: Path | None = None,
+                vocab: Vocab | None = None) -> Corpus:
     """The encoded corpus a DataConfig describes, from the cache or built (and cached) now.
 
     `vocab`: encode with exactly this vocabulary (a fine-tuned run's: its base model's characters
@@ -78,7 +78,7 @@ def _undecodable(files: list[Path], notices: list[str]) -> frozenset:
 
 
 def _corpus_key(train_files: list[Path], val_files: list[Path], skip: frozenset, data,
-                vocab: Optional[Vocab] = None) -> str:
+                vocab: Vocab | None = None) -> str:
     """SHA-256 of every source file's bytes (in order) and of the settings that shape the ids: an
     encoding with another given vocabulary, or with none, is never reused. (A corpus without one
     keeps the key it always had: caches and the runs that fingerprinted them stay valid.)"""
@@ -106,7 +106,7 @@ def _settings_of(data) -> dict:
 
 
 def _build(folder: Path, train_files, val_files, skip, data, settings: TextSettings, progress,
-           vocab: Optional[Vocab] = None) -> None:
+           vocab: Vocab | None = None) -> None:
     """Encode into a private scratch folder, then rename it into place: readers never see half."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.stat().st_size for p in train_files + val_files if p not in skip)

@@ -7,18 +7,17 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import socket
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Optional
 
 from charlm.atomic import atomic_path, write_bytes_atomic
-from charlm.errors import UserError
 from charlm.data.tang import poems_to_text
+from charlm.errors import UserError
 
 _CHUNK = 1 << 16
 
@@ -40,13 +39,13 @@ class KnownCorpus:
     parts: tuple[Part, ...]
     filename: str  # written as DIR/NAME/filename
     sha256: str  # of that file
-    convert: Optional[Callable[[list[Path]], str]] = None  # local copies of the parts, in order -> the text
+    convert: Callable[[list[Path]], str] | None = None  # local copies of the parts, in order -> the text
 
     def __post_init__(self):
         assert self.convert is not None or (len(self.parts) == 1 and self.parts[0].sha256 == self.sha256), \
             "a corpus without a converter is its one part, saved as is"
 
-    def urls(self, mirror: Optional[str] = None) -> list[str]:
+    def urls(self, mirror: str | None = None) -> list[str]:
         """Where the parts are: under `base_url`, or under `mirror` (same paths) when given."""
         base = (mirror or self.base_url).rstrip("/")
         return [f"{base}/{urllib.parse.quote(part.path)}" for part in self.parts]
@@ -104,8 +103,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, out: Path, sha256: Optional[str] = None,
-             progress: Optional[Callable[[int, Optional[int]], None]] = None, timeout: float = 30.0) -> Downloaded:
+def download(url: str, out: Path, sha256: str | None = None,
+             progress: Callable[[int, int | None], None] | None = None, timeout: float = 30.0) -> Downloaded:
     """Fetch `url` into `out`; `progress(bytes_so_far, total_or_None)` is called as it goes."""
     if urllib.parse.urlparse(url).scheme not in ("http", "https"):
         raise DownloadError(f"not a URL charlm can fetch: {url} (give an http:// or https:// URL)")
@@ -126,8 +125,8 @@ def download(url: str, out: Path, sha256: Optional[str] = None,
     return Downloaded(out, got, fetched=True)
 
 
-def fetch_known(known: KnownCorpus, out: Path, mirror: Optional[str] = None,
-                progress: Optional[Callable[[str, int, Optional[int]], None]] = None) -> Downloaded:
+def fetch_known(known: KnownCorpus, out: Path, mirror: str | None = None,
+                progress: Callable[[str, int, int | None], None] | None = None) -> Downloaded:
     """Fetch a known corpus into `out`; `progress(part_label, bytes_so_far, total_or_None)` as it goes.
 
     The parts of a converted corpus go to a temporary folder that is removed whatever happens;
@@ -185,7 +184,7 @@ def _fetch(url: str, tmp: Path, progress, timeout: float) -> str:
     """Stream the body into `tmp`, fsynced; returns its SHA-256. Every failure is a DownloadError."""
     digest, received = hashlib.sha256(), 0
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as handle:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as handle:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             for chunk in iter(lambda: response.read(_CHUNK), b""):
@@ -206,7 +205,7 @@ def _fetch(url: str, tmp: Path, progress, timeout: float) -> str:
     except (http.client.IncompleteRead, ConnectionError, http.client.HTTPException) as err:
         raise DownloadError(f"{url}: the connection dropped after {received:,} bytes ({type(err).__name__}); "
                             "nothing was saved, try again") from None
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise DownloadError(f"{url}: no answer within {timeout:.0f} s; nothing was saved, try again") from None
     except ValueError as err:
         raise DownloadError(f"not a URL charlm can fetch: {url} ({err})") from None

@@ -6,8 +6,8 @@ Each poem is its `paragraphs` joined as stored; title, author and id are dropped
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def poems_to_text(paths: Sequence[Path]) -> str:

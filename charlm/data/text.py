@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import codecs
 import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -37,7 +37,7 @@ class TextSettings:
     on_decode_error: str = "error"  # error | skip
 
     @classmethod
-    def from_config(cls, data) -> "TextSettings":
+    def from_config(cls, data) -> TextSettings:
         return cls(data.unit, data.normalize, data.newlines, data.documents, data.on_decode_error)
 
 
@@ -92,7 +92,7 @@ def looks_binary(raw: bytes) -> bool:
 
 
 def iter_file_text(path: Path, chunk_bytes: int = CHUNK_BYTES,
-                   on_bytes: Optional[Callable[[int], None]] = None) -> Iterator[str]:
+                   on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
     """Strict UTF-8 text of a file, in pieces that end at a line end (the last may not).
 
     Errors name the file; a decode error gives the byte offset in the file."""
@@ -133,7 +133,7 @@ def iter_file_text(path: Path, chunk_bytes: int = CHUNK_BYTES,
                 carry = text  # no line end yet: keep reading (a single huge line is held whole)
 
 
-def check_utf8(path: Path) -> Optional[DataError]:
+def check_utf8(path: Path) -> DataError | None:
     """The error reading `path` would raise, or None: a full streamed decode."""
     try:
         for _ in iter_file_text(path):
@@ -144,7 +144,7 @@ def check_utf8(path: Path) -> Optional[DataError]:
 
 
 def iter_sources_text(files: list[Path], settings: TextSettings, skip: frozenset = frozenset(),
-                      on_bytes: Optional[Callable[[int], None]] = None) -> Iterator[str]:
+                      on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
     """Transformed text of all files in order, a newline added after a file lacking one."""
     last = "\n"
     for path in files:

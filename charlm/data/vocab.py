@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -54,12 +53,12 @@ class Vocab:
         self.offset = len(self.specials)
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         return cls(sorted(set(text)))
 
     @classmethod
-    def from_counts(cls, counts: torch.Tensor, unit: str, min_freq: int = 1, max_vocab: Optional[int] = None,
-                    documents: bool = False) -> "Vocab":
+    def from_counts(cls, counts: torch.Tensor, unit: str, min_freq: int = 1, max_vocab: int | None = None,
+                    documents: bool = False) -> Vocab:
         """From unit counts [MAX_CODE_POINT + 1] of the training text: drop rare characters.
 
         <unk> is reserved whenever min_freq or max_vocab can exclude characters."""
@@ -76,7 +75,7 @@ class Vocab:
             kept = kept[order].sort().values
         return cls([chr(int(p)) for p in kept], "chars", specials)
 
-    def extended(self, other: "Vocab") -> "Vocab":
+    def extended(self, other: Vocab) -> Vocab:
         """This vocabulary plus what `other` has and it lacks (for fine-tuning on a new text): its
         characters keep their order, the new ones follow, sorted by code point; a new special
         symbol (<unk>) joins the specials, which come first, so then every character's id moves up one."""
@@ -95,7 +94,7 @@ class Vocab:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocab) and self.to_dict() == other.to_dict()
 
-    def special_id(self, token: str) -> Optional[int]:
+    def special_id(self, token: str) -> int | None:
         return self.specials.index(token) if token in self.specials else None
 
     @property
@@ -126,7 +125,7 @@ class Vocab:
         keep = torch.ones_like(marker) if unk is not None else (marker | _scatter(~marker, known))
         return Encoded(ids[keep].to(id_dtype(len(self))), oov, unk is not None)
 
-    def encode(self, text: str, settings: Optional[TextSettings] = None) -> Encoded:
+    def encode(self, text: str, settings: TextSettings | None = None) -> Encoded:
         """Ids of a text, after the same transformation the training text had."""
         settings = settings or TextSettings(unit=self.unit, documents="lines" if self.documents else "none")
         return self.map_units(units_of(transform(text, settings), settings))
@@ -141,14 +140,14 @@ class Vocab:
         return "".join(decoder.feed(int(i)) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)) + \
             decoder.flush()
 
-    def stream_decoder(self) -> "StreamDecoder":
+    def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
     def to_dict(self) -> dict:
         return {"unit": self.unit, "specials": list(self.specials), "chars": "".join(self.chars)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Vocab":
+    def from_dict(cls, data: dict) -> Vocab:
         return cls(list(data["chars"]), data.get("unit", "chars"), tuple(data.get("specials", ())))
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Mapping, Optional
 
 from charlm import __version__
 from charlm.config import Config, ConfigError, redact_uri, validate_config
@@ -65,7 +65,7 @@ def metadata_of(cfg: Config, vocab: Vocab, payload: Mapping) -> dict[str, str]:
     }
 
 
-def read_metadata(metadata: Optional[Mapping[str, str]], source: str) -> Described:
+def read_metadata(metadata: Mapping[str, str] | None, source: str) -> Described:
     """The config, vocabulary and training facts of an exported file, checked; `source` names it in errors."""
     metadata = metadata or {}
     if VERSION_KEY not in metadata:

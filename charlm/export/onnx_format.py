@@ -2,9 +2,9 @@
 state out) with a dynamic batch axis, written in plain torch ops from the model's own cells, with the
 config and vocabulary in the ONNX model's metadata_props (metadata.py), so the file alone can sample.
 
-Graph inputs: ids int64 [B], h float32 [L, B, H] (and c [L, B, H] for the LSTM); outputs: logits
-float32 [B, V], next_h (and next_c) [L, B, H]. Exported with torch.onnx.export(dynamo=True), which
-needs onnxscript.
+Graph inputs: ids int64 [B], then each state tensor float32 [L, B, H] under the name its cell gives
+it (h; h and c for the LSTM: cells.py's `state_names`); outputs: logits float32 [B, V], then next_<name>
+for each state tensor. Exported with torch.onnx.export(dynamo=True), which needs onnxscript.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +27,15 @@ from charlm.export.metadata import metadata_of
 from charlm.models.model import CharLM
 
 SUFFIX = ".onnx"
-STATE_NAMES = ("h", "c")  # a stack's state tensors in order: (h,), or (h, c) for the LSTM
 EXAMPLE_BATCH = 2  # torch.export specialises an axis whose example size is 0 or 1, so it is not dynamic
 
 
 def input_names(model: CharLM) -> list[str]:
-    return ["ids", *STATE_NAMES[:model.rnn.state_size]]
+    return ["ids", *model.rnn.state_names]
 
 
 def output_names(model: CharLM) -> list[str]:
-    return ["logits", *(f"next_{name}" for name in STATE_NAMES[:model.rnn.state_size])]
+    return ["logits", *(f"next_{name}" for name in model.rnn.state_names)]
 
 
 class SingleStep(nn.Module):
@@ -76,6 +75,7 @@ def write_onnx(path: Path, model: CharLM, vocab: Vocab, cfg: Config, payload: Ma
     with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(step, example, dynamo=True, input_names=input_names(model),
                                     output_names=output_names(model), dynamic_shapes=dynamic, verbose=False)
+    assert program is not None, "the dynamo exporter returns the program it wrote"
     program.model.metadata_props.update(metadata_of(cfg, vocab, payload))
     program.model.doc_string = (f"charlm {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size}, "
                                 "one step: ids [batch] and the state in, logits [batch, V] and the new state out")

@@ -7,9 +7,9 @@ as safe as loading a checkpoint with weights_only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -45,9 +45,9 @@ class Loaded:
     training: dict  # the checkpoint's step, best_val_loss, ... (metadata.TRAINING_FACTS)
 
 
-def load_safetensors(path: str | Path, device: torch.device | str = "cpu", backend: Optional[str] = None,
-                     precision: str = "fp32", workload: Optional[Workload] = None,
-                     report: Optional[Callable[[str], None]] = None) -> Loaded:
+def load_safetensors(path: str | Path, device: torch.device | str = "cpu", backend: str | None = None,
+                     precision: str = "fp32", workload: Workload | None = None,
+                     report: Callable[[str], None] | None = None) -> Loaded:
     """The model a `charlm export --format safetensors` file holds, run on `backend` (default: its
     config's model.backend, auto resolved for `device`, `precision` and `workload`)."""
     safetensors = require("safetensors", command=f"reading {Path(path).name}")

@@ -17,8 +17,9 @@ Two update rules, each with an optional pull back toward the trained weights θ0
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ class DynamicSettings:
     rule: Literal["sgd", "rms"] = "rms"
     decay: float = 0.0  # pull toward the trained weights per update; 0: none
 
-    def check(self) -> Optional[str]:
+    def check(self) -> str | None:
         """What is wrong with these settings (one line), or None."""
         if self.segment < 1:
             return f"the segment length must be at least 1 (got {self.segment})"
@@ -53,7 +54,7 @@ class DynamicSettings:
 class DynamicTotals:
     total_nats: float = 0.0
     count: int = 0
-    losses: Optional[list[float]] = None  # per scored position, when asked for
+    losses: list[float] | None = None  # per scored position, when asked for
 
 
 def read_dynamically(model: torch.nn.Module, ids: torch.Tensor, settings: DynamicSettings,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +30,8 @@ class EvalResult:
     oov_chars: int = 0  # characters outside the vocabulary
     oov_rule: str = "skipped"  # what happened to them: "skipped", or "scored as <unk>"
     unit: str = "chars"
-    bytes: Optional[int] = None  # byte mode: bytes scored
-    bits_per_byte: Optional[float] = None
+    bytes: int | None = None  # byte mode: bytes scored
+    bits_per_byte: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,7 +148,7 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, w
 
 
 def evaluate_text(model: torch.nn.Module, vocab: Vocab, text: str, streams: int = 64,
-                  settings: Optional[TextSettings] = None, window: Optional[int] = None) -> EvalResult:
+                  settings: TextSettings | None = None, window: int | None = None) -> EvalResult:
     """Score a text prepared as the training text was (`settings`).
 
     Characters outside the vocabulary are scored as <unk> when the vocabulary has it, else
@@ -163,7 +162,7 @@ def evaluate_text(model: torch.nn.Module, vocab: Vocab, text: str, streams: int 
     return described(evaluate_ids(model, encoded.ids, streams), text, encoded, vocab)
 
 
-def encode_for_scoring(vocab: Vocab, text: str, settings: Optional[TextSettings] = None):
+def encode_for_scoring(vocab: Vocab, text: str, settings: TextSettings | None = None):
     """The text as the model reads it (prepared as the training text was) and its encoding."""
     settings = settings or TextSettings(unit=vocab.unit, documents="lines" if vocab.documents else "none")
     text = transform(text, settings)

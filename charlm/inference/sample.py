@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
-from charlm.errors import UserError
 from charlm.data.text import BOS, EOS, TextSettings, transform, units_of
 from charlm.data.vocab import UNK, Vocab
+from charlm.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -18,15 +19,15 @@ class Decoding:
     """How the next id is drawn from the logits: temperature (0 = greedy), then top_k, then top_p."""
 
     temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
+    top_k: int | None = None
+    top_p: float | None = None
 
     @classmethod
-    def of(cls, settings) -> "Decoding":
+    def of(cls, settings) -> Decoding:
         """The decoding part of a sample section (config.SampleConfig) or anything with the same fields."""
         return cls(settings.temperature, settings.top_k, settings.top_p)
 
-    def problem(self) -> Optional["DecodingProblem"]:
+    def problem(self) -> DecodingProblem | None:
         """The first setting nothing can be drawn with (None: all can be). Any finite temperature >= 0
         can: a tiny one is greedy decoding (see scaled_logits), a huge one about uniform."""
         t, k, p = self.temperature, self.top_k, self.top_p
@@ -56,7 +57,7 @@ class Undrawable(ValueError):
 
 
 def pick_next(logits: torch.Tensor, decoding: Decoding = Decoding(),
-              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+              generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one id per row of logits [B, V] -> [B] (int64).
 
     temperature 0 is greedy (argmax). top_k keeps the k highest logits; top_p keeps the
@@ -73,7 +74,7 @@ def pick_next(logits: torch.Tensor, decoding: Decoding = Decoding(),
     return ids
 
 
-def pick(logits: torch.Tensor, decoding: Decoding, u: Optional[torch.Tensor]) -> torch.Tensor:
+def pick(logits: torch.Tensor, decoding: Decoding, u: torch.Tensor | None) -> torch.Tensor:
     """One id per row of logits [B, V] with uniform numbers u [B] (None for greedy decoding) -> [B].
     Every id is in range whatever the scores (argmax's are; inverse_cdf's are clamped), so a row
     of NaN or infinite scores cannot index past the vocabulary (on CUDA an out-of-range index is
@@ -134,14 +135,14 @@ def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return shifted / temperature
 
 
-def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One id per row of probs [B, V] -> [B]: one uniform number per row from `generator`, then
     inverse_cdf. (Not torch.multinomial: a server draws every request's rows with one inverse_cdf
     call after one small rand call per request, which costs a tenth of one multinomial call per request.)"""
     return inverse_cdf(probs, uniforms(probs.shape[0], generator, probs.device))
 
 
-def uniforms(count: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
+def uniforms(count: int, generator: torch.Generator | None, device) -> torch.Tensor:
     """`count` numbers uniform in [0, 1) from `generator`: [count] (float64)."""
     return torch.rand(count, generator=generator, device=device, dtype=torch.float64)
 
@@ -209,7 +210,7 @@ def prompt_ids(vocab: Vocab, prompt: str, settings: TextSettings) -> tuple[torch
     return ids, unknown
 
 
-def make_generator(device: torch.device, seed: Optional[int]) -> tuple[torch.Generator, int]:
+def make_generator(device: torch.device, seed: int | None) -> tuple[torch.Generator, int]:
     """A generator on `device`, seeded with `seed` or a fresh random seed; returns both."""
     generator = torch.Generator(device=device)
     if seed is None:
@@ -220,8 +221,8 @@ def make_generator(device: torch.device, seed: Optional[int]) -> tuple[torch.Gen
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_samples: int = 1,
-             decoding: Decoding = Decoding(), generator: Optional[torch.Generator] = None,
-             on_step: Optional[Callable[[torch.Tensor], None]] = None, stop_id: Optional[int] = None) -> torch.Tensor:
+             decoding: Decoding = Decoding(), generator: torch.Generator | None = None,
+             on_step: Callable[[torch.Tensor], None] | None = None, stop_id: int | None = None) -> torch.Tensor:
     """Continue a prompt (ids [P], P >= 1) by `length` ids in `num_samples` parallel samples.
 
     The prompt is read once (in chunks of PROMPT_CHUNK) to warm up the state, which is then
@@ -245,7 +246,7 @@ PROMPT_CHUNK = 256
 
 
 def read_prompt_chunk(model: torch.nn.Module, ids: torch.Tensor, read: int,
-                      state: Optional[tuple]) -> tuple[torch.Tensor, tuple, int]:
+                      state: tuple | None) -> tuple[torch.Tensor, tuple, int]:
     """Read the next chunk of prompts ids [G, P] from position `read` (state carried): the chunk's
     last logits [G, V], the state after it, and the position reached."""
     logits, state = model(ids[:, read:read + PROMPT_CHUNK], state)  # [G, C, V]

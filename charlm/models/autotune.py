@@ -18,8 +18,8 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,20 +53,20 @@ class Workload:
     steps: int
 
     @staticmethod
-    def training(batch: int, steps: int) -> "Workload":
+    def training(batch: int, steps: int) -> Workload:
         return Workload("train", batch, steps)
 
     @staticmethod
-    def of_training(train) -> "Workload":
+    def of_training(train) -> Workload:
         """A run's step: one micro-batch (train.batch_size / gradient_accumulation_steps) of seq_len."""
         return Workload("train", max(1, train.batch_size // train.gradient_accumulation_steps), train.seq_len)
 
     @staticmethod
-    def evaluation(streams: int = 64, window: int = 128) -> "Workload":
+    def evaluation(streams: int = 64, window: int = 128) -> Workload:
         return Workload("eval", streams, window)
 
     @staticmethod
-    def generation(streams: int = 1) -> "Workload":
+    def generation(streams: int = 1) -> Workload:
         return Workload("generate", streams, 16)
 
 
@@ -96,7 +96,7 @@ def candidates(cell_type: str) -> tuple[str, ...]:
 
 
 def choose(choice: str, model_cfg, vocab_size: int, device: torch.device, precision: str,
-           workload: Optional[Workload]) -> Choice:
+           workload: Workload | None) -> Choice:
     """The concrete backend for `model_cfg` on `device`: `choice` itself unless it is auto; auto is
     measured on the CPU (cached per key), else, or without a workload, the fixed rule."""
     if choice != registry.AUTO:

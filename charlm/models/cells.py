@@ -17,35 +17,48 @@ step loops with a hand-written backward, tested against them. registry.py names 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 State = tuple[torch.Tensor, ...]  # per cell: (h,) for the RNN, (h, c) for the LSTM, each [B, H]
+Gates = dict[str, list[torch.Tensor]]  # a step's activations by name, one [B, H] per step recorded
 
 
 class Cell(nn.Module):
-    """What every cell provides: `state_size` tensors of state [B, H] (h first), project_input(x)
-    for any number of steps, step(gx, state, record, weight_hh) for one, and init_state."""
+    """What every cell provides: the state tensors named in `state_names` ([B, H] each, h first),
+    project_input(x) for any number of steps, step(gx, state, record, weight_hh) for one, and init_state."""
 
-    state_size = 1
+    state_names: tuple[str, ...] = ("h",)  # what the state tensors are called (the ONNX export's inputs)
+    weight_ih: nn.Parameter  # every cell projects its input: [G*H, D]
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
         self.input_size, self.hidden_size = input_size, hidden_size
 
+    @property
+    def state_size(self) -> int:
+        return len(self.state_names)
+
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
         zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
         return tuple(zeros.clone() for _ in range(self.state_size))
 
-    def forward(self, x: torch.Tensor, state: State, record: Optional[dict] = None) -> State:
+    def project_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> the input side of every gate [..., G*H], for any number of steps at once."""
+        raise NotImplementedError
+
+    def step(self, gx: torch.Tensor, state: State, record: Gates | None = None,
+             weight_hh: torch.Tensor | None = None) -> State:
+        """One time step from the projected input gx [B, G*H]; returns the new state."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, state: State, record: Gates | None = None) -> State:
         """One time step from the raw input x [B, D]; returns the new state."""
         return self.step(self.project_input(x), state, record)
 
 
-class _Cell(Cell):
+class TorchLayoutCell(Cell):
     """A cell in torch.nn's layout, with a recurrent weight: weight_ih, weight_hh, bias_ih, bias_hh."""
 
     gates = 1
@@ -83,17 +96,16 @@ class _Cell(Cell):
         return F.linear(x, self.weight_ih, self.input_bias())
 
 
-class RNNCell(_Cell):
+class RNNCell(TorchLayoutCell):
     """Vanilla (Elman) RNN: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
 
     (README's W_ih = the equations' W_xh, and b_ih + b_hh = b_h; the two-bias form is torch.nn's.)
     """
 
     gates = 1
-    state_size = 1
 
-    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None,
-             weight_hh: Optional[torch.Tensor] = None) -> State:
+    def step(self, gx: torch.Tensor, state: State, record: Gates | None = None,
+             weight_hh: torch.Tensor | None = None) -> State:
         (h,) = state
         w_hh = self.weight_hh if weight_hh is None else weight_hh
         h = torch.tanh(torch.addmm(gx, h, w_hh.t()))  # [B, H]
@@ -101,7 +113,7 @@ class RNNCell(_Cell):
         return (h,)
 
 
-class LSTMCell(_Cell):
+class LSTMCell(TorchLayoutCell):
     """LSTM with gates i, f, g, o computed from [h_{t-1}, x_t]:
 
         i_t = sigmoid(W_ii x_t + b_ii + W_hi h_{t-1} + b_hi)    input gate
@@ -113,11 +125,11 @@ class LSTMCell(_Cell):
     """
 
     gates = 4
-    state_size = 2
+    state_names = ("h", "c")
     forget_bias = 1.0
 
     def reset_parameters(self) -> None:
-        """As `_Cell`, plus forget-gate bias 1 (Gers et al. 2000; Jozefowicz et al. 2015):
+        """As `TorchLayoutCell`, plus forget-gate bias 1 (Gers et al. 2000; Jozefowicz et al. 2015):
         f_t starts near sigmoid(1) = 0.73 instead of 0.5, so the cell keeps its memory and
         passes gradient back through c from the first steps, instead of halving it each step.
         It is put on bias_ih alone so the sum b_ih + b_hh, which the equations use, is 1."""
@@ -126,8 +138,8 @@ class LSTMCell(_Cell):
         with torch.no_grad():
             self.bias_ih[H:2 * H].fill_(self.forget_bias)
 
-    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None,
-             weight_hh: Optional[torch.Tensor] = None) -> State:
+    def step(self, gx: torch.Tensor, state: State, record: Gates | None = None,
+             weight_hh: torch.Tensor | None = None) -> State:
         h, c = state
         w_hh = self.weight_hh if weight_hh is None else weight_hh
         gates = torch.addmm(gx, h, w_hh.t())  # [B, 4H]
@@ -141,7 +153,7 @@ class LSTMCell(_Cell):
         return (h, c)
 
 
-class GRUCell(_Cell):
+class GRUCell(TorchLayoutCell):
     """GRU (Cho et al. 2014) in torch.nn's form, gates r (reset), z (update), n (new):
 
         r_t = sigmoid(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)
@@ -153,7 +165,6 @@ class GRUCell(_Cell):
     """
 
     gates = 3
-    state_size = 1
 
     def input_bias(self) -> torch.Tensor:
         H = self.hidden_size
@@ -164,8 +175,8 @@ class GRUCell(_Cell):
         H = self.hidden_size
         return torch.cat([self.bias_hh.new_zeros(2 * H), self.bias_hh[2 * H:]])
 
-    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None,
-             weight_hh: Optional[torch.Tensor] = None) -> State:
+    def step(self, gx: torch.Tensor, state: State, record: Gates | None = None,
+             weight_hh: torch.Tensor | None = None) -> State:
         (h,) = state
         w_hh = self.weight_hh if weight_hh is None else weight_hh
         gh = torch.addmm(self.recurrent_bias(), h, w_hh.t())  # [B, 3H]
@@ -179,7 +190,7 @@ class GRUCell(_Cell):
         return (h,)
 
 
-def record_activations(record: Optional[dict], **activations: torch.Tensor) -> None:
+def record_activations(record: Gates | None, **activations: torch.Tensor) -> None:
     """Append this step's activations ([B, H] each) to `record`: what the equations computed,
     exposed for inspection (charlm viz) without a second implementation."""
     if record is not None:

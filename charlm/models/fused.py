@@ -1,47 +1,44 @@
 """The fused backend: torch's own kernels (torch.lstm / gru / rnn_tanh: oneDNN on the CPU, cuDNN on
-CUDA) run on a RecurrentStack's parameters, which on CUDA live in the one flat buffer cuDNN reads."""
+CUDA) run on a stack's cells, whose weights on CUDA live in the one flat buffer cuDNN reads.
+
+It takes the cells and the kernel's name, not the stack that holds them (layers.py), so the two
+modules do not import each other."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import TYPE_CHECKING, Optional
+from collections.abc import Sequence
 
 import torch
 
-from charlm.models.cells import State
-
-if TYPE_CHECKING:
-    from charlm.models.layers import RecurrentStack
+from charlm.models.cells import State, TorchLayoutCell
 
 # What cuDNN says (once per process) when it must copy the weights into a flat buffer for a call.
 NOT_FLAT_WARNING = "RNN module weights are not part of single contiguous chunk of memory"
 
 
-def layer_weights(stack: RecurrentStack, recurrent: list[torch.Tensor], layers: slice = slice(None)) -> list[torch.Tensor]:
+def layer_weights(cells: Sequence[TorchLayoutCell], recurrent: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Per layer k: weight_ih, recurrent[k] (weight_hh, or its masked copy), bias_ih, bias_hh: torch.nn.RNN's order."""
-    return [w for cell, w_hh in zip(stack.layers[layers], recurrent[layers])
-            for w in (cell.weight_ih, w_hh, cell.bias_ih, cell.bias_hh)]
+    return [w for cell, w_hh in zip(cells, recurrent) for w in (cell.weight_ih, w_hh, cell.bias_ih, cell.bias_hh)]
 
 
-def run_fused(stack: RecurrentStack, x: torch.Tensor, state: State, recurrent: list[torch.Tensor],
-              layers: slice = slice(None)) -> tuple[torch.Tensor, State]:
-    """x [T, B, D], state tuple of [L, B, H] -> top layer outputs [T, B, H], new state, through torch.<fused>.
+def run_fused(kernel: str, cells: Sequence[TorchLayoutCell], recurrent: Sequence[torch.Tensor], x: torch.Tensor,
+              state: State, dropout: float, training: bool) -> tuple[torch.Tensor, State]:
+    """x [T, B, D], state tuple of [L, B, H] -> top layer outputs [T, B, H], new state, through torch.<kernel>.
 
-    `layers`: run only these layers (state and result hold just theirs); torch's kernel applies
-    the stack's per-element dropout between them."""
-    weights = layer_weights(stack, recurrent, layers)
-    num_layers = len(weights) // 4
+    `cells` are the L layers to run (state and result hold just theirs), `recurrent` their weight_hh
+    for this call; torch's kernel applies per-element dropout `dropout` between them while `training`."""
+    weights = layer_weights(cells, recurrent)
     hx = tuple(s.contiguous() for s in state)  # cuDNN refuses a strided state: a micro-batch's rows of [L, B, H]
     leave_autocast = _autocast_would_change_the_dtype(x.device.type)
     if leave_autocast:
         x, hx = x.to(weights[0].dtype), tuple(s.to(weights[0].dtype) for s in hx)
-    kernel = getattr(torch, stack.spec.fused)
-    copies = x.is_cuda and any(w is not cell.weight_hh for w, cell in zip(recurrent, stack.layers))
+    copies = x.is_cuda and any(w is not cell.weight_hh for w, cell in zip(recurrent, cells))
     with _outside_autocast(x.device.type, leave_autocast), _expected_copy(copies):
         # torch.lstm takes (h, c), the others h alone
-        out, *final = kernel(x, hx if len(hx) > 1 else hx[0], weights, True, num_layers, stack.dropout.p,
-                             stack.training, False, False)  # has biases, ..., not bidirectional, not batch-first
+        out, *final = getattr(torch, kernel)(x, hx if len(hx) > 1 else hx[0], weights, True, len(cells), dropout,
+                                             training, False, False)  # has biases, ..., not bidirectional, not batch-first
     return out, tuple(final)
 
 
@@ -77,22 +74,22 @@ def _expected_copy(copies: bool):
         yield
 
 
-def flatten_for_cudnn(stack: RecurrentStack) -> bool:
-    """Move the stack's weights into the one flat buffer cuDNN reads, as torch.nn.LSTM does; True if done.
+def flatten_for_cudnn(kernel: str | None, cells: Sequence[TorchLayoutCell]) -> bool:
+    """Move the cells' weights into the one flat buffer cuDNN reads, as torch.nn.LSTM does; True if done.
 
     Without it every cuDNN call allocates, zero-fills and fills a flat copy of all weights. Each
     parameter stays the same object under the same name, with the same values: only its storage
     moves into a slice of the buffer. So call this before anything holds the parameters' storage
     (the weight average's tensors, DDP); moving the model (`.to()`) calls it again."""
-    if stack.spec.fused is None:
+    if kernel is None:
         return False
-    weights = layer_weights(stack, [cell.weight_hh for cell in stack.layers])
+    weights = layer_weights(cells, [cell.weight_hh for cell in cells])
     if not _cudnn_reads_in_place(weights):
         return False
     first = weights[0]
     with torch.cuda.device_of(first), torch.no_grad():  # it writes into the parameters
-        torch._cudnn_rnn_flatten_weight(weights, 4, first.shape[1], cudnn_mode(stack.spec.fused), stack.hidden_size,
-                                        0, stack.num_layers, False, False)  # 4 per layer, no projection, ...
+        torch._cudnn_rnn_flatten_weight(weights, 4, first.shape[1], cudnn_mode(kernel), cells[0].hidden_size,
+                                        0, len(cells), False, False)  # 4 per layer, no projection, ...
     return True
 
 
@@ -105,8 +102,8 @@ def _cudnn_reads_in_place(weights: list[torch.Tensor]) -> bool:
             and len({w.data_ptr() for w in weights}) == len(weights))
 
 
-def cudnn_mode(kernel: Optional[str]) -> int:
+def cudnn_mode(kernel: str) -> int:
     """cuDNN's RNN mode for torch's kernel name: lstm -> LSTM, gru -> GRU, rnn_tanh -> RNN_TANH."""
     from torch.backends.cudnn import rnn  # noqa: PLC0415 - its mode table needs a CUDA build
 
-    return rnn.get_cudnn_mode(str(kernel).upper())
+    return rnn.get_cudnn_mode(kernel.upper())

@@ -17,20 +17,21 @@ A model is built with one of these; `auto` is resolved before (registry.resolve_
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
-from charlm.models.cells import State
+from charlm.models.cells import Cell, Gates, State, TorchLayoutCell
 from charlm.models.dropout import SequenceDropout
 from charlm.models.fused import flatten_for_cudnn, run_fused
 from charlm.models.native import cpp_loops
 from charlm.models.registry import lookup, spec_of
 
 
-def native_loop(cell: nn.Module, x: torch.Tensor, state: State,
-                weight_hh: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
+def native_loop(cell: Cell, x: torch.Tensor, state: State,
+                weight_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
     """Run `cell` over x [T, B, D] with its cell type's native layer -> outputs [T, B, H], state.
 
     `weight_hh` replaces the cell's recurrent weight for every step (weight dropout).
@@ -51,9 +52,11 @@ def _cpu_autocast_bf16(x: torch.Tensor) -> bool:
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and cpp_loops() is not None)
 
 
-def reference_loop(cell: nn.Module, x: torch.Tensor, state: State, record: Optional[dict] = None,
-                   weight_hh: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
-    """The cell's step() once per time step, differentiated by autograd (`weight_hh` as in native_loop)."""
+def reference_loop(cell: Cell, x: torch.Tensor, state: State, record: Gates | None = None,
+                   weight_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    """The cell's step() once per time step, differentiated by autograd (`weight_hh` as in native_loop).
+
+    `record`: the cell's steps add their activations to it (cells.record_activations)."""
     gx = cell.project_input(x)  # [T, B, G*H]: all input projections in one matmul
     outputs = []
     # unbind, not gx[t]: indexing would give each step a zero-filled [T, B, G*H] gradient
@@ -87,9 +90,16 @@ class RecurrentStack(nn.Module):
             cell_class(input_size if k == 0 else hidden_size, hidden_size) for k in range(num_layers))
         self.dropout = SequenceDropout(dropout, locked_dropout)  # between layers
         self.weight_dropout = weight_dropout
-        self._held_masks: Optional[list[torch.Tensor]] = None
-        self.state_size = cell_class.state_size
+        self._held_masks: list[torch.Tensor] | None = None
+        self.state_names: tuple[str, ...] = cell_class.state_names  # the cell's: ("h",), or ("h", "c")
+        self.state_size = len(self.state_names)
         self.backend = backend
+
+    @property
+    def cells(self) -> Sequence[TorchLayoutCell]:
+        """The layers, typed as what the code reading weight_hh and the biases gets: it runs only for
+        cell types with recurrent weights or a fused kernel, whose cells are in torch.nn's layout."""
+        return cast("Sequence[TorchLayoutCell]", self.layers)
 
     @property
     def backend(self) -> str:
@@ -103,7 +113,7 @@ class RecurrentStack(nn.Module):
 
     def flatten_weights(self) -> bool:
         """On CUDA with the fused backend: the weights into cuDNN's one flat buffer (see fused.py)."""
-        return self._backend == "fused" and flatten_for_cudnn(self)
+        return self._backend == "fused" and flatten_for_cudnn(self.spec.fused, self.cells)
 
     def _apply(self, fn, *args, **kwargs):
         # Moving or casting the model (.to(), .cuda(), .float()) gives every parameter new storage;
@@ -112,21 +122,21 @@ class RecurrentStack(nn.Module):
         self.flatten_weights()
         return result
 
-    def recurrent_weights(self) -> list[Optional[torch.Tensor]]:
+    def recurrent_weights(self) -> list[torch.Tensor | None]:
         """Each layer's weight_hh for this forward call (None for a cell type without one): masked
         while training with weight_dropout (by the masks `shared_weight_masks` holds, else by new ones)."""
         if not self.spec.recurrent_weights:
             return [None] * self.num_layers
         if not (self.training and self.weight_dropout > 0):
-            return [cell.weight_hh for cell in self.layers]
+            return [cell.weight_hh for cell in self.cells]
         masks = self._held_masks or self.draw_weight_masks()
-        return [cell.weight_hh * mask for cell, mask in zip(self.layers, masks)]
+        return [cell.weight_hh * mask for cell, mask in zip(self.cells, masks)]
 
-    def draw_weight_masks(self, generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+    def draw_weight_masks(self, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """One DropConnect mask per layer, shaped like weight_hh: 0 with probability p, else 1/(1-p)."""
         keep = 1.0 - self.weight_dropout
         return [torch.empty_like(cell.weight_hh).bernoulli_(keep, generator=generator).div_(keep)
-                for cell in self.layers]
+                for cell in self.cells]
 
     @contextlib.contextmanager
     def shared_weight_masks(self, generator: torch.Generator):
@@ -145,27 +155,38 @@ class RecurrentStack(nn.Module):
         shape = (self.num_layers, batch_size, self.hidden_size)
         return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.state_size))
 
-    def forward(self, x: torch.Tensor, state: State, record: Optional[list] = None) -> tuple[torch.Tensor, State]:
-        """x [T, B, D], state tuple of [L, B, H] -> top layer outputs [T, B, H], new state.
+    def forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """x [T, B, D], state tuple of [L, B, H] -> top layer outputs [T, B, H], new state."""
+        if self.backend == "fused" and not self.dropout.locked:
+            return self._fused(x, state, self.recurrent_weights(), slice(None))
+        return self._layer_by_layer(x, state)
 
-        With `record` (a list), the reference steps run whatever the backend, and record[k]
-        becomes layer k's activations by name, each a list of T tensors [B, H]."""
-        if self.backend == "fused" and record is None and not self.dropout.locked:
-            return run_fused(self, x, state, self.recurrent_weights())
-        return self.layer_by_layer(x, state, record)
+    def traced(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State, list[Gates]]:
+        """forward() on the reference steps whatever the backend, and each layer's activations by
+        name (each a list of T tensors [B, H]): what the cells' own equations computed."""
+        gates: list[Gates] = [{} for _ in self.layers]
+        out, state = self._layer_by_layer(x, state, gates)
+        return out, state, gates
 
-    def layer_by_layer(self, x: torch.Tensor, state: State, record: Optional[list] = None) -> tuple[torch.Tensor, State]:
+    def _fused(self, x: torch.Tensor, state: State, recurrent: list, layers: slice) -> tuple[torch.Tensor, State]:
+        """torch's kernel over `layers` (state holds just theirs), with this stack's dropout between them."""
+        kernel = self.spec.fused
+        assert kernel is not None, f"{self.cell_type} has no fused kernel"
+        return run_fused(kernel, self.cells[layers], recurrent[layers], x, state, self.dropout.p, self.training)
+
+    def _layer_by_layer(self, x: torch.Tensor, state: State,
+                        gates: list[Gates] | None = None) -> tuple[torch.Tensor, State]:
         """forward() one layer at a time, with this stack's dropout between layers (torch's fused
-        kernels only drop per element inside, so locked dropout runs them layer by layer)."""
+        kernels only drop per element inside, so locked dropout runs them layer by layer). With
+        `gates` (one dict per layer), the reference steps run and record into them."""
         finals = []
         recurrent = self.recurrent_weights()
         for k, (cell, w_hh) in enumerate(zip(self.layers, recurrent)):
-            if self.backend == "fused" and record is None:
-                x, layer_state = run_fused(self, x, tuple(s[k:k + 1] for s in state), recurrent, slice(k, k + 1))
+            if gates is not None:
+                x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state), gates[k], w_hh)
+            elif self.backend == "fused":
+                x, layer_state = self._fused(x, tuple(s[k:k + 1] for s in state), recurrent, slice(k, k + 1))
                 layer_state = tuple(s[0] for s in layer_state)
-            elif record is not None:
-                record.append({})
-                x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state), record[k], w_hh)
             elif self.backend == "native":
                 x, layer_state = native_loop(cell, x, tuple(s[k] for s in state), w_hh)
             else:

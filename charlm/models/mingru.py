@@ -5,13 +5,11 @@ backward); registry.py names it `mingru`.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.models.cells import Cell, State, record_activations
+from charlm.models.cells import Cell, Gates, State, record_activations
 
 
 class MinGRUCell(Cell):
@@ -24,8 +22,6 @@ class MinGRUCell(Cell):
     Parameters: weight_ih [2H, D] (blocks z, h~) and bias_ih [2H]. No gate reads h_{t-1}, so
     there is no weight_hh (nothing for model.weight_dropout to drop) and project_input gives
     every step's gates at once; step() only mixes."""
-
-    state_size = 1
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__(input_size, hidden_size)
@@ -47,8 +43,8 @@ class MinGRUCell(Cell):
         """[W_z; W_h] x + [b_z; b_h] for x [..., D] -> [..., 2H]."""
         return F.linear(x, self.weight_ih, self.bias_ih)
 
-    def step(self, gx: torch.Tensor, state: State, record: Optional[dict] = None,
-             weight_hh: Optional[torch.Tensor] = None) -> State:
+    def step(self, gx: torch.Tensor, state: State, record: Gates | None = None,
+             weight_hh: torch.Tensor | None = None) -> State:
         assert weight_hh is None, "minGRU has no recurrent weight"
         (h,) = state
         pre_z, candidate = gx.chunk(2, dim=-1)  # each [B, H]
@@ -112,7 +108,7 @@ class _MinGRULayer(torch.autograd.Function):
 
 
 def native_layer(cell: MinGRUCell, x: torch.Tensor, state: State,
-                 weight_hh: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, State]:
+                 weight_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
     """The layer over x [T, B, D] -> outputs [T, B, H], (h_T,)."""
     assert weight_hh is None, "minGRU has no recurrent weight"
     hs, h = _MinGRULayer.apply(x, cell.weight_ih, cell.bias_ih, state[0].contiguous())

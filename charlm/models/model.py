@@ -7,13 +7,14 @@ The loss is computed outside the model; callers treat the state as opaque and us
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from charlm.models.cells import State
+from charlm.models.cells import Gates, State
 from charlm.models.dropout import SequenceDropout, dropped_embedding_rows
 from charlm.models.layers import RecurrentStack
 from charlm.models.registry import CellSpec
@@ -22,28 +23,38 @@ if TYPE_CHECKING:
     from charlm.config import ModelConfig
 
 
+@dataclass(frozen=True)
+class Trace:
+    """What a forward call shows besides its logits, when asked for (`trace=`)."""
+
+    top: torch.Tensor  # [T, B, H]: the top layer's outputs, before dropout
+    top_dropped: torch.Tensor  # [T, B, H]: after dropout, what the head reads (and AR penalises)
+    gates: list[Gates] = field(default_factory=list)  # per layer (trace="gates" only): name -> T x [B, H]
+
+
 class CharLM(nn.Module):
-    def __init__(self, vocab_size: int, cell_type: str = "lstm", hidden_size: int = 256, num_layers: int = 2,
-                 dropout: float = 0.0, input: str = "embedding", embedding_dim: int = 64, backend: str = "native",
-                 weight_dropout: float = 0.0, locked_dropout: bool = False, input_dropout: float = 0.0,
-                 embedding_dropout: float = 0.0):
+    """The model `cfg` describes over `vocab_size` symbols, run on `backend` (default cfg.backend):
+    a concrete backend, since whoever builds the model knows the device and precision that auto
+    is resolved for (registry.resolve_backend)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, backend: str | None = None):
         super().__init__()
-        assert input in ("onehot", "embedding"), f"unknown input kind {input!r}"
-        assert embedding_dropout == 0 or input == "embedding", "embedding dropout needs an embedding"
+        assert cfg.input in ("onehot", "embedding"), f"unknown input kind {cfg.input!r}"
+        assert cfg.embedding_dropout == 0 or cfg.input == "embedding", "embedding dropout needs an embedding"
         self.vocab_size = vocab_size
         # Embedding init: torch's N(0, 1), so each input feature has unit variance, which the
         # layer-0 Xavier init assumes. One-hot input needs no parameters: x_t is a basis vector
         # and layer 0's weight_ih [4H, V] plays the embedding's role.
-        self.embedding = nn.Embedding(vocab_size, embedding_dim) if input == "embedding" else None
-        input_size = embedding_dim if self.embedding is not None else vocab_size
-        self.embedding_dropout = embedding_dropout
-        self.input_dropout = SequenceDropout(input_dropout, locked_dropout)
-        self.rnn = RecurrentStack(cell_type, input_size, hidden_size, num_layers, dropout, backend, weight_dropout,
-                                  locked_dropout)
-        self.dropout = SequenceDropout(dropout, locked_dropout)
+        self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim) if cfg.input == "embedding" else None
+        input_size = cfg.embedding_dim if self.embedding is not None else vocab_size
+        self.embedding_dropout = cfg.embedding_dropout
+        self.input_dropout = SequenceDropout(cfg.input_dropout, cfg.locked_dropout)
+        self.rnn = RecurrentStack(cfg.type, input_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
+                                  backend or cfg.backend, cfg.weight_dropout, cfg.locked_dropout)
+        self.dropout = SequenceDropout(cfg.dropout, cfg.locked_dropout)
         # Head init: torch's Linear default U(+-1/sqrt(H)); logits start small, so the first
         # loss is close to the uniform ln V and no character starts out favoured.
-        self.head = nn.Linear(hidden_size, vocab_size)
+        self.head = nn.Linear(cfg.hidden_size, vocab_size)
 
     @property
     def cell_spec(self) -> CellSpec:
@@ -55,7 +66,7 @@ class CharLM(nn.Module):
         """The concrete backend the recurrence runs on (native, fused or reference)."""
         return self.rnn.backend
 
-    def init_state(self, batch_size: int, device=None) -> State:
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         param = self.head.weight
         return self.rnn.init_state(batch_size, device=device or param.device, dtype=param.dtype)
 
@@ -74,32 +85,39 @@ class CharLM(nn.Module):
             return F.embedding(idx, weight)
         return F.one_hot(idx, self.vocab_size).to(self.head.weight.dtype)
 
-    def forward(self, idx: torch.Tensor, state: State | None = None,
-                record: list | None = None, top: dict | None = None) -> tuple[torch.Tensor, State]:
+    @overload
+    def forward(self, idx: torch.Tensor, state: State | None = None, *,
+                trace: None = None) -> tuple[torch.Tensor, State]: ...
+
+    @overload
+    def forward(self, idx: torch.Tensor, state: State | None = None, *,
+                trace: Literal["top", "gates"]) -> tuple[torch.Tensor, State, Trace]: ...
+
+    def forward(self, idx: torch.Tensor, state: State | None = None, *,
+                trace: Literal["top", "gates"] | None = None) -> tuple[torch.Tensor, State] | tuple[
+                    torch.Tensor, State, Trace]:
         """idx [B, T] -> logits [B, T, V] and the state after the last step.
 
-        `record`: a list that receives each layer's gate activations (see RecurrentStack).
-        `top`: a dict that receives the top layer's outputs [T, B, H] as "h" and, after dropout,
-        as "h_dropped" (what activation regularisation penalises)."""
+        With `trace`, a third result, a Trace: the top layer's outputs before and after dropout
+        ("top"), and also each layer's gate activations ("gates": the reference steps run, whatever
+        the backend, so the cells' own equations are what is shown)."""
+        assert trace in (None, "top", "gates"), f"unknown trace {trace!r}; choose top or gates"
         if state is None:
             state = self.init_state(idx.shape[0], idx.device)
         x = self.input_dropout(self.embed(idx.t()))  # [T, B, D]
-        h, state = self.rnn(x, state, record)  # [T, B, H]
+        gates: list[Gates] = []
+        if trace == "gates":
+            h, state, gates = self.rnn.traced(x, state)  # [T, B, H]
+        else:
+            h, state = self.rnn(x, state)  # [T, B, H]
         dropped = self.dropout(h)
-        if top is not None:
-            top["h"], top["h_dropped"] = h, dropped
-        logits = self.head(dropped)  # [T, B, V]
-        return logits.transpose(0, 1), state  # [B, T, V] (a view)
+        logits = self.head(dropped).transpose(0, 1)  # [B, T, V] (a view of [T, B, V])
+        if trace is None:
+            return logits, state
+        return logits, state, Trace(h, dropped, gates)
 
-
-def build_model(cfg: "ModelConfig", vocab_size: int, backend: Optional[str] = None) -> CharLM:
-    """The model `cfg` describes, run on `backend` (default cfg.backend): a concrete backend, since
-    whoever builds the model knows the device and precision that auto is resolved for."""
-    return CharLM(vocab_size, cell_type=cfg.type, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                  dropout=cfg.dropout, input=cfg.input, embedding_dim=cfg.embedding_dim,
-                  backend=backend or cfg.backend, weight_dropout=cfg.weight_dropout,
-                  locked_dropout=cfg.locked_dropout, input_dropout=cfg.input_dropout,
-                  embedding_dropout=cfg.embedding_dropout)
+    if TYPE_CHECKING:  # what nn.Module's __call__ returns: forward's results, overloads included
+        __call__ = forward
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,7 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 import torch
 
@@ -120,7 +119,7 @@ def _build() -> object:
     return torch.ops.charlm  # cpp_extension.load has loaded it into this process
 
 
-def _load_cached(path: Path, checksum: Path) -> Optional[str]:
+def _load_cached(path: Path, checksum: Path) -> str | None:
     """Load the cached library; None when it loaded, else what is wrong with it.
 
     A library cut short can pass dlopen and then kill the process with SIGBUS when a missing
@@ -136,7 +135,7 @@ def _load_cached(path: Path, checksum: Path) -> Optional[str]:
     return None
 
 
-def cpp_loops() -> Optional[object]:
+def cpp_loops() -> object | None:
     """torch.ops.charlm once built (None if disabled or if the build failed)."""
     if "ops" not in _loaded:
         _loaded["ops"] = None
@@ -145,7 +144,7 @@ def cpp_loops() -> Optional[object]:
             return None
         try:
             _loaded["ops"] = _build()
-        except Exception as err:  # noqa: BLE001 - any build failure means: use the PyTorch loops
+        except Exception as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(f"charlm: the C++ step loop could not be built ({reason[:160]}); "
                   "using the PyTorch step loop (slower)", file=sys.stderr)

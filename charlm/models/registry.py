@@ -11,9 +11,12 @@ import functools
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from charlm.errors import UserError
+
+if TYPE_CHECKING:
+    from charlm.models.cells import Cell
 
 BACKENDS: tuple[str, ...] = ("native", "fused", "reference")  # the one list of concrete backends
 AUTO = "auto"  # model.backend's default: resolve_backend() picks a concrete one where device and precision are known
@@ -80,8 +83,8 @@ class CellSpec:
     channels: tuple[Channel, ...]
     feature_channel: str  # the channel viz correlates with properties of the text
     recurrent_weights: bool  # has weight_hh [G*H, H], so model.weight_dropout applies
-    native: Optional[str]  # "module:function(cell, x, state, weight_hh) -> (outputs, state)", or None
-    fused: Optional[str]  # torch's kernel torch.<fused>, which takes torch.nn.RNN's arguments, or None
+    native: str | None  # "module:function(cell, x, state, weight_hh) -> (outputs, state)", or None
+    fused: str | None  # torch's kernel torch.<fused>, which takes torch.nn.RNN's arguments, or None
     native_bf16: bool = False  # its native layer runs bf16 input with bf16 GEMMs (CPU autocast bf16)
 
     @property
@@ -89,7 +92,7 @@ class CellSpec:
         available = {"native": self.native is not None, "fused": self.fused is not None, "reference": True}
         return tuple(b for b in BACKENDS if available[b])
 
-    def cell_class(self) -> type:
+    def cell_class(self) -> type[Cell]:
         return _attribute(self.cell)
 
     def native_layer(self):
@@ -161,7 +164,7 @@ def resolve_backend(choice: str, cell_type: str, device_type: str, precision: st
     return next(b for b in (pick, "native", "reference") if b in spec.backends)
 
 
-def describe_backend(choice: str, resolved: Optional[str]) -> str:
+def describe_backend(choice: str, resolved: str | None) -> str:
     """How a run names its backend: 'auto -> fused' when auto picked it, else the backend itself."""
     if choice == AUTO:
         return f"auto -> {resolved}" if resolved else AUTO

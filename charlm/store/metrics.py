@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from charlm.config import read_yaml_mapping
 from charlm.errors import UserError
+from charlm.store.events import Event
 from charlm.store.rundir import CONFIG, LAST, LOCK, METRICS, pid_alive
 
 
@@ -19,14 +19,12 @@ class MetricsLog:
     Events: start, train, eval, sample (only with train.loggers beyond jsonl), skip, rollback, end;
     readers pick the events they know by name and pass over the others."""
 
-    wants_samples = False  # preview samples go only to the logs that show them (charlm.training.loggers)
-
     def __init__(self, run_dir: Path):
         self.path = run_dir / METRICS
         self._handle = open(self.path, "a", encoding="utf-8")
 
-    def write(self, event: str, **fields) -> None:
-        self._handle.write(json.dumps({"event": event, **fields}) + "\n")
+    def log(self, event: Event) -> None:
+        self._handle.write(json.dumps(event.record()) + "\n")
         self._handle.flush()
 
     def close(self) -> None:
@@ -38,7 +36,10 @@ class NoMetrics:
 
     wants_samples = False
 
-    def write(self, event: str, **fields) -> None:
+    def log(self, event: Event) -> None:
+        pass
+
+    def checkpoint_written(self) -> None:
         pass
 
     def close(self) -> None:
@@ -62,9 +63,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 class RunSummary:
     name: str
     model: str
-    parameters: Optional[int]
+    parameters: int | None
     steps: int
-    best_val: Optional[float]
+    best_val: float | None
     elapsed: float
     state: str  # finished | early-stopped | interrupted | running | crashed | empty
 
@@ -87,7 +88,7 @@ def summarize(run_dir: Path) -> RunSummary:
                       steps, best, elapsed, _state(run_dir, events, end))
 
 
-def _state(run_dir: Path, events: list, end: Optional[dict]) -> str:
+def _state(run_dir: Path, events: list, end: dict | None) -> str:
     lock = run_dir / LOCK
     if lock.exists():
         try:
@@ -99,7 +100,7 @@ def _state(run_dir: Path, events: list, end: Optional[dict]) -> str:
         return "empty"
     if end is None:
         return "crashed"
-    return {"budget": "finished", "early_stop": "early-stopped"}.get(end.get("reason"), "interrupted")
+    return {"budget": "finished", "early_stop": "early-stopped"}.get(str(end.get("reason")), "interrupted")
 
 
 def _model_of(run_dir: Path) -> str:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from charlm.atomic import replace, write_text_atomic
 from charlm.config import config_yaml
@@ -47,7 +47,7 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.run_dir, self.path, self.notices = run_dir, run_dir / LOCK, []
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise RunDirError(f"run dir {self.run_dir} exists and is not a directory; choose another --out")
         try:

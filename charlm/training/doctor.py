@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Optional
 
 import torch
 
@@ -48,7 +47,7 @@ def machine_facts() -> dict:
     }
 
 
-def auto_choices(model_cfg: Optional[ModelConfig] = None, vocab_size: int = 65, batch: int = 32,
+def auto_choices(model_cfg: ModelConfig | None = None, vocab_size: int = 65, batch: int = 32,
                  steps: int = 128) -> list[dict]:
     """For each cell type and precision, the backend auto runs a training step of this shape with on
     the CPU, with its figures (measured now, or from the cache)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -31,8 +30,8 @@ class Source:
     config: Config
     vocab: Vocab
     weights: dict[str, torch.Tensor]  # the weights sample uses: with train.ema_decay, the average
-    step: Optional[int]
-    best_val_loss: Optional[float]
+    step: int | None
+    best_val_loss: float | None
 
 
 def load_source(spec: str, cfg: Config) -> Source:
@@ -78,8 +77,8 @@ def check_units(old: DataConfig, new: DataConfig) -> None:
         raise UserError(f"--init-from: {now}; the trained model's units must mean the same: set {fix}")
 
 
-def given_vocab(data: DataConfig, payload: Optional[dict], source: Optional[Source],
-                progress: Optional[Progress] = None) -> Optional[Vocab]:
+def given_vocab(data: DataConfig, payload: dict | None, source: Source | None,
+                progress: Progress | None = None) -> Vocab | None:
     """The vocabulary a fine-tuned run encodes its text with (None for any other run: the text's own).
 
     Starting (`source`): the trained model's vocabulary extended by the new training text's characters

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 
@@ -11,7 +10,7 @@ from charlm import hardware
 from charlm.errors import UserError
 
 
-def use_threads(threads: Optional[int], world=None) -> int:
+def use_threads(threads: int | None, world=None) -> int:
     """Set the threads torch's CPU kernels (and the native loops) use: `threads`, or by default the
     machine's physical cores; returns the count. Under torchrun the default is left to it (it gives
     each process OMP_NUM_THREADS, 1 unless set, so processes on one node do not oversubscribe it)."""
@@ -23,7 +22,7 @@ def use_threads(threads: Optional[int], world=None) -> int:
     return threads
 
 
-def resolve_device(spec: str, local_rank: Optional[int] = None) -> torch.device:
+def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     """'auto' -> CUDA when available, else CPU; an explicit device must exist.
 
     Under torchrun (`local_rank` given) 'auto', 'cuda' and 'cuda:N' mean this process's own GPU."""
@@ -62,7 +61,7 @@ def process_device(spec: str, local_rank: int) -> str:
     return spec
 
 
-def process_device_note(spec: str, device: torch.device) -> Optional[str]:
+def process_device_note(spec: str, device: torch.device) -> str | None:
     """One line when torchrun replaced the user's explicit cuda:N by this process's own GPU."""
     if spec.startswith("cuda:") and device.type == "cuda" and spec != str(device):
         return (f"train.device {spec} is not used under torchrun: each process takes its own GPU, "
@@ -146,7 +145,7 @@ def cpu_has_bf16_units() -> bool:
         return False
 
 
-def usable_precision(device: torch.device, precision: str) -> tuple[str, Optional[str]]:
+def usable_precision(device: torch.device, precision: str) -> tuple[str, str | None]:
     """The precision to run with here, and a one-line notice when it is not the one asked for:
     bf16 on a CPU without bf16 units runs in fp32 instead of several times slower."""
     if precision != "fp32" and device.type == "mps":

@@ -17,6 +17,7 @@ agree to well within it (NTP does).
 from __future__ import annotations
 
 import time
+
 ALIVE_UNTIL = "alive_until"  # the trial's user attribute
 
 

@@ -8,7 +8,6 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from charlm.atomic import write_text_atomic
 from charlm.config import config_yaml
@@ -23,12 +22,12 @@ class TrialRow:
     number: int
     state: str  # complete | pruned | failed | running | queued
     params: dict
-    best_val: Optional[float]  # the objective; for a pruned trial, its best evaluation before it stopped
-    steps: Optional[int]
-    seconds: Optional[float]
+    best_val: float | None  # the objective; for a pruned trial, its best evaluation before it stopped
+    steps: int | None
+    seconds: float | None
     run_dir: str
     message: str
-    config: Optional[dict]  # the full config it trained with, less the credentials of its URIs
+    config: dict | None  # the full config it trained with, less the credentials of its URIs
 
 
 def trial_rows(study) -> list[TrialRow]:
@@ -47,13 +46,13 @@ def trial_rows(study) -> list[TrialRow]:
     return rows
 
 
-def best_row(rows: list[TrialRow]) -> Optional[TrialRow]:
+def best_row(rows: list[TrialRow]) -> TrialRow | None:
     complete = [r for r in rows if r.state == "complete" and r.best_val is not None]
     return min(complete, key=lambda r: r.best_val) if complete else None
 
 
 def write_results(out: Path, study_name: str, rows: list[TrialRow], keys: list[str],
-                  base: Optional[dict] = None) -> Optional[Path]:
+                  base: dict | None = None) -> Path | None:
     """trials.csv, and best.yaml when a trial completed (returned), with the credentials that the
     study does not store taken from `base`, this worker's config. Atomic: workers may write at once."""
     write_text_atomic(out / TRIALS_CSV, trials_csv(rows, keys))

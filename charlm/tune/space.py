@@ -9,7 +9,7 @@ import math
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -29,13 +29,13 @@ class Range(BaseModel):
     """A numeric range; `log` samples evenly in log space, `step` on a grid from low."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    low: Union[int, float]
-    high: Union[int, float]
+    low: int | float
+    high: int | float
     log: bool = False
-    step: Optional[Union[int, float]] = Field(None, gt=0)
+    step: int | float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _well_formed(self) -> "Range":
+    def _well_formed(self) -> Range:
         if not self.low < self.high:
             raise ValueError(f"low must be below high (got low {self.low}, high {self.high})")
         if self.log and self.low <= 0:
@@ -53,8 +53,8 @@ class Param:
     """One searched key: a list of choices, or a range of int or float values."""
 
     key: str
-    choices: Optional[tuple] = None
-    range: Optional[Range] = None
+    choices: tuple | None = None
+    range: Range | None = None
     integer: bool = False
 
     def suggest(self, trial) -> Any:
@@ -140,7 +140,7 @@ def _param(key: str, spec: Any, fixed: tuple[str, ...]) -> Param:
     return Param(key, range=span, integer=kind is int)
 
 
-def _field_kind(key: str) -> Optional[type]:
+def _field_kind(key: str) -> type | None:
     """int or float for a number key, None for any other; unknown keys are errors, with a suggestion."""
     parts = key.split(".")
     if len(parts) != 2 or not all(parts):

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from charlm.config import Config, ConfigError
 from charlm.errors import UserError
@@ -35,10 +35,10 @@ class Sweep:
     out: Path  # trial_NNNN run dirs, best.yaml, trials.csv (and study.db by default)
     trials: int  # finished trials (complete, pruned or failed) the study stops at, all workers together
     study_name: str
-    storage: Optional[str] = None  # an Optuna storage URL; None: SQLite in `out`
+    storage: str | None = None  # an Optuna storage URL; None: SQLite in `out`
     pruner: str = "median"
     startup_trials: int = 5  # trials sampled at random and never pruned
-    seed: Optional[int] = None
+    seed: int | None = None
     stale_after: float = 60.0  # seconds without a heartbeat before a running trial's worker counts as gone
 
     @property
@@ -77,7 +77,7 @@ def open_study(sweep: Sweep):
     except ImportError:
         raise UserError(f"cannot open the study storage {hide_password(url)}: its database driver is not "
                         f"installed ({DRIVERS})") from None
-    except Exception as err:  # noqa: BLE001 - a bad URL, a server that refuses: whatever the driver raises
+    except Exception as err:
         first = redact_message((str(err).strip().splitlines() or [type(err).__name__])[0])
         raise UserError(f"cannot open the study storage {hide_password(url)}: {first}") from None
     _check_run_dirs(sweep, study)
@@ -94,7 +94,7 @@ class SweepStops(StopRequests):
         return self
 
 
-def work(study, storage, sweep: Sweep, say: Callable[[str], None]) -> Optional[int]:
+def work(study, storage, sweep: Sweep, say: Callable[[str], None]) -> int | None:
     """Run trials until the study has `sweep.trials` finished ones (or a signal stops this worker:
     the trial it runs stops at a checkpoint and goes back in the queue). While other workers run
     the last trials, wait: a trial whose worker dies is queued again and run here. Returns the

@@ -11,9 +11,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 from charlm.atomic import write_text_atomic
 from charlm.config import Config, config_yaml
@@ -32,10 +32,10 @@ class TrialRun:
     """How a trial's trainer ended: complete, pruned, failed or interrupted (put back in the queue)."""
 
     outcome: str
-    best_val: Optional[float]  # the lowest finite val loss of its evaluations
+    best_val: float | None  # the lowest finite val loss of its evaluations
     steps: int
     seconds: float  # training time, as the trainer measures it (resumed runs included)
-    message: Optional[str] = None
+    message: str | None = None
 
 
 class MetricsTail:
@@ -77,7 +77,7 @@ def train_command(run_dir: Path, cfg: Config) -> list[str]:
 
 
 def run_trial(command: list[str], run_dir: Path, report: Callable[[int, float], bool],
-              stop_signal: Callable[[], Optional[int]], alive: Callable[[], None] = lambda: None) -> TrialRun:
+              stop_signal: Callable[[], int | None], alive: Callable[[], None] = lambda: None) -> TrialRun:
     """Run the trainer until it ends. `report(step, val_loss)` is called for each evaluation and
     says whether to prune; `stop_signal()` says whether the sweep was asked to stop; `alive()` is
     called at each look at the trainer (the worker's heartbeat)."""
@@ -131,7 +131,7 @@ def _wait_or_kill(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _outcome(code: int, events: list[dict], ending: Optional[str], log_path: Path, log_start: int) -> TrialRun:
+def _outcome(code: int, events: list[dict], ending: str | None, log_path: Path, log_start: int) -> TrialRun:
     vals = [e["val_loss"] for e in events if e.get("event") == "eval" and math.isfinite(e.get("val_loss", math.nan))]
     best = min(vals) if vals else None
     steps = max((e.get("step", 0) for e in events), default=0)

@@ -5,11 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from charlm.config import (BACKENDS, Config, ConfigError, SampleConfig, load_config, parse_duration, sample_settings,
-                           with_absolute_paths)
-from charlm.models.registry import CELL_TYPES, lookup
 from conftest import ROOT
+
+from charlm.config import (
+    BACKENDS,
+    Config,
+    ConfigError,
+    SampleConfig,
+    load_config,
+    parse_duration,
+    sample_settings,
+    with_absolute_paths,
+)
+from charlm.models.registry import CELL_TYPES, lookup
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

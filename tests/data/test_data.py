@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SHAKESPEARE, needs_shared_data
 
-from charlm.data.builtin import python_stdlib_files
 from charlm.config import DataConfig
-from charlm.data.corpus import load_corpus
 from charlm.data.batches import TBPTTBatches
+from charlm.data.builtin import python_stdlib_files
+from charlm.data.corpus import load_corpus
 from charlm.data.sources import read_text
 from charlm.data.text import DataError
 from charlm.data.vocab import Vocab
-from conftest import SHAKESPEARE, needs_shared_data
 
 
 def test_vocab_round_trip_with_astral_characters():
@@ -32,8 +32,8 @@ def test_vocab_drops_and_counts_unknown_characters():
 
 
 def test_prompts_with_unseen_characters_fail_without_unk():
-    from charlm.inference.sample import prompt_ids
     from charlm.data.text import TextSettings
+    from charlm.inference.sample import prompt_ids
     with pytest.raises(Exception, match=r"2 character\(s\) the model never saw.*'x', 'y'"):
         prompt_ids(Vocab.from_text("abc"), "axy", TextSettings())
 

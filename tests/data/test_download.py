@@ -10,11 +10,11 @@ import threading
 import urllib.parse
 
 import pytest
+from conftest import assert_user_error, call
 
 import charlm.data.download as download_module
 from charlm.data.download import KnownCorpus, Part
 from charlm.data.tang import poems_to_text
-from conftest import assert_user_error, call
 
 BODY = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 400).encode()
 GOOD_SHA = hashlib.sha256(BODY).hexdigest()
@@ -28,7 +28,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     requests = 0
     files: dict[str, bytes] = {}  # more files to serve, by their decoded path
 
-    def do_GET(self):  # noqa: N802 - the http.server API
+    def do_GET(self):
         type(self).requests += 1
         path = urllib.parse.unquote(self.path)
         if path in self.files:

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA, assert_user_error, call, needs_shared_data, tiny_config
 
 from charlm.config import DataConfig
 from charlm.data.corpus import load_corpus
 from charlm.data.text import BOS, EOS, TextSettings, iter_file_text, units_of
 from charlm.data.vocab import BOS_TOKEN, EOS_TOKEN, UNK, Vocab
-from conftest import SHARED_DATA, needs_shared_data, tiny_config
-from conftest import assert_user_error, call
 
 TANG = SHARED_DATA / "chinese" / "tang_poems.txt"
 
@@ -82,7 +81,7 @@ def test_byte_mode_vocabulary_and_round_trip(tmp_path):
 def test_byte_stream_decoder_waits_for_whole_characters():
     vocab = Vocab([], "bytes")
     decoder = vocab.stream_decoder()
-    pieces = [decoder.feed(b) for b in "漢a".encode("utf-8")]
+    pieces = [decoder.feed(b) for b in "漢a".encode()]
     assert pieces == ["", "", "漢", "a"]  # the 3-byte character appears once complete
     bad = [decoder.feed(b) for b in (0xE6, 0xBC, ord("x"))]  # a cut sequence, then ASCII
     assert "".join(bad) == "\ufffdx"  # replaced, never an exception

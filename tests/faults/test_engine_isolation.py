@@ -17,11 +17,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from charlm.config import ModelConfig
 from charlm.data.vocab import Vocab
 from charlm.inference.sample import Decoding, generate, make_generator
 from charlm.models.model import CharLM
 from charlm.serving.api import Limits, RequestError, parse_request
-from charlm.serving.engine import Completion, Engine
+from charlm.serving.completion import Completion
+from charlm.serving.engine import Engine
 from conftest import PARAGRAPH, Collect
 
 INNOCENT_TOKENS = 300  # longer than any other request here, so it is still in the batch when they end
@@ -51,7 +53,7 @@ def served():
     vocab = Vocab.from_text(PARAGRAPH * 3)
     # the reference backend: the engine's draw is what is tested, and it needs no C++ build (tens of
     # seconds on a test run's fresh cache)
-    model = CharLM(len(vocab), "lstm", hidden_size=24, num_layers=2, embedding_dim=8, backend="reference").eval()
+    model = CharLM(ModelConfig(type="lstm", hidden_size=24, num_layers=2, embedding_dim=8), len(vocab), "reference").eval()
     ids = vocab.encode(INNOCENT_PROMPT).ids.long()
     expected = greedy_text(model, vocab, ids, INNOCENT_TOKENS)
     clean = greedy_text(model, vocab, vocab.encode("the ").ids.long(), 40)  # another greedy request's

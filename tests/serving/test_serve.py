@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from charlm.config import ModelConfig
 from charlm.data.vocab import Vocab
 from charlm.inference.sample import PROMPT_CHUNK, Decoding, generate, make_generator
 from charlm.models.model import CharLM
-from charlm.serving.engine import Busy, Completion, Engine, _Row
+from charlm.serving.completion import Completion
+from charlm.serving.engine import Busy, Engine
+from charlm.serving.rows import Row
 from conftest import PARAGRAPH, Collect, run_cli
 from live_server import LiveServer, run_dir, sse_events  # noqa: F401 - run_dir is a fixture used here
 
@@ -33,7 +36,7 @@ def small_model():
     torch.manual_seed(0)
     text = PARAGRAPH * 3
     vocab = Vocab.from_text(text)
-    model = CharLM(len(vocab), "lstm", hidden_size=24, num_layers=2, embedding_dim=8).eval()
+    model = CharLM(ModelConfig(type="lstm", hidden_size=24, num_layers=2, embedding_dim=8), len(vocab)).eval()
     return model, vocab
 
 
@@ -188,7 +191,7 @@ class Letters:
 
 def feed_row(units, stop=(), max_tokens=100):
     job = Completion(torch.tensor([0]), max_tokens, Decoding(), None, stop=tuple(stop))
-    row = _Row(job, 0, Letters())
+    row = Row(job, 0, Letters())
     events = [e for e in (row.add(u, 0.5) for u in units) if e is not None]
     return "".join(e["text"] for e in events), events
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
+from test_checkpoint import payload
 
 import charlm
 from charlm.atomic import atomic_open, atomic_path, write_bytes_atomic, write_text_atomic
-from charlm.store.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from charlm.config import validate_config
 from charlm.data.corpus import load_corpus
-from conftest import tiny_config
-from test_checkpoint import payload
+from charlm.store.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture

@@ -8,11 +8,18 @@ import os
 import pytest
 import torch
 
-from charlm.store.checkpoint import (FORMAT_VERSION, CheckpointError, describe_model, load_checkpoint,
-                                        model_from_checkpoint, resolve_checkpoint, save_checkpoint)
 from charlm.config import validate_config
-from charlm.models.model import build_model
 from charlm.data.vocab import Vocab
+from charlm.models.model import build_model
+from charlm.store.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    describe_model,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 CONFIG = {"data": {"path": "x.txt"}, "model": {"hidden_size": 8, "num_layers": 1, "embedding_dim": 4},
           "train": {"max_steps": 1}}

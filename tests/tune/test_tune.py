@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import PARAGRAPH, ROOT, run_cli, tiny_config
 
 from charlm.config import load_config
 from charlm.tune.space import load_space
 from charlm.tune.trial import MetricsTail
-from conftest import PARAGRAPH, ROOT, run_cli, tiny_config
 
 SPACE = "model.hidden_size: [8, 16]\ntrain.lr: {low: 1.0e-3, high: 3.0e-2, log: true}\n"
 
