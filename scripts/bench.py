@@ -39,6 +39,7 @@ from charlm.data.sources import read_text
 from charlm.data.vocab import Vocab
 from charlm.inference.evaluate import IGNORE, evaluate_ids, stream_layout
 from charlm.inference.sample import generate, make_generator
+from charlm.config import ModelConfig
 from charlm.models.model import CharLM
 from charlm.models.native import cpp_loops
 
@@ -56,7 +57,7 @@ def sync(device: torch.device) -> None:
 
 def make_model(kind: str, backend: str, hidden: int, layers: int, device: torch.device) -> CharLM:
     torch.manual_seed(0)  # every variant starts from the same weights
-    return CharLM(V, cell_type=kind, hidden_size=hidden, num_layers=layers, embedding_dim=E, backend=backend).to(device)
+    return CharLM(ModelConfig(type=kind, hidden_size=hidden, num_layers=layers, embedding_dim=E), V, backend).to(device)
 
 
 @torch.no_grad()

@@ -14,20 +14,18 @@ import warnings
 
 import pytest
 import torch
+from conftest import InfGradients, params, quiet, tiny_config
+from test_fused import KernelDtypes
 
-from charlm.training import trainer as trainer_module
-from charlm.config import validate_config
+from charlm.config import ModelConfig, validate_config
 from charlm.models.fused import NOT_FLAT_WARNING, layer_weights
 from charlm.models.layers import RecurrentStack
 from charlm.models.model import CharLM
 from charlm.models.registry import CELL_TYPES, lookup
 from charlm.store.checkpoint import load_checkpoint, save_checkpoint
 from charlm.store.metrics import read_metrics
+from charlm.training import trainer as trainer_module
 from charlm.training.run import train
-from conftest import tiny_config
-from conftest import InfGradients, params
-from test_fused import KernelDtypes
-from conftest import quiet
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 KINDS = CELL_TYPES
@@ -155,7 +153,7 @@ def test_accumulation_with_weight_dropout_equals_the_full_batch_on_cuda(tmp_path
 # --- cuDNN: flat weights, the dtype it computes in, a contiguous state ------------------------------
 
 def shares_one_storage(model: CharLM) -> bool:
-    weights = layer_weights(model.rnn, [cell.weight_hh for cell in model.rnn.layers])
+    weights = layer_weights(model.rnn.cells, [cell.weight_hh for cell in model.rnn.cells])
     return len({w.untyped_storage().data_ptr() for w in weights}) == 1
 
 
@@ -175,7 +173,7 @@ def not_flat_warnings(run) -> list[str]:
 @pytest.mark.parametrize("kind", FUSED_KINDS)
 def test_fused_weights_move_into_one_cudnn_buffer_on_cuda(kind):
     torch.manual_seed(0)
-    model = CharLM(11, kind, hidden_size=32, num_layers=2, backend="fused")
+    model = CharLM(ModelConfig(type=kind, hidden_size=32, num_layers=2), 11, "fused")
     before = {name: t.clone() for name, t in model.state_dict().items()}
     model.to("cuda")
     assert shares_one_storage(model)

@@ -69,10 +69,10 @@ def check_onnx(path: Path, model: CharLM, vocab: Vocab, cfg: Config, steps: int 
     return Parity(steps, tuple(batch_sizes), cfg.sample.prompt, **worst)
 
 
-def _compare(worst: dict, kind: str, ours: torch.Tensor, theirs: np.ndarray) -> None:
+def _compare(worst: dict[str, float], kind: str, ours: torch.Tensor, theirs: np.ndarray) -> None:
     """Fold one output's differences into `worst` (the running maxima)."""
-    ours = ours.float().numpy()
-    diff = np.abs(ours - theirs)
+    values = ours.float().numpy()
+    diff = np.abs(values - theirs)
     worst[kind] = max(worst[kind], float(diff.max()))
-    worst["largest"] = max(worst["largest"], float(np.abs(ours).max()))
-    worst["ratio"] = max(worst["ratio"], float((diff / (ATOL + RTOL * np.abs(ours))).max()))
+    worst["largest"] = max(worst["largest"], float(np.abs(values).max()))
+    worst["ratio"] = max(worst["ratio"], float((diff / (ATOL + RTOL * np.abs(values))).max()))

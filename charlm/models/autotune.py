@@ -29,7 +29,7 @@ from charlm.atomic import write_text_atomic
 from charlm.cache import cache_root
 from charlm.errors import UserError
 from charlm.models import registry
-from charlm.models.model import build_model
+from charlm.models.model import CharLM
 
 AUTO_ENV = "CHARLM_AUTO"  # "measure" (the default) or "fixed"
 BUDGET_S = 2.7  # the whole measurement, model building and warm-up included: under 3 s
@@ -133,7 +133,7 @@ def pick(seconds: dict[str, float], prior: str) -> str:
     of timing on a shared machine cannot tell 3% apart, and in every longer comparison here the
     native loops kept their rate better (10-minute runs of the shipped config: native 3,034-3,253
     steps, oneDNN's bf16 LSTM 2,793-3,076)."""
-    fastest = min(seconds, key=seconds.get)
+    fastest = min(seconds, key=seconds.__getitem__)
     if prior in seconds and seconds[prior] <= seconds[fastest] * (1 + TIE):
         return prior
     return fastest
@@ -250,7 +250,7 @@ def _workload_call(backend: str, model_cfg, vocab_size: int, device: torch.devic
                    workload: Workload) -> Callable[[], object]:
     """One call of `workload` on a fresh model (seed 0) built for `backend`."""
     torch.manual_seed(0)
-    model = build_model(model_cfg, vocab_size, backend).to(device)
+    model = CharLM(model_cfg, vocab_size, backend).to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def autocast():

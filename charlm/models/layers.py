@@ -97,8 +97,8 @@ class RecurrentStack(nn.Module):
 
     @property
     def cells(self) -> Sequence[TorchLayoutCell]:
-        """The layers, typed as what the code reading weight_hh and the biases gets: it runs only for
-        cell types with recurrent weights or a fused kernel, whose cells are in torch.nn's layout."""
+        """The layers, typed (nn.ModuleList yields plain Modules). Typed in torch.nn's layout because
+        what reads weight_hh and the biases runs only for cell types whose cells are."""
         return cast("Sequence[TorchLayoutCell]", self.layers)
 
     @property
@@ -181,7 +181,7 @@ class RecurrentStack(nn.Module):
         `gates` (one dict per layer), the reference steps run and record into them."""
         finals = []
         recurrent = self.recurrent_weights()
-        for k, (cell, w_hh) in enumerate(zip(self.layers, recurrent)):
+        for k, (cell, w_hh) in enumerate(zip(self.cells, recurrent)):
             if gates is not None:
                 x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state), gates[k], w_hh)
             elif self.backend == "fused":

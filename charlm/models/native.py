@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ _MATH_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zero
                "-freciprocal-math", "-ffp-contract=fast"]
 # What each CHARLM_MAX_ISA level turns off of -march=native (gcc and clang spell these alike).
 _CAP_FLAGS = {"avx2": ["-mno-avx512f"], "avx512": ["-mno-avx512bf16"], "avx512_bf16": [], "amx": []}
-_loaded: dict = {}
+_loaded: dict[str, Any] = {}
 
 
 def build_flags(system: str | None = None, machine: str | None = None, libc: str | None = None,
@@ -70,8 +71,6 @@ def build_id() -> str:
         return "none"
     return library_path().stem
 
-_loaded: dict = {}
-
 
 def library_path() -> Path:
     """Where the built library is cached: keyed by the source, flags (so each CHARLM_MAX_ISA level has
@@ -85,7 +84,7 @@ def library_path() -> Path:
     return cache_root() / f"recurrent-{key.hexdigest()[:16]}.so"
 
 
-def _build() -> object:
+def _build() -> Any:
     """Load the cached library, or build it first.
 
     torch's JIT loader holds a lock file in its build folder while it runs, which a process
@@ -135,7 +134,7 @@ def _load_cached(path: Path, checksum: Path) -> str | None:
     return None
 
 
-def cpp_loops() -> object | None:
+def cpp_loops() -> Any | None:
     """torch.ops.charlm once built (None if disabled or if the build failed)."""
     if "ops" not in _loaded:
         _loaded["ops"] = None
@@ -144,7 +143,7 @@ def cpp_loops() -> object | None:
             return None
         try:
             _loaded["ops"] = _build()
-        except Exception as err:
+        except Exception as err:  # any build failure means: use the PyTorch loops
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             print(f"charlm: the C++ step loop could not be built ({reason[:160]}); "
                   "using the PyTorch step loop (slower)", file=sys.stderr)

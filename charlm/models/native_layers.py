@@ -8,12 +8,13 @@ Time-major, as in layers.py: x [T, B, D], outputs [T, B, H], per-layer state ten
 
 from __future__ import annotations
 
+import functools
 import weakref
+from typing import Any
 
 import torch
-from torch import nn
 
-from charlm.models.cells import State
+from charlm.models.cells import State, TorchLayoutCell
 from charlm.models.native import cpp_loops, step_loops
 
 
@@ -81,6 +82,13 @@ class _GRULayer(torch.autograd.Function):
         return (*_projection_grads(ctx, dgx, x, w_ih), dh0, dw_hh, db_hn)
 
 
+def _cpp() -> Any:
+    """The C++ loops, which the bf16 paths need: layers.native_loop sends bf16 only where they are built."""
+    ops = cpp_loops()
+    assert ops is not None, "the bf16 step loops run only where the C++ build loaded"
+    return ops
+
+
 def _project_bf16(x: torch.Tensor, w_ih: torch.Tensor) -> torch.Tensor:
     """W_ih x_t for all T steps, bf16 [T, B, G*H]; the bias is added in fp32 inside the loop."""
     T, B, D = x.shape
@@ -91,7 +99,7 @@ def _projection_grads_bf16(ctx, dgx: torch.Tensor, x: torch.Tensor, w_ih: torch.
     """As _projection_grads for bf16 dgx, x and w_ih: bf16 GEMMs; the bias grad summed in fp32."""
     flat = dgx.reshape(-1, dgx.shape[2])  # [T*B, G*H]
     dx = (flat @ w_ih).view_as(x) if ctx.needs_input_grad[0] else None
-    return dx, flat.t() @ x.reshape(-1, x.shape[2]), cpp_loops().column_sums_bf16(flat)
+    return dx, flat.t() @ x.reshape(-1, x.shape[2]), _cpp().column_sums_bf16(flat)
 
 
 class _LSTMLayerBF16(torch.autograd.Function):
@@ -99,14 +107,14 @@ class _LSTMLayerBF16(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_ih, bias, h0, c0, w_hh):
-        acts, hs, cs = cpp_loops().lstm_forward_bf16(_project_bf16(x, w_ih), bias, h0, c0, w_hh)
+        acts, hs, cs = _cpp().lstm_forward_bf16(_project_bf16(x, w_ih), bias, h0, c0, w_hh)
         ctx.save_for_backward(x, w_ih, acts, hs, cs, h0, c0, w_hh)
         return hs, hs[-1].float(), cs[-1].clone()
 
     @staticmethod
     def backward(ctx, dhs, dh_last, dc_last):
         x, w_ih, acts, hs, cs, h0, c0, w_hh = ctx.saved_tensors
-        dg, dh0, dc0, dw_hh = cpp_loops().lstm_backward_bf16(dhs.contiguous(), dh_last, dc_last, acts, cs, h0, c0,
+        dg, dh0, dc0, dw_hh = _cpp().lstm_backward_bf16(dhs.contiguous(), dh_last, dc_last, acts, cs, h0, c0,
                                                               hs, w_hh)
         return (*_projection_grads_bf16(ctx, dg, x, w_ih), dh0, dc0, dw_hh)
 
@@ -114,33 +122,33 @@ class _LSTMLayerBF16(torch.autograd.Function):
 class _RNNLayerBF16(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, bias, h0, w_hh):
-        hs = cpp_loops().rnn_forward_bf16(_project_bf16(x, w_ih), bias, h0, w_hh)  # [T, B, H] bf16
+        hs = _cpp().rnn_forward_bf16(_project_bf16(x, w_ih), bias, h0, w_hh)  # [T, B, H] bf16
         ctx.save_for_backward(x, w_ih, hs, h0, w_hh)
         return hs, hs[-1].float()
 
     @staticmethod
     def backward(ctx, dhs, dh_last):
         x, w_ih, hs, h0, w_hh = ctx.saved_tensors
-        dg, dh0, dw_hh = cpp_loops().rnn_backward_bf16(dhs.contiguous(), dh_last, hs, h0, w_hh)
+        dg, dh0, dw_hh = _cpp().rnn_backward_bf16(dhs.contiguous(), dh_last, hs, h0, w_hh)
         return (*_projection_grads_bf16(ctx, dg, x, w_ih), dh0, dw_hh)
 
 
 class _GRULayerBF16(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_ih, bias, h0, w_hh, b_hn):
-        hs_b, hs, acts, ghn = cpp_loops().gru_forward_bf16(_project_bf16(x, w_ih), bias, h0, w_hh, b_hn)
+        hs_b, hs, acts, ghn = _cpp().gru_forward_bf16(_project_bf16(x, w_ih), bias, h0, w_hh, b_hn)
         ctx.save_for_backward(x, w_ih, acts, ghn, hs, hs_b, h0, w_hh)
         return hs_b, hs[-1].clone()
 
     @staticmethod
     def backward(ctx, dhs, dh_last):
         x, w_ih, acts, ghn, hs, hs_b, h0, w_hh = ctx.saved_tensors
-        dgx, dh0, dw_hh, db_hn = cpp_loops().gru_backward_bf16(dhs.contiguous(), dh_last, acts, ghn, hs, hs_b, h0,
+        dgx, dh0, dw_hh, db_hn = _cpp().gru_backward_bf16(dhs.contiguous(), dh_last, acts, ghn, hs, hs_b, h0,
                                                                 w_hh)
         return (*_projection_grads_bf16(ctx, dgx, x, w_ih), dh0, dw_hh, db_hn)
 
 
-_INFERENCE_COPIES: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its _version, its bf16 copy)
+_INFERENCE_COPIES: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weakref to it, its _version, its bf16 copy)
 
 
 def _bf16(weight: torch.Tensor) -> torch.Tensor:
@@ -153,20 +161,25 @@ def _bf16(weight: torch.Tensor) -> torch.Tensor:
     key = id(weight)
     cached = _INFERENCE_COPIES.get(key)
     if cached is None or cached[0]() is not weight or cached[1] != weight._version:
-        owner = weakref.ref(weight, lambda _, key=key: _INFERENCE_COPIES.pop(key, None))
+        owner = weakref.ref(weight, functools.partial(_forget_copy, key))
         cached = (owner, weight._version, weight.detach().to(torch.bfloat16))
         _INFERENCE_COPIES[key] = cached
     return cached[2]
+
+
+def _forget_copy(key: int, _: weakref.ref) -> None:
+    """The weight is gone: so is its copy."""
+    _INFERENCE_COPIES.pop(key, None)
 
 
 # The registry's `native` entries: (cell, x [T, B, D] contiguous, state, weight_hh) -> (outputs [T, B, H], state).
 
 # With bf16 x (layers.native_loop casts it so under CPU autocast bf16), the mixed-precision loops run.
 
-def lstm_layer(cell: nn.Module, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
+def lstm_layer(cell: TorchLayoutCell, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
     h0, c0 = (s.contiguous() for s in state)
     if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():  # nothing kept for a backward
-        hs, c = cpp_loops().lstm_infer_bf16(_project_bf16(x, _bf16(cell.weight_ih)), cell.input_bias(), h0, c0,
+        hs, c = _cpp().lstm_infer_bf16(_project_bf16(x, _bf16(cell.weight_ih)), cell.input_bias(), h0, c0,
                                             _bf16(w_hh))
         h = hs[-1].float()
     elif x.dtype == torch.bfloat16:
@@ -176,7 +189,7 @@ def lstm_layer(cell: nn.Module, x: torch.Tensor, state: State, w_hh: torch.Tenso
     return hs, (h, c)
 
 
-def rnn_layer(cell: nn.Module, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
+def rnn_layer(cell: TorchLayoutCell, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
     h0 = state[0].contiguous()
     if x.dtype == torch.bfloat16:
         hs, h = _RNNLayerBF16.apply(x, _bf16(cell.weight_ih), cell.input_bias(), h0, _bf16(w_hh))
@@ -185,7 +198,7 @@ def rnn_layer(cell: nn.Module, x: torch.Tensor, state: State, w_hh: torch.Tensor
     return hs, (h,)
 
 
-def gru_layer(cell: nn.Module, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
+def gru_layer(cell: TorchLayoutCell, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
     b_hn = cell.bias_hh[2 * cell.hidden_size:]  # stays on the hidden side: r_t * (W_hn h + b_hn)
     h0 = state[0].contiguous()
     if x.dtype == torch.bfloat16:

@@ -1,6 +1,6 @@
 """What the model sees in a text: surprisal per character and every gate of every unit, as data.
 
-The activations come from the cells' own step() (the `record` path of CharLM.forward): the
+The activations come from the cells' own step() (CharLM.forward's trace="gates"): the
 same equations training runs, not a second implementation. Which channels a cell type shows,
 and their ranges, come from its registry entry (`model.cell_spec`). page.py turns this into HTML.
 """
@@ -102,10 +102,9 @@ def inspect(model, vocab: Vocab, text: str, settings: TextSettings, cell_type: s
     device = next(model.parameters()).device
     state, probs, recorded = None, [], []
     for start in range(0, ids.numel(), _WINDOW):
-        record: list = []
-        logits, state = model(ids[start:start + _WINDOW][None].to(device), state, record)  # [1, W, V]
+        logits, state, trace = model(ids[start:start + _WINDOW][None].to(device), state, trace="gates")  # [1, W, V]
         probs.append(torch.softmax(logits[0].float(), dim=-1).cpu())
-        recorded.append([{name: torch.cat(values).cpu() for name, values in layer.items()} for layer in record])
+        recorded.append([{name: torch.cat(values).cpu() for name, values in layer.items()} for layer in trace.gates])
     layers = [{name: torch.cat([window[k][name] for window in recorded]) for name in recorded[0][k]}
               for k in range(len(recorded[0]))]  # per layer: name -> [N, H]
     surprisal, top5 = _expectations(vocab, ids, torch.cat(probs))

@@ -18,7 +18,7 @@ from charlm.errors import UserError
 from charlm.store.rundir import BEST, LAST
 from charlm.models import registry
 from charlm.models.autotune import Workload, choose
-from charlm.models.model import CharLM, build_model
+from charlm.models.model import CharLM
 from charlm.data.vocab import Vocab
 
 if TYPE_CHECKING:
@@ -144,13 +144,13 @@ def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu", bac
         vocab = Vocab.from_dict(payload["vocab"])
     except (ConfigError, KeyError, TypeError, ValueError, AssertionError) as err:
         raise CheckpointError(f"checkpoint has an invalid config or vocabulary: {err}") from None
-    model_cfg.check_fits(len(vocab), "checkpoint config")  # before build_model allocates anything
+    model_cfg.check_fits(len(vocab), "checkpoint config")  # before CharLM allocates anything
     device = torch.device(device)
     choice = backend if backend is not None else model_cfg.backend
     chosen = choose(choice, model_cfg, len(vocab), device, precision, workload)
     if chosen.measured and report is not None:
         report(chosen.describe())
-    model = build_model(model_cfg, len(vocab), chosen.backend)
+    model = CharLM(model_cfg, len(vocab), chosen.backend)
     try:
         model.load_state_dict(payload["model"])
     except (RuntimeError, TypeError) as err:

@@ -21,7 +21,7 @@ from charlm.config import Config
 from charlm.data.corpus import Corpus, load_corpus
 from charlm.training.distributed import World
 from charlm.errors import Interrupted, UserError
-from charlm.models.model import CharLM, build_model, count_parameters
+from charlm.models.model import CharLM, count_parameters
 from charlm.models.native import cpp_loops
 from charlm.models.autotune import Choice, Workload, choose, mode as autotune_mode
 from charlm.models.registry import describe_backend, resolve_backend
@@ -159,7 +159,7 @@ def _build_model(cfg: Config, corpus: Corpus, device: torch.device, source: Opti
         cpp_loops()  # a first run builds the C++ loops here, not on train.max_time's clock
     cfg.model.check_fits(len(corpus.vocab))  # the corpus's vocabulary too: refused before anything is allocated
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model, len(corpus.vocab), choice.backend)
+    model = CharLM(cfg.model, len(corpus.vocab), choice.backend)
     origin = {}
     if source is not None:
         origin["init_from"] = start_facts(source, transfer_weights(model, source.weights, source.vocab, corpus.vocab))

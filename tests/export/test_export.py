@@ -27,7 +27,8 @@ from charlm.errors import UserError
 from charlm.export.onnx_format import SingleStep, write_onnx
 from charlm.export.safetensors_format import load_safetensors
 from charlm.inference.sample import Decoding, generate, prompt_ids
-from charlm.models.model import build_model
+from charlm.models.model import CharLM
+from charlm.models.registry import CELL_TYPES, lookup
 from charlm.store.checkpoint import load_checkpoint, model_from_checkpoint
 
 from conftest import PARAGRAPH, ROOT, run_cli, tiny_config, train_tiny_run
@@ -158,12 +159,17 @@ def tiny_model(cell_type: str, input: str = "embedding", backend: str = "referen
                                       data={"unit": unit, "documents": "lines" if documents else "none"},
                                       sample={"prompt": "It was"}))
     torch.manual_seed(0)
-    model = build_model(cfg.model, len(vocab)).to(dtype).eval()
+    model = CharLM(cfg.model, len(vocab)).to(dtype).eval()
     return model, vocab, cfg
 
 
-@pytest.mark.parametrize("cell_type,input", [("lstm", "embedding"), ("gru", "onehot"), ("rnn", "embedding"),
-                                             ("mingru", "onehot")])
+def every_cell_type(flip: int) -> list[tuple[str, str]]:
+    """Every registered cell type, each with one input kind: alternating, `flip` says which comes first."""
+    kinds = ("embedding", "onehot")
+    return [(cell_type, kinds[(k + flip) % 2]) for k, cell_type in enumerate(CELL_TYPES)]
+
+
+@pytest.mark.parametrize("cell_type,input", every_cell_type(1))
 def test_single_step_module_is_the_model_one_step_at_a_time(cell_type, input):
     model, vocab, _ = tiny_model(cell_type, input, dtype=torch.float64)
     step = SingleStep(model)
@@ -201,13 +207,14 @@ def parity(path: Path, model, vocab, batch_size: int, steps: int = 12) -> tuple[
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cell_type,input,backend", [
-    ("lstm", "embedding", "fused"), ("gru", "onehot", "fused"), ("rnn", "embedding", "fused"),
-    ("mingru", "embedding", "reference")])
-def test_onnx_matches_charlm_for_each_cell_type_at_any_batch_size(cell_type, input, backend, tmp_path):
+@pytest.mark.parametrize("cell_type,input", every_cell_type(0))
+def test_onnx_matches_charlm_for_each_cell_type_at_any_batch_size(cell_type, input, tmp_path):
+    backend = "fused" if lookup(cell_type).fused else "reference"  # torch's kernel where it has one
     model, vocab, cfg = tiny_model(cell_type, input, backend)
     path = tmp_path / f"{cell_type}.onnx"
     write_onnx(path, model, vocab, cfg, {"step": 0})
+    names = [node.name for node in onnx.load(str(path)).graph.input]
+    assert names == ["ids", *lookup(cell_type).cell_class().state_names]  # the cell's own state, as many as it has
     for batch_size in (1, 3):  # one file: the batch axis is dynamic
         logits, state = parity(path, model, vocab, batch_size)
         assert logits < TOLERANCE and state < TOLERANCE, (batch_size, logits, state)

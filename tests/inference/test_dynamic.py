@@ -6,20 +6,19 @@ import json
 
 import pytest
 import torch
+from conftest import assert_user_error, call, train_tiny_run
 
+from charlm.config import ModelConfig
 from charlm.inference.dynamic import DynamicSettings, read_dynamically
 from charlm.inference.evaluate import evaluate_ids
 from charlm.models.model import CharLM
-
-from conftest import train_tiny_run
-from conftest import assert_user_error, call
 
 V = 11
 
 
 def model(cell_type: str = "lstm", backend: str = "native") -> CharLM:
     torch.manual_seed(0)
-    return CharLM(V, cell_type, hidden_size=12, num_layers=2, embedding_dim=6, backend=backend).double()
+    return CharLM(ModelConfig(type=cell_type, hidden_size=12, num_layers=2, embedding_dim=6), V, backend).double()
 
 
 def weights(m):

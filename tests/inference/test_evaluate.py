@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from charlm.config import ModelConfig
+from charlm.data.vocab import Vocab
 from charlm.inference.evaluate import IGNORE, evaluate_ids, evaluate_text, stream_layout
 from charlm.models.model import CharLM
-from charlm.data.vocab import Vocab
 
 
 class Uniform(torch.nn.Module):
@@ -48,7 +49,7 @@ def test_stream_layout_scores_every_prediction_once():
 
 def tiny_model(V=5):
     torch.manual_seed(0)
-    return CharLM(V, "lstm", hidden_size=4, num_layers=2, input="onehot").double().eval()
+    return CharLM(ModelConfig(type="lstm", hidden_size=4, num_layers=2, input="onehot"), V, "native").double().eval()
 
 
 def test_matches_hand_computed_cross_entropy():
@@ -112,7 +113,7 @@ def test_eval_restores_training_mode():
 def test_windowed_scoring_reads_each_window_from_a_blank_state():
     from charlm.inference.evaluate import evaluate_windows
     torch.manual_seed(5)
-    model = CharLM(7, "gru", hidden_size=6, num_layers=2, embedding_dim=3).double()
+    model = CharLM(ModelConfig(type="gru", hidden_size=6, num_layers=2, embedding_dim=3), 7, "native").double()
     ids = torch.randint(0, 7, (53,))
     # one window longer than the text: one pass from a blank state
     assert evaluate_windows(model, ids, 100).loss_nats == pytest.approx(

@@ -7,13 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PARAGRAPH, assert_user_error, call, run_cli, tiny_config
 
-from charlm.config import config_yaml
+from charlm.config import ModelConfig, config_yaml
 from charlm.inference.probe import context_losses, doubling, gradient_norms
 from charlm.models.model import CharLM
-
-from conftest import PARAGRAPH, run_cli, tiny_config
-from conftest import assert_user_error, call
 
 V = 9
 
@@ -26,7 +24,7 @@ def test_a_linear_rnn_gradient_shrinks_by_the_spectral_radius_per_step():
     # zero input weights and biases keep h = 0, where tanh' = 1: the step is h_t = W h_{t-1},
     # so d loss / d h_{t-k} = (W^T)^k d loss / d h_t, and with W = a Q (Q orthogonal) its norm is a^k times
     torch.manual_seed(0)
-    model = CharLM(V, "rnn", hidden_size=6, num_layers=1, input="onehot").double()
+    model = CharLM(ModelConfig(type="rnn", hidden_size=6, num_layers=1, input="onehot"), V, "native").double()
     a = 0.7
     with torch.no_grad():
         cell = model.rnn.layers[0]
@@ -45,7 +43,7 @@ def test_each_k_is_the_gradient_at_a_state_made_a_leaf_k_steps_back(cell_type):
     # the probe steps one character at a time on the reference backend; here the state k steps
     # back is a leaf and the k steps after it are one forward call of the model's own backend
     torch.manual_seed(1)
-    model = CharLM(V, cell_type, hidden_size=5, num_layers=2, embedding_dim=4).double()
+    model = CharLM(ModelConfig(type=cell_type, hidden_size=5, num_layers=2, embedding_dim=4), V, "native").double()
     ids, max_k, warmup = text(120, seed=2), 6, 10
     norms = gradient_norms(model, ids, max_k=max_k, positions=3, warmup=warmup)
     starts = [0, (120 - (warmup + max_k + 2)) // 2, 120 - (warmup + max_k + 2)]
@@ -68,7 +66,7 @@ def test_each_k_is_the_gradient_at_a_state_made_a_leaf_k_steps_back(cell_type):
 
 def test_context_losses_are_the_losses_of_windows_read_from_a_blank_state():
     torch.manual_seed(3)
-    model = CharLM(V, "lstm", hidden_size=7, num_layers=2, embedding_dim=4).double()
+    model = CharLM(ModelConfig(type="lstm", hidden_size=7, num_layers=2, embedding_dim=4), V, "native").double()
     ids = text(300, seed=4)
     ks = doubling(20)
     assert ks == [1, 2, 4, 8, 16, 20]
@@ -86,7 +84,7 @@ def test_context_losses_are_the_losses_of_windows_read_from_a_blank_state():
 
 
 def test_a_text_too_short_is_a_value_error():
-    model = CharLM(V, "rnn", hidden_size=4, num_layers=1)
+    model = CharLM(ModelConfig(type="rnn", hidden_size=4, num_layers=1), V, "native")
     with pytest.raises(ValueError, match="at least 268 characters"):
         gradient_norms(model, text(100), max_k=10)
     with pytest.raises(ValueError, match="at least 65 characters"):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from charlm.models.model import CharLM
+from charlm.config import ModelConfig
 from charlm.inference.sample import Decoding, generate, make_generator, pick_next, prompt_context
+from charlm.models.model import CharLM
 
 
 def rows(n=6, V=20, seed=0):
@@ -63,7 +64,7 @@ def test_same_seed_same_draws():
 
 def model():
     torch.manual_seed(0)
-    return CharLM(9, "lstm", hidden_size=8, num_layers=2).eval()
+    return CharLM(ModelConfig(type="lstm", hidden_size=8, num_layers=2), 9, "native").eval()
 
 
 def test_cached_state_generation_equals_rerunning_the_whole_text():

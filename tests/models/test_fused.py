@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import params, quiet, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from charlm.config import validate_config
+from charlm.config import ModelConfig, validate_config
 from charlm.models import fused
 from charlm.models.model import CharLM
 from charlm.training import trainer as trainer_module
 from charlm.training.run import train
-from conftest import tiny_config
-from conftest import params
-from conftest import quiet
 
 
 class KernelDtypes(TorchDispatchMode):
@@ -62,7 +60,7 @@ def fake_cudnn(monkeypatch):
 
 def in_one_buffer(model: CharLM) -> bool:
     """The recurrent weights sit back to back in one storage, in torch.nn.RNN's order."""
-    weights = fused.layer_weights(model.rnn, [cell.weight_hh for cell in model.rnn.layers])
+    weights = fused.layer_weights(model.rnn.cells, [cell.weight_hh for cell in model.rnn.cells])
     storage = weights[0].untyped_storage().data_ptr()
     offsets = [w.storage_offset() for w in weights]
     expected = [sum(w.numel() for w in weights[:k]) for k in range(len(weights))]
@@ -71,7 +69,7 @@ def in_one_buffer(model: CharLM) -> bool:
 
 def test_moving_a_fused_model_flattens_its_weights_keeping_names_and_values(fake_cudnn):
     torch.manual_seed(0)
-    model = CharLM(11, "lstm", hidden_size=6, num_layers=2, embedding_dim=5, backend="native")
+    model = CharLM(ModelConfig(type="lstm", hidden_size=6, num_layers=2, embedding_dim=5), 11, "native")
     before = {name: t.clone() for name, t in model.state_dict().items()}
     parameters = list(model.parameters())
     model.rnn.backend = "fused"  # switching to fused flattens...
@@ -85,7 +83,7 @@ def test_moving_a_fused_model_flattens_its_weights_keeping_names_and_values(fake
 
 def test_only_the_fused_backend_flattens(fake_cudnn):
     for kind, backend in (("lstm", "native"), ("gru", "reference"), ("mingru", "native")):
-        CharLM(7, kind, hidden_size=4, num_layers=2, backend=backend).to("cpu")
+        CharLM(ModelConfig(type=kind, hidden_size=4, num_layers=2), 7, backend).to("cpu")
     assert fake_cudnn.calls == []
 
 
@@ -140,7 +138,7 @@ def test_autocast_leaves_the_fused_kernel_where_it_would_change_its_dtype(device
 
 def test_cpu_bf16_autocast_still_runs_onednn_in_bf16():
     """On the CPU autocast runs oneDNN's LSTM in the dtype asked, so the fused path stays under it."""
-    model = CharLM(9, "lstm", hidden_size=8, num_layers=2, backend="fused")
+    model = CharLM(ModelConfig(type="lstm", hidden_size=8, num_layers=2), 9, "fused")
     with KernelDtypes("mkldnn_rnn_layer") as record, torch.autocast("cpu", dtype=torch.bfloat16):
         logits, state = model(torch.randint(0, 9, (3, 5)))
     assert record.seen == [("mkldnn_rnn_layer", torch.bfloat16)] * 2

@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cells import WITH_TORCH_NN, reference_for
 from torch import nn
 
+from charlm.config import ModelConfig
 from charlm.models.model import CharLM
 from charlm.models.registry import CELL_TYPES
-from test_cells import WITH_TORCH_NN, reference_for
 
 
 def make(cell_type="lstm", input="embedding", dropout=0.0, layers=2, V=11, H=6):
     torch.manual_seed(0)
-    return CharLM(V, cell_type=cell_type, hidden_size=H, num_layers=layers, dropout=dropout, input=input,
-                  embedding_dim=5).double()
+    cfg = ModelConfig(type=cell_type, hidden_size=H, num_layers=layers, dropout=dropout, input=input, embedding_dim=5)
+    return CharLM(cfg, V, "native").double()
 
 
 @pytest.mark.parametrize("cell_type", CELL_TYPES)

@@ -17,10 +17,10 @@ FORWARD = """
 import torch
 from charlm.models import native
 from charlm.config import validate_config
-from charlm.models.model import build_model
+from charlm.models.model import CharLM
 cfg = validate_config({"data": {"path": "x.txt"}, "model": {"hidden_size": 8, "num_layers": 1, "embedding_dim": 4},
                        "train": {"max_steps": 1}})
-logits, _ = build_model(cfg.model, 5, backend="native")(torch.randint(0, 5, (2, 6)))
+logits, _ = CharLM(cfg.model, 5, "native")(torch.randint(0, 5, (2, 6)))
 assert logits.shape == (2, 6, 5)
 print(native.cpp_loops() is not None)
 """

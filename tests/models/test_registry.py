@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from charlm.config import ModelConfig
 from charlm.models.layers import RecurrentStack
 from charlm.models.model import CharLM
 from charlm.models.registry import (AUTO, BACKENDS, CELL_TYPES, CPU_AUTO, CellTypeError, describe_backend, lookup,
@@ -40,7 +41,8 @@ def test_entry_matches_its_cell(cell_type):
 
 def test_unknown_cell_type_is_one_line_naming_the_valid_types():
     valid = ", ".join(CELL_TYPES)
-    for make in (lambda: RecurrentStack("lstmm", 3, 4, 1), lambda: CharLM(5, "lstmm"), lambda: lookup(["lstm"])):
+    unchecked = ModelConfig.model_construct(type="lstmm")  # what the model says, not the schema
+    for make in (lambda: RecurrentStack("lstmm", 3, 4, 1), lambda: CharLM(unchecked, 5), lambda: lookup(["lstm"])):
         with pytest.raises(CellTypeError) as err:
             make()
         assert str(err.value).endswith(f"; choose from {valid}") and "\n" not in str(err.value)
@@ -71,7 +73,7 @@ def test_auto_resolves_to_a_backend_the_cell_type_runs_on(cell_type):
 
 
 def test_auto_never_reaches_the_model():
-    for make in (lambda: RecurrentStack("lstm", 3, 4, 1, backend=AUTO), lambda: CharLM(5, "gru", backend=AUTO)):
+    for make in (lambda: RecurrentStack("lstm", 3, 4, 1, backend=AUTO), lambda: CharLM(ModelConfig(type="gru"), 5)):
         with pytest.raises(CellTypeError, match=r"^backend 'auto' reached the model unresolved; resolve it first"):
             make()
     assert describe_backend(AUTO, "fused") == "auto -> fused" and describe_backend("native", "native") == "native"

@@ -9,19 +9,17 @@ import shutil
 import subprocess
 
 import pytest
-
-from charlm.config import config_yaml
 import torch
+from conftest import PARAGRAPH, ROOT, assert_user_error, call, tiny_config
 
+from charlm.config import ModelConfig, config_yaml
+from charlm.data.text import TextSettings
+from charlm.data.vocab import Vocab
 from charlm.models.cells import GRUCell, LSTMCell, RNNCell
 from charlm.models.model import CharLM
 from charlm.models.registry import CELL_TYPES, lookup
-from charlm.data.text import TextSettings
 from charlm.report.page import render_page
 from charlm.report.viz import inspect
-from charlm.data.vocab import Vocab
-from conftest import PARAGRAPH, ROOT, tiny_config
-from conftest import assert_user_error, call
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -55,11 +53,17 @@ def test_recorded_gru_and_rnn_activations():
 
 def test_recording_changes_nothing():
     torch.manual_seed(2)
-    model = CharLM(7, "lstm", hidden_size=6, num_layers=2, backend="native").eval()
+    model = CharLM(ModelConfig(type="lstm", hidden_size=6, num_layers=2), 7, "native").eval()
     idx = torch.randint(0, 7, (2, 9))
-    record = []
-    torch.testing.assert_close(model(idx, None, record)[0], model(idx)[0], atol=1e-5, rtol=0)
-    assert len(record) == 2 and len(record[0]["forget"]) == 9 and record[1]["cell"][0].shape == (2, 6)
+    logits, state, trace = model(idx, None, trace="gates")
+    plain_logits, plain_state = model(idx)
+    torch.testing.assert_close(logits, plain_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(state, plain_state, atol=1e-5, rtol=0)
+    gates = trace.gates
+    assert len(gates) == 2 and len(gates[0]["forget"]) == 9 and gates[1]["cell"][0].shape == (2, 6)
+    torch.testing.assert_close(gates[1]["hidden"][-1], state[0][1])  # the top layer's last h is the state's
+    torch.testing.assert_close(trace.top, trace.top_dropped)  # eval: no dropout
+    assert trace.top.shape == (9, 2, 6)
 
 
 @pytest.mark.parametrize("cell_type", CELL_TYPES)
@@ -69,7 +73,7 @@ def test_every_cell_type_shows_its_registered_channels(cell_type):
     spec = lookup(cell_type)
     text = 'He said "stop (now)" and left.\n' * 3
     vocab = Vocab(sorted(set(text)))
-    model = CharLM(len(vocab), cell_type, hidden_size=6, num_layers=2).eval()
+    model = CharLM(ModelConfig(type=cell_type, hidden_size=6, num_layers=2), len(vocab), "native").eval()
     ins = inspect(model, vocab, text, TextSettings(), cell_type)
     assert list(ins.channels) == list(ins.scales) == [channel.name for channel in spec.channels]
     for channel in spec.channels:
@@ -85,7 +89,7 @@ def test_every_cell_type_shows_its_registered_channels(cell_type):
 def test_inspection_surprisal_is_the_models_loss():
     torch.manual_seed(3)
     vocab = Vocab(sorted(set(PARAGRAPH)))
-    model = CharLM(len(vocab), "lstm", hidden_size=8, num_layers=1).eval()
+    model = CharLM(ModelConfig(type="lstm", hidden_size=8, num_layers=1), len(vocab), "native").eval()
     ins = inspect(model, vocab, PARAGRAPH, TextSettings(), "lstm")
     ids = vocab.encode(PARAGRAPH).ids.long()
     logits, _ = model(ids[None, :-1])
@@ -96,7 +100,7 @@ def test_inspection_surprisal_is_the_models_loss():
     assert [f["name"] for f in ins.features] == ["position in line"]  # no quotes or brackets: nothing to track
     quoted = 'He said "stop (now)" and left.\n' * 4
     vocab = Vocab(sorted(set(quoted)))
-    model = CharLM(len(vocab), "lstm", hidden_size=8, num_layers=1).eval()
+    model = CharLM(ModelConfig(type="lstm", hidden_size=8, num_layers=1), len(vocab), "native").eval()
     features = inspect(model, vocab, quoted, TextSettings(), "lstm").features
     assert {f["name"] for f in features} == {"inside quotes", "inside parentheses", "position in line"}
     assert all(f["units"] and all(r != 0 for _, _, r in f["units"]) for f in features)

@@ -10,7 +10,7 @@ import torch
 
 from charlm.config import validate_config
 from charlm.data.vocab import Vocab
-from charlm.models.model import build_model
+from charlm.models.model import CharLM
 from charlm.store.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -28,7 +28,7 @@ CONFIG = {"data": {"path": "x.txt"}, "model": {"hidden_size": 8, "num_layers": 1
 def payload():
     cfg = validate_config(CONFIG)
     torch.manual_seed(0)
-    model = build_model(cfg.model, 5, backend="native")
+    model = CharLM(cfg.model, 5, "native")
     return {"config": cfg.to_dict(), "vocab": Vocab(list("abcde")).to_dict(), "model": model.state_dict(),
             "step": 3, "best_val_loss": 1.5}, model
 

@@ -13,7 +13,7 @@ from charlm.cli import main
 from charlm.config import config_yaml, load_config, validate_config
 from charlm.data.corpus import load_corpus
 from charlm.data.vocab import UNK, Vocab
-from charlm.models.model import build_model
+from charlm.models.model import CharLM
 from charlm.training.init_from import transfer_weights
 from charlm.training.runtime import seed_everything
 
@@ -68,7 +68,7 @@ def fresh_weights(config_path, vocab_size: int) -> dict:
     seeding with train.seed, so they are reproducible here)."""
     cfg = load_config(config_path, [])
     seed_everything(cfg.train.seed)
-    return build_model(cfg.model, vocab_size, "fused").state_dict()
+    return CharLM(cfg.model, vocab_size, "fused").state_dict()
 
 
 # --- the maths and the data, directly ---------------------------------------------------------
@@ -113,9 +113,9 @@ def test_transfer_weights_moves_rows_by_token_and_initialises_new_ones(input_kin
     old_vocab = Vocab(list("abcd"))
     new_vocab = old_vocab.extended(Vocab(list("bxy"), specials=(UNK,)))  # <unk> first: every old id moves up one
     torch.manual_seed(0)
-    trained = {k: v.clone() for k, v in build_model(cfg, len(old_vocab), "native").state_dict().items()}
+    trained = {k: v.clone() for k, v in CharLM(cfg, len(old_vocab), "native").state_dict().items()}
     torch.manual_seed(1)
-    model = build_model(cfg, len(new_vocab), "native")
+    model = CharLM(cfg, len(new_vocab), "native")
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     added = transfer_weights(model, trained, old_vocab, new_vocab)
     assert added == [UNK, "x", "y"]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from charlm.config import validate_config, ConfigError
+from charlm.config import ConfigError, ModelConfig, validate_config
 from charlm.models.dropout import drop, dropped_embedding_rows
 from charlm.models.model import CharLM
 from charlm.training.trainer import activation_penalties
@@ -70,8 +70,9 @@ def test_dropout_gradient_is_the_mask():
 def test_locked_dropout_model_matches_its_layers_by_hand(backend):
     """A 2-layer model with locked dropout: rebuilt by hand from its parts with the same masks."""
     torch.manual_seed(0)
-    model = CharLM(13, "lstm", hidden_size=8, num_layers=2, dropout=0.5, embedding_dim=6, backend=backend,
-                   locked_dropout=True, input_dropout=0.3).double().train()
+    cfg = ModelConfig(type="lstm", hidden_size=8, num_layers=2, dropout=0.5, embedding_dim=6, locked_dropout=True,
+                      input_dropout=0.3)
+    model = CharLM(cfg, 13, backend).double().train()
     idx = torch.randint(0, 13, (3, 9))
     refs = []  # built first: their initialisation draws from the RNG the masks come from
     for cell in model.rnn.layers:
@@ -105,11 +106,10 @@ def test_ar_and_tar_by_hand():
 
 def test_model_reports_its_top_outputs():
     torch.manual_seed(0)
-    model = CharLM(11, "gru", hidden_size=5, num_layers=2, dropout=0.5, embedding_dim=4).train()
-    top = {}
-    model(torch.randint(0, 11, (2, 7)), top=top)
-    assert top["h"].shape == top["h_dropped"].shape == (7, 2, 5)
-    assert (top["h_dropped"] == 0).any() and not (top["h"] == 0).any()
+    model = CharLM(ModelConfig(type="gru", hidden_size=5, num_layers=2, dropout=0.5, embedding_dim=4), 11, "native")
+    _, _, trace = model.train()(torch.randint(0, 11, (2, 7)), trace="top")
+    assert trace.top.shape == trace.top_dropped.shape == (7, 2, 5) and trace.gates == []
+    assert (trace.top_dropped == 0).any() and not (trace.top == 0).any()
 
 
 def test_embedding_dropout_needs_an_embedding(tmp_path):
