@@ -36,7 +36,7 @@ def small_model():
     torch.manual_seed(0)
     text = PARAGRAPH * 3
     vocab = Vocab.from_text(text)
-    model = CharLM(ModelConfig(type="lstm", hidden_size=24, num_layers=2, embedding_dim=8), len(vocab)).eval()
+    model = CharLM(ModelConfig(type="lstm", hidden_size=24, num_layers=2, embedding_dim=8), len(vocab), "native").eval()
     return model, vocab
 
 
