@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
 from charlm import __version__
 from charlm.atomic import atomic_open
 from charlm.config import Config, ConfigError, ModelConfig, validate_config
+from charlm.data.vocab import Vocab
 from charlm.errors import UserError
-from charlm.store.rundir import BEST, LAST
 from charlm.models import registry
 from charlm.models.autotune import Workload, choose
 from charlm.models.model import CharLM
-from charlm.data.vocab import Vocab
+from charlm.store.rundir import BEST, LAST
 
 if TYPE_CHECKING:
     from charlm.data.corpus import Corpus
@@ -34,11 +35,11 @@ class CheckpointError(UserError):
 
 # The progress facts `charlm info` shows (and an export carries), by the type they must have when present:
 # a crafted file with a string for a number ends in one line here, not in a traceback where it is shown.
-FACT_TYPES = {"step": int, "epoch": int, "best_step": int, "best_val_loss": (int, float), "elapsed": (int, float),
+FACT_TYPES: dict[str, type | tuple[type, ...]] = {"step": int, "epoch": int, "best_step": int, "best_val_loss": (int, float), "elapsed": (int, float),
               "device": str, "backend": str}
 
 
-def wrong_fact(facts: Mapping) -> Optional[str]:
+def wrong_fact(facts: Mapping) -> str | None:
     """The first progress fact of the wrong type, as `step 'many'`; None when each is right or absent."""
     for key, kind in FACT_TYPES.items():
         value = facts.get(key)
