@@ -20,15 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from charlm.cli import main
-from charlm.config import validate_config
+from charlm.config import ModelConfig, validate_config
 from charlm.data.text import TextSettings
 from charlm.data.vocab import BOS_TOKEN, EOS_TOKEN, UNK, Vocab
 from charlm.errors import UserError
 from charlm.export.onnx_format import SingleStep, write_onnx
 from charlm.export.safetensors_format import load_safetensors
 from charlm.inference.sample import Decoding, generate, prompt_ids
+from charlm.models.cells import Cell
 from charlm.models.model import CharLM
-from charlm.models.registry import CELL_TYPES, lookup
+from charlm.models.registry import CELL_TYPES, REGISTRY, CellSpec, lookup
 from charlm.store.checkpoint import load_checkpoint, model_from_checkpoint
 
 from conftest import PARAGRAPH, ROOT, run_cli, tiny_config, train_tiny_run
@@ -216,6 +217,46 @@ def test_onnx_matches_charlm_for_each_cell_type_at_any_batch_size(cell_type, inp
     names = [node.name for node in onnx.load(str(path)).graph.input]
     assert names == ["ids", *lookup(cell_type).cell_class().state_names]  # the cell's own state, as many as it has
     for batch_size in (1, 3):  # one file: the batch axis is dynamic
+        logits, state = parity(path, model, vocab, batch_size)
+        assert logits < TOLERANCE and state < TOLERANCE, (batch_size, logits, state)
+
+
+class ThreeStateCell(Cell):
+    """A toy cell with three state tensors, registered only by the test below: what a new cell type
+    whose state is not (h,) or (h, c) exports as, with no change to the exporter."""
+
+    state_names = ("h", "c", "n")
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__(input_size, hidden_size)
+        self.weight_ih = torch.nn.Parameter(0.5 * torch.randn(hidden_size, input_size))
+        self.bias_ih = torch.nn.Parameter(0.1 * torch.randn(hidden_size))
+
+    def project_input(self, x):
+        return torch.nn.functional.linear(x, self.weight_ih, self.bias_ih)
+
+    def step(self, gx, state, record=None, weight_hh=None):
+        h, c, n = state
+        c = 0.5 * c + torch.tanh(gx)
+        n = 0.9 * n + 0.1 * h
+        return (torch.tanh(c - n), c, n)
+
+
+@pytest.mark.slow
+def test_a_new_cell_type_exports_its_own_state(monkeypatch, tmp_path):
+    spec = CellSpec(name="three", title="Three", cell=f"{__name__}:ThreeStateCell", channels=(),
+                    feature_channel="hidden", recurrent_weights=False, native=None, fused=None)
+    monkeypatch.setitem(REGISTRY, spec.name, spec)
+    _, vocab, cfg = tiny_model("lstm")  # what the metadata describes; the model is the toy one
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig.model_construct(type="three", hidden_size=6, num_layers=2, embedding_dim=5),
+                   len(vocab), "reference").eval()
+    path = tmp_path / "three.onnx"
+    write_onnx(path, model, vocab, cfg, {"step": 0})
+    graph = onnx.load(str(path)).graph
+    assert [node.name for node in graph.input] == ["ids", "h", "c", "n"]
+    assert [node.name for node in graph.output] == ["logits", "next_h", "next_c", "next_n"]
+    for batch_size in (1, 3):
         logits, state = parity(path, model, vocab, batch_size)
         assert logits < TOLERANCE and state < TOLERANCE, (batch_size, logits, state)
 
