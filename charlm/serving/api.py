@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -38,19 +37,19 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)  # strict: "0.5" is not a temperature
 
-    prompt: Union[str, list[str]] = ""
+    prompt: str | list[str] = ""
     max_tokens: int = Field(16, ge=1)
     # Any value in [0, 100] is served: a tiny one (1e-300, 5e-324) is greedy decoding, the limit as the
     # temperature goes to 0 (sampling_probs scales so that nothing overflows), not a 400; the engine
     # still fails alone a request whose row cannot be drawn from (a model's NaN scores).
     temperature: float = Field(1.0, ge=0, le=100)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    stop: Union[None, str, list[str]] = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: None | str | list[str] = None
     stream: bool = False
-    model: Optional[str] = None  # accepted and ignored: one model per server
+    model: str | None = None  # accepted and ignored: one model per server
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -76,6 +75,12 @@ class CompletionRequest(BaseModel):
         if len(stops) > 4 or any(not s or len(s) > 100 for s in stops):
             raise ValueError("stop: up to 4 non-empty strings of at most 100 characters")
         return stops
+
+    @property
+    def text(self) -> str:
+        """The prompt (_one_prompt has made a list of one string that string)."""
+        assert isinstance(self.prompt, str), "a checked request's prompt is a string"
+        return self.prompt
 
     @property
     def decoding(self) -> Decoding:
@@ -122,8 +127,8 @@ def completion_body(cid: str, model: str, texts: list[str], reasons: list[str], 
     }
 
 
-def chunk_body(cid: str, model: str, index: int, text: str, reason: Optional[str],
-               probs: Optional[list[float]] = None) -> dict:
+def chunk_body(cid: str, model: str, index: int, text: str, reason: str | None,
+               probs: list[float] | None = None) -> dict:
     """One server-sent event of a streamed response (charlm adds each character's probability)."""
     choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
     if probs is not None:

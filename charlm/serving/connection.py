@@ -8,13 +8,13 @@ import asyncio
 import json
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
 import h11
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from charlm.serving.api import RequestError
+
 
 @dataclass(frozen=True)
 class ConnectionLimits:
@@ -41,9 +41,9 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._phase: Optional[str] = None  # "head" or "body": what the running deadline waits for
-        self._deadline: Optional[asyncio.TimerHandle] = None
-        self._stall: Optional[asyncio.TimerHandle] = None
+        self._phase: str | None = None  # "head" or "body": what the running deadline waits for
+        self._deadline: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
         self._received = False
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -64,7 +64,7 @@ class GuardedH11Protocol(H11Protocol):
         elif phase != self._phase:  # a new phase gets a new deadline; more bytes of one do not extend it
             self._arm(phase, self.limits.client_timeout)
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         if self._stall is not None:
             self._stall.cancel()

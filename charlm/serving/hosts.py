@@ -7,7 +7,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from starlette.responses import JSONResponse
 
@@ -28,7 +27,7 @@ class AllowedHosts:
     anything: bool = False
 
     @classmethod
-    def parse(cls, host: str, allowed: Optional[str] = None) -> "AllowedHosts":
+    def parse(cls, host: str, allowed: str | None = None) -> AllowedHosts:
         names, suffixes, anything = set(LOOPBACK_NAMES), [], False
         bound = _entry_name(host)
         if bound not in (None, "0.0.0.0", "::"):  # a wildcard address is no name a client should send
@@ -38,21 +37,21 @@ class AllowedHosts:
                 anything = True
             elif entry.startswith("*.") and _NAME.fullmatch(entry[2:]):
                 suffixes.append(entry[1:])
-            elif _entry_name(entry) is not None:
-                names.add(_entry_name(entry))
+            elif (name := _entry_name(entry)) is not None:
+                names.add(name)
             else:
                 raise UserError(f"--allowed-hosts: {entry!r} is not a host name; give names such as "
                                 "'example.org', '*.example.org', '10.0.0.5' or '*' (any), separated by commas")
         return cls(frozenset(names), tuple(suffixes), anything)
 
-    def allows(self, header: Optional[bytes]) -> bool:
+    def allows(self, header: bytes | None) -> bool:
         name = None if header is None else _host_name(header)
         if name is None:
             return False
         return self.anything or name in self.names or name.endswith(self.suffixes)
 
 
-def _entry_name(entry: str) -> Optional[str]:
+def _entry_name(entry: str) -> str | None:
     """A name as given on the command line: a host name, an address (IPv6 with or without brackets)."""
     try:
         return str(ipaddress.ip_address(entry.strip("[]")))
@@ -60,7 +59,7 @@ def _entry_name(entry: str) -> Optional[str]:
         return _host_name(entry.encode("utf-8"))
 
 
-def _host_name(value: bytes) -> Optional[str]:
+def _host_name(value: bytes) -> str | None:
     """The name of a Host header ("name", "name:port", "[v6]:port"), lower case; None when malformed."""
     try:
         text = value.decode("ascii").strip().lower()

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from conftest import PARAGRAPH, Collect
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,6 @@ from charlm.models.model import CharLM
 from charlm.serving.api import Limits, RequestError, parse_request
 from charlm.serving.completion import Completion
 from charlm.serving.engine import Engine
-from conftest import PARAGRAPH, Collect
 
 INNOCENT_TOKENS = 300  # longer than any other request here, so it is still in the batch when they end
 INNOCENT_PROMPT = "it was the "

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from live_server import LiveServer, run_dir  # noqa: F401 - run_dir is a fixture used here
 
 httpx = pytest.importorskip("httpx")
@@ -20,14 +19,14 @@ CLIENT_TIMEOUT = 2  # seconds: --client-timeout of the servers here (the default
 
 
 @pytest.fixture(scope="module")
-def server(run_dir):  # noqa: F811 - the fixture imported above
+def server(run_dir):
     live = LiveServer(run_dir, "--max-tokens", "1000000", "--client-timeout", str(CLIENT_TIMEOUT))
     yield live
     live.stop()
 
 
 @pytest.fixture(scope="module")
-def strict(run_dir):  # noqa: F811
+def strict(run_dir):
     """Few connections, an API key that is not ASCII, and a public name."""
     live = LiveServer(run_dir, "--max-connections", "4", "--api-key", "clé", "--client-timeout", str(CLIENT_TIMEOUT),
                       "--allowed-hosts", "charlm.example.org,*.internal.example")
@@ -97,7 +96,7 @@ def closed_by_server(sock: socket.socket, wait_s: float) -> bool:
                 return True
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
     return False
 
@@ -209,7 +208,7 @@ def test_a_streaming_client_that_stops_reading_is_dropped_and_memory_stays_bound
 
 
 def test_the_event_queue_merges_in_linear_time_and_is_bounded():
-    from charlm.serving.app import End, EventQueue
+    from charlm.serving.events import End, EventQueue
 
     async def scenario():
         queue = EventQueue(asyncio.get_running_loop(), cap=100_000)
@@ -224,7 +223,7 @@ def test_the_event_queue_merges_in_linear_time_and_is_bounded():
         assert [(c.index, c.text[:2], len(c.text), len(c.probs), c.finish_reason) for c in taken] == [
             (0, "aa", 45_000, 45_000, "length"), (1, "bb", 45_000, 45_000, None)]
         assert merging < 2, f"{merging:.1f} s to merge 90,000 events"  # quadratic merging took minutes
-        for k in range(100_001):  # more than the cap behind: dropped, the request cancelled once
+        for _ in range(100_001):  # more than the cap behind: dropped, the request cancelled once
             queue.put({"index": 1, "text": "b", "probs": [0.5]})
         queue.put({"done": True})
         taken = await queue.take()
@@ -237,7 +236,7 @@ def test_the_event_queue_merges_in_linear_time_and_is_bounded():
 def test_an_engine_error_keeps_its_status():
     """A request the engine refuses is the client's fault (400), a model whose scores are not
     finite is the server's (500: retrying cannot help), anything else is 503 (try again)."""
-    from charlm.serving.app import End, EventQueue
+    from charlm.serving.events import End, EventQueue
 
     async def scenario():
         ends = []
@@ -309,7 +308,7 @@ def test_a_cross_site_form_post_runs_nothing(server):
 
 
 @pytest.mark.slow
-def test_models_tells_what_a_client_needs_and_no_paths(server, run_dir):  # noqa: F811
+def test_models_tells_what_a_client_needs_and_no_paths(server, run_dir):
     reply = ask(server, "GET", "/v1/models")
     text = reply.body.decode()
     entry = reply.json()["data"][0]
@@ -335,14 +334,14 @@ def test_the_bearer_scheme_is_any_case_and_the_key_is_the_bytes_sent(strict):
     host = f"127.0.0.1:{strict.port}".encode()
     for value in ["Bearer clé".encode(), "bearer clé".encode(), "BEARER  clé".encode()]:
         assert ask(strict, "GET", "/v1/models", host, {"Authorization": value}).status == 200, value
-    for value in ["Bearer cle".encode(), "Bearer clé".encode("latin-1"), "Basic clé".encode(), b"Bearer",
+    for value in [b"Bearer cle", "Bearer clé".encode("latin-1"), "Basic clé".encode(), b"Bearer",
                   "Bearer clé ".encode() + b"x", "clé".encode()]:
         reply = ask(strict, "GET", "/v1/models", host, {"Authorization": value})
         assert reply.status == 401 and "Bearer" in reply.json()["error"]["message"], value
 
 
 @pytest.mark.slow
-def test_allowed_hosts_forms_and_a_bad_name_is_one_line(run_dir):  # noqa: F811
+def test_allowed_hosts_forms_and_a_bad_name_is_one_line(run_dir):
     from charlm.serving.hosts import AllowedHosts
 
     anywhere = AllowedHosts.parse("127.0.0.1", "*")

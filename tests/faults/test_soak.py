@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from live_server import LiveServer, run_dir, sse_events  # noqa: F401 - run_dir is a fixture used here
 
 httpx = pytest.importorskip("httpx")
@@ -135,7 +134,7 @@ def client_loop(live: LiveServer, seed: int, until: float, tally: Tally) -> None
 
 
 @pytest.mark.slow
-def test_soak_32_clients_streaming_leaving_and_misbehaving(run_dir):  # noqa: F811
+def test_soak_32_clients_streaming_leaving_and_misbehaving(run_dir):
     live = LiveServer(run_dir, "--max-tokens", str(MAX_TOKENS), "--max-requests", "64", "--client-timeout", "2")
     try:
         for _ in range(3):  # warm-up: the first requests allocate what every later one reuses

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from live_server import LiveServer, run_dir  # noqa: F401 - run_dir is a fixture used here
 
 pytest.importorskip("httpx")
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not instal
 
 
 @pytest.fixture(scope="module")
-def page(run_dir):  # noqa: F811 - the fixture imported above
+def page(run_dir):
     live = LiveServer(run_dir, "--max-tokens", "5000")
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PARAGRAPH, Collect, run_cli
+from live_server import LiveServer, run_dir, sse_events  # noqa: F401 - run_dir is a fixture used here
 
 from charlm.config import ModelConfig
 from charlm.data.vocab import Vocab
@@ -21,8 +23,6 @@ from charlm.models.model import CharLM
 from charlm.serving.completion import Completion
 from charlm.serving.engine import Busy, Engine
 from charlm.serving.rows import Row
-from conftest import PARAGRAPH, Collect, run_cli
-from live_server import LiveServer, run_dir, sse_events  # noqa: F401 - run_dir is a fixture used here
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
