@@ -16,6 +16,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import PARAGRAPH, ROOT, run_cli, tiny_config, train_tiny_run
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -31,8 +32,6 @@ from charlm.models.cells import Cell
 from charlm.models.model import CharLM
 from charlm.models.registry import CELL_TYPES, REGISTRY, CellSpec, lookup
 from charlm.store.checkpoint import load_checkpoint, model_from_checkpoint
-
-from conftest import PARAGRAPH, ROOT, run_cli, tiny_config, train_tiny_run
 
 SCRIPT = ROOT / "scripts" / "onnx_sample.py"
 TOLERANCE = 1e-5
@@ -338,8 +337,8 @@ def test_script_reads_prompts_and_decodes_as_charlm(unit, specials, documents, n
     if UNK in specials or unit == "bytes":
         prompts += ["It was \u00e9t\u00e9 \u2603"]
     for prompt in prompts:
-        assert read(lambda: script.prompt_ids(theirs, data, prompt), script.UsageError) == \
-            read(lambda: prompt_ids(vocab, prompt, settings)[0].tolist(), UserError), prompt
+        assert read(lambda prompt=prompt: script.prompt_ids(theirs, data, prompt), script.UsageError) == \
+            read(lambda prompt=prompt: prompt_ids(vocab, prompt, settings)[0].tolist(), UserError), prompt
     ids = torch.randint(len(vocab), (200,)).tolist()
     decoder = script.Decoder(theirs)
     assert "".join(decoder.feed(i) for i in ids) + decoder.flush() == vocab.decode(ids)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli, tiny_config
 
 from charlm import hardware
 from charlm.config import ModelConfig
@@ -14,8 +15,6 @@ from charlm.errors import UserError
 from charlm.models import autotune
 from charlm.models.autotune import Workload, choose
 from charlm.models.native import build_flags
-
-from conftest import run_cli, tiny_config
 
 CPU = torch.device("cpu")
 TINY = ModelConfig(type="lstm", hidden_size=16, num_layers=1, embedding_dim=8)
@@ -164,11 +163,11 @@ def test_train_says_the_measured_choice_then_reuses_it(tmp_path, monkeypatch, te
     config.write_text(config_yaml(tiny_config(text_file, train={"threads": 1})), encoding="utf-8")
     first = run_cli("train", "--config", str(config), "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
-    line = next(l for l in first.stdout.splitlines() if l.startswith("backend auto -> "))
+    line = next(text for text in first.stdout.splitlines() if text.startswith("backend auto -> "))
     assert "measured in" in line and "cached" in line
     assert ", 1 thread)" in first.stdout  # train.threads
     second = run_cli("train", "--config", str(config), "--out", str(tmp_path / "b"))
-    assert "from cache" in next(l for l in second.stdout.splitlines() if l.startswith("backend auto -> "))
+    assert "from cache" in next(text for text in second.stdout.splitlines() if text.startswith("backend auto -> "))
     explicit = run_cli("train", "--config", str(config), "--out", str(tmp_path / "c"), "--set", "model.backend=native")
     assert "backend auto" not in explicit.stdout and "(backend native)" in explicit.stdout
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import assert_user_error, call, quiet, tiny_config
 
 import charlm.training.runtime as runtime
 from charlm.config import validate_config
 from charlm.models.native import cpp_loops
 from charlm.training.run import train
-from conftest import assert_user_error, call, quiet, tiny_config
 
 needs_bf16 = pytest.mark.skipif(not runtime.cpu_has_bf16_units() or cpp_loops() is None,
                                 reason="this CPU has no bf16 units (or the C++ loops are not built)")
@@ -56,6 +56,7 @@ def test_a_cpu_without_bf16_units_evaluates_in_fp32_saying_so(trained, capsys, m
 
 def test_a_cpu_without_bf16_units_trains_in_fp32_saying_so(tmp_path, text_file, monkeypatch, capsys):
     from rich.console import Console
+
     from charlm.report.progress import TrainingDisplay
 
     monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: False)

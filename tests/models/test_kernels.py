@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from charlm import hardware
 from charlm.models.native import cpp_loops
-
-from conftest import ROOT
 
 KIND = "from charlm.models.native import cpp_loops; print(cpp_loops().bf16_step_gemm())"
 

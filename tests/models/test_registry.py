@@ -12,8 +12,17 @@ import torch
 from charlm.config import ModelConfig
 from charlm.models.layers import RecurrentStack
 from charlm.models.model import CharLM
-from charlm.models.registry import (AUTO, BACKENDS, CELL_TYPES, CPU_AUTO, CellTypeError, describe_backend, lookup,
-                                    resolve_backend, spec_of)
+from charlm.models.registry import (
+    AUTO,
+    BACKENDS,
+    CELL_TYPES,
+    CPU_AUTO,
+    CellTypeError,
+    describe_backend,
+    lookup,
+    resolve_backend,
+    spec_of,
+)
 
 
 @pytest.mark.parametrize("cell_type", CELL_TYPES)
