@@ -233,9 +233,9 @@ def test_the_cudnn_recurrence_runs_in_the_dtype_its_precision_calls_for(tmp_path
     float32 with TF32 instead. fp16 keeps cuDNN's fp16 path, with its GradScaler."""
     record, real = KernelDtypes("_cudnn_rnn"), trainer_module.Trainer.forward_backward
 
-    def recorded(self):
+    def recorded(self, *args):
         with record:
-            return real(self)
+            return real(self, *args)
 
     monkeypatch.setattr(trainer_module.Trainer, "forward_backward", recorded)
     train(cuda_config(text_file, {"backend": "fused", "num_layers": 2}, precision=precision, max_steps=2),
@@ -258,13 +258,13 @@ def syncs_per_step(monkeypatch) -> list[list[str]]:
     line that made it), as torch's sync debug mode reports them."""
     counts, real = [], trainer_module.Trainer.train_step
 
-    def counted(self, metrics, interval):
+    def counted(self):
         previous = torch.cuda.get_sync_debug_mode()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                return real(self, metrics, interval)
+                return real(self)
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
                 counts.append([f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in caught

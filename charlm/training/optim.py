@@ -78,11 +78,16 @@ def _parts(params: dict) -> list[str]:
     """The part names train.freeze knows for these parameters: embedding, rnn.0, rnn.1, ..., head."""
     parts = []
     for name in params:
-        layer = re.match(r"rnn\.layers\.(\d+)\.", name)
-        part = f"rnn.{layer.group(1)}" if layer else name.split(".")[0]
+        part = part_of(name)
         if part not in parts:
             parts.append(part)
     return parts
+
+
+def part_of(name: str) -> str:
+    """The part of the model a parameter belongs to: embedding, rnn.<k> for layer k, or head."""
+    layer = re.match(r"rnn\.layers\.(\d+)\.", name)
+    return f"rnn.{layer.group(1)}" if layer else name.split(".")[0]
 
 
 class WeightAverage:

@@ -25,7 +25,8 @@ from charlm.models.model import CharLM, count_parameters
 from charlm.models.native import cpp_loops
 from charlm.models.autotune import Choice, Workload, choose, mode as autotune_mode
 from charlm.models.registry import describe_backend, resolve_backend
-from charlm.training.loggers import Loggers, check_loggers, open_loggers
+from charlm.training.loggers import check_loggers, open_loggers
+from charlm.store.events import Event
 from charlm.store.metrics import NoMetrics
 from charlm.store.rundir import RunLock, prepare_run_dir, write_config
 from charlm.training.runtime import (allow_tf32, use_threads, check_precision, describe_device, process_device_note,
@@ -133,16 +134,14 @@ def _start(cfg, run_dir, resume, overwrite, display, world: World, device, notic
         trainer.save()  # from here on the run dir always holds a loadable last.pt
     metrics = open_loggers(cfg, run_dir, trainer.pos.step, payload is not None, display.message) if world.main \
         else NoMetrics()
-    if isinstance(metrics, Loggers):
-        trainer.after_save = metrics.checkpoint_written
     if world.main:
         write_config(run_dir, cfg.to_dict())
         _announce(display, trainer, corpus, device, payload is not None, world, choice)
         _announce_origin(display, origin, cfg.train.freeze, trainer.model, len(corpus.vocab))
-    metrics.write("start", step=trainer.pos.step, resumed=payload is not None, device=describe_device(device),
-                  backend=trainer.model.backend, num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
-                  train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel(), world_size=world.size,
-                  **origin)
+    metrics.log(Event("start", trainer.pos.step, dict(
+        resumed=payload is not None, device=describe_device(device), backend=trainer.model.backend,
+        num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
+        train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel(), world_size=world.size, **origin)))
     return trainer, metrics
 
 

@@ -6,9 +6,12 @@ Imports no torch, so the CLI installs these handlers before anything heavy is lo
 from __future__ import annotations
 
 import signal
-from typing import Optional
+from types import FrameType
+from typing import TypeVar
 
 from charlm.errors import Interrupted
+
+H = TypeVar("H", bound="_Handlers")
 
 
 class _Handlers:
@@ -16,14 +19,14 @@ class _Handlers:
 
     _previous: dict
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         raise NotImplementedError
 
-    def __enter__(self):
+    def __enter__(self: H) -> H:
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -35,11 +38,11 @@ class InterruptSignals(_Handlers):
     takes the signals over while it runs. Only the first signal raises: a second one must not cut
     that cleanup short."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._previous: dict = {}
         self._raised = False
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self._raised:
             self._raised = True
             raise Interrupted(signum)
@@ -48,9 +51,9 @@ class InterruptSignals(_Handlers):
 class StopRequests(_Handlers):
     """Turns SIGINT / SIGTERM into a flag the loop checks between steps, so a step is never cut in half."""
 
-    def __init__(self):
-        self.signal: Optional[int] = None
+    def __init__(self) -> None:
+        self.signal: int | None = None
         self._previous: dict = {}
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signal = signum

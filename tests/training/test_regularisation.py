@@ -10,8 +10,8 @@ import torch
 
 from charlm.config import ConfigError, ModelConfig, validate_config
 from charlm.models.dropout import drop, dropped_embedding_rows
-from charlm.models.model import CharLM
-from charlm.training.trainer import activation_penalties
+from charlm.models.model import CharLM, Trace
+from charlm.training.objective import activation_penalties
 from conftest import tiny_config
 
 
@@ -97,7 +97,7 @@ def test_locked_dropout_model_matches_its_layers_by_hand(backend):
 def test_ar_and_tar_by_hand():
     h = torch.tensor([[[1.0, 2.0]], [[3.0, 0.0]], [[0.0, 0.0]]])  # [T=3, B=1, H=2]
     dropped = h * 2
-    top = {"h": h, "h_dropped": dropped}
+    top = Trace(h, dropped)
     # AR: mean of (2h)^2 = 4 * (1 + 4 + 9) / 6; TAR: diffs (2, -2), (-3, 0) -> mean (4 + 4 + 9 + 0) / 4
     assert activation_penalties(top, 1.0, 0.0).item() == pytest.approx(4 * 14 / 6)
     assert activation_penalties(top, 0.0, 1.0).item() == pytest.approx(17 / 4)
