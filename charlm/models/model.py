@@ -32,6 +32,11 @@ class Trace:
     gates: list[Gates] = field(default_factory=list)  # per layer (trace="gates" only): name -> T x [B, H]
 
 
+TraceKind = Literal["top", "gates"]  # what a forward call shows: the top layer, or that and every gate
+Output = tuple[torch.Tensor, State]  # logits [B, T, V], the state after the last step
+TracedOutput = tuple[torch.Tensor, State, Trace]
+
+
 class CharLM(nn.Module):
     """The model `cfg` describes over `vocab_size` symbols, run on `backend` (default cfg.backend):
     a concrete backend, since whoever builds the model knows the device and precision that auto
@@ -86,16 +91,13 @@ class CharLM(nn.Module):
         return F.one_hot(idx, self.vocab_size).to(self.head.weight.dtype)
 
     @overload
-    def forward(self, idx: torch.Tensor, state: State | None = None, *,
-                trace: None = None) -> tuple[torch.Tensor, State]: ...
+    def forward(self, idx: torch.Tensor, state: State | None = None, *, trace: None = None) -> Output: ...
 
     @overload
-    def forward(self, idx: torch.Tensor, state: State | None = None, *,
-                trace: Literal["top", "gates"]) -> tuple[torch.Tensor, State, Trace]: ...
+    def forward(self, idx: torch.Tensor, state: State | None = None, *, trace: TraceKind) -> TracedOutput: ...
 
     def forward(self, idx: torch.Tensor, state: State | None = None, *,
-                trace: Literal["top", "gates"] | None = None) -> tuple[torch.Tensor, State] | tuple[
-                    torch.Tensor, State, Trace]:
+                trace: TraceKind | None = None) -> Output | TracedOutput:
         """idx [B, T] -> logits [B, T, V] and the state after the last step.
 
         With `trace`, a third result, a Trace: the top layer's outputs before and after dropout
