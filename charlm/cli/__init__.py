@@ -1,9 +1,10 @@
 """The `charlm` command: parse options, call the library, print. No tensor math here.
 
-One module per group of commands (`train`; `use`: sample, eval, info; `files`: download,
-plot, runs, viz), all registered on one Typer app. Every UserError (and every option click
-rejects) ends as one line on stderr and exit code 2; SIGINT / SIGTERM as 130 / 143. Anything
-that imports torch is imported inside the command that needs it, so `charlm --help` and a
+commands.py holds the command table (name -> function) the Typer app is built from; one module per
+group of commands defines them (`train`; `use`: sample, eval, info; `files`: download, plot, runs,
+viz; ...), with the options several share declared once in options.py. Every UserError (and every
+option click rejects) ends as one line on stderr and exit code 2; SIGINT / SIGTERM as 130 / 143.
+The library is imported when a command first uses it (library.py), so `charlm --help` and a
 mistyped option answer at once.
 """
 
@@ -11,19 +12,17 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Optional
 
 import typer
 
-from charlm.cli import train, use, files, probe, serve, export, tune, doctor  # noqa: I001 - importing them registers their commands, in this order
-from charlm.cli.common import app
+from charlm.cli.commands import build_app
 from charlm.errors import Interrupted, UserError
 from charlm.training.signals import InterruptSignals
 
-__all__ = ["app", "main", "doctor", "export", "files", "probe", "serve", "train", "tune", "use"]
+__all__ = ["main"]
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user errors become one line on stderr and exit code 2, and
     SIGINT / SIGTERM exit code 130 / 143 (with one line saying what they cut short, if anything)."""
     try:
@@ -37,7 +36,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise
 
 
-def _leave_process_group(code) -> None:
+def _leave_process_group(code: str | int | None) -> None:
     """A torchrun process ends without the interpreter's teardown (see distributed.leave_process)."""
     distributed = sys.modules.get("charlm.training.distributed")  # imported only by a training run
     if distributed is None or not distributed.joined():
@@ -47,30 +46,31 @@ def _leave_process_group(code) -> None:
     distributed.leave_process(code if isinstance(code, int) else (0 if code is None else 1))
 
 
-def _main(argv: Optional[list[str]]) -> None:
-    command = typer.main.get_command(app)
+def _main(argv: list[str] | None) -> None:
+    command = typer.main.get_command(build_app())
     try:
         code = command.main(args=argv, prog_name="charlm", standalone_mode=False)
     except UserError as err:
         _fail(str(err))
     except BrokenPipeError:
         sys.exit(0)  # e.g. `charlm sample ... | head`
-    except Exception as err:  # noqa: BLE001 - typer's (vendored) click exceptions have no public base class
+    except Exception as err:  # typer's (vendored) click exceptions have no public base class
         _exit_for_click_error(err)
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def _exit_for_click_error(err: Exception) -> None:
     """Option-parsing errors (bad value, unknown option, missing option) -> one line, exit 2."""
-    if type(err).__name__ == "NoArgsIsHelpError":
-        print(err.format_message(), file=sys.stderr)
+    kind, format_message = type(err).__name__, getattr(err, "format_message", None)
+    if kind == "NoArgsIsHelpError" and format_message is not None:
+        print(format_message(), file=sys.stderr)
         sys.exit(2)
-    if type(err).__name__ == "Abort":
+    if kind == "Abort":
         sys.exit(130)
-    if hasattr(err, "format_message") and getattr(err, "exit_code", None) == 2:
+    if format_message is not None and getattr(err, "exit_code", None) == 2:
         ctx = getattr(err, "ctx", None)
         hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
-        _fail(err.format_message() + hint)
+        _fail(format_message() + hint)
     raise err
 
 

@@ -1,23 +1,25 @@
-"""What the commands share: the error console, the `--backend` check and loading a trained model."""
+"""What the commands share: the consoles, checking --backend, --precision and the dynamic-evaluation
+options, and loading a trained model."""
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
-import typer
 from rich.console import Console
 
-from charlm.config import BACKEND_CHOICES, validate_config
+from charlm.cli import library as lib
+from charlm.config import BACKEND_CHOICES, Config, validate_config
 from charlm.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train, sample and evaluate character-level RNN/LSTM language models.")
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from charlm.data.vocab import Vocab
+    from charlm.inference.dynamic import DynamicSettings
+    from charlm.models.autotune import Workload
+    from charlm.models.model import CharLM
 
-CHECKPOINT_HELP = "A checkpoint file, a run dir (its best.pt, else last.pt), or a .safetensors export."
-BACKEND_HELP = ("Run the weights with another backend: auto, native, fused or reference (default: the "
-                "checkpoint's model.backend; auto: the one charlm picks for this device).")
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def console() -> Console:
@@ -25,37 +27,60 @@ def console() -> Console:
     return Console(highlight=False, soft_wrap=True)
 
 
-def check_backend(backend: Optional[str]) -> Optional[str]:
+def check_backend(backend: str | None) -> str | None:
     if backend is not None and backend not in BACKEND_CHOICES:
         raise UserError(f"--backend must be one of {', '.join(BACKEND_CHOICES)} (got {backend!r})")
     return backend
 
 
-def load_model(checkpoint: Path, device: str = "cpu", backend: Optional[str] = None, precision: str = "fp32",
-               workload=None):
-    """A checkpoint's payload, its model on `device` (run with `backend`; auto measured for the device,
-    `precision` and `workload`, a charlm.models.autotune.Workload, and said in one line when measured
-    just now), its vocabulary and its config."""
-    from charlm.store.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: PLC0415
-    from charlm.training.runtime import resolve_device  # noqa: PLC0415
+class TrainedModel(NamedTuple):
+    payload: dict[str, Any]  # the checkpoint's; of a .safetensors export, its training facts (step, best_val_loss, ...)
+    model: CharLM
+    vocab: Vocab
+    config: Config
 
+
+def load_model(checkpoint: Path, device: str = "cpu", backend: str | None = None, precision: str = "fp32",
+               workload: Workload | None = None) -> TrainedModel:
+    """A checkpoint (or a .safetensors export) and its model on `device`, run with `backend`: auto is measured
+    for the device, `precision` and `workload`, and said in one line when measured just now."""
     backend = check_backend(backend)
-    if Path(checkpoint).suffix == ".safetensors":  # `charlm export --format safetensors`: its training facts
-        from charlm.export.safetensors_format import load_safetensors  # noqa: PLC0415 - stand in for the payload
-
-        loaded = load_safetensors(Path(checkpoint), resolve_device(device), backend, precision, workload, _say)
-        return loaded.training, loaded.model, loaded.vocab, loaded.config
-    payload = load_checkpoint(checkpoint)
-    model, vocab = model_from_checkpoint(payload, resolve_device(device), backend, precision, workload, _say)
-    return payload, model, vocab, validate_config(payload["config"], "checkpoint config")
+    if Path(checkpoint).suffix == ".safetensors":  # `charlm export --format safetensors`
+        loaded = lib.load_safetensors(Path(checkpoint), lib.resolve_device(device), backend, precision, workload,
+                                      _say)
+        return TrainedModel(loaded.training, loaded.model, loaded.vocab, loaded.config)
+    payload = lib.load_checkpoint(checkpoint)
+    model, vocab = lib.model_from_checkpoint(payload, lib.resolve_device(device), backend, precision, workload, _say)
+    return TrainedModel(payload, model, vocab, validate_config(payload["config"], "checkpoint config"))
 
 
 def _say(line: str) -> None:
     err_console.print(f"[dim]{line}[/]")
 
 
-def use_threads(threads: Optional[int]) -> None:
-    """--threads, or the machine's physical cores, for torch's CPU kernels and the native loops."""
-    from charlm.training.runtime import use_threads as set_threads  # noqa: PLC0415 - imports torch
+def checked_precision(device: str, precision: str) -> str:
+    """The precision asked for, checked; fp32 with a notice where this device cannot do bf16 at speed."""
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision must be fp32 or bf16 (got {precision!r})")
+    precision, notice = lib.usable_precision(lib.resolve_device(device), precision)
+    if notice:
+        err_console.print(f"note: {notice}")
+    return precision
 
-    set_threads(threads)
+
+def in_precision(model: CharLM, precision: str) -> AbstractContextManager[Any]:
+    """A context that runs the model in `precision` (bf16: under autocast)."""
+    return lib.autocast(next(model.parameters()).device, precision)
+
+
+def dynamic_settings(segment: int, lr: float | None, rule: str, decay: float) -> DynamicSettings:
+    """The dynamic-evaluation options (sample --adapt-to, eval --dynamic) as checked settings (a mistake is one
+    line)."""
+    if lr is None:
+        lr = 3e-4 if rule == "rms" else 0.1
+    # any rule but these two is named by check()
+    settings = lib.DynamicSettings(segment=segment, lr=lr, rule=cast(Literal["sgd", "rms"], rule), decay=decay)
+    problem = settings.check()
+    if problem:
+        raise UserError(f"{problem}: see charlm eval --help")
+    return settings

@@ -4,39 +4,42 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any
 
 import typer
 
-from charlm.cli.common import app, console, use_threads
+from charlm.cli import library as lib
+from charlm.cli.common import console
+from charlm.cli.options import JsonOption
+from charlm.config import Config, load_config
 
 
-@app.command()
 def doctor(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Measure auto's choices on this config's model "
-                                          "and batch shape (default: 2x256, E 64, B 32, T 128)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="Measure auto's choices on this config's model and batch shape "
+                               "(default: 2x256, E 64, B 32, T 128).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, help="CPU threads (default: physical cores).")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """The CPU, its ISA levels and cores, torch, the C++ loops, bf16 / CUDA / MPS, and auto's
     measured backend for each cell type in fp32 and bf16 (timed once, then cached)."""
-    from charlm.training.doctor import auto_choices, machine_facts  # noqa: PLC0415
-
-    use_threads(threads)
-    shape = {}
-    if config is not None:
-        from charlm.config import load_config  # noqa: PLC0415
-        from charlm.models.autotune import Workload  # noqa: PLC0415
-
-        cfg = load_config(config)
-        step = Workload.of_training(cfg.train)
-        shape = {"model_cfg": cfg.model, "batch": step.batch, "steps": step.steps}
-    facts = machine_facts()
-    choices = auto_choices(**shape)
+    lib.use_threads(threads)
+    cfg = load_config(config) if config is not None else None
+    facts = lib.machine_facts()
+    choices = _auto_choices(cfg)
     if as_json:
         print(json.dumps({**facts, "auto": choices}))
         return
     _print(facts, choices)
+
+
+def _auto_choices(cfg: Config | None) -> list[dict[str, Any]]:
+    """What auto picks for each cell type and precision, timed on `cfg`'s model and batch shape, if given."""
+    if cfg is None:
+        return lib.auto_choices()
+    step = lib.Workload.of_training(cfg.train)
+    return lib.auto_choices(model_cfg=cfg.model, batch=step.batch, steps=step.steps)
 
 
 _BF16_GEMM = {"amx-tiles": "AMX tiles (oneDNN's micro-kernel)", "brgemm": "oneDNN's micro-kernel, unpacked (forced)",
@@ -47,7 +50,7 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def _print(facts: dict, choices: list[dict]) -> None:
+def _print(facts: dict[str, Any], choices: list[dict[str, Any]]) -> None:
     out = console()
     levels = ", ".join(facts["isa_levels"]) or "none charlm uses (portable C++ kernels)"
     cap = f"; CHARLM_MAX_ISA={facts['isa_cap']}" if facts["isa_cap"] else ""

@@ -5,59 +5,60 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from charlm.cli.common import CHECKPOINT_HELP, app, console, err_console, load_model
+from charlm.cli import library as lib
+from charlm.cli.common import console, err_console, load_model
+from charlm.cli.options import CheckpointOption
+from charlm.config import Config
 from charlm.errors import UserError
+from charlm.store.rundir import BEST, CONFIG, LAST
+
+if TYPE_CHECKING:
+    from charlm.data.vocab import Vocab
+    from charlm.models.model import CharLM
 
 FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}  # --out's suffix -> the format it implies
 
 
-@app.command(name="export")
 def export_model(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help=CHECKPOINT_HELP),
-    out: Path = typer.Option(..., "--out", help="The file to write (replaced if it exists; a run's checkpoint only "
-                             "with --force)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="safetensors or onnx (default: from --out's "
-                                         "suffix, .safetensors or .onnx)."),
-    check_steps: int = typer.Option(50, "--check-steps", min=0, help="onnx: steps to run the file in onnxruntime "
-                                    "against charlm after writing it, at batch sizes 1 and 3 (0: no check)."),
-    force: bool = typer.Option(False, "--force", help="Replace a checkpoint file of a run folder with the export "
-                               "(never the checkpoint being exported)."),
+    checkpoint: CheckpointOption,
+    out: Annotated[Path, typer.Option(
+        "--out", help="The file to write (replaced if it exists; a run's checkpoint only with --force).")],
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="safetensors or onnx (default: from --out's suffix, .safetensors or .onnx).")] = None,
+    check_steps: Annotated[int, typer.Option(
+        "--check-steps", min=0, help="onnx: steps to run the file in onnxruntime against charlm after writing it, "
+                                     "at batch sizes 1 and 3 (0: no check).")] = 50,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace a checkpoint file of a run folder with the export (never the checkpoint being "
+                        "exported).")] = False,
 ) -> None:
     """Export a trained model as safetensors or ONNX.
 
     safetensors: the weights, with the config and vocabulary in its metadata (charlm sample, eval and
     info read it back). ONNX: one step (ids and state in, logits and the new state out, any batch
     size), run in onnxruntime against charlm after it is written."""
-    from charlm.export.extra import require  # noqa: PLC0415
-    from charlm.models.model import count_parameters  # noqa: PLC0415
-    from charlm.models.registry import lookup  # noqa: PLC0415
-
     _check_out(out)
     _check_not_a_checkpoint(out, checkpoint, force)
     chosen = _format(fmt, out)
     for module in ("safetensors.torch",) if chosen == "safetensors" else ("onnx", "onnxscript", "onnxruntime"):
-        require(module)  # before the checkpoint loads: a missing extra is said at once
+        lib.require(module)  # before the checkpoint loads: a missing extra is said at once
     payload, model, vocab, cfg = load_model(checkpoint, "cpu")  # a .safetensors export too
     if chosen == "safetensors":
-        from charlm.export.safetensors_format import write_safetensors  # noqa: PLC0415
-
-        write_safetensors(out, model, vocab, cfg, payload)
+        lib.write_safetensors(out, model, vocab, cfg, payload)
     else:
-        from charlm.export.onnx_format import write_onnx  # noqa: PLC0415
-
-        write_onnx(out, model, vocab, cfg, payload)
-    console().print(f"wrote {out} ({chosen}, {out.stat().st_size / 1e6:.1f} MB): {lookup(cfg.model.type).title} "
+        lib.write_onnx(out, model, vocab, cfg, payload)
+    console().print(f"wrote {out} ({chosen}, {out.stat().st_size / 1e6:.1f} MB): {lib.lookup(cfg.model.type).title} "
                     f"{cfg.model.num_layers}x{cfg.model.hidden_size}, "
-                    f"{count_parameters(model):,} parameters, vocabulary of {len(vocab)}")
+                    f"{lib.count_parameters(model):,} parameters, vocabulary of {len(vocab)}")
     if chosen == "onnx" and check_steps > 0:
         _check_onnx(out, model, vocab, cfg, check_steps)
 
 
-def _format(fmt: Optional[str], out: Path) -> str:
+def _format(fmt: str | None, out: Path) -> str:
     if fmt is None:
         if out.suffix.lower() not in FORMATS:
             raise UserError(f"cannot tell the format from --out {out}: give --format safetensors or --format onnx "
@@ -77,12 +78,9 @@ def _check_out(out: Path) -> None:
 
 def _check_not_a_checkpoint(out: Path, checkpoint: Path, force: bool) -> None:
     """--out never replaces the file being exported, and a run's checkpoint only with --force."""
-    from charlm.store.checkpoint import resolve_checkpoint  # noqa: PLC0415
-    from charlm.store.rundir import BEST, CONFIG, LAST  # noqa: PLC0415
-
     if not out.exists():
         return
-    source = resolve_checkpoint(checkpoint)
+    source = lib.resolve_checkpoint(checkpoint)
     if out.resolve() == source.resolve() or os.path.samefile(out, source):
         raise UserError(f"--out {out} is the checkpoint being exported (its source); write the export to "
                         "another file")
@@ -92,15 +90,13 @@ def _check_not_a_checkpoint(out: Path, checkpoint: Path, force: bool) -> None:
                         "file (e.g. model.safetensors), or add --force to replace it")
 
 
-def _check_onnx(out: Path, model, vocab, cfg, steps: int) -> None:
+def _check_onnx(out: Path, model: CharLM, vocab: Vocab, cfg: Config, steps: int) -> None:
     """Run the file against charlm; a disagreement beyond the tolerance is a bug (exit 1), not a user error."""
-    from charlm.export.onnx_check import ATOL, RTOL, check_onnx  # noqa: PLC0415
-
-    parity = check_onnx(out, model, vocab, cfg, steps)
+    parity = lib.check_onnx(out, model, vocab, cfg, steps)
     sizes = " and ".join(map(str, parity.batch_sizes))
     summary = (f"{parity.steps} steps from the prompt {parity.prompt!r} at batch sizes {sizes}: max |difference| "
                f"logits {parity.logits:.1e}, states {parity.state:.1e} (values up to {parity.largest:.3g})")
-    bound = f"{ATOL:g} + {RTOL:g} * |value|"
+    bound = f"{lib.ATOL:g} + {lib.RTOL:g} * |value|"
     if not parity.passed:
         err_console.print(f"charlm: error: onnxruntime disagrees with charlm beyond {bound} over {summary}; "
                           f"{out} is kept for inspection (please report this)")

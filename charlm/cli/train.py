@@ -6,33 +6,36 @@ import json
 import math
 import signal
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from charlm.cli.common import app, console
+from charlm.cli import library as lib
+from charlm.cli.common import console
 from charlm.config import load_config, with_absolute_paths
 from charlm.errors import UserError
 from charlm.store.rundir import BEST, CONFIG, LAST
 
+if TYPE_CHECKING:
+    from charlm.training.trainer import TrainOutcome
 
-@app.command()
+
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run dir (default: runs/<config file stem>)."),
-    overrides: List[str] = typer.Option([], "--set", help="Override a config key: --set train.lr=1e-3 (repeatable)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (overrides train.device)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in the run dir from its last.pt."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in the run dir."),
-    init_from: Optional[Path] = typer.Option(
-        None, "--init-from", help="Start a new run from a trained model's weights: a checkpoint file, or a run dir "
-                                  "(its best.pt); fine-tuning (sets train.init_from)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain lines at each evaluation only: no bar, no samples."),
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run dir (default: runs/<config file stem>).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config key: --set train.lr=1e-3 (repeatable).")] = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="auto, cpu, cuda, cuda:N or mps (overrides train.device).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the run dir from its last.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in the run dir.")] = False,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", help="Start a new run from a trained model's weights: a checkpoint file, or a run dir "
+                            "(its best.pt); fine-tuning (sets train.init_from).")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Plain lines at each evaluation only: no bar, no samples.")] = False,
 ) -> None:
     """Train a model from a YAML config."""
-    from charlm.report.progress import TrainingDisplay  # noqa: PLC0415
-    from charlm.training.run import train as run_training  # noqa: PLC0415
-
     if resume and init_from is not None:
         raise UserError("--init-from starts a new run from a trained model and --resume continues a run; "
                         "give one of them")
@@ -40,21 +43,21 @@ def train(
         if not (resume and out is not None):
             raise UserError("give --config FILE (or --resume --out RUN_DIR to continue a run with its own config)")
         config = out / CONFIG
-    sets = list(overrides) + ([f"train.device={device}"] if device else [])
+    sets = list(overrides or []) + ([f"train.device={device}"] if device else [])
     sets += [f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []  # quoted: any path
     cfg = with_absolute_paths(load_config(config, sets))
     run_dir = out if out is not None else Path("runs") / config.stem
-    outcome = run_training(cfg, run_dir, resume=resume, overwrite=overwrite,
-                           display=TrainingDisplay(quiet=quiet))
+    outcome = lib.train(cfg, run_dir, resume=resume, overwrite=overwrite, display=lib.TrainingDisplay(quiet=quiet))
     if outcome.main:
         _report_training(outcome, run_dir)
     if outcome.signal is not None:
         raise typer.Exit(128 + outcome.signal)
 
 
-def _report_training(outcome, run_dir: Path) -> None:
+def _report_training(outcome: TrainOutcome, run_dir: Path) -> None:
     out = console()
     if outcome.stop_reason == "interrupted":
+        assert outcome.signal is not None, "an interrupted run names the signal that stopped it"
         name = signal.Signals(outcome.signal).name
         out.print(f"{name}: stopped at step {outcome.step}; saved {run_dir / LAST}. "
                       f"Resume with: charlm train --resume --out {run_dir}")
