@@ -26,8 +26,7 @@ import torch
 
 import charlm.inference.sample as sample
 import charlm.serving.engine as engine_module
-from charlm.cli.common import load_model
-from charlm.cli.use import _in_precision
+from charlm.cli.common import in_precision, load_model
 from charlm.inference.sample import Decoding, make_generator
 from charlm.serving.engine import Completion, Engine
 from charlm.serving.worker import engine_threads
@@ -55,7 +54,7 @@ def long_prompt(vocab, chars: int) -> torch.Tensor:
 def one_trial(model, vocab, precision: str, prompt: torch.Tensor, chunk: int) -> dict:
     """The engine in this, the main thread (as `charlm serve` runs it), driven from another."""
     sample.PROMPT_CHUNK = engine_module.PROMPT_CHUNK = chunk
-    engine = Engine(model, vocab, precision_context=lambda: _in_precision(model, precision))
+    engine = Engine(model, vocab, precision_context=lambda: in_precision(model, precision))
     result: dict = {}
     driver = threading.Thread(target=drive, args=(engine, vocab, prompt, result), daemon=True)
     driver.start()
