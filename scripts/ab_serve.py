@@ -74,6 +74,7 @@ def servers(args) -> None:
 def engine_module(tree: Path, name: str):
     """charlm/serving/engine.py of `tree`, loaded under `name` (it imports the rest from this process's charlm)."""
     spec = importlib.util.spec_from_file_location(name, tree / "charlm" / "serving" / "engine.py")
+    assert spec is not None and spec.loader is not None, f"{tree} holds no charlm/serving/engine.py"
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -81,10 +82,10 @@ def engine_module(tree: Path, name: str):
 
 
 def engines(args) -> None:
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - only --engine needs torch in this process
 
-    from charlm.cli.common import load_model  # noqa: PLC0415
-    from charlm.inference.sample import Decoding, make_generator  # noqa: PLC0415
+    from charlm.cli.common import load_model  # noqa: PLC0415 - only --engine loads charlm here; servers run in their own trees
+    from charlm.inference.sample import Decoding, make_generator  # noqa: PLC0415 - only --engine loads charlm here; servers run in their own trees
 
     torch.set_num_threads(1)  # as `charlm serve`'s engine on 2 cores
     modules = {"before": engine_module(Path(args.before).resolve(), "engine_before"),

@@ -27,21 +27,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from reference_lstm import TorchNNLM
 from torch import nn
 
+from charlm import hardware
+from charlm.config import ModelConfig
 from charlm.data.sources import read_text
 from charlm.data.vocab import Vocab
 from charlm.inference.evaluate import IGNORE, evaluate_ids, stream_layout
 from charlm.inference.sample import generate, make_generator
-from charlm.config import ModelConfig
+from charlm.models.autotune import Workload, candidates, choose
 from charlm.models.model import CharLM
 from charlm.models.native import cpp_loops
+from charlm.training.runtime import usable_precision
 
 V, E, L = 65, 64, 2  # Tiny Shakespeare's vocabulary size, the default embedding, layers
 VARIANTS = ("native", "fused", "torch.nn")
@@ -64,6 +68,7 @@ def make_model(kind: str, backend: str, hidden: int, layers: int, device: torch.
 def torch_nn_copy(model: CharLM, kind: str) -> TorchNNLM:
     """The plain torch.nn model with `model`'s weights: charlm's cells use torch.nn's names and layout."""
     peer = TorchNNLM(V, E, model.rnn.hidden_size, model.rnn.num_layers, kind)
+    assert model.embedding is not None, "the bench models read characters through an embedding"
     peer.embedding.weight.copy_(model.embedding.weight)
     for k, cell in enumerate(model.rnn.layers):
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
@@ -74,11 +79,11 @@ def torch_nn_copy(model: CharLM, kind: str) -> TorchNNLM:
 
 def build_variant(kind: str, variant: str, hidden: int, device: torch.device) -> nn.Module:
     """One of VARIANTS, built on the CPU from seed 0 and moved to `device`."""
-    model = make_model(kind, "native" if variant == "torch.nn" else variant, hidden, L, torch.device("cpu"))
+    built = make_model(kind, "native" if variant == "torch.nn" else variant, hidden, L, torch.device("cpu"))
+    model: nn.Module = built
     if variant == "torch.nn":
-        peer = torch_nn_copy(model, kind)
-        check_same_function(model, peer)
-        model = peer
+        model = torch_nn_copy(built, kind)
+        check_same_function(built, model)
     return model.to(device)  # torch.nn's RNN modules re-flatten their weights here (cuDNN wants one chunk)
 
 
@@ -98,9 +103,10 @@ def train_step(model, optimizer, x, y, precision: str = "fp32") -> None:
     optimizer.step()
 
 
-def rotated_medians(runs: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+def rotated_medians(runs: Mapping[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
     """Median seconds of each run; every round calls each once, the order rotated by one per round."""
-    names, times = list(runs), {name: [] for name in runs}
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
@@ -144,7 +150,7 @@ def generate_torch_nn(model: TorchNNLM, prompt: torch.Tensor, length: int, strea
 BF16_NATIVE = "native bf16"  # charlm native under torch.autocast bf16: the mixed-precision loops
 
 
-def in_precision(variant: str, device: torch.device, run: Callable[[], object]) -> Callable[[], object]:
+def in_precision(variant: str, device: torch.device, run: Callable[..., object]) -> Callable[[], object]:
     """`run`, under bf16 autocast for the BF16_NATIVE variant."""
     if variant != BF16_NATIVE:
         return run
@@ -241,7 +247,7 @@ def vendor_rnn_ops(kind: str, variant: str, device: torch.device, dtype=None) ->
 
 def step_loop_evidence(kind: str, device: torch.device) -> tuple[int, int]:
     """torch.nn's recurrent module alone: its aten::linear calls and the autograd matmul nodes of its backward."""
-    rnn = build_variant(kind, "torch.nn", 16, device).rnn
+    rnn = cast(nn.Module, build_variant(kind, "torch.nn", 16, device).rnn)  # nn.Module types it as Tensor | Module
     ops = profiled_ops(rnn, torch.randn(2, PROFILE_T, E, device=device))
     return ops["aten::linear"], ops["AddmmBackward0"] + ops["MmBackward0"]
 
@@ -384,9 +390,6 @@ def bench_auto_cell(kind: str, batch: int, seq: int, hidden: int, precision: str
                     device: torch.device) -> tuple[str, dict[str, float]]:
     """What `model.backend: auto` picks for one cell, precision and shape (measured afresh, as on a
     first run), and chars/s of native, fused and torch.nn training steps, rotated round by round."""
-    from charlm.config import ModelConfig  # noqa: PLC0415
-    from charlm.models.autotune import Workload, candidates, choose  # noqa: PLC0415
-
     cfg = ModelConfig(type=kind, hidden_size=hidden, num_layers=L, embedding_dim=E)
     pick = choose("auto", cfg, V, device, precision, Workload.training(batch, seq)).backend
     variants = [*candidates(kind), *(["torch.nn"] if kind != "mingru" else [])]
@@ -483,16 +486,12 @@ def describe_device(device: torch.device) -> tuple[str, list[str]]:
 
 
 def hardware_model() -> str:
-    from charlm import hardware  # noqa: PLC0415
-
     return hardware.cpu_model()
 
 
 def usable_bf16(device: torch.device, supported: bool) -> bool:
     """Whether charlm itself runs bf16 here (it runs fp32 instead on a CPU, or a CHARLM_MAX_ISA level,
     without bf16 units): auto's bf16 rows are skipped where it would not."""
-    from charlm.training.runtime import usable_precision  # noqa: PLC0415
-
     return supported and usable_precision(device, "bf16")[0] == "bf16"
 
 
@@ -514,8 +513,6 @@ def parse_args() -> argparse.Namespace:
 def isa_matrix(args) -> None:
     """Run --auto-only in a child process per ISA level (and one with CHARLM_NO_CPP=1), then print
     one table of them all: what an older or smaller CPU of this family would do."""
-    from charlm import hardware  # noqa: PLC0415
-
     top = hardware.cpu_isa_level()
     rows = [(level, {hardware.ISA_ENV: level, "ONEDNN_MAX_CPU_ISA": hardware.ONEDNN_ISA[level],
                      "MKL_ENABLE_INSTRUCTIONS": hardware.MKL_ISA[level]})

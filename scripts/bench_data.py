@@ -42,13 +42,13 @@ def peak_rss_mb() -> float:
 
 def train_steps(ids, vocab_size: int, steps: int) -> dict:
     """A few training steps of the benchmark model (LSTM 2x256, B=64, T=64) on `ids`."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
 
-    from charlm.config import validate_config  # noqa: PLC0415
-    from charlm.data.batches import TBPTTBatches  # noqa: PLC0415
-    from charlm.models.model import CharLM  # noqa: PLC0415
-    from charlm.training.optim import build_optimizer  # noqa: PLC0415
-    from charlm.training.trainer import Trainer  # noqa: PLC0415
+    from charlm.config import validate_config  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
+    from charlm.data.batches import TBPTTBatches  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
+    from charlm.models.model import CharLM  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
+    from charlm.training.optim import build_optimizer  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
+    from charlm.training.trainer import Trainer  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
 
     cfg = validate_config({"data": {"path": "unused.txt"}, "model": {"hidden_size": 256, "num_layers": 2},
                            "train": {"max_steps": 1, "batch_size": 64, "seq_len": 64}})
@@ -74,12 +74,12 @@ def train_steps(ids, vocab_size: int, steps: int) -> dict:
 def worker(mode: str, path: str, cache: str, extra: dict) -> dict:
     """Runs inside a fresh process; returns its measurements."""
     if mode == "model":  # the same training with no corpus at all: what the model alone costs
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
         ids = torch.randint(0, extra["vocab"], (64 * 64 * 4 + 1,), generator=torch.Generator().manual_seed(0))
         return {**train_steps(ids, extra["vocab"], extra.get("steps", 6)), "peak_rss_mb": peak_rss_mb()}
 
-    from charlm.config import DataConfig  # noqa: PLC0415
-    from charlm.data.corpus import load_corpus  # noqa: PLC0415
+    from charlm.config import DataConfig  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
+    from charlm.data.corpus import load_corpus  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
 
     started = time.perf_counter()
     corpus = load_corpus(DataConfig(path=path, val_fraction=0.01), cache=Path(cache))
@@ -105,7 +105,7 @@ def run_worker(mode: str, path: Path, cache: Path, **extra) -> dict:
 def build_big_corpus(folder: Path, megabytes: float) -> Path:
     sources = [p for p in SOURCES if p.exists()]
     if not sources:
-        from charlm.data.builtin import python_stdlib_files  # noqa: PLC0415
+        from charlm.data.builtin import python_stdlib_files  # noqa: PLC0415 - the parent imports no charlm; only this fallback needs it
         sources = python_stdlib_files()
     pieces = [p.read_bytes() for p in sources]
     target, out = int(megabytes * 2**20), folder / "big.txt"
@@ -124,8 +124,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
         big = build_big_corpus(tmp, args.mb)
         size_mb = big.stat().st_size / 2**20
         print(f"corpus: {size_mb:.0f} MB ({big})")

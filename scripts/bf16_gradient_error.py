@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +26,16 @@ def gradients(payload: dict, backend: str, precision: str, x: torch.Tensor, y: t
     model.train()
     for module in model.modules():  # dropout off: the same function for every backend
         if hasattr(module, "p"):
-            module.p = 0.0
+            cast(Any, module).p = 0.0  # nn.Module types its attributes as Tensor | Module; p is the rate
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits, _ = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
     loss.backward()
-    return {name: p.grad.double() for name, p in model.named_parameters()}
+    grads = {}
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        grads[name] = p.grad.double()
+    return grads
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import httpx
 
@@ -42,6 +43,7 @@ def start_server(checkpoint: str, extra: list[str]) -> tuple[subprocess.Popen, s
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            assert proc.stderr is not None  # stderr=PIPE
             raise SystemExit(f"the server exited: {proc.stderr.read()}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
@@ -150,7 +152,7 @@ def main() -> None:
                        "seed": 1000 + k} for k in range(clients)]
             timeout = max(60.0, args.max_seconds)
             ways = [("batched", run_batched), ("one at a time", run_one_at_a_time)]
-            row = {"clients": clients}
+            row: dict[str, Any] = {"clients": clients}
             for name, way in (ways if i % 2 == 0 else ways[::-1]):  # alternate which goes first
                 row[name] = summary(*way(url, bodies, timeout))
             row["speedup"] = row["batched"]["chars_per_s"] / row["one at a time"]["chars_per_s"]

@@ -19,6 +19,7 @@ import json
 import secrets
 import sys
 import unicodedata
+from typing import Any
 
 import numpy as np
 import onnxruntime
@@ -200,7 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace, defaults: dict) -> dict:
     """The decoding settings: each option, else the config's sample section; checked."""
-    chosen = {key: getattr(args, key) if getattr(args, key) is not None else defaults.get(key)
+    chosen: dict[str, Any] = {key: getattr(args, key) if getattr(args, key) is not None else defaults.get(key)
               for key in ("length", "temperature", "top_k", "top_p", "seed")}
     chosen["prompt"] = args.prompt or defaults.get("prompt") or "\n"  # an empty --prompt: the default
     chosen["temperature"] = 1.0 if chosen["temperature"] is None else chosen["temperature"]

@@ -4,6 +4,7 @@ and one message per problem. The only module that imports yaml."""
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def apply_override(raw: dict, assignment: str) -> None:
 # --- validation ---------------------------------------------------------------------------
 
 
-def _describe_error(error: dict) -> str:
+def _describe_error(error: Mapping[str, Any]) -> str:
     loc = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return _describe_unknown_key(error["loc"])

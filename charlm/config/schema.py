@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -55,10 +55,14 @@ class DataConfig(_Section):
 
 
 # Both lists come from the cell-type registry, a torch-free leaf of charlm.models.
-Backend = Literal[registry.BACKEND_CHOICES]  # auto or a concrete backend
+if TYPE_CHECKING:  # a Literal built at run time is beyond mypy: to it, both are plain strings
+    Backend: TypeAlias = str
+    CellType: TypeAlias = str
+else:
+    Backend = Literal[registry.BACKEND_CHOICES]  # auto or a concrete backend
+    CellType = Literal[registry.CELL_TYPES]
 BACKEND_CHOICES: tuple[str, ...] = get_args(Backend)  # what model.backend and --backend accept
 BACKENDS: tuple[str, ...] = registry.BACKENDS  # the concrete ones a model runs on
-CellType = Literal[registry.CELL_TYPES]
 
 
 # What a machine could hold. A parameter is 4 bytes of float32 and training keeps three more copies

@@ -160,6 +160,7 @@ def _labelled(progress, label: str):
 
 def _converted(known: KnownCorpus, paths: list[Path], out: Path) -> bytes:
     """The converted text as UTF-8, checked against the corpus's SHA-256."""
+    assert known.convert is not None, "only a corpus with a converter is converted"
     try:
         data = known.convert(paths).encode("utf-8")
     except ValueError as err:

@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -31,7 +32,7 @@ class DataError(UserError):
 @dataclass(frozen=True)
 class TextSettings:
     unit: str = "chars"  # chars | bytes
-    normalize: str = "none"  # none | NFC | NFKC
+    normalize: Literal["none", "NFC", "NFKC"] = "none"
     newlines: str = "keep"  # keep | lf
     documents: str = "none"  # none | lines
     on_decode_error: str = "error"  # error | skip

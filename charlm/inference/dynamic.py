@@ -17,7 +17,7 @@ Two update rules, each with an optional pull back toward the trained weights θ0
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,7 +84,7 @@ def read_dynamically(model: torch.nn.Module, ids: torch.Tensor, settings: Dynami
             state = tuple(s.detach() for s in state)
             totals.total_nats += float(total.detach().double())
             totals.count += y.numel()
-            if keep_losses:
+            if totals.losses is not None:  # keep_losses
                 totals.losses.extend(losses.detach().double().tolist())
             updater.step(grads)  # after the segment was scored: it only affects later segments
     finally:
@@ -101,10 +101,11 @@ def _segments(ids: torch.Tensor, length: int) -> Iterator[tuple[torch.Tensor, to
 class _Updater:
     """One update rule over a list of parameters, remembering the trained weights."""
 
-    def __init__(self, params: list[torch.Tensor], settings: DynamicSettings):
+    def __init__(self, params: Sequence[torch.Tensor], settings: DynamicSettings):
         self.params, self.settings = params, settings
-        self.trained = [p.detach().clone() for p in params] if settings.decay else None
-        self.mean_square = [torch.zeros_like(p) for p in params] if settings.rule == "rms" else None
+        # each list is empty where the settings do not use it (no decay; the sgd rule)
+        self.trained = [p.detach().clone() for p in params] if settings.decay else []
+        self.mean_square = [torch.zeros_like(p) for p in params] if settings.rule == "rms" else []
         self.updates = 0
 
     @torch.no_grad()

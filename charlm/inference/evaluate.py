@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,8 @@ def evaluate_totals(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64
     inputs, targets = stream_layout(ids, streams, min_stream, warmup)  # [S, W + L]
     inputs, targets = inputs[part[0]::part[1]], targets[part[0]::part[1]]
     if window is None:
-        window = max(1, min(64, _LOGITS_BUDGET // (max(inputs.shape[0], 1) * model.vocab_size)))
+        vocab_size = cast(int, model.vocab_size)  # nn.Module types each attribute as Tensor | Module
+        window = max(1, min(64, _LOGITS_BUDGET // (max(inputs.shape[0], 1) * vocab_size)))
     was_training = model.training
     model.eval()
     state, total, count = None, 0.0, 0

@@ -82,6 +82,7 @@ def pick(logits: torch.Tensor, decoding: Decoding, u: torch.Tensor | None) -> to
     meaningless, and chosen_probs says which rows those are."""
     if decoding.temperature == 0:
         return logits.argmax(dim=-1)
+    assert u is not None, "drawing at a temperature above 0 needs the uniform numbers"
     return inverse_cdf(sampling_probs(logits, decoding), u)
 
 
@@ -258,6 +259,7 @@ def read_prompt(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor
     read, state = 0, None
     while read < ids.shape[1]:
         logits, state, read = read_prompt_chunk(model, ids, read, state)
+    assert state is not None, "a prompt is at least one id long"
     return logits, state
 
 

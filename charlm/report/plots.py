@@ -66,11 +66,11 @@ def _draw(by_step, by_time, name: str, events: list, scale: float) -> None:
 
 def _pyplot(command: str):
     try:
-        import matplotlib  # noqa: PLC0415 - optional dependency
+        import matplotlib  # noqa: PLC0415 - the optional plot extra, loaded only when a plot is drawn
     except ImportError:
         raise UserError(f"{command} needs matplotlib: pip install 'charlm[plot]' (or pip install matplotlib)") from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after matplotlib.use("Agg"), which must come first
 
     return plt
 

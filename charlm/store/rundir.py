@@ -45,7 +45,8 @@ class RunLock:
     loss) is taken over, with a notice."""
 
     def __init__(self, run_dir: Path):
-        self.run_dir, self.path, self.notices = run_dir, run_dir / LOCK, []
+        self.run_dir, self.path = run_dir, run_dir / LOCK
+        self.notices: list[str] = []
 
     def __enter__(self) -> RunLock:
         if self.run_dir.exists() and not self.run_dir.is_dir():

@@ -87,9 +87,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too; charlm draws from no other RNG
 
 
-def rng_state() -> dict:
-    """The RNG states a training step draws from (dropout), as tensors."""
-    state = {"torch": torch.get_rng_state()}
+def rng_state() -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """The RNG states a training step draws from (dropout), as tensors: the CPU's, and one per CUDA device."""
+    state: dict[str, torch.Tensor | list[torch.Tensor]] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from charlm.config import redact_uri
 
@@ -30,7 +30,7 @@ def hide_password(url: str) -> str:
     return f"{scheme}://{shown}{host}{tail}"
 
 
-def carries_credentials(value: Any) -> bool:
+def carries_credentials(value: Any) -> TypeGuard[str]:
     """Whether a config value is a URI with userinfo or a secret query value."""
     return isinstance(value, str) and "://" in value and redact_uri(value) != value
 

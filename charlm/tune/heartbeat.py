@@ -30,7 +30,8 @@ class Heartbeat:
 
     def __init__(self, storage, trial_id: int, stale_after: float):
         self.storage, self.trial_id, self.stale_after = storage, trial_id, stale_after
-        self.interval, self.last = beat_interval(stale_after), None
+        self.interval = beat_interval(stale_after)
+        self.last: float | None = None  # monotonic time of the last beat; None: none yet
 
     def __call__(self) -> None:
         now = time.monotonic()

@@ -47,8 +47,8 @@ def trial_rows(study) -> list[TrialRow]:
 
 
 def best_row(rows: list[TrialRow]) -> TrialRow | None:
-    complete = [r for r in rows if r.state == "complete" and r.best_val is not None]
-    return min(complete, key=lambda r: r.best_val) if complete else None
+    scored = [(r, r.best_val) for r in rows if r.state == "complete" and r.best_val is not None]
+    return min(scored, key=lambda pair: pair[1])[0] if scored else None
 
 
 def write_results(out: Path, study_name: str, rows: list[TrialRow], keys: list[str],
@@ -78,8 +78,10 @@ def trials_csv(rows: list[TrialRow], keys: list[str]) -> str:
 
 
 def best_yaml(best: TrialRow, study_name: str, count: int, path: Path, config: dict) -> str:
+    val = best.best_val
+    assert val is not None, "the best trial is a complete one, with a val loss"
     lines = [f"# Best of {count} trials of study '{study_name}': trial {best.number}, val loss "
-             f"{best.best_val:.4f} nats ({best.best_val / math.log(2):.4f} bpc) in {best.steps} steps.",
+             f"{val:.4f} nats ({val / math.log(2):.4f} bpc) in {best.steps} steps.",
              *(f"#   {key}: {value}" for key, value in best.params.items()),
              f"# Train it: charlm train --config {path} (raise train.max_steps or train.max_time for a longer run)"]
     return "\n".join(lines) + "\n" + config_yaml(config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
@@ -61,14 +62,20 @@ class Param:
         """The value of this key for an Optuna trial (a stored trial gets back its own value)."""
         if self.choices is not None:
             return trial.suggest_categorical(self.key, list(self.choices))
-        r = self.range
+        r = self.span
         if self.integer:
             return trial.suggest_int(self.key, int(r.low), int(r.high), step=int(r.step or 1), log=r.log)
         return trial.suggest_float(self.key, float(r.low), float(r.high), step=r.step, log=r.log)
 
     def endpoints(self) -> tuple:
         """The values that must each make a valid config before any trial runs."""
-        return self.choices if self.choices is not None else (self.range.low, self.range.high)
+        return self.choices if self.choices is not None else (self.span.low, self.span.high)
+
+    @property
+    def span(self) -> Range:
+        """The range of a key searched without a list of choices."""
+        assert self.range is not None, "a Param holds either choices or a range"
+        return self.range
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,7 @@ def _field_kind(key: str) -> type | None:
     if get_origin(annotation) in (Union, types.UnionType):
         members = [a for a in get_args(annotation) if a is not type(None)]
         annotation = members[0] if len(members) == 1 else None
-    return annotation if annotation in (int, float) else None
+    return int if annotation is int else float if annotation is float else None
 
 
 def _choices(key: str, values: list) -> tuple:
@@ -191,7 +198,7 @@ def _check_values(param: Param, base: Config) -> list[str]:
     return problems
 
 
-def _describe(key: str, error: dict) -> str:
+def _describe(key: str, error: Mapping[str, Any]) -> str:
     where = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown range setting '{where}'; a range takes low, high, log and step"

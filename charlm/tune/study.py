@@ -49,13 +49,20 @@ class Sweep:
 def import_optuna():
     """optuna, quiet, or one line saying which extra to install."""
     try:
-        import optuna  # noqa: PLC0415
+        import optuna  # noqa: PLC0415 - optuna is the optional tune extra, loaded only when a sweep runs
     except ImportError as err:
         if (err.name or "").split(".")[0] in ("optuna", "sqlalchemy", "alembic"):
             raise UserError(INSTALL_HINT) from None
         raise
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # charlm tune says what happens itself
     return optuna
+
+
+def _trial_states():
+    """optuna's TrialState enum (optuna is already loaded by open_study when a worker asks)."""
+    from optuna.trial import TrialState  # noqa: PLC0415 - optuna is the optional tune extra, as in import_optuna
+
+    return TrialState
 
 
 def open_study(sweep: Sweep):
@@ -161,8 +168,7 @@ def _reporter(trial, seen: set[int]) -> Callable[[int, float], bool]:
 
 
 def _tell(study, storage, trial, result: TrialRun) -> None:
-    from optuna.trial import TrialState  # noqa: PLC0415
-
+    TrialState = _trial_states()
     trial.set_user_attr("steps", result.steps)
     trial.set_user_attr("seconds", round(result.seconds, 1))
     if result.message:
@@ -177,8 +183,7 @@ def _tell(study, storage, trial, result: TrialRun) -> None:
 
 def _requeue(study, storage, trial) -> None:
     """Back to WAITING: the next worker to ask takes it, with its values (and its run dir's last.pt)."""
-    from optuna.trial import TrialState  # noqa: PLC0415
-
+    TrialState = _trial_states()
     trial_id = _trial_id(study, storage, trial)
     storage.set_trial_user_attr(trial_id, ALIVE_UNTIL, None)  # its next worker vouches anew
     storage.set_trial_state_values(trial_id, TrialState.WAITING)
@@ -186,8 +191,7 @@ def _requeue(study, storage, trial) -> None:
 
 def _requeue_stale(study, storage, sweep: Sweep, say: Callable[[str], None]) -> None:
     """Back to WAITING: each running trial whose worker stopped sending heartbeats (killed, lost)."""
-    from optuna.trial import TrialState  # noqa: PLC0415
-
+    TrialState = _trial_states()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_stale(trial, sweep.stale_after, time.time()):
             continue
@@ -202,8 +206,7 @@ def _requeue_stale(study, storage, sweep: Sweep, say: Callable[[str], None]) -> 
 
 def _running(study, trials: int) -> list[int]:
     """The numbers of the first `trials` trials that other workers run now."""
-    from optuna.trial import TrialState  # noqa: PLC0415
-
+    TrialState = _trial_states()
     return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number < trials]
 
 
@@ -224,8 +227,7 @@ def _trial_id(study, storage, trial) -> int:
 
 def _room_left(study, trials: int) -> bool:
     """Whether one of the first `trials` places is free: not yet taken, or queued again after a stop."""
-    from optuna.trial import TrialState  # noqa: PLC0415
-
+    TrialState = _trial_states()
     taken = study.get_trials(deepcopy=False)
     return len(taken) < trials or any(t.state == TrialState.WAITING and t.number < trials for t in taken)
 

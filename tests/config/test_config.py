@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from charlm.config import (
     BACKENDS,
     Config,
     ConfigError,
     SampleConfig,
+    apply_override,
+    config_yaml,
     load_config,
     parse_duration,
     sample_settings,
     with_absolute_paths,
 )
+from charlm.errors import UserError
 from charlm.models.registry import CELL_TYPES, lookup
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -150,14 +156,6 @@ def test_sample_settings_validate_cli_options():
 
 
 # --- property-based: config loading either succeeds or raises the one user-error type -------
-
-import tempfile  # noqa: E402
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from charlm.config import apply_override, config_yaml  # noqa: E402
-from charlm.errors import UserError  # noqa: E402
 
 _scalars = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | st.text(max_size=12)
 _documents = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
