@@ -13,12 +13,16 @@ import pytest
 pytest.importorskip("tensorboard", reason="needs the track extra: pip install 'charlm[track]'")
 pytest.importorskip("mlflow", reason="needs the track extra: pip install 'charlm[track]'")
 
-from charlm.config import config_yaml  # noqa: E402
-from charlm.training import tracking as tracking_module  # noqa: E402
-from charlm.store.checkpoint import load_checkpoint  # noqa: E402
-from charlm.store.metrics import read_metrics  # noqa: E402
-from conftest import run_cli, tiny_config  # noqa: E402
-from conftest import call  # noqa: E402
+from conftest import (
+    call,
+    run_cli,
+    tiny_config,
+)
+
+from charlm.config import config_yaml
+from charlm.store.checkpoint import load_checkpoint
+from charlm.store.metrics import read_metrics
+from charlm.training import tracking as tracking_module
 
 STEPS = 6  # evaluations at 3 and 6 (tiny_config)
 

@@ -10,16 +10,15 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, InfGradients, params, quiet, tiny_config
 
-from charlm.training import trainer as trainer_module
 from charlm.config import validate_config
 from charlm.errors import UserError
-from charlm.training.distributed import World, any_rank_flag
 from charlm.store.metrics import read_metrics
-from charlm.training.runtime import process_device_note, resolve_device
+from charlm.training import trainer as trainer_module
+from charlm.training.distributed import World, any_rank_flag
 from charlm.training.run import train
-from conftest import ROOT, InfGradients, params, tiny_config
-from conftest import quiet
+from charlm.training.runtime import process_device_note, resolve_device
 
 
 def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -168,6 +167,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, text_file, monkeypatch, c
 
     monkeypatch.setattr(torch, "compile", broken)
     from rich.console import Console
+
     from charlm.report.progress import TrainingDisplay
     cfg = validate_config(tiny_config(text_file, train={"compile": True, "max_steps": 2}))
     outcome = train(cfg, tmp_path / "run", display=TrainingDisplay(Console(force_terminal=False)))

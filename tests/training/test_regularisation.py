@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from charlm.config import ConfigError, ModelConfig, validate_config
 from charlm.models.dropout import drop, dropped_embedding_rows
 from charlm.models.model import CharLM, Trace
 from charlm.training.objective import activation_penalties
-from conftest import tiny_config
 
 
 def test_per_element_dropout_keeps_the_expectation_and_drops_p():

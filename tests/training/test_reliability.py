@@ -13,19 +13,18 @@ import time
 
 import pytest
 import torch
+from conftest import assert_user_error, call, run_cli, tiny_config, wait_for
 from rich.console import Console
 
 import charlm.training.checkpoint_contents as contents_module
 import charlm.training.trainer as trainer_module
 import charlm.training.validation as validation_module
-from charlm.store.checkpoint import load_checkpoint
 from charlm.config import validate_config
-from charlm.report.progress import TrainingDisplay
 from charlm.models.model import CharLM
+from charlm.report.progress import TrainingDisplay
+from charlm.store.checkpoint import load_checkpoint
 from charlm.store.metrics import read_metrics
 from charlm.training.run import train
-from conftest import run_cli, tiny_config, wait_for
-from conftest import assert_user_error, call
 
 
 def quiet():
@@ -49,7 +48,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, text_file, 
     assert wait_for(lambda: (run_dir / "last.pt").exists())
     rng = random.Random(0)
     steps = []
-    for kill in range(8):
+    for _ in range(8):
         time.sleep(rng.uniform(0.3, 4.0))  # sometimes during start-up, mostly while training and saving
         assert proc.poll() is None, proc.communicate()[1]
         proc.send_signal(signal.SIGKILL)

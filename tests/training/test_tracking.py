@@ -16,14 +16,13 @@ import pytest
 pytest.importorskip("tensorboard", reason="needs the track extra: pip install 'charlm[track]'")
 pytest.importorskip("mlflow", reason="needs the track extra: pip install 'charlm[track]'")
 
-from mlflow.tracking import MlflowClient  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from conftest import assert_user_error, call, run_cli, tiny_config, train_tiny_run
+from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import charlm.training.trainer as trainer_module  # noqa: E402
-from charlm.config import ConfigError, config_yaml, validate_config  # noqa: E402
-from charlm.store.metrics import read_metrics  # noqa: E402
-from conftest import run_cli, tiny_config, train_tiny_run  # noqa: E402
-from conftest import assert_user_error, call  # noqa: E402
+import charlm.training.trainer as trainer_module
+from charlm.config import ConfigError, config_yaml, validate_config
+from charlm.store.metrics import read_metrics
 
 BOTH = {"loggers": ["jsonl", "tensorboard", "mlflow"]}
 TB_SCALARS = {"train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
@@ -84,6 +83,42 @@ def test_tensorboard_gets_what_metrics_jsonl_gets(tracked):
     [(step, config)] = tb_text(accumulator, "config")
     assert step == 0 and config == (run_dir / "config.yaml").read_text(encoding="utf-8")
     assert f"tensorboard: {run_dir / 'tensorboard'} (view: tensorboard --logdir {run_dir})" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_figure_added_in_the_loop_reaches_every_sink(tracked):
+    """The per-part gradient norms are one entry of the train event in Trainer.train_step; metrics.jsonl,
+    the display's lines, TensorBoard and MLflow show them with no code of their own."""
+    run_dir, _, result = tracked
+    rows = events(run_dir, "train")
+    keys = [key for key in rows[0] if key.startswith("grad_norm/")]
+    assert keys == ["grad_norm/embedding", "grad_norm/rnn.0", "grad_norm/head"]
+    assert all(row[key] > 0 for row in rows for key in keys)
+    accumulator = tensorboard(run_dir)
+    client, run = mlflow_run(run_dir)
+    for key in keys:
+        assert [(s.step, s.value) for s in accumulator.Scalars(f"train/{key}")] == \
+               [(e["step"], pytest.approx(e[key], rel=1e-6)) for e in rows], key
+        assert history(client, run.info.run_id, f"train/{key}") == [(e["step"], e[key]) for e in rows], key
+    for e in rows:
+        parts = ", ".join(f"{key.split('/')[1]} {e[key]:.3g}" for key in keys)
+        assert f"step {e['step']} epoch {e['epoch']} | loss {e['loss']:.4f} | " in result.stdout
+        assert f"chars/s | grad_norm {parts}\n" in result.stdout
+
+
+def test_every_number_of_a_train_or_eval_event_is_a_chart():
+    """`<event>/<key>`, but for the validation charts' old names; flags, text and the axes (epoch, elapsed) are not."""
+    from charlm.store.events import Event
+    from charlm.training.tracking import scalars
+
+    train = Event("train", 4, {"epoch": 0, "loss": 2.5, "lr": 0.01, "grad_norm": 1.0, "chars_per_sec": 900.0,
+                               "elapsed": 3.0, "grad_norm/rnn.0": 0.5})
+    assert scalars(train) == {"train/loss": 2.5, "train/lr": 0.01, "train/grad_norm": 1.0,
+                              "train/chars_per_sec": 900.0, "train/grad_norm/rnn.0": 0.5}
+    evaluation = Event("eval", 4, {"epoch": 0, "val_loss": 2.0, "val_bpc": 2.9, "best_val_loss": None,
+                                   "elapsed": 3.0, "eval_seconds": 0.1, "new_best": True})
+    assert scalars(evaluation) == {"val/loss": 2.0, "val/bpc": 2.9, "eval/eval_seconds": 0.1}
+    assert scalars(Event("skip", 5, {"loss": float("nan"), "grad_norm": 1.0, "streak": 1})) == {}
 
 
 @pytest.mark.slow

@@ -7,15 +7,18 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import quiet, tiny_config
+from rich.console import Console
 
-from charlm.store.checkpoint import load_checkpoint, model_from_checkpoint
 from charlm.config import TrainConfig, validate_config
 from charlm.data.corpus import load_corpus
 from charlm.inference.evaluate import evaluate_ids
+from charlm.report.progress import TrainingDisplay
+from charlm.store.checkpoint import load_checkpoint, model_from_checkpoint
+from charlm.store.events import Event
 from charlm.store.metrics import read_metrics
 from charlm.training.optim import Budget, WeightAverage, learning_rate
 from charlm.training.run import train
-from conftest import quiet, tiny_config
 
 
 def schedule(**kwargs):
@@ -140,3 +143,23 @@ def test_a_carried_state_resumes_across_precisions(text_file, tmp_path, first, t
     assert saved[0].dtype == (torch.bfloat16 if first == "bf16" else torch.float32)
     resumed = validate_config(tiny_config(text_file, model=model, train={"precision": then, "max_steps": 6}))
     assert train(resumed, run_dir, resume=True, display=quiet()).step == 6
+
+
+def test_the_display_shows_the_figures_an_event_brings():
+    """The plain lines (not a terminal): the known figures in their places, any others after them."""
+    console = Console(record=True, force_terminal=False, width=200)
+    display = TrainingDisplay(console)
+    display.log(Event("train", 4, {"epoch": 1, "loss": 2.5, "lr": 0.01, "grad_norm": 1.5, "chars_per_sec": 1234.0,
+                                   "elapsed": 2.0, "grad_norm/embedding": 0.25, "grad_norm/rnn.0": 1.25}))
+    display.log(Event("train", 6, {"epoch": 1, "loss": 2.25, "lr": 0.01, "grad_norm": 1.5, "chars_per_sec": 999.0,
+                                   "elapsed": 3.0}))
+    display.log(Event("eval", 6, {"epoch": 1, "val_loss": 2.0, "val_bpc": 2.885, "best_val_loss": 2.0,
+                                  "elapsed": 3.5, "eval_seconds": 0.5, "new_best": True}))
+    display.log(Event("sample", 6, {"text": "ab\ncd"}))
+    display.log(Event("skip", 7, {"loss": float("nan"), "grad_norm": 1.0, "streak": 1}))  # the record's alone
+    assert console.export_text().splitlines() == [
+        "step 4 epoch 1 | loss 2.5000 | lr 1.00e-02 | grad norm 1.500 | 1.2k chars/s | grad_norm embedding 0.25, rnn.0 1.25",
+        "step 6 epoch 1 | loss 2.2500 | lr 1.00e-02 | grad norm 1.500 | 999 chars/s",
+        "step 6 | val loss 2.0000 nats | 2.8850 bpc | eval 0.5s  new best",
+        "  sample at step 6: ab⏎ cd",
+    ]
