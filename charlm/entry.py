@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+from types import ModuleType
 
 
-def _load_cli():
+def _load_cli() -> ModuleType:
     return importlib.import_module("charlm.cli")
 
 

@@ -1,11 +1,10 @@
 """The `charlm` command: parse options, call the library, print. No tensor math here.
 
-commands.py holds the command table (name -> function) the Typer app is built from; one module per
-group of commands defines them (`train`; `use`: sample, eval, info; `files`: download, plot, runs,
-viz; ...), with the options several share declared once in options.py. Every UserError (and every
-option click rejects) ends as one line on stderr and exit code 2; SIGINT / SIGTERM as 130 / 143.
-The library is imported when a command first uses it (library.py), so `charlm --help` and a
-mistyped option answer at once.
+commands.py is the command table the Typer app is built from; the command modules define plain
+functions, whose shared options are declared once in options.py, and reach the library through
+library.py, which imports it on first use (so `charlm --help` and a mistyped option answer at once).
+Every UserError (and every option click rejects) ends as one line on stderr and exit code 2;
+SIGINT / SIGTERM as 130 / 143.
 """
 
 from __future__ import annotations

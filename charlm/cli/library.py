@@ -1,18 +1,14 @@
-"""The library the commands call, imported on first use: `from charlm.cli import library as lib`,
-then `lib.generate(...)`. Most of it loads torch (a second or two), so `charlm --help`,
-`charlm <command> --help` and a mistyped option answer without it.
-
-The names are listed twice: once as imports that only the type checker reads (so every `lib.name`
-is checked against the function it calls), and once in LAZY, which this module's `__getattr__`
-imports from when a command first reads the name. tests/cli/test_structure.py checks that the
-two lists agree.
-"""
+"""The library the commands call, imported on first use (`lib.generate(...)` after `from charlm.cli import
+library as lib`): most of it loads torch, so `charlm --help` and a mistyped option answer without it."""
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
 
+# Each name twice: imported here for the type checker only (so every lib.name is checked against what it
+# calls), and listed in LAZY, from which __getattr__ imports it when a command first reads it.
+# tests/cli/test_structure.py checks that the two lists agree.
 # ruff: noqa: F401 - the imports below are read by the type checker only (lib.name); LAZY imports them when used
 if TYPE_CHECKING:
     from charlm.data.sources import read_text, read_text_file

@@ -6,10 +6,7 @@ import json
 import shutil
 
 import pytest
-
 import torch
-
-
 from conftest import PARAGRAPH, assert_user_error, call, run_cli, tiny_config
 
 
@@ -197,7 +194,7 @@ def test_bad_checkpoints(tmp_path, capsys, text_file):
 
 
 def test_malicious_checkpoint_is_refused_by_every_command(tmp_path, capsys, text_file, write_config):
-    from test_checkpoint import write_exploit
+    from store.test_checkpoint import write_exploit  # tests/ is on the path (conftest.py); store/ is a folder of it
     run_dir, marker = tmp_path / "run", tmp_path / "pwned"
     run_dir.mkdir()
     write_exploit(run_dir / "last.pt", marker)
