@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ def text_file(tmp_path: Path) -> Path:
 
 def tiny_config(data_path: Path, **sections) -> dict:
     """A config that trains in about a second; `sections` update its parts."""
-    config = {
+    config: dict[str, dict[str, Any]] = {
         "data": {"path": str(data_path), "val_fraction": 0.2},
         "model": {"type": "lstm", "hidden_size": 16, "num_layers": 1, "embedding_dim": 8},
         "train": {"batch_size": 4, "seq_len": 16, "lr": 0.01, "max_steps": 6, "eval_interval": 3,
@@ -97,8 +98,9 @@ class Collect:
     two really shared the batch)."""
 
     def __init__(self, beside: Collect | None = None):
-        self.events, self.done, self.beside = [], threading.Event(), beside
-        self.overlapped = None
+        self.events: list[dict] = []
+        self.done, self.beside = threading.Event(), beside
+        self.overlapped: bool | None = None  # None until the request ends
 
     def __call__(self, event):  # runs in the engine's thread
         self.events.append(event)
