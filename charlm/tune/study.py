@@ -284,7 +284,7 @@ def _creation_lock(url: str) -> Iterator[None]:
     if not url.startswith("sqlite:///") or path in ("", ":memory:"):
         yield
         return
-    import fcntl  # noqa: PLC0415 - POSIX; SQLite files are local to one machine anyway
+    import fcntl  # noqa: PLC0415 - POSIX only, and needed only for a SQLite study
 
     database = Path(path)
     database.parent.mkdir(parents=True, exist_ok=True)

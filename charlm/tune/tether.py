@@ -39,7 +39,7 @@ def _death_signal(signum: int) -> bool:
     """Ask the kernel for `signum` when our parent dies; False where there is no prctl (not Linux)."""
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes  # noqa: PLC0415 - only where it is used
+    import ctypes  # noqa: PLC0415 - loaded only on Linux, the one platform with prctl
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
