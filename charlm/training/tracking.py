@@ -48,7 +48,7 @@ def database(uri: str) -> bool:
 def mlflow_client(uri: str):
     """An MlflowClient of the store at `uri` (SQLite: the file is created), or one line saying why not."""
     from mlflow.exceptions import MlflowException  # noqa: PLC0415 - the track extra
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415 - the track extra
 
     for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..."
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -92,7 +92,7 @@ class TensorBoardLogger:
 
     def __init__(self, cfg: Config, run_dir: Path, step: int, resumed: bool, message: Callable[[str], None]):
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - the track extra
-        from torch.utils.tensorboard.summary import hparams  # noqa: PLC0415
+        from torch.utils.tensorboard.summary import hparams  # noqa: PLC0415 - the track extra
 
         folder = run_dir / TENSORBOARD_DIR
         self.writer = SummaryWriter(str(folder), purge_step=step + 1 if resumed else None, flush_secs=10)
@@ -140,7 +140,7 @@ class MlflowLogger:
 
     def _continued(self, resumed: bool, message: Callable[[str], None]) -> str | None:
         """The MLflow run of the charlm run being resumed, running again; None if there is none here."""
-        from mlflow.exceptions import MlflowException  # noqa: PLC0415
+        from mlflow.exceptions import MlflowException  # noqa: PLC0415 - the track extra
 
         if not resumed or not self.path.exists():
             return None
@@ -178,7 +178,7 @@ class MlflowLogger:
     def _log_config(self, cfg: Config, step: int) -> None:
         """Params are the config the run started with (MLflow refuses to change one): a resume with
         other values records them in a tag."""
-        from mlflow.entities import Param  # noqa: PLC0415
+        from mlflow.entities import Param  # noqa: PLC0415 - the track extra
 
         logged = self.client.get_run(self.run_id).data.params
         params = {key: _text(value) for key, value in flat_config(cfg).items()}
