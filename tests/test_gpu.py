@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 from conftest import InfGradients, params, quiet, tiny_config
-from test_fused import KernelDtypes
+from kernel_dtypes import KernelDtypes
 
 from charlm.config import ModelConfig, validate_config
 from charlm.models.fused import NOT_FLAT_WARNING, layer_weights

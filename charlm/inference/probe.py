@@ -13,8 +13,9 @@ context its predictions use.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ _CHUNK = 64  # windows run at once in context_losses: bounds the logits held [ch
 class GradientNorms:
     ks: list[int]
     hidden: list[float]  # mean over positions of ||d loss_t / d h_{t-k}||, all layers' h together
-    cell: Optional[list[float]] = None  # the same for the LSTM's cell state c
+    cell: list[float] | None = None  # the same for the LSTM's cell state c
     positions: int = 0
 
 
@@ -42,13 +43,14 @@ class ContextLosses:
 @contextlib.contextmanager
 def _reference_steps(model: torch.nn.Module) -> Iterator[None]:
     """The model in eval mode on the reference backend (autograd through every step's state)."""
-    was_training, backend = model.training, model.rnn.backend
+    rnn = cast(Any, model.rnn)  # a CharLM's RecurrentStack (nn.Module types each attribute as Tensor | Module)
+    was_training, backend = model.training, rnn.backend
     model.eval()
-    model.rnn.backend = "reference"
+    rnn.backend = "reference"
     try:
         yield
     finally:
-        model.rnn.backend = backend
+        rnn.backend = backend
         model.train(was_training)
 
 
@@ -76,7 +78,7 @@ def gradient_norms(model: torch.nn.Module, ids: torch.Tensor, max_k: int = 256, 
     device = next(model.parameters()).device
     windows = torch.stack([ids[s:s + warmup + max_k + 2] for s in starts]).to(device)  # [B, W + K + 2]
     with _reference_steps(model):
-        state = None
+        state: tuple[torch.Tensor, ...] | None = None
         if warmup:
             with torch.no_grad():
                 _, state = model(windows[:, :warmup], None)
@@ -88,7 +90,9 @@ def gradient_norms(model: torch.nn.Module, ids: torch.Tensor, max_k: int = 256, 
             kept.append(state)
         # the prediction from the last state's top-layer h (the layer's output, the same values),
         # so that k = 0 is a gradient too; summed over positions: each gets its own loss's gradient
-        logits = model.head(state[0][-1])  # [B, V]
+        assert state is not None, "max_k + 1 >= 1 steps were taken"
+        head = cast(torch.nn.Linear, model.head)  # nn.Module types each attribute as Tensor | Module
+        logits = head(state[0][-1])  # [B, V]
         loss = F.cross_entropy(_full(logits), windows[:, -1], reduction="sum")
         loss.backward()
     per_part = [[_mean_norm(kept[max_k - k][p].grad) for k in range(max_k + 1)] for p in range(len(state))]
@@ -97,7 +101,7 @@ def gradient_norms(model: torch.nn.Module, ids: torch.Tensor, max_k: int = 256, 
                          cell=per_part[1] if len(per_part) > 1 else None, positions=len(starts))
 
 
-def _mean_norm(grad: Optional[torch.Tensor]) -> float:
+def _mean_norm(grad: torch.Tensor | None) -> float:
     """grad [L, B, H] -> the mean over B of each position's norm over all layers and units (None:
     the loss does not depend on it, as on the LSTM's last c)."""
     if grad is None:

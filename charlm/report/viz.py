@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from charlm.errors import UserError
 from charlm.data.text import BOS, EOS, TextSettings, transform, units_of
 from charlm.data.vocab import Vocab
+from charlm.errors import UserError
 
 _WINDOW = 512  # steps per forward pass: recorded activations stay small
 _BUDGET = 24 << 20  # bytes of unit data in one page; beyond it, the most telling units are kept
@@ -114,8 +114,11 @@ def inspect(model, vocab: Vocab, text: str, settings: TextSettings, cell_type: s
     return _with_units(inspection, layers, shown, spec)
 
 
-def _expectations(vocab: Vocab, ids: torch.Tensor, probs: torch.Tensor):
-    surprisal, top5 = [0.0], [[]]
+def _expectations(vocab: Vocab, ids: torch.Tensor,
+                  probs: torch.Tensor) -> tuple[list[float], list[list[tuple[str, float]]]]:
+    """Each character's surprisal (bits) and the model's five likeliest characters before it."""
+    surprisal: list[float] = [0.0]
+    top5: list[list[tuple[str, float]]] = [[]]
     decode = vocab.stream_decoder
     for t in range(1, ids.numel()):
         p = probs[t - 1]

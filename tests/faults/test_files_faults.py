@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_user_error, call, train_tiny_run
 
 from charlm.config import redact_uri
-from conftest import train_tiny_run
-from conftest import assert_user_error, call
 
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="needs the export extra")
 

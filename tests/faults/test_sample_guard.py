@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import run_cli, train_tiny_run
 
 from charlm.inference.sample import Decoding, Undrawable, pick_next, sampling_probs
 from charlm.store.checkpoint import load_checkpoint, save_checkpoint
-from conftest import run_cli, train_tiny_run
 
 # the reference backend: no C++ build in each fresh test cache (what is tested here is the draw)
 BACKEND = ("--backend", "reference")

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import PARAGRAPH, config_yaml, run_cli, tiny_config
 
 from charlm.config import load_config
-from conftest import PARAGRAPH, config_yaml, run_cli, tiny_config
 
 SPACE = "model.hidden_size: [8, 16]\n"
 SECRET = "hunter2"
@@ -188,7 +188,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_trainer_killed_by_a_real_time_signal_is_one_line(tmp_path):
-    from charlm.tune.trial import run_trial  # noqa: PLC0415
+    from charlm.tune.trial import run_trial
 
     realtime = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else None
     if realtime is None:
@@ -203,9 +203,9 @@ def test_a_trainer_killed_by_a_real_time_signal_is_one_line(tmp_path):
 
 
 def test_trial_yaml_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, text_file):
-    from charlm import atomic  # noqa: PLC0415
-    from charlm.config import validate_config  # noqa: PLC0415
-    from charlm.tune.trial import TRIAL_CONFIG, train_command  # noqa: PLC0415
+    from charlm import atomic
+    from charlm.config import validate_config
+    from charlm.tune.trial import TRIAL_CONFIG, train_command
 
     run_dir = tmp_path / "trial_0000"
     run_dir.mkdir()
@@ -243,7 +243,7 @@ def test_a_storage_password_never_shows_in_a_message(sweep_files, tmp_path):
     ("sqlite:////tmp/sweep/study.db", "sqlite:////tmp/sweep/study.db"),
 ])
 def test_hide_password_keeps_the_user_and_hides_the_password(url, shown):
-    from charlm.tune.credentials import hide_password  # noqa: PLC0415
+    from charlm.tune.credentials import hide_password
 
     assert hide_password(url) == shown
 

@@ -7,28 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import params, quiet, tiny_config
-from torch.utils._python_dispatch import TorchDispatchMode
+from kernel_dtypes import KernelDtypes
 
 from charlm.config import ModelConfig, validate_config
 from charlm.models import fused
 from charlm.models.model import CharLM
 from charlm.training import trainer as trainer_module
 from charlm.training.run import train
-
-
-class KernelDtypes(TorchDispatchMode):
-    """Records (op name, dtype of its first argument) for every call of the named aten ops: what
-    reaches the kernel, after autocast has cast the arguments."""
-
-    def __init__(self, *names: str):
-        super().__init__()
-        self.names, self.seen = names, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.names:
-            self.seen.append((name, args[0].dtype))
-        return func(*args, **(kwargs or {}))
 
 
 class FakeCudnnFlatten:

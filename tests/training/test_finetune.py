@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import PARAGRAPH, run_cli, tiny_config, train_tiny_run
 
 from charlm.cli import main
 from charlm.config import config_yaml, load_config, validate_config
@@ -16,8 +17,6 @@ from charlm.data.vocab import UNK, Vocab
 from charlm.models.model import CharLM
 from charlm.training.init_from import transfer_weights
 from charlm.training.runtime import seed_everything
-
-from conftest import PARAGRAPH, run_cli, tiny_config, train_tiny_run
 
 # Text B: English again, with characters text A (PARAGRAPH) never has.
 NEW_TEXT = ("Zebras quietly jump over {brackets} & 42 [lazy] dogs!\n" + PARAGRAPH) * 15

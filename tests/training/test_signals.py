@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import PARAGRAPH, ROOT, run_cli, tiny_config, wait_for
 
 from charlm.config import config_yaml
-
 from charlm.store.checkpoint import load_checkpoint
-from conftest import PARAGRAPH, ROOT, run_cli, tiny_config
-from conftest import wait_for
 
 
 @pytest.fixture(scope="module")
