@@ -87,8 +87,9 @@ def isa_cap() -> str | None:
     if not value:
         return None
     if value not in ISA_LEVELS:
-        raise UserError(f"{ISA_ENV}={value!r} is not a level charlm knows; use one of {', '.join(ISA_LEVELS)} "
-                        "(or unset it)")
+        raise UserError(
+            f"{ISA_ENV}={value!r} is not a level charlm knows; use one of {', '.join(ISA_LEVELS)} (or unset it)"
+        )
     return value
 
 

@@ -36,10 +36,25 @@ HERE = Path(__file__).resolve().parents[1]
 
 def start(tree: Path, checkpoint: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = load_serve.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "charlm", "serve", "--checkpoint", checkpoint, "--port", str(port),
-                             "--max-requests", "256", *extra], cwd=tree,
-                            env={**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "charlm",
+            "serve",
+            "--checkpoint",
+            checkpoint,
+            "--port",
+            str(port),
+            "--max-requests",
+            "256",
+            *extra,
+        ],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -60,9 +75,17 @@ def servers(args) -> None:
         for clients in args.clients:
             rates: dict[str, list[float]] = {name: [] for name in running}
             for r in range(args.rounds):
-                for name in (list(running) if r % 2 == 0 else list(running)[::-1]):
-                    bodies = [{"prompt": args.prompt, "max_tokens": args.chars, "temperature": 0.8,
-                               "seed": 1000 * r + k, "stream": True} for k in range(clients)]
+                for name in list(running) if r % 2 == 0 else list(running)[::-1]:
+                    bodies = [
+                        {
+                            "prompt": args.prompt,
+                            "max_tokens": args.chars,
+                            "temperature": 0.8,
+                            "seed": 1000 * r + k,
+                            "stream": True,
+                        }
+                        for k in range(clients)
+                    ]
                     wall, _ = load_serve.run_batched(running[name][1], bodies, 120)
                     rates[name].append(args.chars * clients / wall)
             report(f"{clients:>3} client(s)", rates)
@@ -88,8 +111,10 @@ def engines(args) -> None:
     from charlm.inference.sample import Decoding, make_generator  # noqa: PLC0415 - only --engine loads charlm here; servers run in their own trees
 
     torch.set_num_threads(1)  # as `charlm serve`'s engine on 2 cores
-    modules = {"before": engine_module(Path(args.before).resolve(), "engine_before"),
-               "after": engine_module(Path(args.after).resolve(), "engine_after")}
+    modules = {
+        "before": engine_module(Path(args.before).resolve(), "engine_before"),
+        "after": engine_module(Path(args.after).resolve(), "engine_after"),
+    }
     _, model, vocab, _ = load_model(Path(args.checkpoint), "cpu", "native", "fp32")[:4]
     prompt = torch.tensor(vocab.encode(args.prompt).ids, dtype=torch.long)
 
@@ -102,8 +127,11 @@ def engines(args) -> None:
                 done.set()
 
         def drive() -> None:
-            engine.submit(module.Completion(prompt, args.chars, Decoding(0.8), make_generator(torch.device("cpu"), 1)[0],
-                                            n=streams, sink=sink))
+            engine.submit(
+                module.Completion(
+                    prompt, args.chars, Decoding(0.8), make_generator(torch.device("cpu"), 1)[0], n=streams, sink=sink
+                )
+            )
             done.wait(300)
             engine.stop()
 
@@ -117,15 +145,18 @@ def engines(args) -> None:
     for streams in args.clients:
         rates: dict[str, list[float]] = {name: [] for name in modules}
         for r in range(args.rounds):
-            for name in (list(modules) if r % 2 == 0 else list(modules)[::-1]):
+            for name in list(modules) if r % 2 == 0 else list(modules)[::-1]:
                 rates[name].append(run(modules[name], streams))
         report(f"engine, {streams:>2} stream(s)", rates)
 
 
 def report(what: str, rates: dict[str, list[float]]) -> None:
     medians = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"{what}: " + "   ".join(f"{name} {medians[name]:,.0f} chars/s" for name in rates)
-          + f"   after/before {medians['after'] / medians['before']:.3f}")
+    print(
+        f"{what}: "
+        + "   ".join(f"{name} {medians[name]:,.0f} chars/s" for name in rates)
+        + f"   after/before {medians['after'] / medians['before']:.3f}"
+    )
     for name, values in rates.items():
         print(f"    {name:6} " + " ".join(f"{v:,.0f}" for v in values))
 

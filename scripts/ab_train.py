@@ -28,10 +28,26 @@ HERE = Path(__file__).resolve().parents[1]
 def train_rate(tree: Path, config: Path, steps: int, sets: list[str], folder: Path) -> float:
     """Median chars/s of one training run of `steps` steps from `tree`'s code."""
     run_dir = folder / "run"
-    overrides = [f"train.max_steps={steps}", "train.max_time=null", f"train.eval_interval={steps * 10}",
-                 f"train.log_interval={max(steps // 10, 1)}", *sets]
-    command = [sys.executable, "-m", "charlm", "train", "--config", str(config), "--out", str(run_dir),
-               "--overwrite", "--quiet", *[part for item in overrides for part in ("--set", item)]]
+    overrides = [
+        f"train.max_steps={steps}",
+        "train.max_time=null",
+        f"train.eval_interval={steps * 10}",
+        f"train.log_interval={max(steps // 10, 1)}",
+        *sets,
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "charlm",
+        "train",
+        "--config",
+        str(config),
+        "--out",
+        str(run_dir),
+        "--overwrite",
+        "--quiet",
+        *[part for item in overrides for part in ("--set", item)],
+    ]
     env = {**os.environ, "PYTHONPATH": str(tree), "CHARLM_AUTO": "fixed"}
     result = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -48,8 +64,13 @@ def main() -> None:
     parser.add_argument("--config", default=str(HERE / "configs" / "demo.yaml"))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--set", dest="sets", action="append", default=["model.backend=native"],
-                        help="config override for both (repeatable; default model.backend=native)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=["model.backend=native"],
+        help="config override for both (repeatable; default model.backend=native)",
+    )
     args = parser.parse_args()
     trees = {"before": Path(args.before).resolve(), "after": Path(args.after).resolve()}
     config = Path(args.config).resolve()

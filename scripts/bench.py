@@ -61,15 +61,21 @@ def text_ids(chars: int) -> tuple[torch.Tensor, str]:
 
 
 def report_training(shapes: list, rounds: int, device: torch.device, precision: str, results: dict) -> None:
-    print(f"\ntraining step (forward + cross-entropy + backward + AdamW), chars/s, median of {rounds} rounds, "
-          f"order rotated each round; E={E}, L={L}, {precision}")
-    print(f"{'model':6} {'B':>4} {'T':>4} {'H':>4} {'native':>9} {'fused':>9} {'torch.nn':>9}"
-          f" {'native/fused':>13} {'native/torch.nn':>16}")
+    print(
+        f"\ntraining step (forward + cross-entropy + backward + AdamW), chars/s, median of {rounds} rounds, "
+        f"order rotated each round; E={E}, L={L}, {precision}"
+    )
+    print(
+        f"{'model':6} {'B':>4} {'T':>4} {'H':>4} {'native':>9} {'fused':>9} {'torch.nn':>9}"
+        f" {'native/fused':>13} {'native/torch.nn':>16}"
+    )
     for kind, batch, seq, hidden in shapes:
         speed = bench_training(kind, batch, seq, hidden, rounds, device, precision)
         vs_fused, vs_nn = speed["native"] / speed["fused"], speed["native"] / speed["torch.nn"]
-        print(f"{kind:6} {batch:>4} {seq:>4} {hidden:>4} {speed['native']:>9,.0f} {speed['fused']:>9,.0f}"
-              f" {speed['torch.nn']:>9,.0f} {vs_fused:>13.2f} {vs_nn:>16.2f}")
+        print(
+            f"{kind:6} {batch:>4} {seq:>4} {hidden:>4} {speed['native']:>9,.0f} {speed['fused']:>9,.0f}"
+            f" {speed['torch.nn']:>9,.0f} {vs_fused:>13.2f} {vs_nn:>16.2f}"
+        )
         row = f"train_{kind}_B{batch}_T{seq}_H{hidden}"
         results.update({f"{row}_{key(v)}_chars_per_s": speed[v] for v in VARIANTS})
         results[f"{row}_native_vs_fused"], results[f"{row}_native_vs_torch_nn"] = vs_fused, vs_nn
@@ -88,15 +94,21 @@ def report_bf16(rounds: int, device: torch.device, supported: bool, results: dic
     results["lstm_bf16_vs_torch_nn_bf16"] = results["lstm_bf16_vs_fp32"] = None
     if not supported:
         return
-    print(f"\ntraining step under torch.autocast bf16 (master weights fp32), chars/s, median of {rounds} rotated rounds")
-    print(f"{'model':6} {'B':>4} {'T':>4} {'H':>4} {'native fp32':>12} {'native bf16':>12} {'torch.nn bf16':>14}"
-          f" {'bf16/fp32':>10} {'bf16/torch.nn bf16':>19}")
+    print(
+        f"\ntraining step under torch.autocast bf16 (master weights fp32), chars/s, median of {rounds} rotated rounds"
+    )
+    print(
+        f"{'model':6} {'B':>4} {'T':>4} {'H':>4} {'native fp32':>12} {'native bf16':>12} {'torch.nn bf16':>14}"
+        f" {'bf16/fp32':>10} {'bf16/torch.nn bf16':>19}"
+    )
     for kind, batch, seq, hidden in BF16_SHAPES:
         speed = bench_mixed(kind, batch, seq, hidden, rounds, device)
         vs_fp32 = speed[BF16_NATIVE] / speed["native fp32"]
         vs_nn = speed[BF16_NATIVE] / speed["torch.nn bf16"]
-        print(f"{kind:6} {batch:>4} {seq:>4} {hidden:>4} {speed['native fp32']:>12,.0f} {speed[BF16_NATIVE]:>12,.0f}"
-              f" {speed['torch.nn bf16']:>14,.0f} {vs_fp32:>10.2f} {vs_nn:>19.2f}")
+        print(
+            f"{kind:6} {batch:>4} {seq:>4} {hidden:>4} {speed['native fp32']:>12,.0f} {speed[BF16_NATIVE]:>12,.0f}"
+            f" {speed['torch.nn bf16']:>14,.0f} {vs_fp32:>10.2f} {vs_nn:>19.2f}"
+        )
         name = kind if (batch, seq, hidden) == (32, 128, 256) else f"{kind}_B{batch}_H{hidden}"
         results[f"{name}_bf16_native_chars_per_s"] = speed[BF16_NATIVE]
         results[f"{name}_bf16_torch_nn_chars_per_s"] = speed["torch.nn bf16"]
@@ -107,8 +119,9 @@ AUTO_SHAPES = [(32, 128, 256), (64, 64, 384)]  # the two bench shapes: (B, T, H)
 AUTO_CELLS = ("lstm", "gru", "rnn", "mingru")
 
 
-def bench_auto_cell(kind: str, batch: int, seq: int, hidden: int, precision: str, rounds: int,
-                    device: torch.device) -> tuple[str, dict[str, float]]:
+def bench_auto_cell(
+    kind: str, batch: int, seq: int, hidden: int, precision: str, rounds: int, device: torch.device
+) -> tuple[str, dict[str, float]]:
     """What `model.backend: auto` picks for one cell, precision and shape (measured afresh, as on a
     first run), and chars/s of native, fused and torch.nn training steps, rotated round by round."""
     cfg = ModelConfig(type=kind, hidden_size=hidden, num_layers=L, embedding_dim=E)
@@ -123,10 +136,14 @@ def report_auto(shapes: list, rounds: int, device: torch.device, bf16: bool, res
     os.environ["CHARLM_AUTO"] = "measure"  # and a fresh cache: each pick is measured, as on a first run
     os.environ["CHARLM_CACHE_DIR"] = str(Path(tempfile.mkdtemp(prefix="charlm-bench-auto-")))
     precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
-    print(f"\nmodel.backend: auto against each backend, training step chars/s, median of {rounds} rotated rounds "
-          f"({torch.get_num_threads()} threads); auto measured afresh for each row")
-    print(f"{'model':6} {'prec':5} {'B':>4} {'T':>4} {'H':>4} {'native':>9} {'fused':>9} {'torch.nn':>9} "
-          f"{'auto ->':>8} {'auto/best':>10}")
+    print(
+        f"\nmodel.backend: auto against each backend, training step chars/s, median of {rounds} rotated rounds "
+        f"({torch.get_num_threads()} threads); auto measured afresh for each row"
+    )
+    print(
+        f"{'model':6} {'prec':5} {'B':>4} {'T':>4} {'H':>4} {'native':>9} {'fused':>9} {'torch.nn':>9} "
+        f"{'auto ->':>8} {'auto/best':>10}"
+    )
     for kind in AUTO_CELLS:
         for precision in precisions:
             for batch, seq, hidden in shapes:
@@ -142,12 +159,17 @@ def report_auto(shapes: list, rounds: int, device: torch.device, bf16: bool, res
 
 
 def report_generation(length: int, rounds: int, device: torch.device, bf16: bool, results: dict) -> None:
-    print(f"\ngeneration, LSTM 2x512, {length} characters per stream, no grad, one cached step at a time, "
-          f"chars/s, median of {rounds} rotated rounds")
+    print(
+        f"\ngeneration, LSTM 2x512, {length} characters per stream, no grad, one cached step at a time, "
+        f"chars/s, median of {rounds} rotated rounds"
+    )
     for streams in (1, 16):
         speed = bench_generation(streams, length, rounds, device, bf16)
-        print(f"{streams:>3} stream(s): " + "   ".join(f"{v} {speed[v]:>8,.0f}" for v in speed)
-              + f"   native/torch.nn {speed['native'] / speed['torch.nn']:.2f}")
+        print(
+            f"{streams:>3} stream(s): "
+            + "   ".join(f"{v} {speed[v]:>8,.0f}" for v in speed)
+            + f"   native/torch.nn {speed['native'] / speed['torch.nn']:.2f}"
+        )
         results.update({f"gen{streams}_{key(v)}_chars_per_s": speed[v] for v in VARIANTS})
         if BF16_NATIVE in speed:
             results[f"gen{streams}_bf16_chars_per_s"] = speed[BF16_NATIVE]
@@ -157,11 +179,15 @@ def report_generation(length: int, rounds: int, device: torch.device, bf16: bool
 
 def report_eval(chars: int, rounds: int, device: torch.device, bf16: bool, results: dict) -> None:
     ids, source = text_ids(chars)
-    print(f"\nevaluation, LSTM 2x256, {ids.numel():,} characters of {source}, 64 streams, state carried, "
-          f"chars/s, median of {rounds} rotated rounds")
+    print(
+        f"\nevaluation, LSTM 2x256, {ids.numel():,} characters of {source}, 64 streams, state carried, "
+        f"chars/s, median of {rounds} rotated rounds"
+    )
     speed = bench_eval(ids, rounds, device, bf16)
-    print("   ".join(f"{v} {speed[v]:>9,.0f}" for v in speed)
-          + f"   native/torch.nn {speed['native'] / speed['torch.nn']:.2f}")
+    print(
+        "   ".join(f"{v} {speed[v]:>9,.0f}" for v in speed)
+        + f"   native/torch.nn {speed['native'] / speed['torch.nn']:.2f}"
+    )
     results["eval_chars_per_s"] = speed["native"]
     results["eval_fused_chars_per_s"] = speed["fused"]
     results["eval_torch_nn_chars_per_s"] = speed["torch.nn"]
@@ -188,11 +214,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32", choices=sorted(PRECISION), help="autocast for training steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
-    parser.add_argument("--auto-only", action="store_true",
-                        help="only auto's rows: every cell in fp32 and bf16 at both bench shapes")
-    parser.add_argument("--isa-matrix", action="store_true",
-                        help="auto's rows once per ISA level this CPU has (CHARLM_MAX_ISA with oneDNN and MKL "
-                             "capped alike) and once without the C++ loops, each in a fresh process")
+    parser.add_argument(
+        "--auto-only", action="store_true", help="only auto's rows: every cell in fp32 and bf16 at both bench shapes"
+    )
+    parser.add_argument(
+        "--isa-matrix",
+        action="store_true",
+        help="auto's rows once per ISA level this CPU has (CHARLM_MAX_ISA with oneDNN and MKL "
+        "capped alike) and once without the C++ loops, each in a fresh process",
+    )
     return parser.parse_args()
 
 
@@ -200,14 +230,29 @@ def isa_matrix(args) -> None:
     """Run --auto-only in a child process per ISA level (and one with CHARLM_NO_CPP=1), then print
     one table of them all: what an older or smaller CPU of this family would do."""
     top = hardware.cpu_isa_level()
-    rows = [(level, {hardware.ISA_ENV: level, "ONEDNN_MAX_CPU_ISA": hardware.ONEDNN_ISA[level],
-                     "MKL_ENABLE_INSTRUCTIONS": hardware.MKL_ISA[level]})
-            for level in hardware.ISA_LEVELS if hardware.at_least(top, level)]
+    rows = [
+        (
+            level,
+            {
+                hardware.ISA_ENV: level,
+                "ONEDNN_MAX_CPU_ISA": hardware.ONEDNN_ISA[level],
+                "MKL_ENABLE_INSTRUCTIONS": hardware.MKL_ISA[level],
+            },
+        )
+        for level in hardware.ISA_LEVELS
+        if hardware.at_least(top, level)
+    ]
     rows.append(("no C++", {"CHARLM_NO_CPP": "1"}))
     matrix, started = {}, time.perf_counter()
     for name, env in rows:
-        command = [sys.executable, str(Path(__file__).resolve()), "--auto-only", "--json",
-                   *(["--quick"] if args.quick else []), *(["--threads", str(args.threads)] if args.threads else [])]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--auto-only",
+            "--json",
+            *(["--quick"] if args.quick else []),
+            *(["--threads", str(args.threads)] if args.threads else []),
+        ]
         print(f"\n=== {name}: {' '.join(f'{k}={v}' for k, v in env.items())}", flush=True)
         done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
         lines = done.stdout.strip().splitlines()
@@ -216,20 +261,26 @@ def isa_matrix(args) -> None:
             print(done.stderr[-2000:])
             raise SystemExit(f"the {name} row failed")
         matrix[name] = json.loads(lines[-1])
-    print(f"\nISA matrix on {hardware.cpu_model()}, {matrix[rows[0][0]]['threads']} threads, training step "
-          "chars/s (auto/best: auto's pick over the fastest of native and fused)")
-    print(f"{'level':12} {'model':6} {'prec':5} {'B':>3} {'H':>4} {'native':>8} {'fused':>8} {'torch.nn':>8} "
-          f"{'auto ->':>7} {'auto/best':>9}")
+    print(
+        f"\nISA matrix on {hardware.cpu_model()}, {matrix[rows[0][0]]['threads']} threads, training step "
+        "chars/s (auto/best: auto's pick over the fastest of native and fused)"
+    )
+    print(
+        f"{'level':12} {'model':6} {'prec':5} {'B':>3} {'H':>4} {'native':>8} {'fused':>8} {'torch.nn':>8} "
+        f"{'auto ->':>7} {'auto/best':>9}"
+    )
     worst = 1.0
     for name, found in matrix.items():
         for k in sorted(k for k in found if k.startswith("auto_vs_best_")):
-            cell = k[len("auto_vs_best_"):]
+            cell = k[len("auto_vs_best_") :]
             kind, precision = cell.split("_")[:2]
             batch, hidden = (64, 384) if "_B64_" in cell + "_" else (32, 256)
             speed = [found.get(f"auto_row_{cell}_{v}_chars_per_s") for v in ("native", "fused", "torch_nn")]
             shown = "".join(f" {s:>8,.0f}" if s else f" {'-':>8}" for s in speed)
-            print(f"{name:12} {kind:6} {precision:5} {batch:>3} {hidden:>4}{shown} {found[f'auto_{cell}']:>7} "
-                  f"{found[k]:>9.2f}")
+            print(
+                f"{name:12} {kind:6} {precision:5} {batch:>3} {hidden:>4}{shown} {found[f'auto_{cell}']:>7} "
+                f"{found[k]:>9.2f}"
+            )
             worst = min(worst, found[k])
     print(f"\nlowest auto/best in the matrix: {worst:.2f}; took {time.perf_counter() - started:.0f} s")
     if args.json:
@@ -251,8 +302,14 @@ def main() -> None:
     print(f"device: {where}; torch {torch.__version__}; native backend = {native_kind}; precision {args.precision}")
     bf16, bf16_line = bf16_support(device)
     print("\n".join(libraries + [bf16_line]))
-    results: dict = {"device": where, "precision": args.precision, "rounds": rounds, "bf16_supported": bf16,
-                     "threads": torch.get_num_threads(), "cpu": hardware_model()}
+    results: dict = {
+        "device": where,
+        "precision": args.precision,
+        "rounds": rounds,
+        "bf16_supported": bf16,
+        "threads": torch.get_num_threads(),
+        "cpu": hardware_model(),
+    }
     if args.auto_only:
         report_auto(AUTO_SHAPES, rounds, device, usable_bf16(device, bf16), results)
         results["bench_seconds"] = time.perf_counter() - started

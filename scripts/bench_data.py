@@ -50,8 +50,13 @@ def train_steps(ids, vocab_size: int, steps: int) -> dict:
     from charlm.training.optim import build_optimizer  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
     from charlm.training.trainer import Trainer  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
 
-    cfg = validate_config({"data": {"path": "unused.txt"}, "model": {"hidden_size": 256, "num_layers": 2},
-                           "train": {"max_steps": 1, "batch_size": 64, "seq_len": 64}})
+    cfg = validate_config(
+        {
+            "data": {"path": "unused.txt"},
+            "model": {"hidden_size": 256, "num_layers": 2},
+            "train": {"max_steps": 1, "batch_size": 64, "seq_len": 64},
+        }
+    )
     model = CharLM(cfg.model, vocab_size, "native")  # what README's figures were measured with
     optimizer = build_optimizer(model, cfg.train)
     batches = TBPTTBatches(ids, 64, 64)
@@ -75,6 +80,7 @@ def worker(mode: str, path: str, cache: str, extra: dict) -> dict:
     """Runs inside a fresh process; returns its measurements."""
     if mode == "model":  # the same training with no corpus at all: what the model alone costs
         import torch  # noqa: PLC0415 - each worker mode imports only what it measures (peak RSS)
+
         ids = torch.randint(0, extra["vocab"], (64 * 64 * 4 + 1,), generator=torch.Generator().manual_seed(0))
         return {**train_steps(ids, extra["vocab"], extra.get("steps", 6)), "peak_rss_mb": peak_rss_mb()}
 
@@ -83,21 +89,26 @@ def worker(mode: str, path: str, cache: str, extra: dict) -> dict:
 
     started = time.perf_counter()
     corpus = load_corpus(DataConfig(path=path, val_fraction=0.01), cache=Path(cache))
-    result = {"seconds": time.perf_counter() - started, "tokens": corpus.train_ids.numel() + corpus.val_ids.numel(),
-              "token_mb": (corpus.train_ids.numel() + corpus.val_ids.numel()) * corpus.train_ids.element_size() / 2**20,
-              "vocab": len(corpus.vocab)}
+    result = {
+        "seconds": time.perf_counter() - started,
+        "tokens": corpus.train_ids.numel() + corpus.val_ids.numel(),
+        "token_mb": (corpus.train_ids.numel() + corpus.val_ids.numel()) * corpus.train_ids.element_size() / 2**20,
+        "vocab": len(corpus.vocab),
+    }
     if mode == "train":
         if extra.get("touch_all"):
             ids, chunk = corpus.train_ids, 1 << 22  # every page of the token file read once, chunk by chunk
-            result["checksum"] = sum(int(ids[i:i + chunk].long().sum()) for i in range(0, ids.numel(), chunk))
+            result["checksum"] = sum(int(ids[i : i + chunk].long().sum()) for i in range(0, ids.numel(), chunk))
         result.update(train_steps(corpus.train_ids, len(corpus.vocab), extra.get("steps", 12)))
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
 def run_worker(mode: str, path: Path, cache: Path, **extra) -> dict:
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_data; "
-            f"print(json.dumps(bench_data.worker({mode!r}, {str(path)!r}, {str(cache)!r}, {extra!r})))")
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_data; "
+        f"print(json.dumps(bench_data.worker({mode!r}, {str(path)!r}, {str(cache)!r}, {extra!r})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -106,6 +117,7 @@ def build_big_corpus(folder: Path, megabytes: float) -> Path:
     sources = [p for p in SOURCES if p.exists()]
     if not sources:
         from charlm.data.builtin import python_stdlib_files  # noqa: PLC0415 - the parent imports no charlm; only this fallback needs it
+
         sources = python_stdlib_files()
     pieces = [p.read_bytes() for p in sources]
     target, out = int(megabytes * 2**20), folder / "big.txt"
@@ -132,24 +144,37 @@ def main() -> None:
         encode = run_worker("encode", big, tmp / "cache")
         start = run_worker("start", big, tmp / "cache")
         train = run_worker("train", big, tmp / "cache", touch_all=True, steps=6)
-        print(f"encode (cold cache): {encode['seconds']:.1f} s, {encode['tokens']:,} tokens, vocabulary "
-              f"{encode['vocab']:,}, token array {encode['token_mb']:.0f} MB, peak RSS {encode['peak_rss_mb']:.0f} MB")
+        print(
+            f"encode (cold cache): {encode['seconds']:.1f} s, {encode['tokens']:,} tokens, vocabulary "
+            f"{encode['vocab']:,}, token array {encode['token_mb']:.0f} MB, peak RSS {encode['peak_rss_mb']:.0f} MB"
+        )
         print(f"start (cache hit):   {start['seconds']:.2f} s, peak RSS {start['peak_rss_mb']:.0f} MB")
         model = run_worker("model", big, tmp / "cache", vocab=train["vocab"], steps=6)
         bound = 2 * train["token_mb"] + model["peak_rss_mb"]
-        print(f"training, every token read: peak RSS {train['peak_rss_mb']:.0f} MB; the same training with no "
-              f"corpus: {model['peak_rss_mb']:.0f} MB; bound 2 x token array + that = {bound:.0f} MB")
-        results.update(corpus_mb=size_mb, encode_s=encode["seconds"], cache_hit_s=start["seconds"],
-                       tokens=encode["tokens"], token_mb=encode["token_mb"], encode_peak_rss_mb=encode["peak_rss_mb"],
-                       train_peak_rss_mb=train["peak_rss_mb"], model_only_peak_rss_mb=model["peak_rss_mb"],
-                       rss_bound_mb=bound)
+        print(
+            f"training, every token read: peak RSS {train['peak_rss_mb']:.0f} MB; the same training with no "
+            f"corpus: {model['peak_rss_mb']:.0f} MB; bound 2 x token array + that = {bound:.0f} MB"
+        )
+        results.update(
+            corpus_mb=size_mb,
+            encode_s=encode["seconds"],
+            cache_hit_s=start["seconds"],
+            tokens=encode["tokens"],
+            token_mb=encode["token_mb"],
+            encode_peak_rss_mb=encode["peak_rss_mb"],
+            train_peak_rss_mb=train["peak_rss_mb"],
+            model_only_peak_rss_mb=model["peak_rss_mb"],
+            rss_bound_mb=bound,
+        )
 
         if all(p.exists() for p in SOURCES):
             print("\nequal model (LSTM 2x256, embedding 64, B=64, T=64): small vs large vocabulary")
             for name, path in (("shakespeare", SOURCES[0]), ("tang_poems", SOURCES[1])):
                 r = run_worker("train", path, tmp / "cache", steps=12)
-                print(f"{name:12} vocabulary {r['vocab']:>5,}: {r['ms_per_step']:.0f} ms/step, "
-                      f"peak RSS {r['peak_rss_mb']:.0f} MB")
+                print(
+                    f"{name:12} vocabulary {r['vocab']:>5,}: {r['ms_per_step']:.0f} ms/step, "
+                    f"peak RSS {r['peak_rss_mb']:.0f} MB"
+                )
                 results[f"{name}_vocab"] = r["vocab"]
                 results[f"{name}_ms_per_step"] = r["ms_per_step"]
                 results[f"{name}_peak_rss_mb"] = r["peak_rss_mb"]

@@ -92,11 +92,15 @@ def describe_device(device: torch.device) -> tuple[str, list[str]]:
     """The device in words, and lines on the vendor libraries torch can use there."""
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
-        return where, [f"cuDNN: available {torch.backends.cudnn.is_available()}, "
-                       f"version {torch.backends.cudnn.version()}, enabled {torch.backends.cudnn.enabled}"]
+        return where, [
+            f"cuDNN: available {torch.backends.cudnn.is_available()}, "
+            f"version {torch.backends.cudnn.version()}, enabled {torch.backends.cudnn.enabled}"
+        ]
     where = f"CPU, {torch.get_num_threads()} threads"
-    return where, [f"oneDNN (mkldnn): available {torch.backends.mkldnn.is_available()}, "
-                   f"enabled {torch.backends.mkldnn.enabled} (torch.backends.mkldnn)"]
+    return where, [
+        f"oneDNN (mkldnn): available {torch.backends.mkldnn.is_available()}, "
+        f"enabled {torch.backends.mkldnn.enabled} (torch.backends.mkldnn)"
+    ]
 
 
 def describe_kernels(found: dict) -> list[str]:
@@ -111,29 +115,40 @@ def describe_kernels(found: dict) -> list[str]:
 def report_kernels(device: torch.device, bf16: bool, results: dict) -> None:
     """Print, from profiled runs, which variants use a vendor RNN kernel, and what torch.nn runs otherwise."""
     found = rnn_kernel_check(device, bf16)
-    print(f"vendor RNN kernels (ops named *mkldnn* / *cudnn_rnn*) seen by torch.profiler in one forward + "
-          f"backward of each variant on {device.type}:")
+    print(
+        f"vendor RNN kernels (ops named *mkldnn* / *cudnn_rnn*) seen by torch.profiler in one forward + "
+        f"backward of each variant on {device.type}:"
+    )
     print("\n".join(describe_kernels(found)))
     for kind in ("lstm", "gru", "rnn"):
         if not found[kind]["torch.nn"]:
             calls, backward = step_loop_evidence(kind, device)
-            loop = (" (per layer one input projection + one per step): torch's generic step loop, differentiated "
-                    "by autograd" if calls == backward == L * (PROFILE_T + 1) else "")
-            print(f"  torch.nn.{kind.upper()}: no vendor RNN kernel; at T={PROFILE_T}, L={L} it ran {calls} "
-                  f"aten::linear and {backward} matmul backward nodes{loop}")
+            loop = (
+                " (per layer one input projection + one per step): torch's generic step loop, differentiated "
+                "by autograd"
+                if calls == backward == L * (PROFILE_T + 1)
+                else ""
+            )
+            print(
+                f"  torch.nn.{kind.upper()}: no vendor RNN kernel; at T={PROFILE_T}, L={L} it ran {calls} "
+                f"aten::linear and {backward} matmul backward nodes{loop}"
+            )
     results["rnn_kernel_ops"] = found
 
 
 def peak_rss_mb(kind: str, variant: str, batch: int, seq: int, hidden: int, device: str) -> float:
     """Peak RSS of a fresh process that trains a few steps of one variant."""
-    code = ("import sys, torch; sys.argv=['bench']; import bench_variants as bench; "
-            f"d=torch.device('{device}'); m=bench.build_variant('{kind}','{variant}',{hidden},d); "
-            "o=torch.optim.AdamW(m.parameters()); "
-            f"x=torch.randint(0,bench.V,({batch},{seq}),device=d); "
-            "[bench.train_step(m,o,x,x) for _ in range(3)]; "
-            "print(bench.own_peak_rss_kb())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent)
+    code = (
+        "import sys, torch; sys.argv=['bench']; import bench_variants as bench; "
+        f"d=torch.device('{device}'); m=bench.build_variant('{kind}','{variant}',{hidden},d); "
+        "o=torch.optim.AdamW(m.parameters()); "
+        f"x=torch.randint(0,bench.V,({batch},{seq}),device=d); "
+        "[bench.train_step(m,o,x,x) for _ in range(3)]; "
+        "print(bench.own_peak_rss_kb())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent
+    )
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 

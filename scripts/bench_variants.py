@@ -93,8 +93,16 @@ def rotated_medians(runs: Mapping[str, Callable[[], object]], rounds: int, devic
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_training(kind: str, batch: int, seq: int, hidden: int, rounds: int, device: torch.device,
-                   precision: str = "fp32", variants=VARIANTS) -> dict[str, float]:
+def bench_training(
+    kind: str,
+    batch: int,
+    seq: int,
+    hidden: int,
+    rounds: int,
+    device: torch.device,
+    precision: str = "fp32",
+    variants=VARIANTS,
+) -> dict[str, float]:
     """Chars/s of each variant's full training step, rotated round by round."""
     models = {v: build_variant(kind, v, hidden, device) for v in variants}
     optimizers = {v: torch.optim.AdamW(m.parameters(), lr=1e-3) for v, m in models.items()}
@@ -118,8 +126,9 @@ def bench_mixed(kind: str, batch: int, seq: int, hidden: int, rounds: int, devic
 
 
 @torch.no_grad()
-def generate_torch_nn(model: TorchNNLM, prompt: torch.Tensor, length: int, streams: int,
-                      generator: torch.Generator) -> torch.Tensor:
+def generate_torch_nn(
+    model: TorchNNLM, prompt: torch.Tensor, length: int, streams: int, generator: torch.Generator
+) -> torch.Tensor:
     """A user's sampling loop: read the prompt once, then one step per character with the state cached."""
     logits, state = model(prompt[None])  # [1, P, V]
     logits = logits[:, -1].expand(streams, -1)  # [N, V]
@@ -142,6 +151,7 @@ def in_precision(variant: str, device: torch.device, run: Callable[..., object])
     def autocast_run():
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             return run()
+
     return autocast_run
 
 
@@ -155,9 +165,14 @@ def inference_models(hidden: int, device: torch.device, bf16: bool) -> dict[str,
 def generation_runs(models: dict, streams: int, length: int, device: torch.device) -> dict[str, Callable]:
     prompt = torch.randint(0, V, (16,), device=device)
     sampler = {v: (generate_torch_nn if v == "torch.nn" else generate) for v in models}
-    return {v: in_precision(v, device, lambda v=v, n=length: sampler[v](models[v], prompt, n, streams,
-                                                                        generator=make_generator(device, 0)[0]))
-            for v in models}
+    return {
+        v: in_precision(
+            v,
+            device,
+            lambda v=v, n=length: sampler[v](models[v], prompt, n, streams, generator=make_generator(device, 0)[0]),
+        )
+        for v in models
+    }
 
 
 def bench_generation(streams: int, length: int, rounds: int, device: torch.device, bf16: bool) -> dict[str, float]:
@@ -175,8 +190,8 @@ def evaluate_torch_nn(model: TorchNNLM, inputs: torch.Tensor, targets: torch.Ten
     device = next(model.parameters()).device
     state, total = None, 0.0
     for start in range(0, inputs.shape[1], window):
-        logits, state = model(inputs[:, start:start + window].to(device), state)  # [S, W, V]
-        y = targets[:, start:start + window].to(device)
+        logits, state = model(inputs[:, start : start + window].to(device), state)  # [S, W, V]
+        y = targets[:, start : start + window].to(device)
         total += F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), ignore_index=IGNORE, reduction="sum").item()
     return total / int((targets != IGNORE).sum())
 
@@ -185,8 +200,18 @@ def evaluation_runs(models: dict, ids: torch.Tensor) -> dict[str, Callable]:
     """charlm's evaluate_ids for its backends; the same stream layout in a user's loop for torch.nn."""
     inputs, targets = stream_layout(ids, 64)  # [S, W + L]: what evaluate_ids reads
     device = next(iter(models.values())).head.weight.device
-    return {v: in_precision(v, device, lambda v=v: evaluate_torch_nn(models[v], inputs, targets) if v == "torch.nn"
-                            else evaluate_ids(models[v], ids, streams=64).loss_nats) for v in models}
+    return {
+        v: in_precision(
+            v,
+            device,
+            lambda v=v: (
+                evaluate_torch_nn(models[v], inputs, targets)
+                if v == "torch.nn"
+                else evaluate_ids(models[v], ids, streams=64).loss_nats
+            ),
+        )
+        for v in models
+    }
 
 
 def bench_eval(ids: torch.Tensor, rounds: int, device: torch.device, bf16: bool) -> dict[str, float]:

@@ -50,7 +50,7 @@ def main() -> None:
     _, vocab = model_from_checkpoint(payload, "cpu", "native", "fp32")
     ids = vocab.encode(read_text(args.text)).ids.long()
     n = args.batch * args.seq
-    x, y = ids[:n].view(args.batch, args.seq), ids[1:n + 1].view(args.batch, args.seq)
+    x, y = ids[:n].view(args.batch, args.seq), ids[1 : n + 1].view(args.batch, args.seq)
     reference = gradients(payload, "native", "fp32", x, y)
     result = {}
     for backend in ("native", "fused"):

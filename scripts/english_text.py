@@ -29,8 +29,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    print(f"{out}: {len(text):,} characters from Python {platform.python_version()}'s pydoc_data.topics "
-          f"(sha256 {digest[:16]})")
+    print(
+        f"{out}: {len(text):,} characters from Python {platform.python_version()}'s pydoc_data.topics "
+        f"(sha256 {digest[:16]})"
+    )
 
 
 if __name__ == "__main__":

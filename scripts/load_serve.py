@@ -36,9 +36,24 @@ def free_port() -> int:
 
 def start_server(checkpoint: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "charlm", "serve", "--checkpoint", checkpoint, "--port", str(port),
-                             "--max-requests", "256", *extra], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "charlm",
+            "serve",
+            "--checkpoint",
+            checkpoint,
+            "--port",
+            str(port),
+            "--max-requests",
+            "256",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -122,9 +137,16 @@ def summary(wall: float, results: list[dict]) -> dict:
         return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
     chars = sum(r["chars"] for r in done)
-    return {"requests": len(done), "chars": chars, "seconds": wall, "chars_per_s": chars / wall,
-            "ttfc_p50": statistics.median(ttfc), "ttfc_p99": pct(ttfc, 0.99),
-            "latency_p50": statistics.median(latencies), "latency_p99": pct(latencies, 0.99)}
+    return {
+        "requests": len(done),
+        "chars": chars,
+        "seconds": wall,
+        "chars_per_s": chars / wall,
+        "ttfc_p50": statistics.median(ttfc),
+        "ttfc_p99": pct(ttfc, 0.99),
+        "latency_p50": statistics.median(latencies),
+        "latency_p99": pct(latencies, 0.99),
+    }
 
 
 def main() -> None:
@@ -148,20 +170,24 @@ def main() -> None:
             if time.monotonic() - began > args.max_seconds:
                 print(f"stopping: --max-seconds {args.max_seconds} reached", file=sys.stderr)
                 break
-            bodies = [{"prompt": args.prompt, "max_tokens": args.chars, "temperature": args.temperature,
-                       "seed": 1000 + k} for k in range(clients)]
+            bodies = [
+                {"prompt": args.prompt, "max_tokens": args.chars, "temperature": args.temperature, "seed": 1000 + k}
+                for k in range(clients)
+            ]
             timeout = max(60.0, args.max_seconds)
             ways = [("batched", run_batched), ("one at a time", run_one_at_a_time)]
             row: dict[str, Any] = {"clients": clients}
-            for name, way in (ways if i % 2 == 0 else ways[::-1]):  # alternate which goes first
+            for name, way in ways if i % 2 == 0 else ways[::-1]:  # alternate which goes first
                 row[name] = summary(*way(url, bodies, timeout))
             row["speedup"] = row["batched"]["chars_per_s"] / row["one at a time"]["chars_per_s"]
             rows.append(row)
             b, s = row["batched"], row["one at a time"]
-            print(f"{clients:>3} clients: batched {b['chars_per_s']:>8,.0f} chars/s (ttfc p50 {b['ttfc_p50'] * 1e3:.0f} ms, "
-                  f"latency p50 {b['latency_p50']:.2f} s, p99 {b['latency_p99']:.2f} s) | one at a time "
-                  f"{s['chars_per_s']:>8,.0f} chars/s (latency p50 {s['latency_p50']:.2f} s) | {row['speedup']:.1f}x",
-                  flush=True)
+            print(
+                f"{clients:>3} clients: batched {b['chars_per_s']:>8,.0f} chars/s (ttfc p50 {b['ttfc_p50'] * 1e3:.0f} ms, "
+                f"latency p50 {b['latency_p50']:.2f} s, p99 {b['latency_p99']:.2f} s) | one at a time "
+                f"{s['chars_per_s']:>8,.0f} chars/s (latency p50 {s['latency_p50']:.2f} s) | {row['speedup']:.1f}x",
+                flush=True,
+            )
     finally:
         stop_server(proc)
     if args.json:

@@ -85,11 +85,16 @@ def prompt_ids(vocab: Vocabulary, data: dict, prompt: str) -> list[int]:
     """The ids that warm the state up for `prompt`, as charlm.inference.sample.prompt_ids makes them."""
     unknown = vocab.unknown_chars(prompt)
     if unknown and UNK not in vocab.specials:
-        raise UsageError(f"the prompt has {len(unknown)} character(s) the model never saw in training: "
-                         f"{', '.join(map(repr, unknown[:10]))}; remove them")
+        raise UsageError(
+            f"the prompt has {len(unknown)} character(s) the model never saw in training: "
+            f"{', '.join(map(repr, unknown[:10]))}; remove them"
+        )
     if unknown:
-        print(f"warning: the prompt's characters {', '.join(map(repr, unknown[:10]))} never occurred in training; "
-              "they are read as <unk>", file=sys.stderr)
+        print(
+            f"warning: the prompt's characters {', '.join(map(repr, unknown[:10]))} never occurred in training; "
+            "they are read as <unk>",
+            file=sys.stderr,
+        )
     text = prompt
     if data.get("newlines") == "lf":
         text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -107,8 +112,9 @@ def prompt_ids(vocab: Vocabulary, data: dict, prompt: str) -> list[int]:
     return ids or [vocab.offset]
 
 
-def pick_next(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
-              rng: np.random.Generator) -> np.ndarray:
+def pick_next(
+    logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, rng: np.random.Generator
+) -> np.ndarray:
     """One id per row of logits [B, V]: greedy at temperature 0, else drawn after top-k, then top-p."""
     if temperature == 0:
         return logits.argmax(axis=-1)
@@ -122,8 +128,9 @@ def pick_next(logits: np.ndarray, temperature: float, top_k: int | None, top_p: 
         order = np.argsort(-logits, axis=-1, kind="stable")  # [B, V], most likely first
         ranked = softmax(np.take_along_axis(logits, order, axis=-1))
         mass_before = np.cumsum(ranked, axis=-1) - ranked  # the top id always has 0
-        np.put_along_axis(logits, order, np.where(mass_before >= top_p, -np.inf,
-                                                  np.take_along_axis(logits, order, axis=-1)), axis=-1)
+        np.put_along_axis(
+            logits, order, np.where(mass_before >= top_p, -np.inf, np.take_along_axis(logits, order, axis=-1)), axis=-1
+        )
     probs = softmax(logits)
     return np.array([rng.choice(len(row), p=row) for row in probs])
 
@@ -140,7 +147,9 @@ class StepModel:
         try:
             self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as err:
-            raise UsageError(f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+            raise UsageError(
+                f"cannot load {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from err
         meta = self.session.get_modelmeta().custom_metadata_map
         version = meta.get(VERSION_KEY)
         if version is None or CONFIG_KEY not in meta or VOCAB_KEY not in meta:
@@ -159,9 +168,18 @@ class StepModel:
         return logits, state
 
 
-def generate(model: StepModel, context: list[int], length: int, num_samples: int, temperature: float,
-             top_k: int | None, top_p: float | None, rng: np.random.Generator,
-             stop_id: int | None = None, on_step=None) -> np.ndarray:
+def generate(
+    model: StepModel,
+    context: list[int],
+    length: int,
+    num_samples: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    rng: np.random.Generator,
+    stop_id: int | None = None,
+    on_step=None,
+) -> np.ndarray:
     """Read the prompt ids one step at a time from a blank state, then draw `length` ids for each of
     `num_samples` samples [N, length'] (ending once every sample has drawn `stop_id`)."""
     state = model.blank_state(1)
@@ -178,7 +196,7 @@ def generate(model: StepModel, context: list[int], length: int, num_samples: int
         if stop_id is not None:
             finished |= out[:, t] == stop_id
             if finished.all():
-                return out[:, :t + 1]
+                return out[:, : t + 1]
         if t + 1 < length:
             logits, state = model.step(out[:, t], state)
     return out
@@ -194,15 +212,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, help="draw only from the nucleus of probability p, in (0, 1]")
     parser.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
     parser.add_argument("--num-samples", type=int, default=1, help="samples drawn together, in one batch")
-    parser.add_argument("--stop-at-end", action="store_true",
-                        help="end each sample at its document's end marker (data.documents: lines)")
+    parser.add_argument(
+        "--stop-at-end",
+        action="store_true",
+        help="end each sample at its document's end marker (data.documents: lines)",
+    )
     return parser.parse_args(argv)
 
 
 def settings(args: argparse.Namespace, defaults: dict) -> dict:
     """The decoding settings: each option, else the config's sample section; checked."""
-    chosen: dict[str, Any] = {key: getattr(args, key) if getattr(args, key) is not None else defaults.get(key)
-              for key in ("length", "temperature", "top_k", "top_p", "seed")}
+    chosen: dict[str, Any] = {
+        key: getattr(args, key) if getattr(args, key) is not None else defaults.get(key)
+        for key in ("length", "temperature", "top_k", "top_p", "seed")
+    }
     chosen["prompt"] = args.prompt or defaults.get("prompt") or "\n"  # an empty --prompt: the default
     chosen["temperature"] = 1.0 if chosen["temperature"] is None else chosen["temperature"]
     if not chosen["length"] or chosen["length"] < 1:
@@ -229,8 +252,15 @@ def run(args: argparse.Namespace) -> None:
     context = prompt_ids(vocab, model.config.get("data", {}), chosen["prompt"])
     seed = chosen["seed"] if chosen["seed"] is not None else secrets.randbits(32)
     rng = np.random.default_rng(seed)
-    draw = dict(length=chosen["length"], num_samples=args.num_samples, temperature=chosen["temperature"],
-                top_k=chosen["top_k"], top_p=chosen["top_p"], rng=rng, stop_id=stop_id)
+    draw = dict(
+        length=chosen["length"],
+        num_samples=args.num_samples,
+        temperature=chosen["temperature"],
+        top_k=chosen["top_k"],
+        top_p=chosen["top_p"],
+        rng=rng,
+        stop_id=stop_id,
+    )
     if args.num_samples == 1:
         decoder, done = Decoder(vocab), [False]
 
@@ -246,7 +276,7 @@ def run(args: argparse.Namespace) -> None:
         sys.stdout.write(decoder.flush() + "\n")
     else:
         for k, row in enumerate(generate(model, context, **draw).tolist()):
-            row = row[:row.index(stop_id)] if stop_id in row else row
+            row = row[: row.index(stop_id)] if stop_id in row else row
             decoder = Decoder(vocab)
             text = "".join(decoder.feed(i) for i in row) + decoder.flush()
             sys.stdout.write(f"==> sample {k + 1} <==\n{chosen['prompt']}{text}\n")

@@ -13,8 +13,16 @@ import shutil
 from load_serve import start_server, stop_server
 from playwright.sync_api import sync_playwright
 
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--disable-quic"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+]
 
 
 def main() -> None:
@@ -36,12 +44,14 @@ def main() -> None:
             page.goto(url + "/")
             page.fill("#prompt", args.prompt)
             page.fill("#seed", str(args.seed))
-            page.eval_on_selector("#length", f"(el) => {{ el.value = {args.length}; "
-                                             "el.dispatchEvent(new Event('input')); }")
+            page.eval_on_selector(
+                "#length", f"(el) => {{ el.value = {args.length}; el.dispatchEvent(new Event('input')); }}"
+            )
             page.check("#colour")
             page.click("#generate")
-            page.wait_for_function("() => document.getElementById('status').textContent.startsWith('done')",
-                                   timeout=60000)
+            page.wait_for_function(
+                "() => document.getElementById('status').textContent.startsWith('done')", timeout=60000
+            )
             page.screenshot(path=args.out)
             browser.close()
     finally:

@@ -68,8 +68,9 @@ def one_trial(model, vocab, precision: str, prompt: torch.Tensor, chunk: int) ->
 def drive(engine: Engine, vocab, prompt: torch.Tensor, result: dict) -> None:
     try:
         streaming = Timed()
-        first = Completion(long_prompt(vocab, 4), 10**9, Decoding(), make_generator(torch.device("cpu"), 1)[0],
-                           sink=streaming)
+        first = Completion(
+            long_prompt(vocab, 4), 10**9, Decoding(), make_generator(torch.device("cpu"), 1)[0], sink=streaming
+        )
         engine.submit(first)
         while len(streaming.times) < 200:
             time.sleep(0.005)
@@ -84,8 +85,11 @@ def drive(engine: Engine, vocab, prompt: torch.Tensor, result: dict) -> None:
         gaps_before = [b - a for a, b in zip(streaming.times, streaming.times[1:]) if b <= arrived]
         window = [t for t in streaming.times if arrived <= t <= reader.times[0]]
         during = [b - a for a, b in zip([arrived] + window, window + [reader.times[0]])]
-        result.update(max_gap_ms=1e3 * max(during), median_gap_before_ms=1e3 * statistics.median(gaps_before[-100:]),
-                      first_char_s=reader.times[0] - arrived)
+        result.update(
+            max_gap_ms=1e3 * max(during),
+            median_gap_before_ms=1e3 * statistics.median(gaps_before[-100:]),
+            first_char_s=reader.times[0] - arrived,
+        )
     finally:
         engine.stop()
 
@@ -104,20 +108,33 @@ def main() -> None:
     chunked = sample.PROMPT_CHUNK
     ways = {"chunked": chunked, "one pass": args.prompt_chars + 1}
     results: dict[str, list[dict]] = {way: [] for way in ways}
-    one_trial(model, vocab, args.precision, prompt[:2 * chunked], chunked)  # warm-up (and the C++ build)
+    one_trial(model, vocab, args.precision, prompt[: 2 * chunked], chunked)  # warm-up (and the C++ build)
     for r in range(args.rounds):
-        for way in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
+        for way in list(ways) if r % 2 == 0 else list(ways)[::-1]:
             results[way].append(one_trial(model, vocab, args.precision, prompt, ways[way]))
-    summary = {way: {key: statistics.median(t[key] for t in trials) for key in trials[0]}
-               for way, trials in results.items()}
-    print(f"{args.prompt_chars:,}-character prompt arriving while one request streams, {args.precision}, "
-          f"median of {args.rounds} rounds (PROMPT_CHUNK = {chunked}):")
+    summary = {
+        way: {key: statistics.median(t[key] for t in trials) for key in trials[0]} for way, trials in results.items()
+    }
+    print(
+        f"{args.prompt_chars:,}-character prompt arriving while one request streams, {args.precision}, "
+        f"median of {args.rounds} rounds (PROMPT_CHUNK = {chunked}):"
+    )
     for way, s in summary.items():
-        print(f"  {way:9} longest gap {s['max_gap_ms']:8.1f} ms (usual gap {s['median_gap_before_ms']:.2f} ms), "
-              f"long request's first character after {s['first_char_s']:.2f} s")
+        print(
+            f"  {way:9} longest gap {s['max_gap_ms']:8.1f} ms (usual gap {s['median_gap_before_ms']:.2f} ms), "
+            f"long request's first character after {s['first_char_s']:.2f} s"
+        )
     if args.json:
-        print(json.dumps({"precision": args.precision, "prompt_chars": args.prompt_chars, "chunk": chunked,
-                          **{f"{way.replace(' ', '_')}_{k}": v for way, s in summary.items() for k, v in s.items()}}))
+        print(
+            json.dumps(
+                {
+                    "precision": args.precision,
+                    "prompt_chars": args.prompt_chars,
+                    "chunk": chunked,
+                    **{f"{way.replace(' ', '_')}_{k}": v for way, s in summary.items() for k, v in s.items()},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

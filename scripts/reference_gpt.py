@@ -45,8 +45,15 @@ class CharGPT(nn.Module):
         self.tokens = nn.Embedding(vocab_size, width)
         self.positions = nn.Embedding(block_size, width)
         self.dropout = nn.Dropout(dropout)
-        block = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        block = nn.TransformerEncoderLayer(
+            width,
+            heads,
+            dim_feedforward=4 * width,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         # enable_nested_tensor only helps padded batches, which we never have (and pre-norm can't use it).
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
@@ -142,8 +149,12 @@ def train(model: CharGPT, ids: torch.Tensor, args) -> dict:
         if step % args.log_interval == 0:
             print(f"iter {step:6d}  loss {loss:.4f}  lr {lr:.2e}  {time.perf_counter() - start:7.1f} s", flush=True)
     seconds = time.perf_counter() - start
-    return {"steps": step, "train_seconds": seconds, "chars_per_s": step * args.batch_size * args.block_size / seconds,
-            "last_train_loss": loss}
+    return {
+        "steps": step,
+        "train_seconds": seconds,
+        "chars_per_s": step * args.batch_size * args.block_size / seconds,
+        "last_train_loss": loss,
+    }
 
 
 @torch.no_grad()
@@ -158,9 +169,13 @@ def score(model: CharGPT, ids: torch.Tensor, windows_per_batch: int = 256) -> tu
     inputs, targets = inputs.view(rows, block), targets.view(rows, block)  # [N, block]
     total = 0.0
     for first in range(0, rows, windows_per_batch):
-        logits = model(inputs[first:first + windows_per_batch])  # [n, block, V]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[first:first + windows_per_batch]
-                                 .reshape(-1), ignore_index=IGNORE, reduction="sum").item()
+        logits = model(inputs[first : first + windows_per_batch])  # [n, block, V]
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            targets[first : first + windows_per_batch].reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        ).item()
     return total / predictions, predictions
 
 
@@ -168,8 +183,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Tiny Shakespeare's input.txt")
     parser.add_argument("--max-iters", type=int, default=2000, help="run length and schedule (nanoGPT's max_iters)")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="run for this long instead; the schedule follows time")
+    parser.add_argument(
+        "--minutes", type=float, default=None, help="run for this long instead; the schedule follows time"
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps, schedule unchanged")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=12)
@@ -191,8 +207,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if not args.data.is_file():
-        print(f"error: data file not found: {args.data} (give Tiny Shakespeare's input.txt with --data)",
-              file=sys.stderr)
+        print(
+            f"error: data file not found: {args.data} (give Tiny Shakespeare's input.txt with --data)", file=sys.stderr
+        )
         sys.exit(2)
     torch.manual_seed(args.seed)
     train_text, val_text = read_split(args.data)
@@ -202,15 +219,25 @@ def main() -> None:
     model = CharGPT(len(chars), args.block_size, args.layers, args.heads, args.width, args.dropout)
     params = sum(p.numel() for p in model.parameters())
     budget = f"{args.minutes:g} minutes" if args.minutes is not None else f"{args.max_iters} iterations"
-    print(f"GPT {args.layers} layers x {args.width}, {args.heads} heads, block {args.block_size}: "
-          f"{params:,} parameters; {budget}; train {len(train_text):,} chars, val {len(val_text):,} chars")
+    print(
+        f"GPT {args.layers} layers x {args.width}, {args.heads} heads, block {args.block_size}: "
+        f"{params:,} parameters; {budget}; train {len(train_text):,} chars, val {len(val_text):,} chars"
+    )
     result = train(model, train_ids, args)
     loss, predictions = score(model, val_ids)
-    result.update(val_loss_nats=loss, val_bpc=loss / math.log(2), val_chars_scored=predictions, parameters=params,
-                  vocab_size=len(chars), **{k: v for k, v in vars(args).items() if k not in ("data", "json")})
+    result.update(
+        val_loss_nats=loss,
+        val_bpc=loss / math.log(2),
+        val_chars_scored=predictions,
+        parameters=params,
+        vocab_size=len(chars),
+        **{k: v for k, v in vars(args).items() if k not in ("data", "json")},
+    )
     print(f"{result['steps']} iterations in {result['train_seconds']:.1f} s, {result['chars_per_s']:,.0f} chars/s")
-    print(f"val loss {loss:.4f} nats, {loss / math.log(2):.4f} bpc ({predictions:,} characters, "
-          f"non-overlapping windows of {args.block_size})")
+    print(
+        f"val loss {loss:.4f} nats, {loss / math.log(2):.4f} bpc ({predictions:,} characters, "
+        f"non-overlapping windows of {args.block_size})"
+    )
     if args.json:
         print(json.dumps(result))
 

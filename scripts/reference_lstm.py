@@ -36,8 +36,9 @@ class TorchNNLM(nn.Module):
     forward(idx [B, T], state) -> (logits [B, T, V], state), and a `vocab_size` attribute: the
     interface charlm.inference.evaluate needs, so the same scoring code runs on this model."""
 
-    def __init__(self, vocab_size: int, embedding_dim: int = 64, hidden_size: int = 256, num_layers: int = 2,
-                 kind: str = "lstm"):
+    def __init__(
+        self, vocab_size: int, embedding_dim: int = 64, hidden_size: int = 256, num_layers: int = 2, kind: str = "lstm"
+    ):
         super().__init__()
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
@@ -66,11 +67,11 @@ def stream_windows(ids: torch.Tensor, batch: int, seq: int):
 
     `first` marks an epoch's first window, where the carried state restarts."""
     length = (ids.numel() - 1) // batch
-    inputs = ids[:batch * length].view(batch, length)  # [B, L]
-    targets = ids[1:batch * length + 1].view(batch, length)  # [B, L]
+    inputs = ids[: batch * length].view(batch, length)  # [B, L]
+    targets = ids[1 : batch * length + 1].view(batch, length)  # [B, L]
     while True:
         for start in range(0, length, seq):
-            yield inputs[:, start:start + seq], targets[:, start:start + seq], start == 0
+            yield inputs[:, start : start + seq], targets[:, start : start + seq], start == 0
 
 
 def detach(state):
@@ -100,8 +101,13 @@ def train(model: TorchNNLM, ids: torch.Tensor, args) -> dict:
             print(f"step {steps:6d}  loss {loss:.4f}  {time.perf_counter() - start:7.1f} s", flush=True)
     seconds = time.perf_counter() - start
     chars_per_epoch = args.batch_size * ((ids.numel() - 1) // args.batch_size)
-    return {"steps": steps, "epochs": chars / chars_per_epoch,
-            "train_seconds": seconds, "chars_per_s": chars / seconds, "last_train_loss": loss}
+    return {
+        "steps": steps,
+        "epochs": chars / chars_per_epoch,
+        "train_seconds": seconds,
+        "chars_per_s": chars / seconds,
+        "last_train_loss": loss,
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -125,8 +131,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if not args.data.is_file():
-        print(f"error: data file not found: {args.data} (give Tiny Shakespeare's input.txt with --data)",
-              file=sys.stderr)
+        print(
+            f"error: data file not found: {args.data} (give Tiny Shakespeare's input.txt with --data)", file=sys.stderr
+        )
         sys.exit(2)
     torch.manual_seed(args.seed)
     train_text, val_text = read_split(args.data)
@@ -135,15 +142,30 @@ def main() -> None:
     train_ids, val_ids = encode(train_text, index), encode(val_text, index)
     model = TorchNNLM(len(chars), args.embedding_dim, args.hidden, args.layers)
     params = sum(p.numel() for p in model.parameters())
-    print(f"torch.nn.LSTM {args.layers}x{args.hidden}, {params:,} parameters; train {len(train_text):,} chars, "
-          f"val {len(val_text):,} chars ({len(val_text) - val_ids.numel()} outside the vocabulary of {len(chars)})")
+    print(
+        f"torch.nn.LSTM {args.layers}x{args.hidden}, {params:,} parameters; train {len(train_text):,} chars, "
+        f"val {len(val_text):,} chars ({len(val_text) - val_ids.numel()} outside the vocabulary of {len(chars)})"
+    )
     result = train(model, train_ids, args)
     scored = evaluate_ids(model, val_ids, streams=64)
-    result.update(val_loss_nats=scored.loss_nats, val_bpc=scored.bpc, val_chars_scored=scored.chars,
-                  parameters=params, vocab_size=len(chars), hidden=args.hidden, layers=args.layers,
-                  batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, clip=args.clip, seed=args.seed)
-    print(f"{result['steps']} steps ({result['epochs']:.2f} epochs) in {result['train_seconds']:.1f} s, "
-          f"{result['chars_per_s']:,.0f} chars/s")
+    result.update(
+        val_loss_nats=scored.loss_nats,
+        val_bpc=scored.bpc,
+        val_chars_scored=scored.chars,
+        parameters=params,
+        vocab_size=len(chars),
+        hidden=args.hidden,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        clip=args.clip,
+        seed=args.seed,
+    )
+    print(
+        f"{result['steps']} steps ({result['epochs']:.2f} epochs) in {result['train_seconds']:.1f} s, "
+        f"{result['chars_per_s']:,.0f} chars/s"
+    )
     print(f"val loss {scored.loss_nats:.4f} nats, {scored.bpc:.4f} bpc ({scored.chars:,} characters, 64 streams)")
     if args.json:
         print(json.dumps(result))

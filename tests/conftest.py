@@ -45,8 +45,15 @@ def tiny_config(data_path: Path, **sections) -> dict:
     config: dict[str, dict[str, Any]] = {
         "data": {"path": str(data_path), "val_fraction": 0.2},
         "model": {"type": "lstm", "hidden_size": 16, "num_layers": 1, "embedding_dim": 8},
-        "train": {"batch_size": 4, "seq_len": 16, "lr": 0.01, "max_steps": 6, "eval_interval": 3,
-                  "log_interval": 2, "device": "cpu"},
+        "train": {
+            "batch_size": 4,
+            "seq_len": 16,
+            "lr": 0.01,
+            "max_steps": 6,
+            "eval_interval": 3,
+            "log_interval": 2,
+            "device": "cpu",
+        },
         "sample": {"length": 20},
     }
     for section, values in sections.items():
@@ -60,14 +67,16 @@ def write_config(tmp_path: Path):
         path = tmp_path / name
         path.write_text(config_yaml(config), encoding="utf-8")
         return path
+
     return write
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m charlm ARGS` in a fresh process, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "charlm", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "charlm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture

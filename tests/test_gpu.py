@@ -78,8 +78,9 @@ def check_backends_agree(kind: str, device: str, atol: float = 1e-4, grad_tol: f
         for a, b in zip(got[1], want[1]):
             torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=backend)
         for name in want[2]:
-            torch.testing.assert_close(got[2][name], want[2][name], atol=grad_tol, rtol=grad_tol,
-                                       msg=f"{backend} {name}")
+            torch.testing.assert_close(
+                got[2][name], want[2][name], atol=grad_tol, rtol=grad_tol, msg=f"{backend} {name}"
+            )
 
 
 def check_nan_parity(kind: str, device: str) -> None:
@@ -131,9 +132,13 @@ def test_fp16_on_cuda_skips_overflows_and_shrinks_the_scale(tmp_path, text_file,
 def test_bf16_on_cuda_learns_as_fp32_does(tmp_path, text_file, backend):
     losses = {}
     for precision in ("fp32", "bf16"):
-        cfg = validate_config(tiny_config(text_file, model={"backend": backend, "hidden_size": 32},
-                                          train={"device": "cuda", "precision": precision, "max_steps": 40,
-                                                 "eval_interval": 40, "lr": 0.02}))
+        cfg = validate_config(
+            tiny_config(
+                text_file,
+                model={"backend": backend, "hidden_size": 32},
+                train={"device": "cuda", "precision": precision, "max_steps": 40, "eval_interval": 40, "lr": 0.02},
+            )
+        )
         losses[precision] = train(cfg, tmp_path / precision, display=quiet()).best_val_loss
     assert losses["bf16"] < math.log(len(set(text_file.read_text()))) - 1.0, losses
     assert abs(losses["bf16"] - losses["fp32"]) < 0.1, losses
@@ -142,8 +147,13 @@ def test_bf16_on_cuda_learns_as_fp32_does(tmp_path, text_file, backend):
 def test_accumulation_with_weight_dropout_equals_the_full_batch_on_cuda(tmp_path, text_file):
     model = {"num_layers": 2, "weight_dropout": 0.3}
     for name, steps in (("full", 1), ("acc", 4)):
-        cfg = validate_config(tiny_config(text_file, model=model, train={
-            "device": "cuda", "batch_size": 8, "max_steps": 5, "gradient_accumulation_steps": steps}))
+        cfg = validate_config(
+            tiny_config(
+                text_file,
+                model=model,
+                train={"device": "cuda", "batch_size": 8, "max_steps": 5, "gradient_accumulation_steps": steps},
+            )
+        )
         train(cfg, tmp_path / name, display=quiet())
     full, acc = params(tmp_path / "full"), params(tmp_path / "acc")
     for name in full:
@@ -151,6 +161,7 @@ def test_accumulation_with_weight_dropout_equals_the_full_batch_on_cuda(tmp_path
 
 
 # --- cuDNN: flat weights, the dtype it computes in, a contiguous state ------------------------------
+
 
 def shares_one_storage(model: CharLM) -> bool:
     weights = layer_weights(model.rnn.cells, [cell.weight_hh for cell in model.rnn.cells])
@@ -217,18 +228,25 @@ def test_fused_accumulation_with_two_layers_equals_the_full_batch_on_cuda(tmp_pa
     """A micro-batch's rows of the [L, B, H] state are strided; cuDNN needs them contiguous."""
     with tf32(False):
         for name, steps in (("full", 1), ("acc", 2)):
-            cfg = cuda_config(text_file, {"backend": "fused", "num_layers": 2}, batch_size=8, max_steps=5,
-                              gradient_accumulation_steps=steps)
+            cfg = cuda_config(
+                text_file,
+                {"backend": "fused", "num_layers": 2},
+                batch_size=8,
+                max_steps=5,
+                gradient_accumulation_steps=steps,
+            )
             train(cfg, tmp_path / name, display=quiet())
     full, acc = params(tmp_path / "full"), params(tmp_path / "acc")
     for name in full:
         torch.testing.assert_close(acc[name], full[name], atol=1e-4, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("precision,computed", [("fp32", torch.float32), ("bf16", torch.float32),
-                                                ("fp16", torch.float16)])
-def test_the_cudnn_recurrence_runs_in_the_dtype_its_precision_calls_for(tmp_path, text_file, monkeypatch,
-                                                                       precision, computed):
+@pytest.mark.parametrize(
+    "precision,computed", [("fp32", torch.float32), ("bf16", torch.float32), ("fp16", torch.float16)]
+)
+def test_the_cudnn_recurrence_runs_in_the_dtype_its_precision_calls_for(
+    tmp_path, text_file, monkeypatch, precision, computed
+):
     """Under bf16 autocast cuDNN would run fp16 (without loss scaling): the recurrence runs in
     float32 with TF32 instead. fp16 keeps cuDNN's fp16 path, with its GradScaler."""
     record, real = KernelDtypes("_cudnn_rnn"), trainer_module.Trainer.forward_backward
@@ -238,8 +256,11 @@ def test_the_cudnn_recurrence_runs_in_the_dtype_its_precision_calls_for(tmp_path
             return real(self, *args)
 
     monkeypatch.setattr(trainer_module.Trainer, "forward_backward", recorded)
-    train(cuda_config(text_file, {"backend": "fused", "num_layers": 2}, precision=precision, max_steps=2),
-          tmp_path / "run", display=quiet())
+    train(
+        cuda_config(text_file, {"backend": "fused", "num_layers": 2}, precision=precision, max_steps=2),
+        tmp_path / "run",
+        display=quiet(),
+    )
     assert record.seen and {dtype for _, dtype in record.seen} == {computed}, record.seen
     assert torch.backends.cudnn.allow_tf32
     assert torch.backends.cuda.matmul.allow_tf32 == (precision == "bf16")  # set by the run for bf16 only
@@ -252,6 +273,7 @@ def test_auto_runs_cudnn_on_cuda_where_torch_has_a_kernel(tmp_path, text_file, k
 
 
 # --- the loop: one wait per step, resuming across precisions -------------------------------------
+
 
 def syncs_per_step(monkeypatch) -> list[list[str]]:
     """Per training step, where each synchronizing CUDA call came from ("file:line" of the Python
@@ -267,21 +289,32 @@ def syncs_per_step(monkeypatch) -> list[list[str]]:
                 return real(self)
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
-                counts.append([f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in caught
-                               if "synchronizing CUDA operation" in str(w.message)])
+                counts.append(
+                    [
+                        f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}"
+                        for w in caught
+                        if "synchronizing CUDA operation" in str(w.message)
+                    ]
+                )
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", counted)
     return counts
 
 
 @pytest.mark.parametrize("precision,most", [("fp32", 1), ("bf16", 1), ("fp16", 2)])
-def test_a_training_step_waits_for_the_gpu_once_on_cuda(tmp_path, text_file, monkeypatch, record_property,
-                                                        precision, most):
+def test_a_training_step_waits_for_the_gpu_once_on_cuda(
+    tmp_path, text_file, monkeypatch, record_property, precision, most
+):
     """The finiteness check is the step's one read (fp16: GradScaler.step reads its inf flag too).
     The first steps may add lazy set-up; logging and evaluation, which read on purpose, are off."""
     syncs = syncs_per_step(monkeypatch)
-    train(cuda_config(text_file, {"backend": "fused"}, precision=precision, max_steps=8, log_interval=1000,
-                      eval_interval=1000), tmp_path / "run", display=quiet())
+    train(
+        cuda_config(
+            text_file, {"backend": "fused"}, precision=precision, max_steps=8, log_interval=1000, eval_interval=1000
+        ),
+        tmp_path / "run",
+        display=quiet(),
+    )
     record_property(f"syncs_per_step_{precision}", syncs)
     assert len(syncs) == 8 and max(len(step) for step in syncs[2:]) <= most, syncs
 
@@ -291,8 +324,15 @@ def test_syncs_per_step_at_the_benchmark_shape_on_cuda(tmp_path, text_file, monk
     kernels at this size (embedding backward over B*T indices, say) may read the device too."""
     syncs = syncs_per_step(monkeypatch)
     text_file.write_text(text_file.read_text() * 8)
-    cfg = cuda_config(text_file, {"hidden_size": 256, "num_layers": 2}, batch_size=32, seq_len=128, max_steps=5,
-                      log_interval=1000, eval_interval=1000)
+    cfg = cuda_config(
+        text_file,
+        {"hidden_size": 256, "num_layers": 2},
+        batch_size=32,
+        seq_len=128,
+        max_steps=5,
+        log_interval=1000,
+        eval_interval=1000,
+    )
     train(cfg, tmp_path / "run", display=quiet())
     record_property("syncs_per_step_lstm_2x256_B32_T128", syncs)
     assert len(syncs) == 5
@@ -308,5 +348,7 @@ def test_a_carried_state_resumes_across_precisions_on_cuda(tmp_path, text_file, 
     if first == "bf16":  # this run carries float32 now; make it the half state an older charlm saved
         payload["train_state"] = [s.half() for s in payload["train_state"]]
         save_checkpoint(payload, run_dir / "last.pt")
-    assert train(cuda_config(text_file, model, precision=then, max_steps=5), run_dir, resume=True,
-                 display=quiet()).step == 5
+    assert (
+        train(cuda_config(text_file, model, precision=then, max_steps=5), run_dir, resume=True, display=quiet()).step
+        == 5
+    )

@@ -42,16 +42,18 @@ def charlm_imports(path: Path) -> set[str]:
 def allowed(subpackage: str, module: str) -> bool:
     if module in SHARED or module.startswith(f"charlm.{subpackage}"):
         return True
-    return any(module == f"charlm.{target}" or module.startswith(f"charlm.{target}.")
-               for target in ALLOWED[subpackage])
+    return any(module == f"charlm.{target}" or module.startswith(f"charlm.{target}.") for target in ALLOWED[subpackage])
 
 
 def test_imports_flow_one_way():
     wrong = []
     for subpackage in ALLOWED:
         for path in sorted((PACKAGE / subpackage).rglob("*.py")):
-            wrong += [f"{path.relative_to(PACKAGE)} imports {module}"
-                      for module in sorted(charlm_imports(path)) if not allowed(subpackage, module)]
+            wrong += [
+                f"{path.relative_to(PACKAGE)} imports {module}"
+                for module in sorted(charlm_imports(path))
+                if not allowed(subpackage, module)
+            ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -93,8 +95,9 @@ def import_graph() -> dict[str, set[str]]:
         found = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("charlm"):
-                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in paths else node.module
-                          for a in node.names}
+                found |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in paths else node.module for a in node.names
+                }
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name in paths}
         graph[name] = {module for module in found if module in paths and module not in (name, "charlm")}
@@ -142,6 +145,9 @@ def test_no_import_circles():
 
 def test_modules_stay_small():
     """A module over 300 lines does two jobs (house style): split it where the seam is."""
-    long = [f"{path.relative_to(PACKAGE)}: {n} lines" for path in sorted(PACKAGE.rglob("*.py"))
-            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 300]
+    long = [
+        f"{path.relative_to(PACKAGE)}: {n} lines"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > 300
+    ]
     assert not long, "\n".join(long)

@@ -85,4 +85,3 @@ def _fail(message: str) -> None:
     for line in message.splitlines() or [message]:
         print(f"charlm: error: {line}", file=sys.stderr)
     sys.exit(2)
-

@@ -33,15 +33,21 @@ COMMANDS: dict[str, Callable[..., None] | Group] = {
     "export": export.export_model,
     "tune": tune.tune,
     "doctor": doctor.doctor,
-    "probe": Group("Measure what trained models do with time (PNG + JSON).",
-                   {"gradients": probe.gradients, "context": probe.context}),
+    "probe": Group(
+        "Measure what trained models do with time (PNG + JSON).",
+        {"gradients": probe.gradients, "context": probe.context},
+    ),
 }
 
 
 def build_app() -> typer.Typer:
     """The `charlm` Typer app with every command of COMMANDS registered under its name."""
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                      help="Train, sample and evaluate character-level RNN/LSTM language models.")
+    app = typer.Typer(
+        add_completion=False,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        help="Train, sample and evaluate character-level RNN/LSTM language models.",
+    )
     for name, command in COMMANDS.items():
         if isinstance(command, Group):
             group = typer.Typer(no_args_is_help=True, help=command.help)

@@ -40,14 +40,18 @@ class TrainedModel(NamedTuple):
     config: Config
 
 
-def load_model(checkpoint: Path, device: str = "cpu", backend: str | None = None, precision: str = "fp32",
-               workload: Workload | None = None) -> TrainedModel:
+def load_model(
+    checkpoint: Path,
+    device: str = "cpu",
+    backend: str | None = None,
+    precision: str = "fp32",
+    workload: Workload | None = None,
+) -> TrainedModel:
     """A checkpoint (or a .safetensors export) and its model on `device`, run with `backend`: auto is measured
     for the device, `precision` and `workload`, and said in one line when measured just now."""
     backend = check_backend(backend)
     if Path(checkpoint).suffix == ".safetensors":  # `charlm export --format safetensors`
-        loaded = lib.load_safetensors(Path(checkpoint), lib.resolve_device(device), backend, precision, workload,
-                                      _say)
+        loaded = lib.load_safetensors(Path(checkpoint), lib.resolve_device(device), backend, precision, workload, _say)
         return TrainedModel(loaded.training, loaded.model, loaded.vocab, loaded.config)
     payload = lib.load_checkpoint(checkpoint)
     model, vocab = lib.model_from_checkpoint(payload, lib.resolve_device(device), backend, precision, workload, _say)

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 ProbeText = Annotated[str, typer.Option("--text", help="Text to probe on: a file, folder or glob of UTF-8 text.")]
-ProbeOut = Annotated[Path, typer.Option("--out", "-o", help="Where the figure and the numbers go: OUT.png and "
-                                                            "OUT.json.")]
+ProbeOut = Annotated[
+    Path, typer.Option("--out", "-o", help="Where the figure and the numbers go: OUT.png and OUT.json.")
+]
 
 
 def gradients(
@@ -40,8 +41,15 @@ def gradients(
     entries = []
     for checkpoint, model, cfg, ids in _models_and_text(checkpoints, text, device):
         norms = _or_user_error(lib.gradient_norms, model, ids, max_k, positions)
-        entries.append({**_label(checkpoint, cfg), "k": norms.ks, "hidden_grad_norm": norms.hidden,
-                        "cell_grad_norm": norms.cell, "positions": norms.positions})
+        entries.append(
+            {
+                **_label(checkpoint, cfg),
+                "k": norms.ks,
+                "hidden_grad_norm": norms.hidden,
+                "cell_grad_norm": norms.cell,
+                "positions": norms.positions,
+            }
+        )
     _write(out, {"probe": "gradients", "text": text, "models": entries}, lib.plot_gradient_probe)
 
 
@@ -49,8 +57,9 @@ def context(
     checkpoints: CheckpointsOption,
     text: ProbeText,
     out: ProbeOut = Path("probe_context"),
-    max_k: Annotated[int, typer.Option(
-        "--max-k", help="The longest context: k = 1, 2, 4, ... up to this.", min=1, max=65536)] = 1024,
+    max_k: Annotated[
+        int, typer.Option("--max-k", help="The longest context: k = 1, 2, 4, ... up to this.", min=1, max=65536)
+    ] = 1024,
     positions: Annotated[int, typer.Option("--positions", help="Predictions to average over.", min=1)] = 512,
     device: DeviceOption = "cpu",
 ) -> None:
@@ -58,13 +67,21 @@ def context(
     entries = []
     for checkpoint, model, cfg, ids in _models_and_text(checkpoints, text, device):
         losses = _or_user_error(lib.context_losses, model, ids, lib.doubling(max_k), positions)
-        entries.append({**_label(checkpoint, cfg), "k": losses.ks, "loss_nats": losses.losses,
-                        "carried_loss_nats": losses.carried, "positions": losses.positions})
+        entries.append(
+            {
+                **_label(checkpoint, cfg),
+                "k": losses.ks,
+                "loss_nats": losses.losses,
+                "carried_loss_nats": losses.carried,
+                "positions": losses.positions,
+            }
+        )
     _write(out, {"probe": "context", "text": text, "models": entries}, lib.plot_context_probe)
 
 
-def _models_and_text(checkpoints: list[Path], text: str,
-                     device: str) -> Iterator[tuple[Path, CharLM, Config, torch.Tensor]]:
+def _models_and_text(
+    checkpoints: list[Path], text: str, device: str
+) -> Iterator[tuple[Path, CharLM, Config, torch.Tensor]]:
     """Each checkpoint's model and the text encoded with its own vocabulary and text settings."""
     raw = lib.read_text(text)
     for checkpoint in checkpoints:

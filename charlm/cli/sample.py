@@ -26,61 +26,88 @@ if TYPE_CHECKING:
 
 def sample(
     checkpoint: CheckpointOption,
-    prompt: Annotated[str | None, typer.Option(
-        "--prompt", "-p", help="Text to start from (default: sample.prompt).")] = None,
-    prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Read the prompt from a UTF-8 file.")] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Text to start from (default: sample.prompt).")
+    ] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option("--prompt-file", help="Read the prompt from a UTF-8 file.")
+    ] = None,
     length: Annotated[int | None, typer.Option("--length", "-n", help="Characters to generate per sample.")] = None,
-    temperature: Annotated[float | None, typer.Option(
-        "--temperature", "-t", help="0 = greedy; <1 safer, >1 wilder.")] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", "-t", help="0 = greedy; <1 safer, >1 wilder.")
+    ] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Draw only from the k most likely characters.")] = None,
-    top_p: Annotated[float | None, typer.Option(
-        "--top-p", help="Draw only from the nucleus of probability p, in (0, 1].")] = None,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="Draw only from the nucleus of probability p, in (0, 1].")
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed: the same seed gives the same text.")] = None,
-    num_samples: Annotated[int, typer.Option(
-        "--num-samples", help="Draw this many samples in one batch.", min=1, max=10_000)] = 1,
+    num_samples: Annotated[
+        int, typer.Option("--num-samples", help="Draw this many samples in one batch.", min=1, max=10_000)
+    ] = 1,
     device: DeviceOption = "auto",
     backend: BackendOption = None,
     precision: PrecisionOption = "fp32",
     threads: ThreadsOption = None,
-    stop_at_end: Annotated[bool, typer.Option(
-        "--stop-at-end", help="End each sample at its document's end marker "
-                              "(models trained with data.documents: lines).")] = False,
-    adapt_to: Annotated[str | None, typer.Option(
-        "--adapt-to", help="First read this text (file, folder or glob) with dynamic evaluation's updates, so the "
-                           "sample continues in its style.")] = None,
+    stop_at_end: Annotated[
+        bool,
+        typer.Option(
+            "--stop-at-end",
+            help="End each sample at its document's end marker (models trained with data.documents: lines).",
+        ),
+    ] = False,
+    adapt_to: Annotated[
+        str | None,
+        typer.Option(
+            "--adapt-to",
+            help="First read this text (file, folder or glob) with dynamic evaluation's updates, so the "
+            "sample continues in its style.",
+        ),
+    ] = None,
     segment: Annotated[int, typer.Option("--segment", help="--adapt-to: characters per update.")] = 50,
-    dynamic_lr: Annotated[float | None, typer.Option(
-        "--dynamic-lr", help="--adapt-to: learning rate (default 3e-4 for rms, 0.1 for sgd).")] = None,
+    dynamic_lr: Annotated[
+        float | None,
+        typer.Option("--dynamic-lr", help="--adapt-to: learning rate (default 3e-4 for rms, 0.1 for sgd)."),
+    ] = None,
     rule: Annotated[str, typer.Option("--rule", help="--adapt-to: update rule, rms or sgd.")] = "rms",
 ) -> None:
     """Generate text from a trained model, streamed as it is drawn."""
     precision = checked_precision(device, precision)
     lib.use_threads(threads)
     _, model, vocab, cfg = load_model(checkpoint, device, backend, precision, lib.Workload.generation(num_samples))
-    settings = sample_settings(cfg.sample, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed)
+    settings = sample_settings(cfg.sample, length=length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     decoding = _drawable_decoding(lib.Decoding.of(settings))
     if stop_at_end and not vocab.documents:
         raise UserError("--stop-at-end needs a model trained with data.documents: lines (it has no end marker)")
     text = _prompt_text(prompt, prompt_file, settings.prompt)
     context, unknown = lib.prompt_ids(vocab, text, lib.TextSettings.from_config(cfg.data))
     if unknown:
-        err_console.print(f"warning: the prompt's characters {', '.join(map(repr, unknown[:10]))} never occurred in "
-                          "training; they are read as <unk>")
+        err_console.print(
+            f"warning: the prompt's characters {', '.join(map(repr, unknown[:10]))} never occurred in "
+            "training; they are read as <unk>"
+        )
     generator, used_seed = lib.make_generator(next(model.parameters()).device, settings.seed)
     stop_id = vocab.special_id(lib.EOS_TOKEN) if stop_at_end else None
     try:
         with in_precision(model, precision):
             if adapt_to is not None:
                 _adapt(model, vocab, adapt_to, dynamic_settings(segment, dynamic_lr, rule, 0.0), cfg)
-            _print_samples(vocab, text, num_samples, stop_id, lambda on_step: lib.generate(
-                model, context, settings.length, num_samples, decoding, generator, on_step, stop_id))
+            _print_samples(
+                vocab,
+                text,
+                num_samples,
+                stop_id,
+                lambda on_step: lib.generate(
+                    model, context, settings.length, num_samples, decoding, generator, on_step, stop_id
+                ),
+            )
     except lib.Undrawable as err:
         if num_samples == 1:
             sys.stdout.write("\n")  # end the line the sample was streaming on
-        raise UserError(f"{err}, so no character can be drawn from them: the checkpoint's weights are likely NaN "
-                        "(a training that diverged) or overflow in this precision; sample from an earlier "
-                        "checkpoint, or with --precision fp32") from None
+        raise UserError(
+            f"{err}, so no character can be drawn from them: the checkpoint's weights are likely NaN "
+            "(a training that diverged) or overflow in this precision; sample from an earlier "
+            "checkpoint, or with --precision fp32"
+        ) from None
     if settings.seed is None:
         err_console.print(f"[dim]seed {used_seed} (pass --seed {used_seed} to draw the same text again)[/]")
 
@@ -98,8 +125,10 @@ def _adapt(model: CharLM, vocab: Vocab, source: str, settings: DynamicSettings, 
     """Update `model` in place by reading `source` with dynamic evaluation; say what it scored."""
     _, encoded = lib.encode_for_scoring(vocab, lib.read_text(source), lib.TextSettings.from_config(cfg.data))
     totals = lib.read_dynamically(model, encoded.ids, settings)
-    err_console.print(f"[dim]adapted to {source}: {totals.count:,} characters read, "
-                      f"{totals.total_nats / totals.count:.4f} nats/char while reading[/]")
+    err_console.print(
+        f"[dim]adapted to {source}: {totals.count:,} characters read, "
+        f"{totals.total_nats / totals.count:.4f} nats/char while reading[/]"
+    )
 
 
 def _prompt_text(prompt: str | None, prompt_file: Path | None, default: str) -> str:
@@ -113,8 +142,13 @@ def _prompt_text(prompt: str | None, prompt_file: Path | None, default: str) -> 
     return prompt if prompt else default
 
 
-def _print_samples(vocab: Vocab, prompt: str, num_samples: int, stop_id: int | None,
-                   run: Callable[[Callable[[torch.Tensor], None] | None], torch.Tensor]) -> None:
+def _print_samples(
+    vocab: Vocab,
+    prompt: str,
+    num_samples: int,
+    stop_id: int | None,
+    run: Callable[[Callable[[torch.Tensor], None] | None], torch.Tensor],
+) -> None:
     """One sample streams as it is drawn; several are printed one after another when done."""
     stream = sys.stdout
     if num_samples == 1:
@@ -135,6 +169,6 @@ def _print_samples(vocab: Vocab, prompt: str, num_samples: int, stop_id: int | N
         for k, row in enumerate(run(None)):
             row = row.tolist()
             if stop_id is not None and stop_id in row:
-                row = row[:row.index(stop_id)]
+                row = row[: row.index(stop_id)]
             stream.write(f"==> sample {k + 1} <==\n{prompt}{vocab.decode(row)}\n")
     stream.flush()

@@ -23,22 +23,31 @@ if TYPE_CHECKING:
 def train(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run dir (default: runs/<config file stem>).")] = None,
-    overrides: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a config key: --set train.lr=1e-3 (repeatable).")] = None,
-    device: Annotated[str | None, typer.Option(
-        "--device", help="auto, cpu, cuda, cuda:N or mps (overrides train.device).")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key: --set train.lr=1e-3 (repeatable).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (overrides train.device).")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the run dir from its last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in the run dir.")] = False,
-    init_from: Annotated[Path | None, typer.Option(
-        "--init-from", help="Start a new run from a trained model's weights: a checkpoint file, or a run dir "
-                            "(its best.pt); fine-tuning (sets train.init_from).")] = None,
-    quiet: Annotated[bool, typer.Option(
-        "--quiet", "-q", help="Plain lines at each evaluation only: no bar, no samples.")] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start a new run from a trained model's weights: a checkpoint file, or a run dir "
+            "(its best.pt); fine-tuning (sets train.init_from).",
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Plain lines at each evaluation only: no bar, no samples.")
+    ] = False,
 ) -> None:
     """Train a model from a YAML config."""
     if resume and init_from is not None:
-        raise UserError("--init-from starts a new run from a trained model and --resume continues a run; "
-                        "give one of them")
+        raise UserError(
+            "--init-from starts a new run from a trained model and --resume continues a run; give one of them"
+        )
     if config is None:
         if not (resume and out is not None):
             raise UserError("give --config FILE (or --resume --out RUN_DIR to continue a run with its own config)")
@@ -59,18 +68,23 @@ def _report_training(outcome: TrainOutcome, run_dir: Path) -> None:
     if outcome.stop_reason == "interrupted":
         assert outcome.signal is not None, "an interrupted run names the signal that stopped it"
         name = signal.Signals(outcome.signal).name
-        out.print(f"{name}: stopped at step {outcome.step}; saved {run_dir / LAST}. "
-                      f"Resume with: charlm train --resume --out {run_dir}")
+        out.print(
+            f"{name}: stopped at step {outcome.step}; saved {run_dir / LAST}. "
+            f"Resume with: charlm train --resume --out {run_dir}"
+        )
         return
     minutes = outcome.elapsed / 60
     if outcome.stop_reason == "early_stop":
-        out.print(f"stopped early at step {outcome.step}: the val loss has not improved for "
-                      f"train.patience evaluations ({minutes:.1f} min)")
+        out.print(
+            f"stopped early at step {outcome.step}: the val loss has not improved for "
+            f"train.patience evaluations ({minutes:.1f} min)"
+        )
     else:
         out.print(f"done: {outcome.step} steps, {outcome.epoch} full epochs, {minutes:.1f} min")
     if outcome.best_val_loss is not None:
         bpc = outcome.best_val_loss / math.log(2)
-        out.print(f"best val loss {outcome.best_val_loss:.4f} nats ({bpc:.4f} bpc) at step {outcome.best_step}: "
-                      f"{run_dir / BEST} is the model to use")
-    out.print(f"sample with: charlm sample --checkpoint {run_dir} --prompt \"...\"")
-
+        out.print(
+            f"best val loss {outcome.best_val_loss:.4f} nats ({bpc:.4f} bpc) at step {outcome.best_step}: "
+            f"{run_dir / BEST} is the model to use"
+        )
+    out.print(f'sample with: charlm sample --checkpoint {run_dir} --prompt "..."')

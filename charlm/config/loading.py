@@ -27,8 +27,9 @@ def _construct_mapping_without_duplicates(loader: _StrictLoader, node: yaml.Mapp
         key = loader.construct_object(key_node, deep=True)
         if key in seen:
             line = key_node.start_mark.line + 1
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {line})",
-                                                    key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
+            )
         seen[key] = loader.construct_object(value_node, deep=True)
     return seen
 
@@ -65,12 +66,15 @@ def read_config_file(path: str | Path) -> dict:
     if raw is None:
         raise ConfigError(f"{path}: the config file is empty; it needs at least data.path and a train budget")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config must be a YAML mapping of sections (data, model, train, sample), "
-                          f"not a {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: a config must be a YAML mapping of sections (data, model, train, sample), "
+            f"not a {type(raw).__name__}"
+        )
     return raw
 
 
 # --- overrides ----------------------------------------------------------------------------
+
 
 def did_you_mean(name: str, options: list[str]) -> str:
     """The end of an unknown-name message: the closest option, else all of them."""
@@ -149,8 +153,9 @@ def sample_settings(defaults: SampleConfig, **options: Any) -> SampleConfig:
     try:
         return SampleConfig.model_validate({**defaults.model_dump(), **given})
     except ValidationError as err:
-        problems = [f"--{str(e['loc'][0]).replace('_', '-')}: " + _describe_error({**e, "loc": ()})
-                    for e in err.errors()]
+        problems = [
+            f"--{str(e['loc'][0]).replace('_', '-')}: " + _describe_error({**e, "loc": ()}) for e in err.errors()
+        ]
         raise ConfigError("\n".join(problems)) from None
 
 

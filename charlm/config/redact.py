@@ -9,8 +9,11 @@ from __future__ import annotations
 import re
 
 # Query keys that carry a secret by convention (presigned URLs, token auth); their values are blanked.
-_SECRET_QUERY = re.compile(r"([?&;][^=&;#]*(?:token|secret|password|passwd|pwd|key|auth|signature|credential)[^=&;#]*=)"
-                           r"[^&;#]*", re.IGNORECASE)
+_SECRET_QUERY = re.compile(
+    r"([?&;][^=&;#]*(?:token|secret|password|passwd|pwd|key|auth|signature|credential)[^=&;#]*=)"
+    r"[^&;#]*",
+    re.IGNORECASE,
+)
 REDACTED = "REDACTED"
 
 

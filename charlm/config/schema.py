@@ -103,24 +103,30 @@ class ModelConfig(_Section):
         """Refuse, before anything is allocated, a model no machine could hold (MAX_PARAMETERS)."""
         bound = self.parameter_bound(vocab_size)
         if bound > MAX_PARAMETERS:
-            raise ConfigError(f"{source}: model.hidden_size {self.hidden_size}, num_layers {self.num_layers} and "
-                              f"embedding_dim {self.embedding_dim} with a vocabulary of {vocab_size:,} make "
-                              f"~{bound:.2g} parameters, more than a machine can hold ({MAX_PARAMETERS:.2g})")
+            raise ConfigError(
+                f"{source}: model.hidden_size {self.hidden_size}, num_layers {self.num_layers} and "
+                f"embedding_dim {self.embedding_dim} with a vocabulary of {vocab_size:,} make "
+                f"~{bound:.2g} parameters, more than a machine can hold ({MAX_PARAMETERS:.2g})"
+            )
 
     @model_validator(mode="after")
     def _fits_a_machine(self) -> ModelConfig:
         bound = self.parameter_bound(2)  # the smallest vocabulary; the real one is checked where it is known
         if bound > MAX_PARAMETERS:
-            raise ValueError(f"hidden_size {self.hidden_size}, num_layers {self.num_layers} and embedding_dim "
-                             f"{self.embedding_dim} make ~{bound:.2g} parameters, more than a machine can hold "
-                             f"({MAX_PARAMETERS:.2g})")
+            raise ValueError(
+                f"hidden_size {self.hidden_size}, num_layers {self.num_layers} and embedding_dim "
+                f"{self.embedding_dim} make ~{bound:.2g} parameters, more than a machine can hold "
+                f"({MAX_PARAMETERS:.2g})"
+            )
         return self
 
     @model_validator(mode="after")
     def _embedding_dropout_needs_embedding(self) -> ModelConfig:
         if self.embedding_dropout > 0 and self.input != "embedding":
-            raise ValueError("model.embedding_dropout needs model.input: embedding (one-hot input has no embedding "
-                             "rows to drop; use model.input_dropout)")
+            raise ValueError(
+                "model.embedding_dropout needs model.input: embedding (one-hot input has no embedding "
+                "rows to drop; use model.input_dropout)"
+            )
         return self
 
     # `type` is validated before these (field order), so info.data holds it when it is valid.
@@ -283,6 +289,7 @@ class Config(_Section):
 
 def with_absolute_paths(cfg: Config) -> Config:
     """The config with its data paths (and train.init_from) made absolute, so a run dir's config works from anywhere."""
+
     def absolute(spec: str | None) -> str | None:
         if spec is None or spec.startswith("builtin:"):
             return spec
@@ -294,5 +301,8 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 
 SECTIONS: dict[str, type[BaseModel]] = {
-    "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
 }

@@ -29,17 +29,18 @@ class TBPTTBatches:
     its window (the same aim as the AWD-LSTM's variable-length BPTT, with a fixed T).
     """
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, random_offsets: bool = False,
-                 seed: int = 0):
+    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, random_offsets: bool = False, seed: int = 0):
         self.batch_size, self.seq_len = batch_size, seq_len
         self.random_offsets, self.seed = random_offsets, seed
         slack = seq_len - 1 if random_offsets else 0  # room for the largest shift
         needed = batch_size * seq_len + 1 + slack
         if ids.numel() < needed:
-            raise DataError(f"the training text has {ids.numel()} characters but one window needs "
-                            f"train.batch_size x train.seq_len + 1 = {needed - slack}"
-                            f"{f' (+ {slack} for train.random_offsets)' if slack else ''}; use more text or "
-                            "lower train.batch_size / train.seq_len")
+            raise DataError(
+                f"the training text has {ids.numel()} characters but one window needs "
+                f"train.batch_size x train.seq_len + 1 = {needed - slack}"
+                f"{f' (+ {slack} for train.random_offsets)' if slack else ''}; use more text or "
+                "lower train.batch_size / train.seq_len"
+            )
         self.ids = ids
         self.length = (ids.numel() - 1 - slack) // batch_size  # L
         self.windows_per_epoch = -(-self.length // seq_len)
@@ -59,7 +60,7 @@ class TBPTTBatches:
         """Inputs and targets of window k of `epoch` for streams `rows`: int64 [B', T] (T shorter for the last)."""
         assert 0 <= k < self.windows_per_epoch, f"window {k} outside 0..{self.windows_per_epoch - 1}"
         start, count = self.offset(epoch), self.batch_size * self.length
-        inputs = self.ids[start: start + count].view(self.batch_size, self.length)  # [B, L]
-        targets = self.ids[start + 1: start + count + 1].view(self.batch_size, self.length)  # [B, L]
+        inputs = self.ids[start : start + count].view(self.batch_size, self.length)  # [B, L]
+        targets = self.ids[start + 1 : start + count + 1].view(self.batch_size, self.length)  # [B, L]
         cols = slice(k * self.seq_len, (k + 1) * self.seq_len)
         return inputs[rows, cols].long(), targets[rows, cols].long()

@@ -35,10 +35,11 @@ def is_builtin(spec: str) -> bool:
 
 
 def builtin_files(spec: str) -> list[Path]:
-    name = spec[len(BUILTIN_PREFIX):]
+    name = spec[len(BUILTIN_PREFIX) :]
     if name not in BUILTIN_CORPORA:
-        raise UserError(f"unknown built-in corpus {spec!r}; available: "
-                        + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA))
+        raise UserError(
+            f"unknown built-in corpus {spec!r}; available: " + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA)
+        )
     files = BUILTIN_CORPORA[name]()
     if not files:
         raise UserError(f"built-in corpus {spec!r} found no files in this Python installation")

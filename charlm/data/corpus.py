@@ -44,8 +44,9 @@ class Corpus:
     notices: tuple[str, ...] = ()  # skipped files, rare characters mapped to <unk>, cache use
 
 
-def load_corpus(data, progress: Progress | None = None, cache: Path | None = None,
-                vocab: Vocab | None = None) -> Corpus:
+def load_corpus(
+    data, progress: Progress | None = None, cache: Path | None = None, vocab: Vocab | None = None
+) -> Corpus:
     """The encoded corpus a DataConfig describes, from the cache or built (and cached) now.
 
     `vocab`: encode with exactly this vocabulary (a fine-tuned run's: its base model's characters
@@ -77,8 +78,9 @@ def _undecodable(files: list[Path], notices: list[str]) -> frozenset:
     return frozenset(bad)
 
 
-def _corpus_key(train_files: list[Path], val_files: list[Path], skip: frozenset, data,
-                vocab: Vocab | None = None) -> str:
+def _corpus_key(
+    train_files: list[Path], val_files: list[Path], skip: frozenset, data, vocab: Vocab | None = None
+) -> str:
     """SHA-256 of every source file's bytes (in order) and of the settings that shape the ids: an
     encoding with another given vocabulary, or with none, is never reused. (A corpus without one
     keeps the key it always had: caches and the runs that fingerprinted them stay valid.)"""
@@ -105,8 +107,9 @@ def _settings_of(data) -> dict:
     return settings
 
 
-def _build(folder: Path, train_files, val_files, skip, data, settings: TextSettings, progress,
-           vocab: Vocab | None = None) -> None:
+def _build(
+    folder: Path, train_files, val_files, skip, data, settings: TextSettings, progress, vocab: Vocab | None = None
+) -> None:
     """Encode into a private scratch folder, then rename it into place: readers never see half."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     total = sum(p.stat().st_size for p in train_files + val_files if p not in skip)
@@ -124,10 +127,18 @@ def _build(folder: Path, train_files, val_files, skip, data, settings: TextSetti
         if val_files:
             n_val = _write_units(val_files, skip, settings, units, advance, data.val_path, append=True)
         else:
-            n_train, n_val = int(n_train * (1.0 - data.val_fraction)), n_train - int(n_train * (1.0 - data.val_fraction))
+            n_train, n_val = (
+                int(n_train * (1.0 - data.val_fraction)),
+                n_train - int(n_train * (1.0 - data.val_fraction)),
+            )
         if vocab is None:
-            vocab = Vocab.from_counts(_count_units(units, n_train), settings.unit, data.min_freq, data.max_vocab,
-                                      settings.documents == "lines")
+            vocab = Vocab.from_counts(
+                _count_units(units, n_train),
+                settings.unit,
+                data.min_freq,
+                data.max_vocab,
+                settings.documents == "lines",
+            )
         meta = _write_ids(scratch, vocab, n_train, n_val)
         units.unlink()
         (scratch / "meta.json").write_text(json.dumps(meta))
@@ -189,8 +200,15 @@ def _write_ids(scratch: Path, vocab: Vocab, n_train: int, n_val: int) -> dict:
                 else:
                     val_oov += encoded.oov_chars
                     val_kept += encoded.ids.numel()
-    return {"format": FORMAT, "vocab": vocab.to_dict(), "dtype": str(dtype).removeprefix("torch."),
-            "n_train": n_train, "n_val": val_kept, "train_unk": train_unk, "val_oov": val_oov}
+    return {
+        "format": FORMAT,
+        "vocab": vocab.to_dict(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "n_train": n_train,
+        "n_val": val_kept,
+        "train_unk": train_unk,
+        "val_oov": val_oov,
+    }
 
 
 def _open(folder: Path, key: str, notices: list[str]) -> Corpus:
@@ -198,12 +216,17 @@ def _open(folder: Path, key: str, notices: list[str]) -> Corpus:
     vocab = Vocab.from_dict(meta["vocab"])
     n_train, n_val = meta["n_train"], meta["n_val"]
     if n_val < 2:
-        raise DataError(f"the validation text has {n_val} character(s) that occur in the training text; it needs "
-                        "at least 2 (use more text, a larger data.val_fraction or data.val_path)")
+        raise DataError(
+            f"the validation text has {n_val} character(s) that occur in the training text; it needs "
+            "at least 2 (use more text, a larger data.val_fraction or data.val_path)"
+        )
     # Memory-mapped (shared: processes on one machine share the pages); nothing ever writes to it.
-    ids = torch.from_file(str(folder / "ids.bin"), shared=True, size=n_train + n_val,
-                          dtype=getattr(torch, meta["dtype"]))
+    ids = torch.from_file(
+        str(folder / "ids.bin"), shared=True, size=n_train + n_val, dtype=getattr(torch, meta["dtype"])
+    )
     if meta["train_unk"]:
-        notices.append(f"data: {meta['train_unk']:,} training characters rarer than data.min_freq / beyond "
-                       "data.max_vocab are trained as <unk>")
+        notices.append(
+            f"data: {meta['train_unk']:,} training characters rarer than data.min_freq / beyond "
+            "data.max_vocab are trained as <unk>"
+        )
     return Corpus(vocab, ids[:n_train], ids[n_train:], meta["val_oov"], key, tuple(notices))

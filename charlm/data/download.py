@@ -25,6 +25,7 @@ _CHUNK = 1 << 16
 @dataclass(frozen=True)
 class Part:
     """One file to fetch: its path under the corpus's base URL (not yet URL-encoded) and its SHA-256."""
+
     path: str
     sha256: str
 
@@ -34,6 +35,7 @@ class KnownCorpus:
     """A public corpus: the files to fetch, each checked, and how they become the one text file written.
 
     Without `convert` the corpus is its single part, saved as is."""
+
     about: str
     base_url: str
     parts: tuple[Part, ...]
@@ -42,8 +44,9 @@ class KnownCorpus:
     convert: Callable[[list[Path]], str] | None = None  # local copies of the parts, in order -> the text
 
     def __post_init__(self):
-        assert self.convert is not None or (len(self.parts) == 1 and self.parts[0].sha256 == self.sha256), \
+        assert self.convert is not None or (len(self.parts) == 1 and self.parts[0].sha256 == self.sha256), (
             "a corpus without a converter is its one part, saved as is"
+        )
 
     def urls(self, mirror: str | None = None) -> list[str]:
         """Where the parts are: under `base_url`, or under `mirror` (same paths) when given."""
@@ -72,15 +75,17 @@ KNOWN_CORPORA = {
         base_url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare",
         parts=(Part("input.txt", _SHAKESPEARE_SHA256),),
         filename="input.txt",
-        sha256=_SHAKESPEARE_SHA256),
+        sha256=_SHAKESPEARE_SHA256,
+    ),
     "tang_poems": KnownCorpus(
         about="10,008 Tang poems from chinese-poetry's 全唐诗 JSON, one per line, 2.0 MB, public domain (MIT data)",
         base_url="https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/"
-                 "99ebbef7e1345c0985c44b9fd96a3f9e776f117b",
+        "99ebbef7e1345c0985c44b9fd96a3f9e776f117b",
         parts=tuple(Part(f"全唐诗/poet.tang.{first}.json", sha) for first, sha in _TANG_SHA256.items()),
         filename="tang_poems.txt",
         sha256="5755ffe31af013920043c0551c74e9d2fc2323c23aaf1a2ee92182aebade5eec",
-        convert=poems_to_text),
+        convert=poems_to_text,
+    ),
 }
 
 
@@ -103,8 +108,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, out: Path, sha256: str | None = None,
-             progress: Callable[[int, int | None], None] | None = None, timeout: float = 30.0) -> Downloaded:
+def download(
+    url: str,
+    out: Path,
+    sha256: str | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    timeout: float = 30.0,
+) -> Downloaded:
     """Fetch `url` into `out`; `progress(bytes_so_far, total_or_None)` is called as it goes."""
     if urllib.parse.urlparse(url).scheme not in ("http", "https"):
         raise DownloadError(f"not a URL charlm can fetch: {url} (give an http:// or https:// URL)")
@@ -125,8 +135,12 @@ def download(url: str, out: Path, sha256: str | None = None,
     return Downloaded(out, got, fetched=True)
 
 
-def fetch_known(known: KnownCorpus, out: Path, mirror: str | None = None,
-                progress: Callable[[str, int, int | None], None] | None = None) -> Downloaded:
+def fetch_known(
+    known: KnownCorpus,
+    out: Path,
+    mirror: str | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> Downloaded:
     """Fetch a known corpus into `out`; `progress(part_label, bytes_so_far, total_or_None)` as it goes.
 
     The parts of a converted corpus go to a temporary folder that is removed whatever happens;
@@ -167,8 +181,9 @@ def _converted(known: KnownCorpus, paths: list[Path], out: Path) -> bytes:
         raise DownloadError(f"cannot convert the files of {out.name}: {err}; nothing was saved") from None
     got = hashlib.sha256(data).hexdigest()
     if got != known.sha256:
-        raise DownloadError(f"{out.name}: SHA-256 mismatch after conversion: expected {known.sha256}, got {got}; "
-                            "nothing was saved")
+        raise DownloadError(
+            f"{out.name}: SHA-256 mismatch after conversion: expected {known.sha256}, got {got}; nothing was saved"
+        )
     return data
 
 
@@ -195,8 +210,9 @@ def _fetch(url: str, tmp: Path, progress, timeout: float) -> str:
                 if progress is not None:
                     progress(received, total)
             if total is not None and received < total:
-                raise DownloadError(f"{url}: the connection dropped after {received:,} of {total:,} bytes; "
-                                    "nothing was saved, try again")
+                raise DownloadError(
+                    f"{url}: the connection dropped after {received:,} of {total:,} bytes; nothing was saved, try again"
+                )
             handle.flush()
             os.fsync(handle.fileno())
     except urllib.error.HTTPError as err:
@@ -204,8 +220,10 @@ def _fetch(url: str, tmp: Path, progress, timeout: float) -> str:
     except urllib.error.URLError as err:
         raise DownloadError(f"cannot reach {url}: {err.reason} (offline?)") from None
     except (http.client.IncompleteRead, ConnectionError, http.client.HTTPException) as err:
-        raise DownloadError(f"{url}: the connection dropped after {received:,} bytes ({type(err).__name__}); "
-                            "nothing was saved, try again") from None
+        raise DownloadError(
+            f"{url}: the connection dropped after {received:,} bytes ({type(err).__name__}); "
+            "nothing was saved, try again"
+        ) from None
     except TimeoutError:
         raise DownloadError(f"{url}: no answer within {timeout:.0f} s; nothing was saved, try again") from None
     except ValueError as err:

@@ -92,8 +92,9 @@ def looks_binary(raw: bytes) -> bool:
     return b"\x00" in raw[:SNIFF_BYTES]
 
 
-def iter_file_text(path: Path, chunk_bytes: int = CHUNK_BYTES,
-                   on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+def iter_file_text(
+    path: Path, chunk_bytes: int = CHUNK_BYTES, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[str]:
     """Strict UTF-8 text of a file, in pieces that end at a line end (the last may not).
 
     Errors name the file; a decode error gives the byte offset in the file."""
@@ -116,9 +117,11 @@ def iter_file_text(path: Path, chunk_bytes: int = CHUNK_BYTES,
             try:
                 text = carry + decoder.decode(block, final=not block)
             except UnicodeDecodeError as err:  # err.object = the pending bytes + this block
-                raise DataError(f"{path} is not valid UTF-8: bad byte 0x{err.object[err.start]:02x} at byte offset "
-                                f"{offset - pending + err.start}; convert it to UTF-8 (e.g. iconv -f latin1 -t "
-                                "utf-8) or set data.on_decode_error: skip") from None
+                raise DataError(
+                    f"{path} is not valid UTF-8: bad byte 0x{err.object[err.start]:02x} at byte offset "
+                    f"{offset - pending + err.start}; convert it to UTF-8 (e.g. iconv -f latin1 -t "
+                    "utf-8) or set data.on_decode_error: skip"
+                ) from None
             offset += len(block)
             if on_bytes is not None:
                 on_bytes(len(block))
@@ -144,8 +147,12 @@ def check_utf8(path: Path) -> DataError | None:
     return None
 
 
-def iter_sources_text(files: list[Path], settings: TextSettings, skip: frozenset = frozenset(),
-                      on_bytes: Callable[[int], None] | None = None) -> Iterator[str]:
+def iter_sources_text(
+    files: list[Path],
+    settings: TextSettings,
+    skip: frozenset = frozenset(),
+    on_bytes: Callable[[int], None] | None = None,
+) -> Iterator[str]:
     """Transformed text of all files in order, a newline added after a file lacking one."""
     last = "\n"
     for path in files:

@@ -45,8 +45,9 @@ class Vocab:
         assert all(len(c) == 1 for c in chars), "vocabulary entries are single characters"
         self.unit, self.specials = unit, tuple(specials)
         self.chars = [] if unit == "bytes" else list(chars)
-        points = torch.tensor([ord(c) for c in self.chars] if unit == "chars" else list(range(256)),
-                              dtype=torch.int32)  # [units], in id order
+        points = torch.tensor(
+            [ord(c) for c in self.chars] if unit == "chars" else list(range(256)), dtype=torch.int32
+        )  # [units], in id order
         self._points, order = points.sort()  # sorted, for the binary search
         # The unit index of each sorted code point; None when they already are in id order (the usual case).
         self._order = None if bool((order == torch.arange(len(order))).all()) else order
@@ -57,13 +58,15 @@ class Vocab:
         return cls(sorted(set(text)))
 
     @classmethod
-    def from_counts(cls, counts: torch.Tensor, unit: str, min_freq: int = 1, max_vocab: int | None = None,
-                    documents: bool = False) -> Vocab:
+    def from_counts(
+        cls, counts: torch.Tensor, unit: str, min_freq: int = 1, max_vocab: int | None = None, documents: bool = False
+    ) -> Vocab:
         """From unit counts [MAX_CODE_POINT + 1] of the training text: drop rare characters.
 
         <unk> is reserved whenever min_freq or max_vocab can exclude characters."""
-        specials = ((UNK,) if min_freq > 1 or max_vocab is not None else ()) + \
-                   ((BOS_TOKEN, EOS_TOKEN) if documents else ())
+        specials = ((UNK,) if min_freq > 1 or max_vocab is not None else ()) + (
+            (BOS_TOKEN, EOS_TOKEN) if documents else ()
+        )
         if unit == "bytes":
             return cls([], "bytes", specials)
         kept = torch.nonzero(counts >= max(min_freq, 1)).flatten()  # code points, ascending
@@ -137,8 +140,10 @@ class Vocab:
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         decoder = self.stream_decoder()
-        return "".join(decoder.feed(int(i)) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)) + \
-            decoder.flush()
+        return (
+            "".join(decoder.feed(int(i)) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))
+            + decoder.flush()
+        )
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)

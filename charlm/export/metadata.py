@@ -72,16 +72,19 @@ def read_metadata(metadata: Mapping[str, str] | None, source: str) -> Described:
         raise ExportFileError(f"{source} was not written by charlm export (its metadata has no {VERSION_KEY})")
     version = metadata[VERSION_KEY]
     if not re.fullmatch(r"[0-9]{1,9}", version) or int(version) > FORMAT_VERSION:  # ASCII digits: "²" is a digit too
-        raise ExportFileError(f"{source} has export format {version[:20]!r}, newer than this charlm ({__version__}) "
-                              f"reads (format {FORMAT_VERSION}); upgrade charlm")
+        raise ExportFileError(
+            f"{source} has export format {version[:20]!r}, newer than this charlm ({__version__}) "
+            f"reads (format {FORMAT_VERSION}); upgrade charlm"
+        )
     try:
         config = validate_config(json.loads(metadata[CONFIG_KEY]), f"{source} config")
         vocab = Vocab.from_dict(json.loads(metadata[VOCAB_KEY]))
         training = json.loads(metadata.get(TRAINING_KEY, "{}"))
     except (KeyError, ValueError, TypeError, AssertionError, ConfigError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ExportFileError(f"{source} has an invalid charlm config or vocabulary in its metadata ({reason})") \
-            from None
+        raise ExportFileError(
+            f"{source} has an invalid charlm config or vocabulary in its metadata ({reason})"
+        ) from None
     if not isinstance(training, dict) or wrong_fact(training) is not None:
         wrong = wrong_fact(training) if isinstance(training, dict) else "not a mapping"
         raise ExportFileError(f"{source} has invalid training facts in its metadata ({wrong})")

@@ -48,8 +48,15 @@ def check_inputs(model: CharLM, vocab: Vocab, cfg: Config, steps: int, batch_siz
 
 
 @torch.no_grad()
-def check_onnx(path: Path, model: CharLM, vocab: Vocab, cfg: Config, steps: int = 50,
-               batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> Parity:
+def check_onnx(
+    path: Path,
+    model: CharLM,
+    vocab: Vocab,
+    cfg: Config,
+    steps: int = 50,
+    batch_sizes: tuple[int, ...] = (1, 3),
+    seed: int = 0,
+) -> Parity:
     """Run `steps` steps in charlm (`model` on the CPU, float32) and in onnxruntime from a blank state,
     at each batch size (the file's batch axis is dynamic); the largest differences seen."""
     ort = require("onnxruntime")
@@ -61,7 +68,7 @@ def check_onnx(path: Path, model: CharLM, vocab: Vocab, cfg: Config, steps: int 
         ours = model.init_state(batch_size)  # each [L, B, H]
         theirs = [s.numpy() for s in ours]
         for t in range(ids.shape[1]):
-            logits, ours = model(ids[:, t:t + 1], ours)  # [B, 1, V]
+            logits, ours = model(ids[:, t : t + 1], ours)  # [B, 1, V]
             logits_ort, *theirs = session.run(None, {"ids": ids[:, t].numpy(), **dict(zip(state_names, theirs))})
             _compare(worst, "logits", logits[:, 0], logits_ort)
             for a, b in zip(ours, theirs):

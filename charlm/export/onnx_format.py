@@ -73,12 +73,21 @@ def write_onnx(path: Path, model: CharLM, vocab: Vocab, cfg: Config, payload: Ma
     batch = torch.export.Dim("batch")
     dynamic = ({0: batch}, tuple({1: batch} for _ in example[1:]))  # ids, then *state (one varargs entry)
     with torch.no_grad(), _quiet_exporter():
-        program = torch.onnx.export(step, example, dynamo=True, input_names=input_names(model),
-                                    output_names=output_names(model), dynamic_shapes=dynamic, verbose=False)
+        program = torch.onnx.export(
+            step,
+            example,
+            dynamo=True,
+            input_names=input_names(model),
+            output_names=output_names(model),
+            dynamic_shapes=dynamic,
+            verbose=False,
+        )
     assert program is not None, "the dynamo exporter returns the program it wrote"
     program.model.metadata_props.update(metadata_of(cfg, vocab, payload))
-    program.model.doc_string = (f"charlm {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size}, "
-                                "one step: ids [batch] and the state in, logits [batch, V] and the new state out")
+    program.model.doc_string = (
+        f"charlm {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size}, "
+        "one step: ids [batch] and the state in, logits [batch, V] and the new state out"
+    )
     with atomic_path(path) as tmp:
         program.save(tmp, external_data=False)  # one self-contained file (the weights inside)
 

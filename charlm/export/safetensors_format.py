@@ -45,9 +45,14 @@ class Loaded:
     training: dict  # the checkpoint's step, best_val_loss, ... (metadata.TRAINING_FACTS)
 
 
-def load_safetensors(path: str | Path, device: torch.device | str = "cpu", backend: str | None = None,
-                     precision: str = "fp32", workload: Workload | None = None,
-                     report: Callable[[str], None] | None = None) -> Loaded:
+def load_safetensors(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
+    precision: str = "fp32",
+    workload: Workload | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Loaded:
     """The model a `charlm export --format safetensors` file holds, run on `backend` (default: its
     config's model.backend, auto resolved for `device`, `precision` and `workload`)."""
     safetensors = require("safetensors", command=f"reading {Path(path).name}")

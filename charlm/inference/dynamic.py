@@ -57,8 +57,9 @@ class DynamicTotals:
     losses: list[float] | None = None  # per scored position, when asked for
 
 
-def read_dynamically(model: torch.nn.Module, ids: torch.Tensor, settings: DynamicSettings,
-                     keep_losses: bool = False) -> DynamicTotals:
+def read_dynamically(
+    model: torch.nn.Module, ids: torch.Tensor, settings: DynamicSettings, keep_losses: bool = False
+) -> DynamicTotals:
     """Score `ids` (int64 [N]) one segment at a time, updating `model` in place after each.
 
     The model is left adapted to the text (what `sample --adapt-to` wants); its dropout is off
@@ -95,7 +96,7 @@ def read_dynamically(model: torch.nn.Module, ids: torch.Tensor, settings: Dynami
 def _segments(ids: torch.Tensor, length: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, ids.numel() - 1, length):
         stop = min(start + length, ids.numel() - 1)
-        yield ids[start:stop], ids[start + 1:stop + 1]
+        yield ids[start:stop], ids[start + 1 : stop + 1]
 
 
 class _Updater:
@@ -129,8 +130,9 @@ class _Updater:
                     p.add_(s.decay * (self.trained[k] - p))
 
 
-def evaluate_text_dynamic(model: torch.nn.Module, vocab, text: str, settings: DynamicSettings,
-                          text_settings=None, streams: int = 64):
+def evaluate_text_dynamic(
+    model: torch.nn.Module, vocab, text: str, settings: DynamicSettings, text_settings=None, streams: int = 64
+):
     """The static and the dynamic result on one text: (static, dynamic) EvalResults. The static
     score comes first, from the trained weights; the model is left adapted to the text."""
     text, encoded = encode_for_scoring(vocab, text, text_settings)

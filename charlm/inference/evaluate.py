@@ -38,8 +38,9 @@ class EvalResult:
         return asdict(self)
 
 
-def stream_layout(ids: torch.Tensor, streams: int, min_stream: int = MIN_STREAM,
-                  warmup: int = WARMUP) -> tuple[torch.Tensor, torch.Tensor]:
+def stream_layout(
+    ids: torch.Tensor, streams: int, min_stream: int = MIN_STREAM, warmup: int = WARMUP
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut N ids into S parallel streams so every one of the N - 1 predictions is made once.
 
     S is at most `streams`, and small enough that each stream makes `min_stream` predictions.
@@ -68,20 +69,26 @@ def stream_layout(ids: torch.Tensor, streams: int, min_stream: int = MIN_STREAM,
     inputs[0, :length], targets[0, :length] = parts_in[0], parts_out[0]
     inputs[1:, width:], targets[1:, width:] = parts_in[1:], parts_out[1:]
     if width:
-        inputs[1:, :width] = parts_in[:-1, length - width:]  # the end of the previous part
+        inputs[1:, :width] = parts_in[:-1, length - width :]  # the end of the previous part
     return inputs, targets
 
 
 @torch.no_grad()
-def evaluate_totals(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, window: int | None = None,
-                    min_stream: int = MIN_STREAM, warmup: int = WARMUP, part: tuple[int, int] = (0, 1)
-                    ) -> tuple[float, int]:
+def evaluate_totals(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    streams: int = 64,
+    window: int | None = None,
+    min_stream: int = MIN_STREAM,
+    warmup: int = WARMUP,
+    part: tuple[int, int] = (0, 1),
+) -> tuple[float, int]:
     """Summed cross-entropy (nats) and number of predictions of `ids`, state carried through.
 
     `part` = (k, n) scores only streams k, k+n, k+2n, ...: n processes share the work."""
     device = next(model.parameters()).device
     inputs, targets = stream_layout(ids, streams, min_stream, warmup)  # [S, W + L]
-    inputs, targets = inputs[part[0]::part[1]], targets[part[0]::part[1]]
+    inputs, targets = inputs[part[0] :: part[1]], targets[part[0] :: part[1]]
     if window is None:
         vocab_size = cast(int, model.vocab_size)  # nn.Module types each attribute as Tensor | Module
         window = max(1, min(64, _LOGITS_BUDGET // (max(inputs.shape[0], 1) * vocab_size)))
@@ -90,8 +97,8 @@ def evaluate_totals(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64
     state, total, count = None, 0.0, 0
     try:
         for start in range(0, inputs.shape[1] if inputs.shape[0] else 0, window):
-            x = inputs[:, start:start + window].to(device)  # [S, W]
-            y = targets[:, start:start + window].to(device)  # [S, W]
+            x = inputs[:, start : start + window].to(device)  # [S, W]
+            y = targets[:, start : start + window].to(device)  # [S, W]
             logits, state = model(x, state)  # [S, W, V]
             if logits.dtype not in (torch.float32, torch.float64):
                 logits = logits.float()  # sum half-precision logits in float32
@@ -121,11 +128,15 @@ def evaluate_windows(model: torch.nn.Module, ids: torch.Tensor, window: int, bat
     total = 0.0
     try:
         for first in range(0, rows, batch):
-            logits, _ = model(inputs[first:first + batch].to(device), None)  # [n, window, V]
+            logits, _ = model(inputs[first : first + batch].to(device), None)  # [n, window, V]
             if logits.dtype not in (torch.float32, torch.float64):
                 logits = logits.float()
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[first:first + batch].reshape(-1).to(device),
-                                     ignore_index=IGNORE, reduction="sum")
+            losses = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                targets[first : first + batch].reshape(-1).to(device),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
             total += float(losses.double())
     finally:
         model.train(was_training)
@@ -139,8 +150,14 @@ def result_of(total: float, count: int) -> EvalResult:
     return EvalResult(loss_nats=mean, bpc=mean / math.log(2), perplexity=perplexity, chars=count)
 
 
-def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, window: int | None = None,
-                 min_stream: int = MIN_STREAM, warmup: int = WARMUP) -> EvalResult:
+def evaluate_ids(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    streams: int = 64,
+    window: int | None = None,
+    min_stream: int = MIN_STREAM,
+    warmup: int = WARMUP,
+) -> EvalResult:
     """Score `ids` with S streams read in windows, state carried from window to window.
 
     With S = 1 this is exactly one long pass; with more streams each one is warmed up on the
@@ -149,8 +166,14 @@ def evaluate_ids(model: torch.nn.Module, ids: torch.Tensor, streams: int = 64, w
     return result_of(*evaluate_totals(model, ids, streams, window, min_stream, warmup))
 
 
-def evaluate_text(model: torch.nn.Module, vocab: Vocab, text: str, streams: int = 64,
-                  settings: TextSettings | None = None, window: int | None = None) -> EvalResult:
+def evaluate_text(
+    model: torch.nn.Module,
+    vocab: Vocab,
+    text: str,
+    streams: int = 64,
+    settings: TextSettings | None = None,
+    window: int | None = None,
+) -> EvalResult:
     """Score a text prepared as the training text was (`settings`).
 
     Characters outside the vocabulary are scored as <unk> when the vocabulary has it, else
@@ -181,5 +204,11 @@ def described(result: EvalResult, text: str, encoded, vocab: Vocab) -> EvalResul
         return replace(result, oov_chars=encoded.oov_chars, oov_rule=rule)
     total_bits = result.loss_nats * result.chars / math.log(2)
     chars = max(len(text) - 1, 1)
-    return replace(result, bpc=total_bits / chars, chars=chars, unit="bytes", bytes=result.chars,
-                   bits_per_byte=total_bits / result.chars)
+    return replace(
+        result,
+        bpc=total_bits / chars,
+        chars=chars,
+        unit="bytes",
+        bytes=result.chars,
+        bits_per_byte=total_bits / result.chars,
+    )

@@ -64,8 +64,9 @@ def _starts(count: int, first: int, last: int) -> list[int]:
     return sorted({first + round(i * (last - first) / (count - 1)) for i in range(count)})
 
 
-def gradient_norms(model: torch.nn.Module, ids: torch.Tensor, max_k: int = 256, positions: int = 32,
-                   warmup: int = 256) -> GradientNorms:
+def gradient_norms(
+    model: torch.nn.Module, ids: torch.Tensor, max_k: int = 256, positions: int = 32, warmup: int = 256
+) -> GradientNorms:
     """d loss_t / d state_{t-k} for k = 0..max_k, averaged over `positions` places in `ids`.
 
     Each place: `warmup` characters read without gradients (so the state is a real one), then
@@ -76,7 +77,7 @@ def gradient_norms(model: torch.nn.Module, ids: torch.Tensor, max_k: int = 256, 
     if not starts:
         raise ValueError(f"the text needs at least {warmup + max_k + 2} characters (it has {ids.numel()})")
     device = next(model.parameters()).device
-    windows = torch.stack([ids[s:s + warmup + max_k + 2] for s in starts]).to(device)  # [B, W + K + 2]
+    windows = torch.stack([ids[s : s + warmup + max_k + 2] for s in starts]).to(device)  # [B, W + K + 2]
     with _reference_steps(model):
         state: tuple[torch.Tensor, ...] | None = None
         if warmup:
@@ -84,7 +85,7 @@ def gradient_norms(model: torch.nn.Module, ids: torch.Tensor, max_k: int = 256, 
                 _, state = model(windows[:, :warmup], None)
         kept = []
         for j in range(max_k + 1):
-            _, state = model(windows[:, warmup + j:warmup + j + 1], state)
+            _, state = model(windows[:, warmup + j : warmup + j + 1], state)
             for part in state:
                 part.retain_grad()
             kept.append(state)
@@ -97,8 +98,12 @@ def gradient_norms(model: torch.nn.Module, ids: torch.Tensor, max_k: int = 256, 
         loss.backward()
     per_part = [[_mean_norm(kept[max_k - k][p].grad) for k in range(max_k + 1)] for p in range(len(state))]
     model.zero_grad(set_to_none=True)
-    return GradientNorms(ks=list(range(max_k + 1)), hidden=per_part[0],
-                         cell=per_part[1] if len(per_part) > 1 else None, positions=len(starts))
+    return GradientNorms(
+        ks=list(range(max_k + 1)),
+        hidden=per_part[0],
+        cell=per_part[1] if len(per_part) > 1 else None,
+        positions=len(starts),
+    )
 
 
 def _mean_norm(grad: torch.Tensor | None) -> float:
@@ -160,8 +165,8 @@ def _one_pass_losses(model, ids: torch.Tensor, device, window: int = 256) -> tor
     """Loss of every prediction of ids (ids[i + 1] from ids[:i + 1]) in one stream, state carried: [N - 1]."""
     out, state = [], None
     for start in range(0, ids.numel() - 1, window):
-        x = ids[start:min(start + window, ids.numel() - 1)]
-        y = ids[start + 1:start + 1 + x.numel()]
+        x = ids[start : min(start + window, ids.numel() - 1)]
+        y = ids[start + 1 : start + 1 + x.numel()]
         logits, state = model(x[None].to(device), state)  # [1, n, V]
         out.append(F.cross_entropy(_full(logits[0]), y.to(device), reduction="none").double().cpu())
     return torch.cat(out)

@@ -51,13 +51,15 @@ class Undrawable(ValueError):
     """Some rows' scores are not finite (NaN or infinity): no id can be drawn from them."""
 
     def __init__(self, rows: list[int]):
-        super().__init__(f"the model's scores for sample(s) {', '.join(str(r + 1) for r in rows)} are not finite "
-                         "(NaN or infinity)")
+        super().__init__(
+            f"the model's scores for sample(s) {', '.join(str(r + 1) for r in rows)} are not finite (NaN or infinity)"
+        )
         self.rows = rows
 
 
-def pick_next(logits: torch.Tensor, decoding: Decoding = Decoding(),
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def pick_next(
+    logits: torch.Tensor, decoding: Decoding = Decoding(), generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Draw one id per row of logits [B, V] -> [B] (int64).
 
     temperature 0 is greedy (argmax). top_k keeps the k highest logits; top_p keeps the
@@ -195,8 +197,10 @@ def prompt_ids(vocab: Vocab, prompt: str, settings: TextSettings) -> tuple[torch
     unknown = vocab.unknown_chars(prompt)
     if unknown and UNK not in vocab.specials:
         shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        raise UserError(f"the prompt has {len(unknown)} character(s) the model never saw in training: {shown}; "
-                        "remove them or retrain on text that contains them")
+        raise UserError(
+            f"the prompt has {len(unknown)} character(s) the model never saw in training: {shown}; "
+            "remove them or retrain on text that contains them"
+        )
     text = transform(prompt, settings)
     if vocab.documents:
         units = units_of(text, settings) if text.strip() else torch.tensor([BOS], dtype=torch.int32)
@@ -221,9 +225,16 @@ def make_generator(device: torch.device, seed: int | None) -> tuple[torch.Genera
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_samples: int = 1,
-             decoding: Decoding = Decoding(), generator: torch.Generator | None = None,
-             on_step: Callable[[torch.Tensor], None] | None = None, stop_id: int | None = None) -> torch.Tensor:
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    length: int,
+    num_samples: int = 1,
+    decoding: Decoding = Decoding(),
+    generator: torch.Generator | None = None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
+    stop_id: int | None = None,
+) -> torch.Tensor:
     """Continue a prompt (ids [P], P >= 1) by `length` ids in `num_samples` parallel samples.
 
     The prompt is read once (in chunks of PROMPT_CHUNK) to warm up the state, which is then
@@ -246,11 +257,12 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor, length: int, num_
 PROMPT_CHUNK = 256
 
 
-def read_prompt_chunk(model: torch.nn.Module, ids: torch.Tensor, read: int,
-                      state: tuple | None) -> tuple[torch.Tensor, tuple, int]:
+def read_prompt_chunk(
+    model: torch.nn.Module, ids: torch.Tensor, read: int, state: tuple | None
+) -> tuple[torch.Tensor, tuple, int]:
     """Read the next chunk of prompts ids [G, P] from position `read` (state carried): the chunk's
     last logits [G, V], the state after it, and the position reached."""
-    logits, state = model(ids[:, read:read + PROMPT_CHUNK], state)  # [G, C, V]
+    logits, state = model(ids[:, read : read + PROMPT_CHUNK], state)  # [G, C, V]
     return logits[:, -1], state, min(ids.shape[1], read + PROMPT_CHUNK)
 
 
@@ -278,7 +290,7 @@ def _generate(model, prompt_ids, length, num_samples, decoding, generator, on_st
         if stop_id is not None:
             finished |= out[:, t] == stop_id
             if bool(finished.all()):
-                return out[:, :t + 1]
+                return out[:, : t + 1]
         if t + 1 < length:
             logits, state = model(nxt[:, None], state)  # [N, 1, V]
             logits = logits[:, -1]

@@ -95,8 +95,9 @@ def candidates(cell_type: str) -> tuple[str, ...]:
     return tuple(b for b in registry.lookup(cell_type).backends if b != "reference")
 
 
-def choose(choice: str, model_cfg, vocab_size: int, device: torch.device, precision: str,
-           workload: Workload | None) -> Choice:
+def choose(
+    choice: str, model_cfg, vocab_size: int, device: torch.device, precision: str, workload: Workload | None
+) -> Choice:
     """The concrete backend for `model_cfg` on `device`: `choice` itself unless it is auto; auto is
     measured on the CPU (cached per key), else, or without a workload, the fixed rule."""
     if choice != registry.AUTO:
@@ -112,20 +113,26 @@ def choose(choice: str, model_cfg, vocab_size: int, device: torch.device, precis
     key = measurement_key(model_cfg, device, precision, workload)
     cached = read_cache().get(key)
     if isinstance(cached, dict) and cached.get("backend") in eligible and isinstance(cached.get("seconds"), dict):
-        return Choice(cached["backend"], _figures_text(cached["backend"], cached["seconds"])
-                      + f", measured {cached.get('date', '?')}; from cache", seconds=cached["seconds"])
+        return Choice(
+            cached["backend"],
+            _figures_text(cached["backend"], cached["seconds"]) + f", measured {cached.get('date', '?')}; from cache",
+            seconds=cached["seconds"],
+        )
     started = time.perf_counter()
     seconds = measure(eligible, model_cfg, vocab_size, device, precision, workload)
     took = time.perf_counter() - started
     best = pick(seconds, "native")
     try:
-        store(key, {"backend": best, "seconds": seconds, "took_s": round(took, 2),
-                    "date": datetime.date.today().isoformat()})
+        store(
+            key,
+            {"backend": best, "seconds": seconds, "took_s": round(took, 2), "date": datetime.date.today().isoformat()},
+        )
         kept = "cached"
     except OSError as err:  # a read-only cache folder: the run goes on, measuring again next time
         kept = f"not cached: {err.strerror or err}"
-    return Choice(best, f"{_figures_text(best, seconds)}, measured in {took:.1f} s; {kept}", measured=True,
-                  seconds=seconds)
+    return Choice(
+        best, f"{_figures_text(best, seconds)}, measured in {took:.1f} s; {kept}", measured=True, seconds=seconds
+    )
 
 
 def pick(seconds: dict[str, float], prior: str) -> str:
@@ -142,8 +149,11 @@ def pick(seconds: dict[str, float], prior: str) -> str:
 def _figures_text(best: str, seconds: dict[str, float]) -> str:
     """'1.26x fused': the pick's speed over each other backend's ('0.98x fused, a tie' where the
     fixed table's pick won within TIE)."""
-    others = [f"{seconds[b] / seconds[best]:.2f}x {b}" + (", a tie" if seconds[b] < seconds[best] else "")
-              for b in seconds if b != best]
+    others = [
+        f"{seconds[b] / seconds[best]:.2f}x {b}" + (", a tie" if seconds[b] < seconds[best] else "")
+        for b in seconds
+        if b != best
+    ]
     return ", ".join(others) if others else "measured"
 
 
@@ -152,13 +162,25 @@ def measurement_key(model_cfg, device: torch.device, precision: str, workload: W
     from charlm.models.native import build_id  # noqa: PLC0415 - builds the loops on first use
 
     parts = {
-        "v": VERSION, "device": device.type, "cpu": hardware.cpu_model(), "isa": hardware.isa_level(),
-        "onednn_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "mkl_cap": os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "build": build_id(),
-        "precision": precision, "cell": model_cfg.type, "layers": model_cfg.num_layers,
-        "hidden": model_cfg.hidden_size, "input": model_cfg.input, "embedding": model_cfg.embedding_dim,
+        "v": VERSION,
+        "device": device.type,
+        "cpu": hardware.cpu_model(),
+        "isa": hardware.isa_level(),
+        "onednn_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        "mkl_cap": os.environ.get("MKL_ENABLE_INSTRUCTIONS", ""),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "build": build_id(),
+        "precision": precision,
+        "cell": model_cfg.type,
+        "layers": model_cfg.num_layers,
+        "hidden": model_cfg.hidden_size,
+        "input": model_cfg.input,
+        "embedding": model_cfg.embedding_dim,
         "weight_dropout": model_cfg.weight_dropout > 0,
-        "mode": workload.mode, "batch": workload.batch, "steps": workload.steps,
+        "mode": workload.mode,
+        "batch": workload.batch,
+        "steps": workload.steps,
     }
     return json.dumps(parts, sort_keys=True)
 
@@ -183,8 +205,15 @@ def store(key: str, entry: dict) -> None:
     write_text_atomic(cache_path(), json.dumps(entries, indent=1, sort_keys=True))
 
 
-def measure(backends: tuple[str, ...], model_cfg, vocab_size: int, device: torch.device, precision: str,
-            workload: Workload, budget: float = BUDGET_S) -> dict[str, float]:
+def measure(
+    backends: tuple[str, ...],
+    model_cfg,
+    vocab_size: int,
+    device: torch.device,
+    precision: str,
+    workload: Workload,
+    budget: float = BUDGET_S,
+) -> dict[str, float]:
     """Seconds of one workload call on each backend, the same weights for all, timed in blocks
     (time_in_blocks); `budget` counts from the start, model building included. The caller's RNG
     is left as it was."""
@@ -194,8 +223,9 @@ def measure(backends: tuple[str, ...], model_cfg, vocab_size: int, device: torch
         return time_in_blocks(runs, budget - (time.perf_counter() - started))
 
 
-def time_in_blocks(runs: dict[str, Callable[[], object]], budget: float,
-                   clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+def time_in_blocks(
+    runs: dict[str, Callable[[], object]], budget: float, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
     """Each backend's typical call, in seconds: the median of its blocks' medians.
 
     Each backend runs in blocks of ~BLOCK_S, as it would in a run of its own (interleaved call by
@@ -218,7 +248,7 @@ def time_in_blocks(runs: dict[str, Callable[[], object]], budget: float,
             break
         if round_no >= 1 and clock() - started + len(names) * max(BLOCK_S, longest_call) > budget:
             break
-        for name in (names if round_no % 2 == 0 else reversed(names)):
+        for name in names if round_no % 2 == 0 else reversed(names):
             calls = _run_for(runs[name], BLOCK_S, clock)
             longest_call = max(longest_call, max(calls))
             blocks[name].append(statistics.median(calls))
@@ -246,8 +276,9 @@ def _clear_lead(blocks: dict[str, list[float]]) -> bool:
     return all(max(blocks[leader]) * (1 + DECISIVE) < min(blocks[b]) for b in blocks if b != leader)
 
 
-def _workload_call(backend: str, model_cfg, vocab_size: int, device: torch.device, precision: str,
-                   workload: Workload) -> Callable[[], object]:
+def _workload_call(
+    backend: str, model_cfg, vocab_size: int, device: torch.device, precision: str, workload: Workload
+) -> Callable[[], object]:
     """One call of `workload` on a fresh model (seed 0) built for `backend`."""
     torch.manual_seed(0)
     model = CharLM(model_cfg, vocab_size, backend).to(device)
@@ -268,13 +299,16 @@ def _workload_call(backend: str, model_cfg, vocab_size: int, device: torch.devic
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
         return train_step
     model.eval()
     if workload.mode == "eval":
+
         @torch.no_grad()
         def evaluate():
             with autocast():
                 return model(x)[0].float().sum().item()
+
         return evaluate
 
     @torch.no_grad()
@@ -282,6 +316,7 @@ def _workload_call(backend: str, model_cfg, vocab_size: int, device: torch.devic
         state = model.init_state(workload.batch, device)
         with autocast():
             for t in range(workload.steps):
-                logits, state = model(x[:, t:t + 1], state)
+                logits, state = model(x[:, t : t + 1], state)
         return logits.float().sum().item()
+
     return generate

@@ -48,8 +48,9 @@ class Cell(nn.Module):
         """x [..., D] -> the input side of every gate [..., G*H], for any number of steps at once."""
         raise NotImplementedError
 
-    def step(self, gx: torch.Tensor, state: State, record: Gates | None = None,
-             weight_hh: torch.Tensor | None = None) -> State:
+    def step(
+        self, gx: torch.Tensor, state: State, record: Gates | None = None, weight_hh: torch.Tensor | None = None
+    ) -> State:
         """One time step from the projected input gx [B, G*H]; returns the new state."""
         raise NotImplementedError
 
@@ -82,8 +83,8 @@ class TorchLayoutCell(Cell):
         H = self.hidden_size
         with torch.no_grad():
             for k in range(self.gates):
-                nn.init.xavier_uniform_(self.weight_ih[k * H:(k + 1) * H])
-                nn.init.orthogonal_(self.weight_hh[k * H:(k + 1) * H])
+                nn.init.xavier_uniform_(self.weight_ih[k * H : (k + 1) * H])
+                nn.init.orthogonal_(self.weight_hh[k * H : (k + 1) * H])
             self.bias_ih.zero_()
             self.bias_hh.zero_()
 
@@ -104,8 +105,9 @@ class RNNCell(TorchLayoutCell):
 
     gates = 1
 
-    def step(self, gx: torch.Tensor, state: State, record: Gates | None = None,
-             weight_hh: torch.Tensor | None = None) -> State:
+    def step(
+        self, gx: torch.Tensor, state: State, record: Gates | None = None, weight_hh: torch.Tensor | None = None
+    ) -> State:
         (h,) = state
         w_hh = self.weight_hh if weight_hh is None else weight_hh
         h = torch.tanh(torch.addmm(gx, h, w_hh.t()))  # [B, H]
@@ -116,12 +118,12 @@ class RNNCell(TorchLayoutCell):
 class LSTMCell(TorchLayoutCell):
     """LSTM with gates i, f, g, o computed from [h_{t-1}, x_t]:
 
-        i_t = sigmoid(W_ii x_t + b_ii + W_hi h_{t-1} + b_hi)    input gate
-        f_t = sigmoid(W_if x_t + b_if + W_hf h_{t-1} + b_hf)    forget gate
-        g_t = tanh   (W_ig x_t + b_ig + W_hg h_{t-1} + b_hg)    candidate values
-        o_t = sigmoid(W_io x_t + b_io + W_ho h_{t-1} + b_ho)    output gate
-        c_t = f_t * c_{t-1} + i_t * g_t
-        h_t = o_t * tanh(c_t)
+    i_t = sigmoid(W_ii x_t + b_ii + W_hi h_{t-1} + b_hi)    input gate
+    f_t = sigmoid(W_if x_t + b_if + W_hf h_{t-1} + b_hf)    forget gate
+    g_t = tanh   (W_ig x_t + b_ig + W_hg h_{t-1} + b_hg)    candidate values
+    o_t = sigmoid(W_io x_t + b_io + W_ho h_{t-1} + b_ho)    output gate
+    c_t = f_t * c_{t-1} + i_t * g_t
+    h_t = o_t * tanh(c_t)
     """
 
     gates = 4
@@ -136,10 +138,11 @@ class LSTMCell(TorchLayoutCell):
         super().reset_parameters()
         H = self.hidden_size
         with torch.no_grad():
-            self.bias_ih[H:2 * H].fill_(self.forget_bias)
+            self.bias_ih[H : 2 * H].fill_(self.forget_bias)
 
-    def step(self, gx: torch.Tensor, state: State, record: Gates | None = None,
-             weight_hh: torch.Tensor | None = None) -> State:
+    def step(
+        self, gx: torch.Tensor, state: State, record: Gates | None = None, weight_hh: torch.Tensor | None = None
+    ) -> State:
         h, c = state
         w_hh = self.weight_hh if weight_hh is None else weight_hh
         gates = torch.addmm(gx, h, w_hh.t())  # [B, 4H]
@@ -168,15 +171,16 @@ class GRUCell(TorchLayoutCell):
 
     def input_bias(self) -> torch.Tensor:
         H = self.hidden_size
-        return torch.cat([self.bias_ih[:2 * H] + self.bias_hh[:2 * H], self.bias_ih[2 * H:]])
+        return torch.cat([self.bias_ih[: 2 * H] + self.bias_hh[: 2 * H], self.bias_ih[2 * H :]])
 
     def recurrent_bias(self) -> torch.Tensor:
         """[0, 0, b_hn]: the part of bias_hh that stays on the hidden side."""
         H = self.hidden_size
-        return torch.cat([self.bias_hh.new_zeros(2 * H), self.bias_hh[2 * H:]])
+        return torch.cat([self.bias_hh.new_zeros(2 * H), self.bias_hh[2 * H :]])
 
-    def step(self, gx: torch.Tensor, state: State, record: Gates | None = None,
-             weight_hh: torch.Tensor | None = None) -> State:
+    def step(
+        self, gx: torch.Tensor, state: State, record: Gates | None = None, weight_hh: torch.Tensor | None = None
+    ) -> State:
         (h,) = state
         w_hh = self.weight_hh if weight_hh is None else weight_hh
         gh = torch.addmm(self.recurrent_bias(), h, w_hh.t())  # [B, 3H]

@@ -23,8 +23,15 @@ def layer_weights(cells: Sequence[TorchLayoutCell], recurrent: Sequence[torch.Te
     return [w for cell, w_hh in zip(cells, recurrent) for w in (cell.weight_ih, w_hh, cell.bias_ih, cell.bias_hh)]
 
 
-def run_fused(kernel: str, cells: Sequence[TorchLayoutCell], recurrent: Sequence[torch.Tensor], x: torch.Tensor,
-              state: State, dropout: float, training: bool) -> tuple[torch.Tensor, State]:
+def run_fused(
+    kernel: str,
+    cells: Sequence[TorchLayoutCell],
+    recurrent: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    state: State,
+    dropout: float,
+    training: bool,
+) -> tuple[torch.Tensor, State]:
     """x [T, B, D], state tuple of [L, B, H] -> top layer outputs [T, B, H], new state, through torch.<kernel>.
 
     `cells` are the L layers to run (state and result hold just theirs), `recurrent` their weight_hh
@@ -37,8 +44,9 @@ def run_fused(kernel: str, cells: Sequence[TorchLayoutCell], recurrent: Sequence
     copies = x.is_cuda and any(w is not cell.weight_hh for w, cell in zip(recurrent, cells))
     with _outside_autocast(x.device.type, leave_autocast), _expected_copy(copies):
         # torch.lstm takes (h, c), the others h alone
-        out, *final = getattr(torch, kernel)(x, hx if len(hx) > 1 else hx[0], weights, True, len(cells), dropout,
-                                             training, False, False)  # has biases, ..., not bidirectional, not batch-first
+        out, *final = getattr(torch, kernel)(
+            x, hx if len(hx) > 1 else hx[0], weights, True, len(cells), dropout, training, False, False
+        )  # has biases, ..., not bidirectional, not batch-first
     return out, tuple(final)
 
 
@@ -52,8 +60,9 @@ def autocast_runs_kernel_in(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def _autocast_would_change_the_dtype(device_type: str) -> bool:
-    return (torch.is_autocast_enabled(device_type)
-            and not autocast_runs_kernel_in(device_type, torch.get_autocast_dtype(device_type)))
+    return torch.is_autocast_enabled(device_type) and not autocast_runs_kernel_in(
+        device_type, torch.get_autocast_dtype(device_type)
+    )
 
 
 def _outside_autocast(device_type: str, leave: bool):
@@ -88,8 +97,9 @@ def flatten_for_cudnn(kernel: str | None, cells: Sequence[TorchLayoutCell]) -> b
         return False
     first = weights[0]
     with torch.cuda.device_of(first), torch.no_grad():  # it writes into the parameters
-        torch._cudnn_rnn_flatten_weight(weights, 4, first.shape[1], cudnn_mode(kernel), cells[0].hidden_size,
-                                        0, len(cells), False, False)  # 4 per layer, no projection, ...
+        torch._cudnn_rnn_flatten_weight(
+            weights, 4, first.shape[1], cudnn_mode(kernel), cells[0].hidden_size, 0, len(cells), False, False
+        )  # 4 per layer, no projection, ...
     return True
 
 
@@ -98,8 +108,9 @@ def _cudnn_reads_in_place(weights: list[torch.Tensor]) -> bool:
     if not all(w.is_cuda for w in weights) or not torch._use_cudnn_rnn_flatten_weight():
         return False
     dtype = weights[0].dtype
-    return (all(w.dtype == dtype and torch.backends.cudnn.is_acceptable(w) for w in weights)
-            and len({w.data_ptr() for w in weights}) == len(weights))
+    return all(w.dtype == dtype and torch.backends.cudnn.is_acceptable(w) for w in weights) and len(
+        {w.data_ptr() for w in weights}
+    ) == len(weights)
 
 
 def cudnn_mode(kernel: str) -> int:

@@ -30,8 +30,9 @@ from charlm.models.native import cpp_loops
 from charlm.models.registry import lookup, spec_of
 
 
-def native_loop(cell: Cell, x: torch.Tensor, state: State,
-                weight_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+def native_loop(
+    cell: Cell, x: torch.Tensor, state: State, weight_hh: torch.Tensor | None = None
+) -> tuple[torch.Tensor, State]:
     """Run `cell` over x [T, B, D] with its cell type's native layer -> outputs [T, B, H], state.
 
     `weight_hh` replaces the cell's recurrent weight for every step (weight dropout).
@@ -48,12 +49,17 @@ def native_loop(cell: Cell, x: torch.Tensor, state: State,
 
 def _cpu_autocast_bf16(x: torch.Tensor) -> bool:
     """Autocast to bf16 is on for the CPU, and the C++ loops that have a bf16 form are built."""
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and cpp_loops() is not None)
+    return (
+        x.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and cpp_loops() is not None
+    )
 
 
-def reference_loop(cell: Cell, x: torch.Tensor, state: State, record: Gates | None = None,
-                   weight_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+def reference_loop(
+    cell: Cell, x: torch.Tensor, state: State, record: Gates | None = None, weight_hh: torch.Tensor | None = None
+) -> tuple[torch.Tensor, State]:
     """The cell's step() once per time step, differentiated by autograd (`weight_hh` as in native_loop).
 
     `record`: the cell's steps add their activations to it (cells.record_activations)."""
@@ -79,15 +85,25 @@ class RecurrentStack(nn.Module):
     `locked_dropout`: the dropout between layers uses one mask per window for all T steps
     (variational dropout, see dropout.py) instead of a new one at every step."""
 
-    def __init__(self, cell_type: str, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0,
-                 backend: str = "native", weight_dropout: float = 0.0, locked_dropout: bool = False):
+    def __init__(
+        self,
+        cell_type: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int,
+        dropout: float = 0.0,
+        backend: str = "native",
+        weight_dropout: float = 0.0,
+        locked_dropout: bool = False,
+    ):
         super().__init__()
         self.spec = lookup(cell_type)  # the registry entry: raises CellTypeError naming the valid types
         self.spec.check_weight_dropout(weight_dropout)
         cell_class = self.spec.cell_class()
         self.cell_type, self.hidden_size, self.num_layers = cell_type, hidden_size, num_layers
         self.layers = nn.ModuleList(
-            cell_class(input_size if k == 0 else hidden_size, hidden_size) for k in range(num_layers))
+            cell_class(input_size if k == 0 else hidden_size, hidden_size) for k in range(num_layers)
+        )
         self.dropout = SequenceDropout(dropout, locked_dropout)  # between layers
         self.weight_dropout = weight_dropout
         self._held_masks: list[torch.Tensor] | None = None
@@ -135,8 +151,9 @@ class RecurrentStack(nn.Module):
     def draw_weight_masks(self, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """One DropConnect mask per layer, shaped like weight_hh: 0 with probability p, else 1/(1-p)."""
         keep = 1.0 - self.weight_dropout
-        return [torch.empty_like(cell.weight_hh).bernoulli_(keep, generator=generator).div_(keep)
-                for cell in self.cells]
+        return [
+            torch.empty_like(cell.weight_hh).bernoulli_(keep, generator=generator).div_(keep) for cell in self.cells
+        ]
 
     @contextlib.contextmanager
     def shared_weight_masks(self, generator: torch.Generator):
@@ -174,8 +191,9 @@ class RecurrentStack(nn.Module):
         assert kernel is not None, f"{self.cell_type} has no fused kernel"
         return run_fused(kernel, self.cells[layers], recurrent[layers], x, state, self.dropout.p, self.training)
 
-    def _layer_by_layer(self, x: torch.Tensor, state: State,
-                        gates: list[Gates] | None = None) -> tuple[torch.Tensor, State]:
+    def _layer_by_layer(
+        self, x: torch.Tensor, state: State, gates: list[Gates] | None = None
+    ) -> tuple[torch.Tensor, State]:
         """forward() one layer at a time, with this stack's dropout between layers (torch's fused
         kernels only drop per element inside, so locked dropout runs them layer by layer). With
         `gates` (one dict per layer), the reference steps run and record into them."""
@@ -185,7 +203,7 @@ class RecurrentStack(nn.Module):
             if gates is not None:
                 x, layer_state = reference_loop(cell, x, tuple(s[k] for s in state), gates[k], w_hh)
             elif self.backend == "fused":
-                x, layer_state = self._fused(x, tuple(s[k:k + 1] for s in state), recurrent, slice(k, k + 1))
+                x, layer_state = self._fused(x, tuple(s[k : k + 1] for s in state), recurrent, slice(k, k + 1))
                 layer_state = tuple(s[0] for s in layer_state)
             elif self.backend == "native":
                 x, layer_state = native_loop(cell, x, tuple(s[k] for s in state), w_hh)

@@ -36,15 +36,16 @@ class MinGRUCell(Cell):
         H = self.hidden_size
         with torch.no_grad():
             for k in range(2):
-                nn.init.xavier_uniform_(self.weight_ih[k * H:(k + 1) * H])
+                nn.init.xavier_uniform_(self.weight_ih[k * H : (k + 1) * H])
             self.bias_ih.zero_()
 
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
         """[W_z; W_h] x + [b_z; b_h] for x [..., D] -> [..., 2H]."""
         return F.linear(x, self.weight_ih, self.bias_ih)
 
-    def step(self, gx: torch.Tensor, state: State, record: Gates | None = None,
-             weight_hh: torch.Tensor | None = None) -> State:
+    def step(
+        self, gx: torch.Tensor, state: State, record: Gates | None = None, weight_hh: torch.Tensor | None = None
+    ) -> State:
         assert weight_hh is None, "minGRU has no recurrent weight"
         (h,) = state
         pre_z, candidate = gx.chunk(2, dim=-1)  # each [B, H]
@@ -107,8 +108,9 @@ class _MinGRULayer(torch.autograd.Function):
         return dx, flat.t() @ x.reshape(T * B, D), flat.sum(0), a[0] * g[0]
 
 
-def native_layer(cell: MinGRUCell, x: torch.Tensor, state: State,
-                 weight_hh: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+def native_layer(
+    cell: MinGRUCell, x: torch.Tensor, state: State, weight_hh: torch.Tensor | None = None
+) -> tuple[torch.Tensor, State]:
     """The layer over x [T, B, D] -> outputs [T, B, H], (h_T,)."""
     assert weight_hh is None, "minGRU has no recurrent weight"
     hs, h = _MinGRULayer.apply(x, cell.weight_ih, cell.bias_ih, state[0].contiguous())

@@ -54,8 +54,16 @@ class CharLM(nn.Module):
         input_size = cfg.embedding_dim if self.embedding is not None else vocab_size
         self.embedding_dropout = cfg.embedding_dropout
         self.input_dropout = SequenceDropout(cfg.input_dropout, cfg.locked_dropout)
-        self.rnn = RecurrentStack(cfg.type, input_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
-                                  backend or cfg.backend, cfg.weight_dropout, cfg.locked_dropout)
+        self.rnn = RecurrentStack(
+            cfg.type,
+            input_size,
+            cfg.hidden_size,
+            cfg.num_layers,
+            cfg.dropout,
+            backend or cfg.backend,
+            cfg.weight_dropout,
+            cfg.locked_dropout,
+        )
         self.dropout = SequenceDropout(cfg.dropout, cfg.locked_dropout)
         # Head init: torch's Linear default U(+-1/sqrt(H)); logits start small, so the first
         # loss is close to the uniform ln V and no character starts out favoured.
@@ -96,8 +104,9 @@ class CharLM(nn.Module):
     @overload
     def forward(self, idx: torch.Tensor, state: State | None = None, *, trace: TraceKind) -> TracedOutput: ...
 
-    def forward(self, idx: torch.Tensor, state: State | None = None, *,
-                trace: TraceKind | None = None) -> Output | TracedOutput:
+    def forward(
+        self, idx: torch.Tensor, state: State | None = None, *, trace: TraceKind | None = None
+    ) -> Output | TracedOutput:
         """idx [B, T] -> logits [B, T, V] and the state after the last step.
 
         With `trace`, a third result, a Trace: the top layer's outputs before and after dropout

@@ -25,20 +25,30 @@ from charlm.cache import cache_root
 
 # fp32/fp64 loops, and the mixed-precision (bf16 GEMM, fp32 state) loops
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("recurrent.cpp", "recurrent_bf16.cpp")]
-_HEADERS = [Path(__file__).parent / "csrc" / name for name in ("step_gemm.h", "tile_gemm.h")]  # part of the cache key, not compiled alone
+_HEADERS = [
+    Path(__file__).parent / "csrc" / name for name in ("step_gemm.h", "tile_gemm.h")
+]  # part of the cache key, not compiled alone
 # The parts of -ffast-math that let the compiler vectorise the gate loops, without
 # -ffinite-math-only: that one lets it assume no NaN or Inf exists, so a NaN entering a gate
 # could come out finite here but not in torch's kernels, silently corrupting a model the
 # trainer's non-finite check would otherwise catch.
-_MATH_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
-               "-freciprocal-math", "-ffp-contract=fast"]
+_MATH_FLAGS = [
+    "-O3",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fno-signed-zeros",
+    "-fassociative-math",
+    "-freciprocal-math",
+    "-ffp-contract=fast",
+]
 # What each CHARLM_MAX_ISA level turns off of -march=native (gcc and clang spell these alike).
 _CAP_FLAGS = {"avx2": ["-mno-avx512f"], "avx512": ["-mno-avx512bf16"], "avx512_bf16": [], "amx": []}
 _loaded: dict[str, Any] = {}
 
 
-def build_flags(system: str | None = None, machine: str | None = None, libc: str | None = None,
-                level: str | None = None) -> tuple[list[str], list[str]]:
+def build_flags(
+    system: str | None = None, machine: str | None = None, libc: str | None = None, level: str | None = None
+) -> tuple[list[str], list[str]]:
     """Compiler and linker flags for this platform (arguments: to ask for another one).
 
     x86: -march=native, right because the build happens on the machine that runs it, less what
@@ -56,7 +66,9 @@ def build_flags(system: str | None = None, machine: str | None = None, libc: str
         cap = hardware.isa_cap()
         if cap is not None:
             cflags += _CAP_FLAGS[cap]
-        cflags.append("-mprefer-vector-width=512" if hardware.at_least(level, "avx512") else "-mprefer-vector-width=256")
+        cflags.append(
+            "-mprefer-vector-width=512" if hardware.at_least(level, "avx512") else "-mprefer-vector-width=256"
+        )
     if system != "Darwin":
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
@@ -77,9 +89,14 @@ def library_path() -> Path:
     a build of its own), torch and machine."""
     key = hashlib.sha256()
     cflags, ldflags = build_flags()
-    for part in (*(source.read_bytes() for source in _SOURCES + _HEADERS), " ".join(cflags + ldflags).encode(),
-                 torch.__version__.encode(),
-                 sys.version.encode(), platform.machine().encode(), platform.node().encode()):
+    for part in (
+        *(source.read_bytes() for source in _SOURCES + _HEADERS),
+        " ".join(cflags + ldflags).encode(),
+        torch.__version__.encode(),
+        sys.version.encode(),
+        platform.machine().encode(),
+        platform.node().encode(),
+    ):
         key.update(part)
     return cache_root() / f"recurrent-{key.hexdigest()[:16]}.so"
 
@@ -109,9 +126,15 @@ def _build() -> Any:
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder:
         name = f"charlm_recurrent_{path.stem.split('-')[1]}"
         cflags, ldflags = build_flags()
-        cpp_extension.load(name=name, sources=[str(source) for source in _SOURCES], extra_cflags=cflags,
-                           extra_ldflags=ldflags, build_directory=folder, is_python_module=False,
-                           verbose=False)
+        cpp_extension.load(
+            name=name,
+            sources=[str(source) for source in _SOURCES],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=folder,
+            is_python_module=False,
+            verbose=False,
+        )
         built = Path(folder) / f"{name}.so"
         write_text_atomic(checksum, hashlib.sha256(built.read_bytes()).hexdigest())
         replace(built, path)  # fsynced first: a power cut must not cache a torn library
@@ -145,8 +168,10 @@ def cpp_loops() -> Any | None:
             _loaded["ops"] = _build()
         except Exception as err:  # any build failure means: use the PyTorch loops
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"charlm: the C++ step loop could not be built ({reason[:160]}); "
-                  "using the PyTorch step loop (slower)", file=sys.stderr)
+            print(
+                f"charlm: the C++ step loop could not be built ({reason[:160]}); using the PyTorch step loop (slower)",
+                file=sys.stderr,
+            )
     return _loaded["ops"]
 
 
@@ -174,9 +199,9 @@ def lstm_forward(gates, h0, c0, w_hh):
     h, c = h0, c0
     for t in range(T):
         a = gates[t].addmm_(h, w_hh.t())  # [B, 4H]
-        a[:, :2 * H].sigmoid_()
-        a[:, 2 * H:3 * H].tanh_()
-        a[:, 3 * H:].sigmoid_()
+        a[:, : 2 * H].sigmoid_()
+        a[:, 2 * H : 3 * H].tanh_()
+        a[:, 3 * H :].sigmoid_()
         i, f, g, o = a.chunk(4, dim=1)
         c = torch.mul(f, c, out=cs[t]).addcmul_(i, g)
         h = torch.tanh(c, out=hs[t]).mul_(o)
@@ -256,8 +281,14 @@ def gru_backward(dhs, dh_last, acts, ghn, hs, h0, w_hh):
         dgh[t] = torch.cat([dpr, dpz, dpn * r], dim=1)
         dh_next = torch.addmm(dh * z, dgh[t], w_hh)
     flat = dgh.reshape(-1, G)
-    return dgx, dh_next, flat.t() @ _previous_states(h0, hs), flat[:, 2 * (G // 3):].sum(0)
+    return dgx, dh_next, flat.t() @ _previous_states(h0, hs), flat[:, 2 * (G // 3) :].sum(0)
 
 
-TORCH_LOOPS = SimpleNamespace(lstm_forward=lstm_forward, lstm_backward=lstm_backward, rnn_forward=rnn_forward,
-                              rnn_backward=rnn_backward, gru_forward=gru_forward, gru_backward=gru_backward)
+TORCH_LOOPS = SimpleNamespace(
+    lstm_forward=lstm_forward,
+    lstm_backward=lstm_backward,
+    rnn_forward=rnn_forward,
+    rnn_backward=rnn_backward,
+    gru_forward=gru_forward,
+    gru_backward=gru_backward,
+)

@@ -114,8 +114,7 @@ class _LSTMLayerBF16(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dhs, dh_last, dc_last):
         x, w_ih, acts, hs, cs, h0, c0, w_hh = ctx.saved_tensors
-        dg, dh0, dc0, dw_hh = _cpp().lstm_backward_bf16(dhs.contiguous(), dh_last, dc_last, acts, cs, h0, c0,
-                                                              hs, w_hh)
+        dg, dh0, dc0, dw_hh = _cpp().lstm_backward_bf16(dhs.contiguous(), dh_last, dc_last, acts, cs, h0, c0, hs, w_hh)
         return (*_projection_grads_bf16(ctx, dg, x, w_ih), dh0, dc0, dw_hh)
 
 
@@ -143,12 +142,13 @@ class _GRULayerBF16(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dhs, dh_last):
         x, w_ih, acts, ghn, hs, hs_b, h0, w_hh = ctx.saved_tensors
-        dgx, dh0, dw_hh, db_hn = _cpp().gru_backward_bf16(dhs.contiguous(), dh_last, acts, ghn, hs, hs_b, h0,
-                                                                w_hh)
+        dgx, dh0, dw_hh, db_hn = _cpp().gru_backward_bf16(dhs.contiguous(), dh_last, acts, ghn, hs, hs_b, h0, w_hh)
         return (*_projection_grads_bf16(ctx, dgx, x, w_ih), dh0, dw_hh, db_hn)
 
 
-_INFERENCE_COPIES: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}  # id(weight) -> (weakref to it, its _version, its bf16 copy)
+_INFERENCE_COPIES: dict[
+    int, tuple[weakref.ref, int, torch.Tensor]
+] = {}  # id(weight) -> (weakref to it, its _version, its bf16 copy)
 
 
 def _bf16(weight: torch.Tensor) -> torch.Tensor:
@@ -176,11 +176,11 @@ def _forget_copy(key: int, _: weakref.ref) -> None:
 
 # With bf16 x (layers.native_loop casts it so under CPU autocast bf16), the mixed-precision loops run.
 
+
 def lstm_layer(cell: TorchLayoutCell, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
     h0, c0 = (s.contiguous() for s in state)
     if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():  # nothing kept for a backward
-        hs, c = _cpp().lstm_infer_bf16(_project_bf16(x, _bf16(cell.weight_ih)), cell.input_bias(), h0, c0,
-                                            _bf16(w_hh))
+        hs, c = _cpp().lstm_infer_bf16(_project_bf16(x, _bf16(cell.weight_ih)), cell.input_bias(), h0, c0, _bf16(w_hh))
         h = hs[-1].float()
     elif x.dtype == torch.bfloat16:
         hs, h, c = _LSTMLayerBF16.apply(x, _bf16(cell.weight_ih), cell.input_bias(), h0, c0, _bf16(w_hh))
@@ -199,7 +199,7 @@ def rnn_layer(cell: TorchLayoutCell, x: torch.Tensor, state: State, w_hh: torch.
 
 
 def gru_layer(cell: TorchLayoutCell, x: torch.Tensor, state: State, w_hh: torch.Tensor) -> tuple[torch.Tensor, State]:
-    b_hn = cell.bias_hh[2 * cell.hidden_size:]  # stays on the hidden side: r_t * (W_hn h + b_hn)
+    b_hn = cell.bias_hh[2 * cell.hidden_size :]  # stays on the hidden side: r_t * (W_hn h + b_hn)
     h0 = state[0].contiguous()
     if x.dtype == torch.bfloat16:
         hs, h = _GRULayerBF16.apply(x, _bf16(cell.weight_ih), cell.input_bias(), h0, _bf16(w_hh), b_hn)

@@ -102,39 +102,76 @@ class CellSpec:
     def check_backend(self, backend: str) -> None:
         """`backend` is a concrete backend this cell type runs on, or a one-line error."""
         if backend == AUTO:
-            raise CellTypeError("backend 'auto' reached the model unresolved; resolve it first with "
-                                "charlm.models.registry.resolve_backend(), where the device and precision are known")
+            raise CellTypeError(
+                "backend 'auto' reached the model unresolved; resolve it first with "
+                "charlm.models.registry.resolve_backend(), where the device and precision are known"
+            )
         if backend not in BACKENDS:
             raise CellTypeError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         if backend not in self.backends:
             why = "torch has no fused kernel for it" if backend == "fused" else "it has no native loop"
-            raise CellTypeError(f"model.type {self.name} cannot run on the {backend} backend ({why}); "
-                                f"use {' or '.join(self.backends)}")
+            raise CellTypeError(
+                f"model.type {self.name} cannot run on the {backend} backend ({why}); use {' or '.join(self.backends)}"
+            )
 
     def check_weight_dropout(self, p: float) -> None:
         if p > 0 and not self.recurrent_weights:
-            raise CellTypeError(f"model.type {self.name} has no recurrent weights (weight_hh) for "
-                                "model.weight_dropout to drop; set it to 0")
+            raise CellTypeError(
+                f"model.type {self.name} has no recurrent weights (weight_hh) for "
+                "model.weight_dropout to drop; set it to 0"
+            )
 
 
 _LSTM_CHANNELS = (gate("forget"), gate("input"), gate("output"), unbounded("cell", "c"))
 
-REGISTRY: dict[str, CellSpec] = {spec.name: spec for spec in (
-    CellSpec(name="rnn", title="RNN", cell="charlm.models.cells:RNNCell", channels=(signed("hidden", "h"),),
-             feature_channel="hidden", recurrent_weights=True,
-             native="charlm.models.native_layers:rnn_layer", fused="rnn_tanh", native_bf16=True),
-    CellSpec(name="lstm", title="LSTM", cell="charlm.models.cells:LSTMCell", channels=_LSTM_CHANNELS,
-             feature_channel="cell", recurrent_weights=True,
-             native="charlm.models.native_layers:lstm_layer", fused="lstm", native_bf16=True),
-    CellSpec(name="gru", title="GRU", cell="charlm.models.cells:GRUCell",
-             channels=(gate("update"), gate("reset"), signed("hidden", "h")),
-             feature_channel="hidden", recurrent_weights=True,
-             native="charlm.models.native_layers:gru_layer", fused="gru", native_bf16=True),
-    CellSpec(name="mingru", title="minGRU", cell="charlm.models.mingru:MinGRUCell",
-             channels=(gate("update"), unbounded("candidate", "h~"), unbounded("hidden", "h")),
-             feature_channel="hidden", recurrent_weights=False,
-             native="charlm.models.mingru:native_layer", fused=None),
-)}
+REGISTRY: dict[str, CellSpec] = {
+    spec.name: spec
+    for spec in (
+        CellSpec(
+            name="rnn",
+            title="RNN",
+            cell="charlm.models.cells:RNNCell",
+            channels=(signed("hidden", "h"),),
+            feature_channel="hidden",
+            recurrent_weights=True,
+            native="charlm.models.native_layers:rnn_layer",
+            fused="rnn_tanh",
+            native_bf16=True,
+        ),
+        CellSpec(
+            name="lstm",
+            title="LSTM",
+            cell="charlm.models.cells:LSTMCell",
+            channels=_LSTM_CHANNELS,
+            feature_channel="cell",
+            recurrent_weights=True,
+            native="charlm.models.native_layers:lstm_layer",
+            fused="lstm",
+            native_bf16=True,
+        ),
+        CellSpec(
+            name="gru",
+            title="GRU",
+            cell="charlm.models.cells:GRUCell",
+            channels=(gate("update"), gate("reset"), signed("hidden", "h")),
+            feature_channel="hidden",
+            recurrent_weights=True,
+            native="charlm.models.native_layers:gru_layer",
+            fused="gru",
+            native_bf16=True,
+        ),
+        CellSpec(
+            name="mingru",
+            title="minGRU",
+            cell="charlm.models.mingru:MinGRUCell",
+            channels=(gate("update"), unbounded("candidate", "h~"), unbounded("hidden", "h")),
+            feature_channel="hidden",
+            recurrent_weights=False,
+            native="charlm.models.mingru:native_layer",
+            fused=None,
+        ),
+    )
+}
 CELL_TYPES: tuple[str, ...] = tuple(REGISTRY)  # the valid values of model.type, in this order
 
 
@@ -177,5 +214,6 @@ def spec_of(cell: object) -> CellSpec:
     for spec in REGISTRY.values():
         if spec.cell == path:
             return spec
-    raise ValueError(f"{path} is not a registered cell class; registered: "
-                     f"{', '.join(s.cell for s in REGISTRY.values())}")
+    raise ValueError(
+        f"{path} is not a registered cell class; registered: {', '.join(s.cell for s in REGISTRY.values())}"
+    )

@@ -12,10 +12,17 @@ _MAX_BITS = 12.0  # surprisal at which the colour saturates
 
 def render_page(ins: Inspection, title: str) -> str:
     data = {
-        "chars": ins.chars, "surprisal": [round(b, 3) for b in ins.surprisal], "top5": ins.top5,
-        "cellType": ins.cell_type, "layers": ins.layers, "hiddenSize": ins.hidden_size, "units": ins.units,
+        "chars": ins.chars,
+        "surprisal": [round(b, 3) for b in ins.surprisal],
+        "top5": ins.top5,
+        "cellType": ins.cell_type,
+        "layers": ins.layers,
+        "hiddenSize": ins.hidden_size,
+        "units": ins.units,
         "channels": {name: [encode_bytes(t) for t in per_layer] for name, per_layer in ins.channels.items()},
-        "scales": ins.scales, "features": ins.features, "maxBits": _MAX_BITS,
+        "scales": ins.scales,
+        "features": ins.features,
+        "maxBits": _MAX_BITS,
     }
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # safe inside <script>
     return _TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)

@@ -49,19 +49,42 @@ def _draw(by_step, by_time, name: str, events: list, scale: float) -> None:
     evals = [e for e in events if e["event"] == "eval"]
     for axis, key, factor in ((by_step, "step", 1.0), (by_time, "elapsed", 1 / 60)):
         if train:
-            line, = axis.plot([e[key] * factor for e in train], [e["loss"] * scale for e in train], alpha=0.45,
-                              linewidth=1, label=f"{name} train")
+            (line,) = axis.plot(
+                [e[key] * factor for e in train],
+                [e["loss"] * scale for e in train],
+                alpha=0.45,
+                linewidth=1,
+                label=f"{name} train",
+            )
             color = line.get_color()
         else:
             color = None
         if evals:
-            axis.plot([e[key] * factor for e in evals], [e["val_loss"] * scale for e in evals], marker="o",
-                      markersize=3, color=color, label=f"{name} val")
+            axis.plot(
+                [e[key] * factor for e in evals],
+                [e["val_loss"] * scale for e in evals],
+                marker="o",
+                markersize=3,
+                color=color,
+                label=f"{name} val",
+            )
             best = min(evals, key=lambda e: e["val_loss"])
-            axis.scatter([best[key] * factor], [best["val_loss"] * scale], marker="*", s=160, color=color,
-                         edgecolors="black", zorder=5)
-            axis.annotate(f"{best['val_loss'] * scale:.3f}", (best[key] * factor, best["val_loss"] * scale),
-                          textcoords="offset points", xytext=(6, 6), fontsize=8)
+            axis.scatter(
+                [best[key] * factor],
+                [best["val_loss"] * scale],
+                marker="*",
+                s=160,
+                color=color,
+                edgecolors="black",
+                zorder=5,
+            )
+            axis.annotate(
+                f"{best['val_loss'] * scale:.3f}",
+                (best[key] * factor, best["val_loss"] * scale),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=8,
+            )
 
 
 def _pyplot(command: str):
@@ -80,10 +103,15 @@ def plot_gradient_probe(models: list[dict], out: Path) -> None:
     plt = _pyplot("charlm probe")
     fig, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
     for entry in models:
-        line, = axis.plot(entry["k"], _positive(entry["hidden_grad_norm"]), label=f"{entry['label']}: h")
+        (line,) = axis.plot(entry["k"], _positive(entry["hidden_grad_norm"]), label=f"{entry['label']}: h")
         if entry.get("cell_grad_norm"):
-            axis.plot(entry["k"], _positive(entry["cell_grad_norm"]), linestyle="--", color=line.get_color(),
-                      label=f"{entry['label']}: c")
+            axis.plot(
+                entry["k"],
+                _positive(entry["cell_grad_norm"]),
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{entry['label']}: c",
+            )
     axis.set_yscale("log")
     axis.set_xlabel("k (steps back)")
     axis.set_ylabel("mean ||d loss_t / d state_{t-k}||")
@@ -97,9 +125,10 @@ def plot_context_probe(models: list[dict], out: Path) -> None:
     plt = _pyplot("charlm probe")
     fig, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
     for entry in models:
-        line, = axis.plot(entry["k"], entry["loss_nats"], marker="o", markersize=3, label=entry["label"])
-        axis.axhline(entry["carried_loss_nats"], linestyle=":", color=line.get_color(),
-                     label=f"{entry['label']}: state carried")
+        (line,) = axis.plot(entry["k"], entry["loss_nats"], marker="o", markersize=3, label=entry["label"])
+        axis.axhline(
+            entry["carried_loss_nats"], linestyle=":", color=line.get_color(), label=f"{entry['label']}: state carried"
+        )
     axis.set_xscale("log", base=2)
     axis.set_xlabel("characters of context (state reset k steps back)")
     axis.set_ylabel("loss (nats/char)")

@@ -52,14 +52,30 @@ class TrainingDisplay:
         self.live = self.console.is_terminal and not quiet
         self.wants_samples = not quiet and not self.console.quiet
         self.losses: deque = deque(maxlen=30)
-        self.fields: dict[str, Any] = {"step": "0", "loss": "-", "spark": "", "val": "-", "best": "-", "lr": "-", "rate": "-",
-                       "extra": ""}
+        self.fields: dict[str, Any] = {
+            "step": "0",
+            "loss": "-",
+            "spark": "",
+            "val": "-",
+            "best": "-",
+            "lr": "-",
+            "rate": "-",
+            "extra": "",
+        }
         self._progress = Progress(
-            TextColumn("step {task.fields[step]}"), BarColumn(bar_width=20),
-            TextColumn("loss {task.fields[loss]} {task.fields[spark]}  val {task.fields[val]}  "
-                       "best {task.fields[best]}  lr {task.fields[lr]}  {task.fields[rate]} chars/s{task.fields[extra]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, disable=not self.live, transient=False)
+            TextColumn("step {task.fields[step]}"),
+            BarColumn(bar_width=20),
+            TextColumn(
+                "loss {task.fields[loss]} {task.fields[spark]}  val {task.fields[val]}  "
+                "best {task.fields[best]}  lr {task.fields[lr]}  {task.fields[rate]} chars/s{task.fields[extra]}"
+            ),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.live,
+            transient=False,
+        )
         self._task = self._progress.add_task("train", total=_TOTAL, **self.fields)
 
     def silenced(self) -> TrainingDisplay:
@@ -76,8 +92,15 @@ class TrainingDisplay:
     @contextmanager
     def byte_progress(self, description: str) -> Iterator[Callable[[int, int], None]]:
         """A transient bar for work measured in bytes; yields update(done, total)."""
-        with Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      console=self.console, disable=not self.live, transient=True) as bar:
+        with Progress(
+            TextColumn(description),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=self.console,
+            disable=not self.live,
+            transient=True,
+        ) as bar:
             task = bar.add_task(description, total=None)
             yield lambda done, total: bar.update(task, completed=done, total=total)
 
@@ -98,12 +121,19 @@ class TrainingDisplay:
         loss, lr, rate = _number(values, "loss"), _number(values, "lr"), _number(values, "chars_per_sec")
         self.losses.append(loss)
         extra = extra_figures(values)  # figures the loop added that this display has no place for
-        self.fields.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=_fmt_rate(rate),
-                           spark=sparkline(list(self.losses)), extra=f"  {extra}" if extra else "")
+        self.fields.update(
+            loss=f"{loss:.4f}",
+            lr=f"{lr:.2e}",
+            rate=_fmt_rate(rate),
+            spark=sparkline(list(self.losses)),
+            extra=f"  {extra}" if extra else "",
+        )
         if not self.live and not self.quiet:
-            self.message(f"step {step} epoch {values['epoch']} | loss {loss:.4f} | lr {lr:.2e} | "
-                         f"grad norm {_number(values, 'grad_norm'):.3f} | {_fmt_rate(rate)} chars/s"
-                         + (f" | {extra}" if extra else ""))
+            self.message(
+                f"step {step} epoch {values['epoch']} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"grad norm {_number(values, 'grad_norm'):.3f} | {_fmt_rate(rate)} chars/s"
+                + (f" | {extra}" if extra else "")
+            )
 
     def _show_eval(self, step: int, values: Mapping[str, Value]) -> None:
         val_loss, val_bpc = _number(values, "val_loss"), _number(values, "val_bpc")
@@ -111,8 +141,10 @@ class TrainingDisplay:
         if values["best_val_loss"] is not None:
             self.fields["best"] = f"{_number(values, 'best_val_loss'):.4f}"
         marker = "  [bold green]new best[/]" if values.get("new_best") else ""
-        self.message(f"step {step} | val loss {val_loss:.4f} nats | {val_bpc:.4f} bpc | "
-                     f"eval {_number(values, 'eval_seconds'):.1f}s{marker}")
+        self.message(
+            f"step {step} | val loss {val_loss:.4f} nats | {val_bpc:.4f} bpc | "
+            f"eval {_number(values, 'eval_seconds'):.1f}s{marker}"
+        )
 
     def _show_sample(self, step: int, values: Mapping[str, Value]) -> None:
         """A short sample from the model as it is now: see it learn."""

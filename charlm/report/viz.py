@@ -84,8 +84,10 @@ def _known_units(vocab: Vocab, text: str, settings: TextSettings) -> torch.Tenso
     if not unknown:
         raise NothingToShow("the text has fewer than 2 characters; nothing to show: give a longer text")
     shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-    raise NothingToShow(f"the text has fewer than 2 characters the model knows (not in its vocabulary: {shown}); "
-                        "nothing to show: give a text in the characters it was trained on")
+    raise NothingToShow(
+        f"the text has fewer than 2 characters the model knows (not in its vocabulary: {shown}); "
+        "nothing to show: give a text in the characters it was trained on"
+    )
 
 
 @torch.no_grad()
@@ -102,20 +104,31 @@ def inspect(model, vocab: Vocab, text: str, settings: TextSettings, cell_type: s
     device = next(model.parameters()).device
     state, probs, recorded = None, [], []
     for start in range(0, ids.numel(), _WINDOW):
-        logits, state, trace = model(ids[start:start + _WINDOW][None].to(device), state, trace="gates")  # [1, W, V]
+        logits, state, trace = model(ids[start : start + _WINDOW][None].to(device), state, trace="gates")  # [1, W, V]
         probs.append(torch.softmax(logits[0].float(), dim=-1).cpu())
         recorded.append([{name: torch.cat(values).cpu() for name, values in layer.items()} for layer in trace.gates])
-    layers = [{name: torch.cat([window[k][name] for window in recorded]) for name in recorded[0][k]}
-              for k in range(len(recorded[0]))]  # per layer: name -> [N, H]
+    layers = [
+        {name: torch.cat([window[k][name] for window in recorded]) for name in recorded[0][k]}
+        for k in range(len(recorded[0]))
+    ]  # per layer: name -> [N, H]
     surprisal, top5 = _expectations(vocab, ids, torch.cat(probs))
     shown = _display(vocab, ids.tolist(), units)
-    inspection = Inspection(shown, surprisal, top5, cell_type, len(layers), layers[0]["hidden"].shape[1], [],
-                            scales={channel.name: _scale(channel) for channel in spec.channels})
+    inspection = Inspection(
+        shown,
+        surprisal,
+        top5,
+        cell_type,
+        len(layers),
+        layers[0]["hidden"].shape[1],
+        [],
+        scales={channel.name: _scale(channel) for channel in spec.channels},
+    )
     return _with_units(inspection, layers, shown, spec)
 
 
-def _expectations(vocab: Vocab, ids: torch.Tensor,
-                  probs: torch.Tensor) -> tuple[list[float], list[list[tuple[str, float]]]]:
+def _expectations(
+    vocab: Vocab, ids: torch.Tensor, probs: torch.Tensor
+) -> tuple[list[float], list[list[tuple[str, float]]]]:
     """Each character's surprisal (bits) and the model's five likeliest characters before it."""
     surprisal: list[float] = [0.0]
     top5: list[list[tuple[str, float]]] = [[]]
@@ -141,8 +154,11 @@ def _features(chars: list[str]) -> dict[str, torch.Tensor]:
         inside_quotes.append(float(quote))
         inside_parens.append(float(depth > 0))
         column.append(float(col))
-    return {"inside quotes": torch.tensor(inside_quotes), "inside parentheses": torch.tensor(inside_parens),
-            "position in line": torch.tensor(column)}
+    return {
+        "inside quotes": torch.tensor(inside_quotes),
+        "inside parentheses": torch.tensor(inside_parens),
+        "position in line": torch.tensor(column),
+    }
 
 
 def _correlations(values: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:

@@ -98,8 +98,9 @@ def parse_request(body: bytes, limits: Limits) -> CompletionRequest:
     if request.n > limits.max_n:
         raise RequestError(f"n {request.n} is above this server's cap of {limits.max_n}")
     if len(request.prompt) > limits.max_prompt_chars:
-        raise RequestError(f"the prompt has {len(request.prompt):,} characters, above this server's cap of "
-                           f"{limits.max_prompt_chars:,}")
+        raise RequestError(
+            f"the prompt has {len(request.prompt):,} characters, above this server's cap of {limits.max_prompt_chars:,}"
+        )
     return request
 
 
@@ -115,23 +116,32 @@ def completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(cid: str, model: str, texts: list[str], reasons: list[str], prompt_tokens: int,
-                    completion_tokens: int) -> dict:
+def completion_body(
+    cid: str, model: str, texts: list[str], reasons: list[str], prompt_tokens: int, completion_tokens: int
+) -> dict:
     """The non-streamed response: one choice per row."""
     return {
-        "id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                    for i, (text, reason) in enumerate(zip(texts, reasons))],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "id": cid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(zip(texts, reasons))
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
-def chunk_body(cid: str, model: str, index: int, text: str, reason: str | None,
-               probs: list[float] | None = None) -> dict:
+def chunk_body(
+    cid: str, model: str, index: int, text: str, reason: str | None, probs: list[float] | None = None
+) -> dict:
     """One server-sent event of a streamed response (charlm adds each character's probability)."""
     choice = {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
     if probs is not None:
         choice["charlm_probs"] = [round(p, 5) for p in probs]
-    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [choice]}
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": [choice]}

@@ -96,10 +96,13 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self._received and (self.cycle is None or not self.cycle.response_started):
             what = "request head" if self._phase == "head" else "request body"
-            body = json.dumps(RequestError(f"the {what} took longer than {self.limits.client_timeout:g} s to "
-                                           "arrive", 408).body()).encode()
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            body = json.dumps(
+                RequestError(f"the {what} took longer than {self.limits.client_timeout:g} s to arrive", 408).body()
+            ).encode()
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
         self.transport.close()  # the handler waiting for the body gets the disconnect before it can answer
 
 
@@ -109,10 +112,15 @@ def guarded_protocol(limits: ConnectionLimits) -> type:
 
 
 def _too_many_connections(cap: int):
-    error = RequestError(f"this server already holds {cap} connections, its cap (--max-connections); "
-                         "try again shortly", 503, "server_error")
+    error = RequestError(
+        f"this server already holds {cap} connections, its cap (--max-connections); try again shortly",
+        503,
+        "server_error",
+    )
 
     async def answer(scope, receive, send) -> None:
         await JSONResponse(error.body(), status_code=503, headers={"Connection": "close", "Retry-After": "1"})(
-            scope, receive, send)
+            scope, receive, send
+        )
+
     return answer

@@ -39,9 +39,14 @@ class Engine:
     each request's `sink`. `charlm serve` runs it in the main thread of a process of its own
     (worker.py), whose sinks gather each step's events into one message."""
 
-    def __init__(self, model: torch.nn.Module, vocab: Vocab,
-                 precision_context: Callable[[], contextlib.AbstractContextManager] | None = None, max_requests: int = 64,
-                 on_step: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        vocab: Vocab,
+        precision_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+        max_requests: int = 64,
+        on_step: Callable[[], None] | None = None,
+    ):
         self.model, self.vocab, self.max_requests = model.eval(), vocab, max_requests
         self._on_step = on_step or (lambda: None)  # called in the loop after each step's events were sent
         self.device = next(model.parameters()).device
@@ -95,7 +100,7 @@ class Engine:
         rows: list[Row] = []
         logits: torch.Tensor | None = None  # [N, V]
         state: State | None = None
-        with torch.no_grad(), (self._precision() if self._precision else contextlib.nullcontext()):
+        with torch.no_grad(), self._precision() if self._precision else contextlib.nullcontext():
             while True:
                 with self._lock:
                     while not self._pending and not rows and not self._reading and not self._stopping:
@@ -143,8 +148,9 @@ class Engine:
                 self._fail([], [job], problem, status=400)
         return admitted
 
-    def _read_prompts(self, rows: list[Row], logits: torch.Tensor | None,
-                      state: State | None) -> tuple[torch.Tensor | None, State | None]:
+    def _read_prompts(
+        self, rows: list[Row], logits: torch.Tensor | None, state: State | None
+    ) -> tuple[torch.Tensor | None, State | None]:
         """Read the next chunk of the waiting prompts, oldest first, about PROMPT_CHUNK positions in
         all (at least one chunk); the requests whose prompt is now read append their rows."""
         parts_logits = [] if logits is None else [logits]
@@ -183,8 +189,9 @@ class Engine:
         for job in jobs:
             job.sink({"done": True})
 
-    def _step(self, rows: list[Row], logits: torch.Tensor,
-              state: State) -> tuple[torch.Tensor | None, State | None, list[Row]]:
+    def _step(
+        self, rows: list[Row], logits: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor | None, State | None, list[Row]]:
         """Draw one unit for every row, send what is ready, drop finished rows, run one batched step."""
         units = draw_units(rows, logits)  # every unit in range, whatever the scores
         probs = chosen_probs(logits, units).tolist()  # NaN for a row whose scores are not finite
@@ -232,8 +239,13 @@ class Engine:
             for row in rows:
                 if row.job is job:
                     row.finish = "error"
-            self._fail([], [job], f"the model's scores for row {index} of this request are not finite "
-                                  "(NaN or infinity), so nothing can be drawn from them", status=500)
+            self._fail(
+                [],
+                [job],
+                f"the model's scores for row {index} of this request are not finite "
+                "(NaN or infinity), so nothing can be drawn from them",
+                status=500,
+            )
         return set(failed)
 
     def _release_finished(self, rows: list[Row], keep: list[int], failed: Collection[int] = ()) -> None:
@@ -263,5 +275,7 @@ def _prompt_groups(jobs: list[Completion], device: torch.device) -> list[_Readin
     by_length: dict[int, list[Completion]] = {}
     for job in jobs:
         by_length.setdefault(int(job.prompt_ids.numel()), []).append(job)
-    return [_Reading(group, torch.stack([job.prompt_ids for job in group]).to(device).long())
-            for group in by_length.values()]
+    return [
+        _Reading(group, torch.stack([job.prompt_ids for job in group]).to(device).long())
+        for group in by_length.values()
+    ]

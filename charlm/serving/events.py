@@ -73,8 +73,11 @@ class EventQueue:
         """Add a text event to its choice's chunk; True when that overflowed the queue."""
         self.held += len(event["text"])
         if self.held > self.cap:
-            self.over, self.items, self.open = True, [End(f"the client fell more than {self.cap:,} characters "
-                                                          "behind; the request was cancelled")], {}
+            self.over, self.items, self.open = (
+                True,
+                [End(f"the client fell more than {self.cap:,} characters behind; the request was cancelled")],
+                {},
+            )
             self.ready.set()
             self.on_overflow()
             return True

@@ -40,8 +40,10 @@ class AllowedHosts:
             elif (name := _entry_name(entry)) is not None:
                 names.add(name)
             else:
-                raise UserError(f"--allowed-hosts: {entry!r} is not a host name; give names such as "
-                                "'example.org', '*.example.org', '10.0.0.5' or '*' (any), separated by commas")
+                raise UserError(
+                    f"--allowed-hosts: {entry!r} is not a host name; give names such as "
+                    "'example.org', '*.example.org', '10.0.0.5' or '*' (any), separated by commas"
+                )
         return cls(frozenset(names), tuple(suffixes), anything)
 
     def allows(self, header: bytes | None) -> bool:
@@ -94,9 +96,12 @@ class HostGuard:
         host = next((value for name, value in scope["headers"] if name == b"host"), None)
         if not self.hosts.allows(host):
             shown = "none" if host is None else repr(host.decode("latin-1"))
-            error = RequestError(f"this server does not answer to the Host {shown}; call it by an address it "
-                                 "serves on (127.0.0.1, localhost), or start it with --allowed-hosts NAME "
-                                 "to serve that name", 421)
+            error = RequestError(
+                f"this server does not answer to the Host {shown}; call it by an address it "
+                "serves on (127.0.0.1, localhost), or start it with --allowed-hosts NAME "
+                "to serve that name",
+                421,
+            )
             return await JSONResponse(error.body(), status_code=421)(scope, receive, _nosniff(send))
         await self.app(scope, receive, _nosniff(send))
 
@@ -106,4 +111,5 @@ def _nosniff(send):
         if message["type"] == "http.response.start":
             message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
         await send(message)
+
     return sending

@@ -30,8 +30,9 @@ class Intake:
         given = next((value for name, value in request.scope["headers"] if name == b"authorization"), b"")
         scheme, _, key = given.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(key.lstrip(b" "), self.api_key):
-            raise RequestError("missing or wrong API key: send the header 'Authorization: Bearer <key>'", 401,
-                               "authentication_error")
+            raise RequestError(
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'", 401, "authentication_error"
+            )
 
     async def completion_request(self, request: Request) -> CompletionRequest:
         """The request's body as a checked completion request (its key, size and type checked first)."""
@@ -51,8 +52,7 @@ class Intake:
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise RequestError(f"the request body is over this server's cap of {self.max_body_bytes:,} bytes",
-                                   413)
+                raise RequestError(f"the request body is over this server's cap of {self.max_body_bytes:,} bytes", 413)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -64,8 +64,11 @@ def _check_json(request: Request) -> None:
     charsets = [p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")]
     if media != "application/json" or any(c not in ("utf-8", "utf8") for c in charsets):
         given = request.headers.get("content-type")
-        raise RequestError(f"send the body as JSON with 'Content-Type: application/json' (this request had "
-                           f"{repr(given) if given else 'none'})", 415)
+        raise RequestError(
+            f"send the body as JSON with 'Content-Type: application/json' (this request had "
+            f"{repr(given) if given else 'none'})",
+            415,
+        )
 
 
 def engine_job(served: ServedModel, request: CompletionRequest) -> tuple[Job, int]:
@@ -76,6 +79,12 @@ def engine_job(served: ServedModel, request: CompletionRequest) -> tuple[Job, in
     except UserError as err:
         raise RequestError(str(err)) from None
     _, seed = make_generator(torch.device("cpu"), request.seed)
-    job = Job(prompt_ids=tuple(ids.tolist()), max_tokens=request.max_tokens, decoding=request.decoding, seed=seed,
-              n=request.n, stop=tuple(request.stop or ()))
+    job = Job(
+        prompt_ids=tuple(ids.tolist()),
+        max_tokens=request.max_tokens,
+        decoding=request.decoding,
+        seed=seed,
+        n=request.n,
+        stop=tuple(request.stop or ()),
+    )
     return job, int(ids.numel())

@@ -30,16 +30,31 @@ class ServedModel:
     load: ModelLoader
 
 
-def served_model(checkpoint: Path, payload: dict, model: torch.nn.Module, vocab: Vocab, cfg: Config, precision: str,
-                 load: ModelLoader) -> ServedModel:
+def served_model(
+    checkpoint: Path,
+    payload: dict,
+    model: torch.nn.Module,
+    vocab: Vocab,
+    cfg: Config,
+    precision: str,
+    load: ModelLoader,
+) -> ServedModel:
     """What `charlm serve` serves: the model, how prompts are read, and how /v1/models describes it."""
     run = Path(checkpoint)
     name = (run.parent.name if run.is_file() else run.name) or "charlm"
     description = {
-        "type": cfg.model.type, "hidden_size": cfg.model.hidden_size, "num_layers": cfg.model.num_layers,
-        "vocab_size": len(vocab), "unit": vocab.unit, "parameters": sum(p.numel() for p in model.parameters()),
-        "backend": model.backend, "precision": precision, "trained_steps": payload.get("step"),
-        "best_val_loss": payload.get("best_val_loss"), "config": cfg.to_dict(),
+        "type": cfg.model.type,
+        "hidden_size": cfg.model.hidden_size,
+        "num_layers": cfg.model.num_layers,
+        "vocab_size": len(vocab),
+        "unit": vocab.unit,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "backend": model.backend,
+        "precision": precision,
+        "trained_steps": payload.get("step"),
+        "best_val_loss": payload.get("best_val_loss"),
+        "config": cfg.to_dict(),
     }
-    return ServedModel(vocab=vocab, text_settings=TextSettings.from_config(cfg.data), name=name,
-                       description=description, load=load)
+    return ServedModel(
+        vocab=vocab, text_settings=TextSettings.from_config(cfg.data), name=name, description=description, load=load
+    )

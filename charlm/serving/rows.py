@@ -42,8 +42,13 @@ class Row:
     def end(self, reason: str) -> dict:
         """Finish the row for `reason`: the event that sends what it held back and says why it ended."""
         self.finish = reason
-        event = {"index": self.index, "text": self.pending, "probs": self.probs, "finish_reason": reason,
-                 "tokens": self.produced}
+        event = {
+            "index": self.index,
+            "text": self.pending,
+            "probs": self.probs,
+            "finish_reason": reason,
+            "tokens": self.produced,
+        }
         self.pending, self.probs = "", []
         return event
 

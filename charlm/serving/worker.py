@@ -89,8 +89,12 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")
         commands_out, commands_in = context.Pipe(duplex=False)  # (reader, writer)
         events_out, events_in = context.Pipe(duplex=False)
-        process = context.Process(target=_child_main, args=(self.load, commands_out, events_in, self.threads),
-                                  name="charlm-engine", daemon=True)
+        process = context.Process(
+            target=_child_main,
+            args=(self.load, commands_out, events_in, self.threads),
+            name="charlm-engine",
+            daemon=True,
+        )
         process.start()
         commands_out.close()
         events_in.close()
@@ -100,8 +104,9 @@ class EngineProcess:
         try:
             events_out.recv()
         except EOFError:
-            raise RuntimeError(f"the engine process ended while loading the model (exit code "
-                               f"{_exit_code(process)})") from None
+            raise RuntimeError(
+                f"the engine process ended while loading the model (exit code {_exit_code(process)})"
+            ) from None
         self._child = _Child(process, commands_in, events_out, loop)
         loop.add_reader(events_out.fileno(), self._read)
         return self
@@ -218,20 +223,27 @@ def _child_main(load: ModelLoader, commands: Connection, events: Connection, thr
             outbox.append((rid, event))
             if event.get("done") or "error" in event:
                 jobs.pop(rid, None)
+
         return sink
 
     # The parent keeps to max_requests (and counts a request until its last event reaches it).
     engine = Engine(model, vocab, precision_context, max_requests=1 << 30, on_step=flush)
-    threading.Thread(target=_take_commands, args=(engine, commands, jobs, device, sink_for), name="charlm-commands",
-                     daemon=True).start()
+    threading.Thread(
+        target=_take_commands, args=(engine, commands, jobs, device, sink_for), name="charlm-commands", daemon=True
+    ).start()
     events.send(("ready", None))
     engine.run()  # in this, the main thread (Engine.run says why), until a "stop" command
     flush()
     events.close()
 
 
-def _take_commands(engine: Engine, commands: Connection, jobs: dict[int, Completion], device: torch.device,
-                   sink_for: Callable[[int], Callable[[dict], None]]) -> None:
+def _take_commands(
+    engine: Engine,
+    commands: Connection,
+    jobs: dict[int, Completion],
+    device: torch.device,
+    sink_for: Callable[[int], Callable[[dict], None]],
+) -> None:
     """The child's second thread: pass the parent's commands to the engine until "stop"."""
     while True:
         try:
@@ -242,9 +254,15 @@ def _take_commands(engine: Engine, commands: Connection, jobs: dict[int, Complet
             _, rid, job = command
             generator, _ = make_generator(device, job.seed)
             jobs[rid] = completion = Completion(
-                prompt_ids=torch.tensor(job.prompt_ids, dtype=torch.long), max_tokens=job.max_tokens,
-                decoding=job.decoding, generator=generator, n=job.n, stop=job.stop, stop_id=job.stop_id,
-                sink=sink_for(rid))
+                prompt_ids=torch.tensor(job.prompt_ids, dtype=torch.long),
+                max_tokens=job.max_tokens,
+                decoding=job.decoding,
+                generator=generator,
+                n=job.n,
+                stop=job.stop,
+                stop_id=job.stop_id,
+                sink=sink_for(rid),
+            )
             engine.submit(completion)
         elif command[0] == "cancel":
             cancelled = jobs.get(command[1])

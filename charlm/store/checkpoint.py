@@ -35,8 +35,15 @@ class CheckpointError(UserError):
 
 # The progress facts `charlm info` shows (and an export carries), by the type they must have when present:
 # a crafted file with a string for a number ends in one line here, not in a traceback where it is shown.
-FACT_TYPES: dict[str, type | tuple[type, ...]] = {"step": int, "epoch": int, "best_step": int, "best_val_loss": (int, float), "elapsed": (int, float),
-              "device": str, "backend": str}
+FACT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "step": int,
+    "epoch": int,
+    "best_step": int,
+    "best_val_loss": (int, float),
+    "elapsed": (int, float),
+    "device": str,
+    "backend": str,
+}
 
 
 def wrong_fact(facts: Mapping) -> str | None:
@@ -69,8 +76,9 @@ def save_checkpoint(payload: dict, path: Path) -> None:
         with atomic_open(path, "wb") as handle:
             torch.save(payload, handle)
     except OSError as err:
-        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; "
-                              "the previous checkpoint is unchanged") from None
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {err.strerror or err}; the previous checkpoint is unchanged"
+        ) from None
 
 
 def load_checkpoint(spec: str | Path) -> dict:
@@ -81,8 +89,10 @@ def load_checkpoint(spec: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} is not a charlm checkpoint or holds objects that are not plain data; "
-                              "refusing to load it (loading never runs code from a file)") from None
+        raise CheckpointError(
+            f"{path} is not a charlm checkpoint or holds objects that are not plain data; "
+            "refusing to load it (loading never runs code from a file)"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is damaged or not a checkpoint ({reason})") from None
@@ -95,8 +105,10 @@ def _check_format(payload: object, path: Path) -> None:
         raise CheckpointError(f"{path} is not a charlm checkpoint")
     version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {version!r}, newer than this charlm "
-                              f"({__version__}) reads (format {FORMAT_VERSION}); upgrade charlm")
+        raise CheckpointError(
+            f"{path} has checkpoint format {version!r}, newer than this charlm "
+            f"({__version__}) reads (format {FORMAT_VERSION}); upgrade charlm"
+        )
     for key in ("config", "vocab", "model"):
         if key not in payload:
             raise CheckpointError(f"{path} is incomplete: it has no {key!r} entry")
@@ -110,13 +122,22 @@ def _check_format(payload: object, path: Path) -> None:
 def check_resumable(payload: dict, cfg: Config, corpus: Corpus) -> None:
     """A checkpoint resumes only with the same model, data and batch layout (the backend may change)."""
     saved, now = _with_defaults(payload["config"]), cfg.to_dict()
-    changed = [f"{section}.{key}" for section in ("model", "data") for key in now[section]
-               if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "model.backend"]
-    changed += [f"train.{key}" for key in ("batch_size", "seq_len", "random_offsets")
-                if saved.get("train", {}).get(key) != now["train"][key]]
+    changed = [
+        f"{section}.{key}"
+        for section in ("model", "data")
+        for key in now[section]
+        if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "model.backend"
+    ]
+    changed += [
+        f"train.{key}"
+        for key in ("batch_size", "seq_len", "random_offsets")
+        if saved.get("train", {}).get(key) != now["train"][key]
+    ]
     if changed:
-        raise CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config; "
-                              "resume with the run's own config (omit --config) or start a new run")
+        raise CheckpointError(
+            f"cannot resume: {', '.join(changed)} differ from the checkpoint's config; "
+            "resume with the run's own config (omit --config) or start a new run"
+        )
     if payload.get("data_fingerprint") != corpus.fingerprint:
         raise CheckpointError("cannot resume: the training text has changed since the checkpoint was written")
     if "progress" not in payload or "optimizer" not in payload:
@@ -132,9 +153,14 @@ def _with_defaults(saved: dict) -> dict:
         return saved
 
 
-def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu", backend: str | None = None,
-                          precision: str = "fp32", workload: Workload | None = None,
-                          report: Callable[[str], None] | None = None) -> tuple[CharLM, Vocab]:
+def model_from_checkpoint(
+    payload: dict,
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
+    precision: str = "fp32",
+    workload: Workload | None = None,
+    report: Callable[[str], None] | None = None,
+) -> tuple[CharLM, Vocab]:
     """Rebuild the model and vocabulary a checkpoint describes, with its weights, in eval mode.
 
     `backend` runs the same weights through another backend than its config's model.backend;
@@ -157,8 +183,9 @@ def model_from_checkpoint(payload: dict, device: torch.device | str = "cpu", bac
     except (RuntimeError, TypeError) as err:
         first = str(err).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else (first[0] if first else "")
-        raise CheckpointError(f"checkpoint weights do not match its config and vocabulary "
-                              f"({len(vocab)} characters): {detail}") from None
+        raise CheckpointError(
+            f"checkpoint weights do not match its config and vocabulary ({len(vocab)} characters): {detail}"
+        ) from None
     return model.to(device).eval(), vocab
 
 
@@ -166,5 +193,7 @@ def describe_model(cfg: ModelConfig, ran_on: str | None = None) -> str:
     """One line: the cell type, sizes, input, dropout and backend (`ran_on`: what auto resolved to)."""
     input_desc = f"embedding {cfg.embedding_dim}" if cfg.input == "embedding" else "one-hot"
     weight_drop = f", weight dropout {cfg.weight_dropout}" if cfg.weight_dropout else ""
-    return (f"{registry.lookup(cfg.type).title} {cfg.num_layers}x{cfg.hidden_size}, {input_desc} input, dropout {cfg.dropout}"
-            f"{weight_drop}, backend {registry.describe_backend(cfg.backend, ran_on)}")
+    return (
+        f"{registry.lookup(cfg.type).title} {cfg.num_layers}x{cfg.hidden_size}, {input_desc} input, dropout {cfg.dropout}"
+        f"{weight_drop}, backend {registry.describe_backend(cfg.backend, ran_on)}"
+    )

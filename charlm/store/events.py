@@ -30,8 +30,11 @@ class Event:
 
     def numbers(self) -> dict[str, float]:
         """The values that are numbers (flags, text and missing values left out): what a chart can plot."""
-        return {key: float(value) for key, value in self.values.items()
-                if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        return {
+            key: float(value)
+            for key, value in self.values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
 
 
 class MetricsSink(Protocol):

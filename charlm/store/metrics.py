@@ -80,12 +80,19 @@ def summarize(run_dir: Path) -> RunSummary:
     events = read_metrics(run_dir)
     starts = [e for e in events if e["event"] == "start"]
     last_start = max((i for i, e in enumerate(events) if e["event"] == "start"), default=-1)
-    end = next((e for e in events[last_start + 1:] if e["event"] == "end"), None) if last_start >= 0 else None
+    end = next((e for e in events[last_start + 1 :] if e["event"] == "end"), None) if last_start >= 0 else None
     steps = max((e.get("step", 0) for e in events), default=0)
     best = min((e["val_loss"] for e in events if e["event"] == "eval"), default=None)
     elapsed = max((e.get("elapsed", 0.0) for e in events), default=0.0)
-    return RunSummary(run_dir.name, _model_of(run_dir), starts[-1].get("num_parameters") if starts else None,
-                      steps, best, elapsed, _state(run_dir, events, end))
+    return RunSummary(
+        run_dir.name,
+        _model_of(run_dir),
+        starts[-1].get("num_parameters") if starts else None,
+        steps,
+        best,
+        elapsed,
+        _state(run_dir, events, end),
+    )
 
 
 def _state(run_dir: Path, events: list, end: dict | None) -> str:

@@ -55,8 +55,9 @@ class RunLock:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._acquire()
         except OSError as err:
-            raise RunDirError(f"cannot write to run dir {self.run_dir}: {err.strerror or err}; "
-                              "choose another --out") from None
+            raise RunDirError(
+                f"cannot write to run dir {self.run_dir}: {err.strerror or err}; choose another --out"
+            ) from None
         return self
 
     def _acquire(self) -> None:
@@ -68,14 +69,18 @@ class RunLock:
                     continue
                 owner = self._owner()
                 if owner is not None and owner != os.getpid() and pid_alive(owner):
-                    raise RunDirError(f"run dir {self.run_dir} is in use by another charlm train (pid {owner}); "
-                                      "wait for it to finish or choose another --out")
-                self.notices.append(f"taking over the lock of {self.run_dir} left by pid {owner}, "
-                                    "which is no longer running")
+                    raise RunDirError(
+                        f"run dir {self.run_dir} is in use by another charlm train (pid {owner}); "
+                        "wait for it to finish or choose another --out"
+                    )
+                self.notices.append(
+                    f"taking over the lock of {self.run_dir} left by pid {owner}, which is no longer running"
+                )
                 write_text_atomic(self.path, str(os.getpid()))
                 return
-        raise RunDirError(f"run dir {self.run_dir} is being locked and released by other processes; "
-                          "try again or choose another --out")
+        raise RunDirError(
+            f"run dir {self.run_dir} is being locked and released by other processes; try again or choose another --out"
+        )
 
     def _create(self) -> bool:
         """The lock file, created with our pid already in it (a hard link fails if it exists): nobody
@@ -127,8 +132,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> list[str]:
             raise RunDirError(f"nothing to resume: {run_dir / LAST} does not exist; train without --resume")
         return notices
     if existing and not overwrite:
-        raise RunDirError(f"run dir {run_dir} already holds a run ({', '.join(existing)}); "
-                          "add --resume to continue it, --overwrite to replace it, or --out to use another dir")
+        raise RunDirError(
+            f"run dir {run_dir} already holds a run ({', '.join(existing)}); "
+            "add --resume to continue it, --overwrite to replace it, or --out to use another dir"
+        )
     try:
         if existing:
             notices.append(_move_aside(run_dir, existing))
@@ -150,8 +157,10 @@ def _move_aside(run_dir: Path, names: list[str]) -> str:
     folder.mkdir()
     for name in names:
         replace(run_dir / name, folder / name)
-    return (f"--overwrite: moved the earlier run's {', '.join(names)} to {folder}/ "
-            "(delete that folder when you no longer need it)")
+    return (
+        f"--overwrite: moved the earlier run's {', '.join(names)} to {folder}/ "
+        "(delete that folder when you no longer need it)"
+    )
 
 
 def _remove_unfinished_writes(run_dir: Path) -> list[str]:

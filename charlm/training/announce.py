@@ -28,9 +28,11 @@ FINISHED = "after training had finished; every file of the run is written"
 
 def final_evaluation_note(trainer: Trainer, run_dir: Path) -> str:
     budget = "train.max_steps" if trainer.cfg.train.max_steps is not None else "train.max_time"
-    return (f"during the final evaluation; training had finished: {run_dir / LAST} holds the trained model "
-            f"(step {trainer.pos.step}). To train it further, resume with a larger budget: "
-            f"charlm train --resume --out {run_dir} --set {budget}=...")
+    return (
+        f"during the final evaluation; training had finished: {run_dir / LAST} holds the trained model "
+        f"(step {trainer.pos.step}). To train it further, resume with a larger budget: "
+        f"charlm train --resume --out {run_dir} --set {budget}=..."
+    )
 
 
 def start_lines(ctx: RunContext, trainer: Trainer, corpus: Corpus, choice: Choice, resumed: bool) -> list[str]:
@@ -38,8 +40,10 @@ def start_lines(ctx: RunContext, trainer: Trainer, corpus: Corpus, choice: Choic
     cfg, model = ctx.cfg, trainer.model
     lines = [f"device: {_where(ctx)}", _data_line(corpus)]
     backend = describe_backend(cfg.model.backend, model.backend)
-    lines.append(f"model: {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size} (backend {backend}), "
-                 f"{count_parameters(model):,} parameters; {trainer.batches.windows_per_epoch} steps per epoch")
+    lines.append(
+        f"model: {cfg.model.type} {cfg.model.num_layers}x{cfg.model.hidden_size} (backend {backend}), "
+        f"{count_parameters(model):,} parameters; {trainer.batches.windows_per_epoch} steps per epoch"
+    )
     if cfg.model.backend == "auto":
         lines.append(choice.describe())
     extras = _training_options(ctx, model.backend, trainer.local_batch)
@@ -57,13 +61,17 @@ def origin_lines(origin: dict, names: list[str], model: CharLM, vocab_size: int)
         lines.append(describe_start(origin["init_from"], vocab_size))
     if "frozen" in origin:
         frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-        lines.append(f"frozen (train.freeze: {', '.join(names)}): {frozen:,} of {count_parameters(model):,} "
-                     "parameters stay as they are")
+        lines.append(
+            f"frozen (train.freeze: {', '.join(names)}): {frozen:,} of {count_parameters(model):,} "
+            "parameters stay as they are"
+        )
         untrained = [name for name in origin["frozen"] if name in vocab_dims(model)]
         new = len(origin.get("init_from", {}).get("new_tokens", []))
         if new and untrained:
-            lines.append(f"warning: {', '.join(untrained)} frozen: the {new} new vocabulary entries' rows there "
-                         "keep their initial values")
+            lines.append(
+                f"warning: {', '.join(untrained)} frozen: the {new} new vocabulary entries' rows there "
+                "keep their initial values"
+            )
     return lines
 
 
@@ -77,8 +85,10 @@ def _where(ctx: RunContext) -> str:
 
 def _data_line(corpus: Corpus) -> str:
     skipped = f" ({corpus.val_oov_chars:,} val characters not in it)" if corpus.val_oov_chars else ""
-    return (f"data: {corpus.train_ids.numel():,} train / {corpus.val_ids.numel():,} val units, "
-            f"vocabulary {len(corpus.vocab)}{skipped}")
+    return (
+        f"data: {corpus.train_ids.numel():,} train / {corpus.val_ids.numel():,} val units, "
+        f"vocabulary {len(corpus.vocab)}{skipped}"
+    )
 
 
 def _training_options(ctx: RunContext, backend: str, local_batch: int) -> list[str]:

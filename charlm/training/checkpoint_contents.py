@@ -80,19 +80,30 @@ def payload_of(parts: TrainingParts, state: TrainingState, carried: State) -> di
     model, ema, pos = parts.model, parts.ema, state.pos
     # "model" is what sample and eval load; with an average, the optimiser's own weights
     # go to "raw_model" so that a resume continues from them.
-    weights = {"model": ema.state_dict(model), "raw_model": model.state_dict(),
-               "ema_updates": ema.updates} if ema else {"model": model.state_dict()}
+    weights = (
+        {"model": ema.state_dict(model), "raw_model": model.state_dict(), "ema_updates": ema.updates}
+        if ema
+        else {"model": model.state_dict()}
+    )
     return {
-        "config": parts.cfg.to_dict(), "vocab": parts.corpus.vocab.to_dict(),
-        **weights, "optimizer": parts.optimizer.state_dict(),
+        "config": parts.cfg.to_dict(),
+        "vocab": parts.corpus.vocab.to_dict(),
+        **weights,
+        "optimizer": parts.optimizer.state_dict(),
         "scaler": parts.scaler.state_dict(),
         "progress": asdict(pos),
-        "step": pos.step, "epoch": pos.epoch, "elapsed": pos.elapsed,
-        "best_val_loss": pos.best_val_loss, "best_step": pos.best_step,
-        "train_state": [s.detach().cpu() for s in carried], "rng": rng_state(),
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "elapsed": pos.elapsed,
+        "best_val_loss": pos.best_val_loss,
+        "best_step": pos.best_step,
+        "train_state": [s.detach().cpu() for s in carried],
+        "rng": rng_state(),
         "val_loss": state.val_loss,
-        "device": describe_device(parts.device), "data_fingerprint": parts.corpus.fingerprint,
-        "num_parameters": count_parameters(model), "world_size": parts.world.size,
+        "device": describe_device(parts.device),
+        "data_fingerprint": parts.corpus.fingerprint,
+        "num_parameters": count_parameters(model),
+        "world_size": parts.world.size,
         "backend": model.backend,  # the one it ran on: config.model.backend may say auto
     }
 
@@ -117,14 +128,14 @@ def load(parts: TrainingParts, payload: dict) -> TrainingState:
     model.load_state_dict(payload.get("raw_model", payload["model"]))
     if ema is not None:  # an average switched on at this resume starts from the weights
         averaged = "raw_model" in payload
-        ema.load(payload["model"] if averaged else model.state_dict(),
-                 payload.get("ema_updates", 0) if averaged else 0)
+        ema.load(payload["model"] if averaged else model.state_dict(), payload.get("ema_updates", 0) if averaged else 0)
     parts.optimizer.load_state_dict(payload["optimizer"])
     if payload.get("scaler"):
         parts.scaler.load_state_dict(payload["scaler"])
     _restore_rng(payload, parts.world, parts.cfg.train.seed)
-    return TrainingState(Progress(**payload["progress"]), carried_state(payload["train_state"], parts),
-                         payload.get("val_loss"))
+    return TrainingState(
+        Progress(**payload["progress"]), carried_state(payload["train_state"], parts), payload.get("val_loss")
+    )
 
 
 def carried_state(saved: list, parts: TrainingParts) -> State:

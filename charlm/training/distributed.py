@@ -85,8 +85,10 @@ def leave_process(code: int) -> None:
 def check_batch(world: World, batch_size: int, accumulation: int) -> None:
     parts = world.size * accumulation
     if batch_size % parts:
-        raise UserError(f"train.batch_size ({batch_size}) must divide evenly into {world.size} process(es) x "
-                        f"{accumulation} accumulation step(s); use a multiple of {parts}")
+        raise UserError(
+            f"train.batch_size ({batch_size}) must divide evenly into {world.size} process(es) x "
+            f"{accumulation} accumulation step(s); use a multiple of {parts}"
+        )
 
 
 def any_rank(flag: bool, world: World, device: torch.device) -> bool:
@@ -146,14 +148,16 @@ def peers_may_stop(world: World) -> Iterator[None]:
     except RuntimeError as err:
         if not (world.enabled and _lost_peer(err)):
             raise
-        raise UserError("another process of this torchrun run stopped (its own output says why); "
-                        "this one stops too") from None
+        raise UserError(
+            "another process of this torchrun run stopped (its own output says why); this one stops too"
+        ) from None
 
 
 def _lost_peer(err: RuntimeError) -> bool:
     text = str(err)  # gloo raises a plain RuntimeError: "Connection closed by peer [addr]:port"
     return isinstance(err, dist.DistError) or any(
-        words in text for words in ("closed by peer", "reset by peer", "Broken pipe", "NCCL communicator was aborted"))
+        words in text for words in ("closed by peer", "reset by peer", "Broken pipe", "NCCL communicator was aborted")
+    )
 
 
 def gather_objects(value, world: World) -> list:

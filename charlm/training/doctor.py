@@ -42,13 +42,15 @@ def machine_facts() -> dict:
         "bf16_units": cpu_has_bf16_units(),
         "cuda": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available() else [],
+        if torch.cuda.is_available()
+        else [],
         "mps": bool(mps is not None and mps.is_available()),
     }
 
 
-def auto_choices(model_cfg: ModelConfig | None = None, vocab_size: int = 65, batch: int = 32,
-                 steps: int = 128) -> list[dict]:
+def auto_choices(
+    model_cfg: ModelConfig | None = None, vocab_size: int = 65, batch: int = 32, steps: int = 128
+) -> list[dict]:
     """For each cell type and precision, the backend auto runs a training step of this shape with on
     the CPU, with its figures (measured now, or from the cache)."""
     base = model_cfg or ModelConfig()
@@ -58,12 +60,22 @@ def auto_choices(model_cfg: ModelConfig | None = None, vocab_size: int = 65, bat
         cfg = base.model_copy(update={"type": cell, "weight_dropout": 0.0, "backend": registry.AUTO})
         for asked in PRECISIONS:
             precision, _ = usable_precision(cpu, asked)
-            choice = autotune.choose(registry.AUTO, cfg, vocab_size, cpu, precision,
-                                     autotune.Workload.training(batch, steps))
+            choice = autotune.choose(
+                registry.AUTO, cfg, vocab_size, cpu, precision, autotune.Workload.training(batch, steps)
+            )
             fastest = min(choice.seconds.values()) if choice.seconds else None
-            rows.append({"cell": cell, "precision": asked, "ran_as": precision, "backend": choice.backend,
-                         "how": choice.how, "measured_now": choice.measured,
-                         "chars_per_s": {b: batch * steps / s for b, s in choice.seconds.items()},
-                         "vs_others": {b: s / fastest for b, s in choice.seconds.items()
-                                       if b != choice.backend} if fastest else {}})
+            rows.append(
+                {
+                    "cell": cell,
+                    "precision": asked,
+                    "ran_as": precision,
+                    "backend": choice.backend,
+                    "how": choice.how,
+                    "measured_now": choice.measured,
+                    "chars_per_s": {b: batch * steps / s for b, s in choice.seconds.items()},
+                    "vs_others": {b: s / fastest for b, s in choice.seconds.items() if b != choice.backend}
+                    if fastest
+                    else {},
+                }
+            )
     return rows

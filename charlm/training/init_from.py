@@ -59,8 +59,10 @@ def check_shape(old: ModelConfig, new: ModelConfig) -> None:
         differ.append("embedding_dim")
     if differ:
         fix = " ".join(f"model.{name}={getattr(old, name)}" for name in differ)
-        raise UserError(f"--init-from: the checkpoint is a {_shape(old)}, the config asks for a {_shape(new)}; "
-                        f"set {fix} (or train from scratch)")
+        raise UserError(
+            f"--init-from: the checkpoint is a {_shape(old)}, the config asks for a {_shape(new)}; "
+            f"set {fix} (or train from scratch)"
+        )
 
 
 def _shape(model: ModelConfig) -> str:
@@ -71,14 +73,16 @@ def _shape(model: ModelConfig) -> str:
 def check_units(old: DataConfig, new: DataConfig) -> None:
     differ = [name for name in UNIT_SETTINGS if getattr(old, name) != getattr(new, name)]
     if differ:
-        now = ", ".join(f"data.{name} is {getattr(new, name)} here but {getattr(old, name)} in the checkpoint"
-                        for name in differ)
+        now = ", ".join(
+            f"data.{name} is {getattr(new, name)} here but {getattr(old, name)} in the checkpoint" for name in differ
+        )
         fix = " ".join(f"data.{name}={getattr(old, name)}" for name in differ)
         raise UserError(f"--init-from: {now}; the trained model's units must mean the same: set {fix}")
 
 
-def given_vocab(data: DataConfig, payload: dict | None, source: Source | None,
-                progress: Progress | None = None) -> Vocab | None:
+def given_vocab(
+    data: DataConfig, payload: dict | None, source: Source | None, progress: Progress | None = None
+) -> Vocab | None:
     """The vocabulary a fine-tuned run encodes its text with (None for any other run: the text's own).
 
     Starting (`source`): the trained model's vocabulary extended by the new training text's characters
@@ -115,8 +119,10 @@ def transfer_weights(model: CharLM, weights: dict[str, torch.Tensor], old: Vocab
     one it knew, rather than (with bias ~0) more likely than most. Returns the new tokens."""
     state = model.state_dict()  # the model's own tensors: writing into them sets the weights
     if set(weights) != set(state):
-        raise CheckpointError(f"--init-from: the checkpoint's weights do not fit its config "
-                              f"(differing: {', '.join(sorted(set(weights) ^ set(state)))})")
+        raise CheckpointError(
+            f"--init-from: the checkpoint's weights do not fit its config "
+            f"(differing: {', '.join(sorted(set(weights) ^ set(state)))})"
+        )
     index = {token: i for i, token in enumerate(old.tokens())}
     tokens = new.tokens()
     source_id = torch.tensor([index.get(token, -1) for token in tokens])  # [V_new]: old id, or -1 if new
@@ -124,10 +130,12 @@ def transfer_weights(model: CharLM, weights: dict[str, torch.Tensor], old: Vocab
     dims = vocab_dims(model)
     for name, target in state.items():
         trained, dim = weights[name], dims.get(name)
-        expected = target.shape if dim is None else (*target.shape[:dim], len(old), *target.shape[dim + 1:])
+        expected = target.shape if dim is None else (*target.shape[:dim], len(old), *target.shape[dim + 1 :])
         if tuple(trained.shape) != tuple(expected):
-            raise CheckpointError(f"--init-from: the checkpoint's {name} is {tuple(trained.shape)}, "
-                                  f"its config and vocabulary make it {tuple(expected)}")
+            raise CheckpointError(
+                f"--init-from: the checkpoint's {name} is {tuple(trained.shape)}, "
+                f"its config and vocabulary make it {tuple(expected)}"
+            )
         if dim is None:
             target.copy_(trained)
             continue
@@ -140,8 +148,12 @@ def transfer_weights(model: CharLM, weights: dict[str, torch.Tensor], old: Vocab
 
 def start_facts(source: Source, new_tokens: list) -> dict:
     """What the run's start event records about where it started."""
-    return {"checkpoint": str(source.path), "step": source.step, "best_val_loss": source.best_val_loss,
-            "new_tokens": [str(t) for t in new_tokens]}
+    return {
+        "checkpoint": str(source.path),
+        "step": source.step,
+        "best_val_loss": source.best_val_loss,
+        "new_tokens": [str(t) for t in new_tokens],
+    }
 
 
 def describe_start(facts: dict, vocab_size: int) -> str:
@@ -151,5 +163,7 @@ def describe_start(facts: dict, vocab_size: int) -> str:
     new = facts["new_tokens"]
     shown = ", ".join(repr(t) for t in new[:24]) + (", ..." if len(new) > 24 else "")
     added = f"; {len(new)} new: {shown}" if new else "; no new ones"
-    return (f"fine-tuning {facts['checkpoint']} ({trained}): {vocab_size - len(new)} of {vocab_size} "
-            f"vocabulary entries keep their trained weights{added}")
+    return (
+        f"fine-tuning {facts['checkpoint']} ({trained}): {vocab_size - len(new)} of {vocab_size} "
+        f"vocabulary entries keep their trained weights{added}"
+    )

@@ -78,8 +78,10 @@ class LoggerThread:
         """The one warning, printed by the training thread (the display is not shared with this one)."""
         if self.failure is not None and not self._warned:
             self._warned = True
-            self.warn(f"warning: {self.name} logging is off for the rest of this run: {self.failure}; "
-                      "metrics.jsonl has every event")
+            self.warn(
+                f"warning: {self.name} logging is off for the rest of this run: {self.failure}; "
+                "metrics.jsonl has every event"
+            )
 
     def _notice_hung(self, at_end: bool = False) -> None:
         started = self._started
@@ -104,5 +106,3 @@ class LoggerThread:
                 with self._changed:
                     self._started = None
                     self._changed.notify_all()
-
-

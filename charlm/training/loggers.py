@@ -23,8 +23,10 @@ INSTALL = "pip install 'charlm[track]'"
 def check_loggers(train: TrainConfig) -> None:
     """Every library train.loggers needs is installed, or one line saying which extra to install."""
     in_database = database(train.mlflow_uri or "sqlite:")  # the default store is a SQLite file
-    modules = {"tensorboard": ["tensorboard", "torch.utils.tensorboard"],
-               "mlflow": ["mlflow"] + (["sqlalchemy", "alembic"] if in_database else [])}
+    modules = {
+        "tensorboard": ["tensorboard", "torch.utils.tensorboard"],
+        "mlflow": ["mlflow"] + (["sqlalchemy", "alembic"] if in_database else []),
+    }
     for name in train.loggers:
         for module in modules.get(name, []):
             try:

@@ -51,8 +51,11 @@ class IntervalStats:
 
     def flush(self) -> Interval:
         """The interval's figures, then a new interval starts."""
-        figures = Interval(float(self.loss_sum) / max(self.steps, 1), float(self.norm_max),
-                           self.chars / max(time.perf_counter() - self.started, 1e-9))
+        figures = Interval(
+            float(self.loss_sum) / max(self.steps, 1),
+            float(self.norm_max),
+            self.chars / max(time.perf_counter() - self.started, 1e-9),
+        )
         self.start()
         return figures
 

@@ -64,8 +64,10 @@ def freeze(model: torch.nn.Module, names: list[str]) -> list[str]:
         prefix = f"rnn.layers.{layer.group(1)}" if layer else name
         matched = [n for n in params if n == prefix or n.startswith(prefix + ".")]
         if not matched:
-            raise UserError(f"train.freeze: {name!r} is no part of this model; valid names: "
-                            f"{', '.join(_parts(params))}, or a parameter name (or prefix) such as {next(iter(params))}")
+            raise UserError(
+                f"train.freeze: {name!r} is no part of this model; valid names: "
+                f"{', '.join(_parts(params))}, or a parameter name (or prefix) such as {next(iter(params))}"
+            )
         chosen.update(matched)
     if chosen and len(chosen) == len(params):
         raise UserError("train.freeze freezes every parameter, so nothing would train; leave a part out")

@@ -33,28 +33,38 @@ def after_bad_step(streak: int, rollbacks: int, cfg: TrainConfig) -> AfterBadSte
 
 
 def skipped(step: int, loss: float, grad_norm: float, streak: int) -> str:
-    return (f"step {step}: non-finite loss or gradient (loss {loss}, grad norm {grad_norm}); update skipped "
-            f"({streak} in a row)")
+    return (
+        f"step {step}: non-finite loss or gradient (loss {loss}, grad norm {grad_norm}); update skipped "
+        f"({streak} in a row)"
+    )
 
 
 def diverged(cfg: TrainConfig, pos: Progress, run_dir: Path) -> TrainingDiverged:
     return TrainingDiverged(
         f"training diverged: {cfg.max_bad_steps} non-finite steps in a row after {pos.rollbacks} "
         f"rollback(s) (learning rate now x{pos.lr_scale:g}); lower train.lr or train.grad_clip and "
-        f"resume from {run_dir / LAST} with --resume")
+        f"resume from {run_dir / LAST} with --resume"
+    )
 
 
 def rolled_back(restored: Progress, before: Progress, elapsed: float, cfg: TrainConfig) -> Progress:
     """The progress to continue from after a rollback: steps and best-so-far go back to the checkpoint's
     (`restored`); wall time, the count of skipped steps and of rollbacks do not, and the learning rate
     is cut once more."""
-    return replace(restored, rollbacks=before.rollbacks + 1, lr_scale=before.lr_scale * cfg.rollback_lr_factor,
-                   skipped_steps=before.skipped_steps, elapsed=elapsed)
+    return replace(
+        restored,
+        rollbacks=before.rollbacks + 1,
+        lr_scale=before.lr_scale * cfg.rollback_lr_factor,
+        skipped_steps=before.skipped_steps,
+        elapsed=elapsed,
+    )
 
 
 def rolled_back_message(pos: Progress, cfg: TrainConfig) -> str:
-    return (f"rolled back to step {pos.step} ({LAST}) with the learning rate cut to x{pos.lr_scale:g} "
-            f"(rollback {pos.rollbacks} of at most {cfg.max_rollbacks})")
+    return (
+        f"rolled back to step {pos.step} ({LAST}) with the learning rate cut to x{pos.lr_scale:g} "
+        f"(rollback {pos.rollbacks} of at most {cfg.max_rollbacks})"
+    )
 
 
 def out_of_patience(patience: int | None, evals_since_best: int) -> bool:

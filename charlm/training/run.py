@@ -23,8 +23,9 @@ from charlm.training.signals import StopRequests
 from charlm.training.trainer import Trainer, TrainOutcome
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False, *,
-          display: Display) -> TrainOutcome:
+def train(
+    cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False, *, display: Display
+) -> TrainOutcome:
     """Train a model as `cfg` says, writing the run into `run_dir` (locked while training).
 
     `display` shows the run (charlm.report.progress.TrainingDisplay, or anything that meets the
@@ -71,8 +72,9 @@ def _start(ctx: RunContext, display: Display, notices: tuple[str, ...]) -> tuple
         display.message(line)
     if start.source is not None:  # config.yaml names the very file it started from (a run dir's best.pt)
         cfg = ctx.cfg
-        ctx = ctx.with_config(cfg.model_copy(update={"train": cfg.train.model_copy(
-            update={"init_from": str(start.source.path)})}))
+        ctx = ctx.with_config(
+            cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": str(start.source.path)})})
+        )
     built = build_model(ctx, start.corpus, start.source)
     trainer = Trainer(ctx.cfg, ctx.run_dir, start.corpus, built.model, ctx.device, display, ctx.world)
     _restore_or_save(trainer, ctx, start)
@@ -81,15 +83,29 @@ def _start(ctx: RunContext, display: Display, notices: tuple[str, ...]) -> tuple
     if ctx.world.main:
         metrics = open_loggers(ctx.cfg, ctx.run_dir, trainer.pos.step, resumed, display.message)
         write_config(ctx.run_dir, ctx.cfg.to_dict())
-        for line in (*announce.start_lines(ctx, trainer, start.corpus, built.choice, resumed),
-                     *announce.origin_lines(built.origin, ctx.cfg.train.freeze, trainer.model, len(start.corpus.vocab))):
+        for line in (
+            *announce.start_lines(ctx, trainer, start.corpus, built.choice, resumed),
+            *announce.origin_lines(built.origin, ctx.cfg.train.freeze, trainer.model, len(start.corpus.vocab)),
+        ):
             display.message(line)
     corpus = start.corpus
-    metrics.log(Event("start", trainer.pos.step, dict(
-        resumed=resumed, device=describe_device(ctx.device), backend=trainer.model.backend,
-        num_parameters=count_parameters(trainer.model), vocab_size=len(corpus.vocab),
-        train_chars=corpus.train_ids.numel(), val_chars=corpus.val_ids.numel(), world_size=ctx.world.size,
-        **built.origin)))
+    metrics.log(
+        Event(
+            "start",
+            trainer.pos.step,
+            dict(
+                resumed=resumed,
+                device=describe_device(ctx.device),
+                backend=trainer.model.backend,
+                num_parameters=count_parameters(trainer.model),
+                vocab_size=len(corpus.vocab),
+                train_chars=corpus.train_ids.numel(),
+                val_chars=corpus.val_ids.numel(),
+                world_size=ctx.world.size,
+                **built.origin,
+            ),
+        )
+    )
     return trainer, metrics
 
 
@@ -103,5 +119,7 @@ def _restore_or_save(trainer: Trainer, ctx: RunContext, start: Start) -> None:
     check_same_freeze(start.payload, ctx.cfg)
     trainer.restore(start.payload)
     if trainer.budget.reached(trainer.pos.step, trainer.pos.elapsed):
-        raise UserError(f"the run in {ctx.run_dir} already reached its budget (step {trainer.pos.step}); "
-                        "raise train.max_steps or train.max_time with --set to train further")
+        raise UserError(
+            f"the run in {ctx.run_dir} already reached its budget (step {trainer.pos.step}); "
+            "raise train.max_steps or train.max_time with --set to train further"
+        )

@@ -35,8 +35,10 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
             raise UserError(f"device {spec!r} requested but CUDA is not available here; use --device cpu or auto")
         index, count = int(spec.split(":")[1]) if ":" in spec else 0, torch.cuda.device_count()
         if index >= count and local_rank is not None:
-            raise UserError(f"this torchrun process (LOCAL_RANK {local_rank}) has no GPU of its own: this machine "
-                            f"has {count}; start at most {count} processes per node (--nproc_per_node)")
+            raise UserError(
+                f"this torchrun process (LOCAL_RANK {local_rank}) has no GPU of its own: this machine "
+                f"has {count}; start at most {count} processes per node (--nproc_per_node)"
+            )
         if index >= count:
             raise UserError(f"device {spec!r} requested but only {count} CUDA device(s) exist")
     if spec == "mps" and not mps_available():
@@ -64,8 +66,10 @@ def process_device(spec: str, local_rank: int) -> str:
 def process_device_note(spec: str, device: torch.device) -> str | None:
     """One line when torchrun replaced the user's explicit cuda:N by this process's own GPU."""
     if spec.startswith("cuda:") and device.type == "cuda" and spec != str(device):
-        return (f"train.device {spec} is not used under torchrun: each process takes its own GPU, "
-                f"cuda:LOCAL_RANK (this one {device})")
+        return (
+            f"train.device {spec} is not used under torchrun: each process takes its own GPU, "
+            f"cuda:LOCAL_RANK (this one {device})"
+        )
     return None
 
 
@@ -104,8 +108,10 @@ def set_rng_state(state: dict) -> None:
 def check_precision(device: torch.device, precision: str) -> None:
     """bf16/fp16 only where this device can run them; a clear error otherwise."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"train.precision bf16 needs a GPU with bfloat16 support; {describe_device(device)} has none "
-                        "(use fp16 or fp32)")
+        raise UserError(
+            f"train.precision bf16 needs a GPU with bfloat16 support; {describe_device(device)} has none "
+            "(use fp16 or fp32)"
+        )
 
 
 def allow_tf32(device: torch.device, precision: str) -> bool:
@@ -149,9 +155,13 @@ def usable_precision(device: torch.device, precision: str) -> tuple[str, str | N
     """The precision to run with here, and a one-line notice when it is not the one asked for:
     bf16 on a CPU without bf16 units runs in fp32 instead of several times slower."""
     if precision != "fp32" and device.type == "mps":
-        return "fp32", (f"{precision} is not supported on Apple MPS here (autocast there is unmeasured and the "
-                        "recurrent loops would run it in fp32 anyway): running in fp32 instead")
+        return "fp32", (
+            f"{precision} is not supported on Apple MPS here (autocast there is unmeasured and the "
+            "recurrent loops would run it in fp32 anyway): running in fp32 instead"
+        )
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_units():
-        return "fp32", ("this CPU has no bf16 units (AVX512-BF16 or AMX), where bf16 would run several times "
-                        "slower than fp32: running in fp32 instead")
+        return "fp32", (
+            "this CPU has no bf16 units (AVX512-BF16 or AMX), where bf16 would run several times "
+            "slower than fp32: running in fp32 instead"
+        )
     return precision, None

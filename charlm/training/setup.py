@@ -104,8 +104,10 @@ def check_same_freeze(payload: dict, cfg: Config) -> None:
     """The optimiser's state covers the parameters that trained: a resume must freeze the same ones."""
     saved = (payload.get("config") or {}).get("train", {}).get("freeze", [])
     if saved != cfg.train.freeze:
-        raise UserError(f"cannot resume: train.freeze is {cfg.train.freeze} but the run trained with {saved}; "
-                        "resume with the run's own config (omit --config) or start a new run")
+        raise UserError(
+            f"cannot resume: train.freeze is {cfg.train.freeze} but the run trained with {saved}; "
+            "resume with the run's own config (omit --config) or start a new run"
+        )
 
 
 def _choose_backend(ctx: RunContext, vocab_size: int) -> Choice:
@@ -115,8 +117,9 @@ def _choose_backend(ctx: RunContext, vocab_size: int) -> Choice:
     if ctx.world.enabled:
         backend = resolve_backend(cfg.model.backend, cfg.model.type, ctx.device.type, cfg.train.precision)
         return Choice(backend, "fixed table under torchrun")
-    return choose(cfg.model.backend, cfg.model, vocab_size, ctx.device, cfg.train.precision,
-                  Workload.of_training(cfg.train))
+    return choose(
+        cfg.model.backend, cfg.model, vocab_size, ctx.device, cfg.train.precision, Workload.of_training(cfg.train)
+    )
 
 
 def _check_source_outside(ctx: RunContext) -> None:
@@ -126,8 +129,10 @@ def _check_source_outside(ctx: RunContext) -> None:
         return
     source_path, run_path = Path(source).resolve(), Path(ctx.run_dir).resolve()
     if source_path == run_path or run_path in source_path.parents:
-        raise UserError(f"--init-from {source} is in {ctx.run_dir}, which --overwrite would move aside; "
-                        "write the fine-tuned run to another --out")
+        raise UserError(
+            f"--init-from {source} is in {ctx.run_dir}, which --overwrite would move aside; "
+            "write the fine-tuned run to another --out"
+        )
 
 
 def _starting_point(ctx: RunContext) -> tuple[dict | None, Source | None]:

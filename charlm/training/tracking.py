@@ -29,8 +29,11 @@ def scalars(event: Event) -> dict[str, float]:
     """The charts an event adds a point to: tag -> value."""
     if event.name not in CHARTED:
         return {}
-    return {TAGS.get((event.name, key), f"{event.name}/{key}"): value
-            for key, value in event.numbers().items() if key not in AXES}
+    return {
+        TAGS.get((event.name, key), f"{event.name}/{key}"): value
+        for key, value in event.numbers().items()
+        if key not in AXES
+    }
 
 
 def mlflow_uri(train: TrainConfig, run_dir: Path) -> str:
@@ -55,8 +58,9 @@ def mlflow_client(uri: str):
     try:
         return MlflowClient(tracking_uri=uri)
     except MlflowException as err:
-        raise UserError(f"train.mlflow_uri: MLflow cannot log to {redact_uri(uri)}: "
-                        f"{redact_text(first_line(err))}") from None
+        raise UserError(
+            f"train.mlflow_uri: MLflow cannot log to {redact_uri(uri)}: {redact_text(first_line(err))}"
+        ) from None
 
 
 def first_line(err: BaseException) -> str:
@@ -96,8 +100,10 @@ class TensorBoardLogger:
 
         folder = run_dir / TENSORBOARD_DIR
         self.writer = SummaryWriter(str(folder), purge_step=step + 1 if resumed else None, flush_secs=10)
-        values = {key: value if isinstance(value, (int, float)) and not isinstance(value, bool) else _text(value)
-                  for key, value in flat_config(cfg).items()}
+        values = {
+            key: value if isinstance(value, (int, float)) and not isinstance(value, bool) else _text(value)
+            for key, value in flat_config(cfg).items()
+        }
         experiment, session, _ = hparams(values, {tag: None for tag in TAGS.values()})
         file_writer = self.writer.file_writer
         assert file_writer is not None, "SummaryWriter opens its file writer when it is made"
@@ -130,8 +136,9 @@ class MlflowLogger:
             self.run_id = self._continued(resumed, message) or self._created(cfg, run_dir)
             self._log_config(cfg, step)
         except MlflowException as err:
-            raise UserError(f"train.mlflow_uri: MLflow cannot log to {redact_uri(self.uri)}: "
-                            f"{redact_text(first_line(err))}") from None
+            raise UserError(
+                f"train.mlflow_uri: MLflow cannot log to {redact_uri(self.uri)}: {redact_text(first_line(err))}"
+            ) from None
         # Atomic: a torn file would stop the next --resume; no credentials in the run dir.
         write_text_atomic(self.path, json.dumps({"run_id": self.run_id, "tracking_uri": redact_uri(self.uri)}) + "\n")
         shown = redact_uri(self.uri)
@@ -173,7 +180,7 @@ class MlflowLogger:
         prefix = "sqlite:///"
         if not self.uri.startswith(prefix) or self.uri == prefix + ":memory:":
             return None
-        return (Path(self.uri[len(prefix):]).absolute().parent / MLFLOW_ARTIFACTS).as_uri()
+        return (Path(self.uri[len(prefix) :]).absolute().parent / MLFLOW_ARTIFACTS).as_uri()
 
     def _log_config(self, cfg: Config, step: int) -> None:
         """Params are the config the run started with (MLflow refuses to change one): a resume with
@@ -184,9 +191,12 @@ class MlflowLogger:
         params = {key: _text(value) for key, value in flat_config(cfg).items()}
         new = [Param(key, value) for key, value in params.items() if key not in logged]
         for start in range(0, len(new), 100):  # MLflow takes at most 100 params per call
-            self.client.log_batch(self.run_id, params=new[start:start + 100])
-        changed = [f"{key}: {logged[key]} -> {value}" for key, value in params.items()
-                   if key in logged and logged[key] != value]
+            self.client.log_batch(self.run_id, params=new[start : start + 100])
+        changed = [
+            f"{key}: {logged[key]} -> {value}"
+            for key, value in params.items()
+            if key in logged and logged[key] != value
+        ]
         if changed:
             self.client.set_tag(self.run_id, f"config_changed_at_step_{step}", "; ".join(changed))
         self.client.log_text(self.run_id, config_yaml(cfg.to_dict()), "config.yaml")

@@ -60,10 +60,24 @@ class StepEnd(Enum):  # how a train_step ended
 class Trainer:
     """Trains the model it is handed on `corpus` as `cfg.train` says; checkpoints go to `run_dir`."""
 
-    def __init__(self, cfg: Config, run_dir: Path, corpus: Corpus, model: CharLM, device: torch.device,
-                 display: Display, world: World = World()):  # noqa: B008 - World is frozen: one process
-        self.cfg, self.run_dir, self.corpus, self.device, self.display, self.world = (cfg, run_dir, corpus, device,
-                                                                                      display, world)
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        corpus: Corpus,
+        model: CharLM,
+        device: torch.device,
+        display: Display,
+        world: World = World(),
+    ):
+        self.cfg, self.run_dir, self.corpus, self.device, self.display, self.world = (
+            cfg,
+            run_dir,
+            corpus,
+            device,
+            display,
+            world,
+        )
         train = cfg.train
         distributed.check_batch(world, train.batch_size, train.gradient_accumulation_steps)
         self.model = model.to(device)  # on CUDA, fused: also into cuDNN's flat buffer, before these take the weights
@@ -120,9 +134,18 @@ class Trainer:
         self.interval.add(loss, grad_norm, x.numel() * self.world.size)
         if pos.step % cfg.log_interval == 0:
             figures = self.interval.flush()  # the interval's figures; a new figure is one more entry below
-            self.emit("train", {"epoch": pos.epoch, "loss": figures.loss, "lr": lr, "grad_norm": figures.grad_norm,
-                                "chars_per_sec": figures.chars_per_sec, "elapsed": self.elapsed(),
-                                **gradient_norms(self.model)})
+            self.emit(
+                "train",
+                {
+                    "epoch": pos.epoch,
+                    "loss": figures.loss,
+                    "lr": lr,
+                    "grad_norm": figures.grad_norm,
+                    "chars_per_sec": figures.chars_per_sec,
+                    "elapsed": self.elapsed(),
+                    **gradient_norms(self.model),
+                },
+            )
         if pos.step % cfg.eval_interval == 0:
             with self.interval.paused():  # evaluation time is not training throughput
                 self.evaluate()
@@ -205,9 +228,18 @@ class Trainer:
         pos.record_evaluation(result.loss_nats, best)
         self.last_val, self.last_eval_step = result, pos.step
         seconds = time.perf_counter() - started
-        self.emit("eval", {"epoch": pos.epoch, "val_loss": result.loss_nats, "val_bpc": result.bpc,
-                           "best_val_loss": pos.best_val_loss, "elapsed": self.elapsed(), "eval_seconds": seconds,
-                           "new_best": best})
+        self.emit(
+            "eval",
+            {
+                "epoch": pos.epoch,
+                "val_loss": result.loss_nats,
+                "val_bpc": result.bpc,
+                "best_val_loss": pos.best_val_loss,
+                "elapsed": self.elapsed(),
+                "eval_seconds": seconds,
+                "new_best": best,
+            },
+        )
         if self.world.main and (self.display.wants_samples or self.metrics.wants_samples):
             with self.evaluated_weights():  # one sample for both: the same text on screen and in the logs
                 text = preview(self.model, self.cfg, self.corpus.vocab, pos.step, self.device)
@@ -221,8 +253,9 @@ class Trainer:
 
     def save(self, best: bool = False) -> None:
         """last.pt (and best.pt), on every rank together; then the events held for it reach the trackers."""
-        state = TrainingState(replace(self.pos, elapsed=self.elapsed()), self.state,
-                              self.last_val.loss_nats if self.last_val else None)
+        state = TrainingState(
+            replace(self.pos, elapsed=self.elapsed()), self.state, self.last_val.loss_nats if self.last_val else None
+        )
         checkpoint_contents.save(self.parts, state, self.run_dir, best)
         self.saved_at = (self.pos.step, self.elapsed())
         self.metrics.checkpoint_written()
@@ -240,7 +273,8 @@ class Trainer:
         if cfg.checkpoint_steps is not None and self.pos.step - step >= cfg.checkpoint_steps:
             return True
         return cfg.checkpoint_seconds is not None and distributed.any_rank(
-            self.elapsed() - when >= cfg.checkpoint_seconds, self.world, self.device)
+            self.elapsed() - when >= cfg.checkpoint_seconds, self.world, self.device
+        )
 
     def elapsed(self) -> float:
         return self.pos.elapsed + (time.perf_counter() - self._t0)
@@ -274,8 +308,18 @@ class Trainer:
         if final_eval:
             self.final_evaluation(stop.signal)
         self.end(reason)
-        return TrainOutcome(self.run_dir, self.pos.step, self.pos.epoch, self.elapsed(), reason,
-                            self.pos.best_val_loss, self.pos.best_step, self.last_val, signum, self.world.main)
+        return TrainOutcome(
+            self.run_dir,
+            self.pos.step,
+            self.pos.epoch,
+            self.elapsed(),
+            reason,
+            self.pos.best_val_loss,
+            self.pos.best_step,
+            self.last_val,
+            signum,
+            self.world.main,
+        )
 
     def stop_now(self, stop: StopRequests) -> bool:
         """Budget spent or a signal received, on any rank: then on every rank, at the same step."""
@@ -295,6 +339,15 @@ class Trainer:
 
     def end(self, reason: str) -> None:
         pos = self.pos
-        self.emit("end", {"epoch": pos.epoch, "elapsed": self.elapsed(), "reason": reason,
-                          "best_val_loss": pos.best_val_loss, "best_step": pos.best_step,
-                          "skipped_steps": pos.skipped_steps, "rollbacks": pos.rollbacks})
+        self.emit(
+            "end",
+            {
+                "epoch": pos.epoch,
+                "elapsed": self.elapsed(),
+                "reason": reason,
+                "best_val_loss": pos.best_val_loss,
+                "best_step": pos.best_step,
+                "skipped_steps": pos.skipped_steps,
+                "rollbacks": pos.rollbacks,
+            },
+        )

@@ -18,8 +18,9 @@ from charlm.training.distributed import World
 class WrappedModel:
     """Calls `model` the way the run asks; `warn` tells the user when torch.compile is given up."""
 
-    def __init__(self, model: torch.nn.Module, world: World, device: torch.device, compile: bool,
-                 warn: Callable[[str], None]):
+    def __init__(
+        self, model: torch.nn.Module, world: World, device: torch.device, compile: bool, warn: Callable[[str], None]
+    ):
         self.model, self.compile, self.warn = model, compile, warn
         self.ddp: DistributedDataParallel | None = None
         if world.enabled:
@@ -31,8 +32,9 @@ class WrappedModel:
             except Exception as err:  # any failure: train eagerly
                 self._compile_failed(err)
 
-    def __call__(self, x: torch.Tensor, state: State,
-                 trace: Literal["top"] | None = None) -> tuple[torch.Tensor, State, Trace | None]:
+    def __call__(
+        self, x: torch.Tensor, state: State, trace: Literal["top"] | None = None
+    ) -> tuple[torch.Tensor, State, Trace | None]:
         """The wrapped model's forward: logits [B, T, V], the state after and, when asked for, the
         Trace (as CharLM.forward gives them). A compiled model that fails on first use falls back to eager."""
         kwargs = {} if trace is None else {"trace": trace}

@@ -26,7 +26,7 @@ def hide_password(url: str) -> str:
     shown = f"{user}:***@" if colon else (f"{userinfo}@" if at else "")
     tail = rest[end:]
     if "?" in tail:  # redact_uri knows which query keys carry secrets
-        tail = redact_uri(f"{scheme}://{host}{tail}").split("://", 1)[1][len(host):]
+        tail = redact_uri(f"{scheme}://{host}{tail}").split("://", 1)[1][len(host) :]
     return f"{scheme}://{shown}{host}{tail}"
 
 
@@ -37,12 +37,14 @@ def carries_credentials(value: Any) -> TypeGuard[str]:
 
 def without_credentials(config: dict) -> dict:
     """A copy of a config (as a dict) fit for the study database: each URI value without credentials."""
+
     def clean(value: Any) -> Any:
         if isinstance(value, dict):
             return {key: clean(v) for key, v in value.items()}
         if isinstance(value, list):
             return [clean(v) for v in value]
         return redact_uri(value) if carries_credentials(value) else value
+
     return clean(copy.deepcopy(config))
 
 

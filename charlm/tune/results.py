@@ -41,8 +41,19 @@ def trial_rows(study) -> list[TrialRow]:
         evaluations = [v for v in t.intermediate_values.values() if math.isfinite(v)]
         best = t.value if state == "complete" else min(evaluations, default=None)
         attrs = t.user_attrs
-        rows.append(TrialRow(t.number, state, dict(t.params), best, attrs.get("steps"), attrs.get("seconds"),
-                             attrs.get("run_dir", ""), attrs.get("message", ""), attrs.get("config")))
+        rows.append(
+            TrialRow(
+                t.number,
+                state,
+                dict(t.params),
+                best,
+                attrs.get("steps"),
+                attrs.get("seconds"),
+                attrs.get("run_dir", ""),
+                attrs.get("message", ""),
+                attrs.get("config"),
+            )
+        )
     return rows
 
 
@@ -51,8 +62,9 @@ def best_row(rows: list[TrialRow]) -> TrialRow | None:
     return min(scored, key=lambda pair: pair[1])[0] if scored else None
 
 
-def write_results(out: Path, study_name: str, rows: list[TrialRow], keys: list[str],
-                  base: dict | None = None) -> Path | None:
+def write_results(
+    out: Path, study_name: str, rows: list[TrialRow], keys: list[str], base: dict | None = None
+) -> Path | None:
     """trials.csv, and best.yaml when a trial completed (returned), with the credentials that the
     study does not store taken from `base`, this worker's config. Atomic: workers may write at once."""
     write_text_atomic(out / TRIALS_CSV, trials_csv(rows, keys))
@@ -71,19 +83,30 @@ def trials_csv(rows: list[TrialRow], keys: list[str]) -> str:
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["number", "state", *keys, "best_val", "steps", "seconds", "run_dir", "message"])
     for r in rows:
-        writer.writerow([r.number, r.state, *(r.params.get(k, "") for k in keys),
-                         "" if r.best_val is None else f"{r.best_val:.6f}", _blank(r.steps), _blank(r.seconds),
-                         r.run_dir, r.message])
+        writer.writerow(
+            [
+                r.number,
+                r.state,
+                *(r.params.get(k, "") for k in keys),
+                "" if r.best_val is None else f"{r.best_val:.6f}",
+                _blank(r.steps),
+                _blank(r.seconds),
+                r.run_dir,
+                r.message,
+            ]
+        )
     return text.getvalue()
 
 
 def best_yaml(best: TrialRow, study_name: str, count: int, path: Path, config: dict) -> str:
     val = best.best_val
     assert val is not None, "the best trial is a complete one, with a val loss"
-    lines = [f"# Best of {count} trials of study '{study_name}': trial {best.number}, val loss "
-             f"{val:.4f} nats ({val / math.log(2):.4f} bpc) in {best.steps} steps.",
-             *(f"#   {key}: {value}" for key, value in best.params.items()),
-             f"# Train it: charlm train --config {path} (raise train.max_steps or train.max_time for a longer run)"]
+    lines = [
+        f"# Best of {count} trials of study '{study_name}': trial {best.number}, val loss "
+        f"{val:.4f} nats ({val / math.log(2):.4f} bpc) in {best.steps} steps.",
+        *(f"#   {key}: {value}" for key, value in best.params.items()),
+        f"# Train it: charlm train --config {path} (raise train.max_steps or train.max_time for a longer run)",
+    ]
     return "\n".join(lines) + "\n" + config_yaml(config)
 
 

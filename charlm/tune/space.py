@@ -44,8 +44,9 @@ class Range(BaseModel):
         if self.log and self.step is not None:
             raise ValueError("log and step cannot be combined; drop one")
         if self.step is not None and not _whole((self.high - self.low) / self.step):
-            raise ValueError(f"high - low must be a whole number of steps (got {self.high} - {self.low} "
-                             f"with step {self.step})")
+            raise ValueError(
+                f"high - low must be a whole number of steps (got {self.high} - {self.low} with step {self.step})"
+            )
         return self
 
 
@@ -114,8 +115,11 @@ def apply_params(base: Config, params: dict[str, Any], source: str) -> Config:
 
 def _read(path: Path) -> dict:
     if not path.is_file():
-        raise SpaceError(f"space file not found: {path}" if not path.exists() else
-                         f"space path is a directory, not a YAML file: {path}")
+        raise SpaceError(
+            f"space file not found: {path}"
+            if not path.exists()
+            else f"space path is a directory, not a YAML file: {path}"
+        )
     try:
         raw = read_config_file(path)
     except ConfigError as err:
@@ -142,8 +146,10 @@ def _param(key: str, spec: Any, fixed: tuple[str, ...]) -> Param:
     if kind is int:
         given = [v for v in (span.low, span.high, span.step) if v is not None]
         if any(not float(v).is_integer() for v in given):
-            raise SpaceError(f"{key}: takes whole numbers; low, high and step must be integers "
-                             f"(got {', '.join(repr(v) for v in given)})")
+            raise SpaceError(
+                f"{key}: takes whole numbers; low, high and step must be integers "
+                f"(got {', '.join(repr(v) for v in given)})"
+            )
     return Param(key, range=span, integer=kind is int)
 
 
@@ -170,16 +176,19 @@ def _choices(key: str, values: list) -> tuple:
         raise SpaceError(f"{key}: the list of choices is empty")
     odd = [v for v in values if not isinstance(v, _SCALARS)]
     if odd:
-        raise SpaceError(f"{key}: each choice must be a single value (a number, text, true/false or null); "
-                         f"got {odd[0]!r}")
+        raise SpaceError(
+            f"{key}: each choice must be a single value (a number, text, true/false or null); got {odd[0]!r}"
+        )
     repeated = [v for i, v in enumerate(values) if v in values[:i]]
     if repeated:
         raise SpaceError(f"{key}: the choice {repeated[0]!r} is listed twice")
     secret = [i for i, v in enumerate(values, 1) if carries_credentials(v)]
     if secret:  # a searched value is stored in the study database, which other workers and tools read
-        raise SpaceError(f"{key}: choice {secret[0]} carries credentials (user:password@ or a secret query value), "
-                         "which the study database would store; give them in the config file (or with --set) "
-                         "and search only what has none")
+        raise SpaceError(
+            f"{key}: choice {secret[0]} carries credentials (user:password@ or a secret query value), "
+            "which the study database would store; give them in the config file (or with --set) "
+            "and search only what has none"
+        )
     return tuple(values)
 
 

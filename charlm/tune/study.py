@@ -79,11 +79,18 @@ def open_study(sweep: Sweep):
     try:
         with _creation_lock(url):
             storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_options(url))
-            study = optuna.create_study(storage=storage, study_name=sweep.study_name, direction="minimize",
-                                        load_if_exists=True, pruner=pruner, sampler=sampler)
+            study = optuna.create_study(
+                storage=storage,
+                study_name=sweep.study_name,
+                direction="minimize",
+                load_if_exists=True,
+                pruner=pruner,
+                sampler=sampler,
+            )
     except ImportError:
-        raise UserError(f"cannot open the study storage {hide_password(url)}: its database driver is not "
-                        f"installed ({DRIVERS})") from None
+        raise UserError(
+            f"cannot open the study storage {hide_password(url)}: its database driver is not installed ({DRIVERS})"
+        ) from None
     except Exception as err:
         first = redact_message((str(err).strip().splitlines() or [type(err).__name__])[0])
         raise UserError(f"cannot open the study storage {hide_password(url)}: {first}") from None
@@ -121,8 +128,10 @@ def work(study, storage, sweep: Sweep, say: Callable[[str], None]) -> int | None
             if not running:
                 break
             if not waiting_said:
-                say(f"waiting for {_trial_list(running)}, run by other workers (a trial whose worker is gone "
-                    f"is queued again after {sweep.stale_after:g} s without its heartbeat, and run here)")
+                say(
+                    f"waiting for {_trial_list(running)}, run by other workers (a trial whose worker is gone "
+                    f"is queued again after {sweep.stale_after:g} s without its heartbeat, and run here)"
+                )
                 waiting_said = True
             _sleep(beat_interval(sweep.stale_after), stop)
         return stop.signal
@@ -144,11 +153,14 @@ def _run(study, storage, trial, sweep: Sweep, stop: StopRequests, say: Callable[
             trial.set_user_attr("run_dir", str(run_dir.absolute()))
             trial.set_user_attr("config", without_credentials(cfg.to_dict()))  # the trainer gets them in trial.yaml
             seen = set(storage.get_trial(trial_id).intermediate_values)
-            result = run_trial(train_command(run_dir, cfg), run_dir, _reporter(trial, seen), lambda: stop.signal,
-                               beat)
+            result = run_trial(train_command(run_dir, cfg), run_dir, _reporter(trial, seen), lambda: stop.signal, beat)
     except BaseException as err:
-        _tell(study, storage, trial, TrialRun("failed", None, 0, 0.0,
-                                              redact_message(f"charlm tune stopped with an error: {err!r}")))
+        _tell(
+            study,
+            storage,
+            trial,
+            TrialRun("failed", None, 0, 0.0, redact_message(f"charlm tune stopped with an error: {err!r}")),
+        )
         raise
     if result.message:  # a trainer's error line may quote a URI with its credentials
         result = replace(result, message=redact_message(result.message))
@@ -158,12 +170,14 @@ def _run(study, storage, trial, sweep: Sweep, stop: StopRequests, say: Callable[
 
 def _reporter(trial, seen: set[int]) -> Callable[[int, float], bool]:
     """Reports each evaluation once (a resumed run's log repeats the earlier ones) and asks the pruner."""
+
     def report(step: int, val_loss: float) -> bool:
         if step in seen:
             return False
         seen.add(step)
         trial.report(val_loss, step)
         return trial.should_prune()
+
     return report
 
 
@@ -200,8 +214,7 @@ def _requeue_stale(study, storage, sweep: Sweep, say: Callable[[str], None]) -> 
         if fresh.state != TrialState.RUNNING or not is_stale(fresh, sweep.stale_after, time.time()):
             continue
         _requeue(study, storage, fresh)
-        say(f"trial {trial.number}: its worker is gone (no heartbeat); queued again, it resumes from its "
-            "checkpoint")
+        say(f"trial {trial.number}: its worker is gone (no heartbeat); queued again, it resumes from its checkpoint")
 
 
 def _running(study, trials: int) -> list[int]:
@@ -221,8 +234,9 @@ def _trial_list(numbers: list[int]) -> str:
 
 
 def _trial_id(study, storage, trial) -> int:
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                           trial.number)
+    return storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), trial.number
+    )
 
 
 def _room_left(study, trials: int) -> bool:
@@ -239,14 +253,17 @@ def _ending(number: int, result: TrialRun) -> str:
     if result.outcome == "pruned":
         return f"trial {number}: pruned at step {result.steps}{best}"
     if result.outcome == "interrupted":
-        return (f"trial {number}: stopped at step {result.steps} and queued again; it resumes from its "
-                "checkpoint when charlm tune runs on this study again")
+        return (
+            f"trial {number}: stopped at step {result.steps} and queued again; it resumes from its "
+            "checkpoint when charlm tune runs on this study again"
+        )
     return f"trial {number}: failed: {result.message}"
 
 
 def format_params(params: dict) -> str:
-    return ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                     for key, value in params.items())
+    return ", ".join(
+        f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items()
+    )
 
 
 def _pruner(optuna, sweep: Sweep):
@@ -256,8 +273,9 @@ def _pruner(optuna, sweep: Sweep):
         # Resources are training steps, reported at each evaluation.
         searched = "train.max_steps" in sweep.space.keys
         budget = sweep.base.train.max_steps
-        return optuna.pruners.HyperbandPruner(min_resource=sweep.base.train.eval_interval,
-                                              max_resource="auto" if searched or budget is None else budget)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=sweep.base.train.eval_interval, max_resource="auto" if searched or budget is None else budget
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -267,9 +285,11 @@ def _check_run_dirs(sweep: Sweep, study) -> None:
     count = len(study.get_trials(deepcopy=False))
     foreign = [p for p in found if not (p.name[6:].isdigit() and int(p.name[6:]) < count)]
     if foreign:
-        raise UserError(f"{sorted(foreign)[0]} is not a trial of study '{sweep.study_name}' in "
-                        f"{hide_password(sweep.storage_url)}; use another --out (or the --storage and "
-                        "--study-name of the sweep that made it)")
+        raise UserError(
+            f"{sorted(foreign)[0]} is not a trial of study '{sweep.study_name}' in "
+            f"{hide_password(sweep.storage_url)}; use another --out (or the --storage and "
+            "--study-name of the sweep that made it)"
+        )
 
 
 def _engine_options(url: str) -> dict:
@@ -294,4 +314,3 @@ def _creation_lock(url: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-

@@ -72,12 +72,18 @@ def train_command(run_dir: Path, cfg: Config) -> list[str]:
     for name in (METRICS, CONFIG):
         (run_dir / name).unlink(missing_ok=True)
     write_text_atomic(run_dir / TRIAL_CONFIG, config_yaml(cfg.to_dict()))
-    return tethered(os.getpid(), "charlm", ["train", "--config", str(run_dir / TRIAL_CONFIG),
-                                            "--out", str(run_dir), "--quiet"])
+    return tethered(
+        os.getpid(), "charlm", ["train", "--config", str(run_dir / TRIAL_CONFIG), "--out", str(run_dir), "--quiet"]
+    )
 
 
-def run_trial(command: list[str], run_dir: Path, report: Callable[[int, float], bool],
-              stop_signal: Callable[[], int | None], alive: Callable[[], None] = lambda: None) -> TrialRun:
+def run_trial(
+    command: list[str],
+    run_dir: Path,
+    report: Callable[[int, float], bool],
+    stop_signal: Callable[[], int | None],
+    alive: Callable[[], None] = lambda: None,
+) -> TrialRun:
     """Run the trainer until it ends. `report(step, val_loss)` is called for each evaluation and
     says whether to prune; `stop_signal()` says whether the sweep was asked to stop; `alive()` is
     called at each look at the trainer (the worker's heartbeat)."""
@@ -88,8 +94,13 @@ def run_trial(command: list[str], run_dir: Path, report: Callable[[int, float], 
         # A session (and process group) of its own: a Ctrl-C or a hangup in the terminal reaches
         # `charlm tune` alone, which then stops the trainer's group with one SIGINT (a second one
         # could cut its checkpoint short).
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})  # whole lines in the log
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # whole lines in the log
         try:
             while True:
                 alive()
@@ -140,8 +151,13 @@ def _outcome(code: int, events: list[dict], ending: str | None, log_path: Path, 
         return TrialRun(ending, best, steps, seconds)
     if code == 0:
         if best is None:
-            return TrialRun("failed", None, steps, seconds, "no finite validation loss: the trial diverged or "
-                                                             "ended before its first evaluation")
+            return TrialRun(
+                "failed",
+                None,
+                steps,
+                seconds,
+                "no finite validation loss: the trial diverged or ended before its first evaluation",
+            )
         return TrialRun("complete", best, steps, seconds)
     return TrialRun("failed", best, steps, seconds, _failure(code, log_path, log_start))
 

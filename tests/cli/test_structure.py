@@ -21,8 +21,11 @@ CLI = Path(charlm.cli.__file__).parent
 def type_checking_imports(tree: ast.Module) -> dict[str, tuple[str, ...]]:
     """module -> names, as imported under `if TYPE_CHECKING:`."""
     block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
-    return {node.module: tuple(alias.name for alias in node.names)
-            for node in block.body if isinstance(node, ast.ImportFrom) and node.module}
+    return {
+        node.module: tuple(alias.name for alias in node.names)
+        for node in block.body
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
 
 
 def test_the_lazy_library_lists_the_same_names_for_the_type_checker_and_at_run_time():
@@ -33,8 +36,12 @@ def test_the_lazy_library_lists_the_same_names_for_the_type_checker_and_at_run_t
 @pytest.mark.slow  # imports the whole library, extras included (mypy checks the same names in the fast lane)
 def test_every_lazy_name_is_in_its_module():
     """A library function renamed or moved is found here, not by the first user of the command."""
-    missing = [f"{module}.{name}" for module, names in library.LAZY.items() for name in names
-               if not hasattr(importlib.import_module(module), name)]
+    missing = [
+        f"{module}.{name}"
+        for module, names in library.LAZY.items()
+        for name in names
+        if not hasattr(importlib.import_module(module), name)
+    ]
     assert not missing
 
 

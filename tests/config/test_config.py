@@ -62,30 +62,33 @@ def test_defaults_fill_in(tmp_path):
     assert cfg.model.type == "lstm" and cfg.train.lr == 2e-3 and cfg.data.val_fraction == 0.1
 
 
-@pytest.mark.parametrize("text,expected", [
-    (MINIMAL + "  lr: -0.1\n", "train.lr: input should be greater than 0 (got -0.1)"),
-    (MINIMAL + "  batch_size: 0\n", "train.batch_size: input should be greater than 0"),
-    (MINIMAL + "  batch_size: many\n", "train.batch_size: input should be a valid integer"),
-    (MINIMAL + "  lerning_rate: 1\n", "train.lerning_rate: unknown key"),
-    (MINIMAL + "  lr_schedul: cosine\n", "did you mean 'lr_schedule'?"),
-    (MINIMAL + "model:\n  hiden_size: 3\n", "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
-    (MINIMAL + "model:\n  type: gru2\n", f"model.type: input should be {VALID_TYPES} (got 'gru2')"),
-    (MINIMAL + "model:\n  dropout: 1.5\n", "model.dropout: input should be less than 1"),
-    (MINIMAL + "  device: gpu\n", "train.device: must be auto, cpu, cuda, cuda:N or mps"),
-    (MINIMAL + "  max_time: soon\n", "train.max_time: must be a duration"),
-    (MINIMAL + "  max_time: {0: null}\n", "train.max_time: must be a duration"),  # `--set train.max_time=0:`
-    (MINIMAL + "  max_time: [10m]\n", "train.max_time: must be a duration"),
-    (MINIMAL + "sample:\n  top_p: 1.5\n", "sample.top_p: input should be less than or equal to 1"),
-    (MINIMAL + "sample:\n  temperature: -1\n", "sample.temperature: input should be greater than or equal to 0"),
-    (MINIMAL + "modle:\n  type: rnn\n", "modle: unknown section; did you mean 'model'?"),
-    ("train:\n  max_steps: 3\n", "data: required key is missing"),
-    ("data:\n  path: x\ntrain:\n  lr: 0.1\n", "set train.max_steps or train.max_time"),
-    ("- a\n- b\n", "must be a YAML mapping"),
-    ("", "the config file is empty"),
-    ("data:\n\tpath: x\n", "tabs are not allowed"),
-    ("data:\n  path: x\n  path: y\ntrain:\n  max_steps: 1\n", "duplicate key 'path'"),
-    ("data: [unclosed\n", "invalid YAML at line"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (MINIMAL + "  lr: -0.1\n", "train.lr: input should be greater than 0 (got -0.1)"),
+        (MINIMAL + "  batch_size: 0\n", "train.batch_size: input should be greater than 0"),
+        (MINIMAL + "  batch_size: many\n", "train.batch_size: input should be a valid integer"),
+        (MINIMAL + "  lerning_rate: 1\n", "train.lerning_rate: unknown key"),
+        (MINIMAL + "  lr_schedul: cosine\n", "did you mean 'lr_schedule'?"),
+        (MINIMAL + "model:\n  hiden_size: 3\n", "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
+        (MINIMAL + "model:\n  type: gru2\n", f"model.type: input should be {VALID_TYPES} (got 'gru2')"),
+        (MINIMAL + "model:\n  dropout: 1.5\n", "model.dropout: input should be less than 1"),
+        (MINIMAL + "  device: gpu\n", "train.device: must be auto, cpu, cuda, cuda:N or mps"),
+        (MINIMAL + "  max_time: soon\n", "train.max_time: must be a duration"),
+        (MINIMAL + "  max_time: {0: null}\n", "train.max_time: must be a duration"),  # `--set train.max_time=0:`
+        (MINIMAL + "  max_time: [10m]\n", "train.max_time: must be a duration"),
+        (MINIMAL + "sample:\n  top_p: 1.5\n", "sample.top_p: input should be less than or equal to 1"),
+        (MINIMAL + "sample:\n  temperature: -1\n", "sample.temperature: input should be greater than or equal to 0"),
+        (MINIMAL + "modle:\n  type: rnn\n", "modle: unknown section; did you mean 'model'?"),
+        ("train:\n  max_steps: 3\n", "data: required key is missing"),
+        ("data:\n  path: x\ntrain:\n  lr: 0.1\n", "set train.max_steps or train.max_time"),
+        ("- a\n- b\n", "must be a YAML mapping"),
+        ("", "the config file is empty"),
+        ("data:\n\tpath: x\n", "tabs are not allowed"),
+        ("data:\n  path: x\n  path: y\ntrain:\n  max_steps: 1\n", "duplicate key 'path'"),
+        ("data: [unclosed\n", "invalid YAML at line"),
+    ],
+)
 def test_bad_config_names_the_problem(tmp_path, text, expected):
     message = problem(tmp_path, text)
     assert expected in message
@@ -98,20 +101,25 @@ def test_every_problem_on_its_own_line(tmp_path):
 
 
 def test_overrides_are_typed_yaml(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL), ["train.lr=1e-3", "model.type=rnn", "sample.top_k=null",
-                                                 "train.max_time=90s", "model.dropout=0.25"])
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        ["train.lr=1e-3", "model.type=rnn", "sample.top_k=null", "train.max_time=90s", "model.dropout=0.25"],
+    )
     assert cfg.train.lr == 1e-3 and cfg.model.type == "rnn" and cfg.sample.top_k is None
     assert cfg.train.max_time_seconds == 90 and cfg.model.dropout == 0.25
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("train.lrr=1", "unknown key; did you mean 'lr'?"),
-    ("trian.lr=1", "unknown section 'trian'; did you mean 'train'?"),
-    ("train.lr", "expected KEY=VALUE"),
-    ("lr=1", "the key must be section.name"),
-    ("train.lr=[1", "cannot parse value"),
-    ("train.lr=fast", "train.lr: input should be a valid number"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("train.lrr=1", "unknown key; did you mean 'lr'?"),
+        ("trian.lr=1", "unknown section 'trian'; did you mean 'train'?"),
+        ("train.lr", "expected KEY=VALUE"),
+        ("lr=1", "the key must be section.name"),
+        ("train.lr=[1", "cannot parse value"),
+        ("train.lr=fast", "train.lr: input should be a valid number"),
+    ],
+)
 def test_bad_overrides(tmp_path, override, expected):
     assert expected in problem(tmp_path, MINIMAL, override)
 
@@ -157,11 +165,20 @@ def test_sample_settings_validate_cli_options():
 
 # --- property-based: config loading either succeeds or raises the one user-error type -------
 
-_scalars = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True) | st.text(max_size=12)
-_documents = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
-                          | st.dictionaries(st.sampled_from(["data", "model", "train", "sample", "path", "lr",
-                                                             "max_steps", "type", "x"]) | st.text(max_size=6),
-                                            inner, max_size=5), max_leaves=25)
+_scalars = st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats(allow_nan=True) | st.text(max_size=12)
+_documents = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["data", "model", "train", "sample", "path", "lr", "max_steps", "type", "x"])
+            | st.text(max_size=6),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=25,
+)
 
 
 def _load_text(text: str, overrides=()):
@@ -188,9 +205,28 @@ def test_random_yaml_text(text):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.text(max_size=30) | st.builds(lambda k, v: f"{k}={v}", st.sampled_from(
-    ["train.lr", "train.max_steps", "model.type", "sample.top_p", "data.path", "train.max_time", "x.y", "train"]),
-    st.text(max_size=10)), max_size=4))
+@given(
+    st.lists(
+        st.text(max_size=30)
+        | st.builds(
+            lambda k, v: f"{k}={v}",
+            st.sampled_from(
+                [
+                    "train.lr",
+                    "train.max_steps",
+                    "model.type",
+                    "sample.top_p",
+                    "data.path",
+                    "train.max_time",
+                    "x.y",
+                    "train",
+                ]
+            ),
+            st.text(max_size=10),
+        ),
+        max_size=4,
+    )
+)
 def test_random_overrides(overrides):
     _load_text(MINIMAL, overrides)
     raw = {"data": {"path": "x"}, "train": {"max_steps": 1}}
@@ -226,9 +262,12 @@ def test_every_cell_type_loads_with_each_backend_it_supports(tmp_path, cell_type
 def test_mingru_rejects_the_fused_backend_and_weight_dropout(tmp_path):
     """minGRU has no torch kernel and no weight_hh: each is one line naming its key and what to do."""
     assert "use native or reference (got 'fused')" in problem(
-        tmp_path, MINIMAL + "model:\n  type: mingru\n  backend: fused\n")
+        tmp_path, MINIMAL + "model:\n  type: mingru\n  backend: fused\n"
+    )
     message = problem(tmp_path, MINIMAL + "model:\n  type: mingru\n  weight_dropout: 0.2\n")
-    assert message == (f"{tmp_path / 'c.yaml'}: model.weight_dropout: model.type mingru has no recurrent weights "
-                       "(weight_hh) for model.weight_dropout to drop; set it to 0 (got 0.2)")
+    assert message == (
+        f"{tmp_path / 'c.yaml'}: model.weight_dropout: model.type mingru has no recurrent weights "
+        "(weight_hh) for model.weight_dropout to drop; set it to 0 (got 0.2)"
+    )
     cfg = load_config(write(tmp_path, MINIMAL + "model:\n  type: mingru\n  weight_dropout: 0\n"))
     assert (cfg.model.type, cfg.model.backend) == ("mingru", "auto")  # kept as written: resolved by the run

@@ -34,6 +34,7 @@ def test_vocab_drops_and_counts_unknown_characters():
 def test_prompts_with_unseen_characters_fail_without_unk():
     from charlm.data.text import TextSettings
     from charlm.inference.sample import prompt_ids
+
     with pytest.raises(Exception, match=r"2 character\(s\) the model never saw.*'x', 'y'"):
         prompt_ids(Vocab.from_text("abc"), "axy", TextSettings())
 
@@ -48,12 +49,15 @@ def test_read_file_folder_and_glob(tmp_path):
     assert read_text(str(tmp_path / "*.txt")) == "first\nsecond"
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"", "is empty"),
-    (b"\n\n\n", "only whitespace"),
-    (b"abc\x00def", "binary file"),
-    (b"caf\xc3\xa9 ok, then bad \xff here", r"not valid UTF-8: bad byte 0xff at byte offset 19"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "is empty"),
+        (b"\n\n\n", "only whitespace"),
+        (b"abc\x00def", "binary file"),
+        (b"caf\xc3\xa9 ok, then bad \xff here", r"not valid UTF-8: bad byte 0xff at byte offset 19"),
+    ],
+)
 def test_bad_text_files(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)

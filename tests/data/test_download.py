@@ -65,8 +65,11 @@ def server():
 
 
 def test_known_corpus_is_fetched_checked_and_not_fetched_twice(server, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(download_module.KNOWN_CORPORA, "tinyshakespeare",
-                        KnownCorpus("test", server, (Part("input.txt", GOOD_SHA),), "input.txt", GOOD_SHA))
+    monkeypatch.setitem(
+        download_module.KNOWN_CORPORA,
+        "tinyshakespeare",
+        KnownCorpus("test", server, (Part("input.txt", GOOD_SHA),), "input.txt", GOOD_SHA),
+    )
     monkeypatch.setattr("charlm.cli.files.KNOWN_CORPORA", download_module.KNOWN_CORPORA)
     code, out, err = call(capsys, "download", "tinyshakespeare", "--dir", str(tmp_path))
     assert code == 0, err
@@ -88,10 +91,14 @@ def test_real_tang_poems_entry():
     known = download_module.KNOWN_CORPORA["tang_poems"]
     commit = "99ebbef7e1345c0985c44b9fd96a3f9e776f117b"
     assert [p.path for p in known.parts] == [f"全唐诗/poet.tang.{n}.json" for n in range(0, 10_000, 1000)]
-    assert known.urls()[0] == (f"https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/{commit}/"
-                               "%E5%85%A8%E5%94%90%E8%AF%97/poet.tang.0.json")
-    assert known.urls("http://mirror.example/x/")[9] == \
-        "http://mirror.example/x/%E5%85%A8%E5%94%90%E8%AF%97/poet.tang.9000.json"
+    assert known.urls()[0] == (
+        f"https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/{commit}/"
+        "%E5%85%A8%E5%94%90%E8%AF%97/poet.tang.0.json"
+    )
+    assert (
+        known.urls("http://mirror.example/x/")[9]
+        == "http://mirror.example/x/%E5%85%A8%E5%94%90%E8%AF%97/poet.tang.9000.json"
+    )
     assert len({p.sha256 for p in known.parts}) == 10 and known.convert is poems_to_text
     assert known.filename == "tang_poems.txt"
     assert known.sha256 == "5755ffe31af013920043c0551c74e9d2fc2323c23aaf1a2ee92182aebade5eec"
@@ -150,13 +157,16 @@ def test_tang_poems_are_fetched_converted_and_not_fetched_twice(server, tmp_path
     assert code == 0 and "nothing downloaded" in err and Handler.requests == before
 
 
-@pytest.mark.parametrize("change,fragment", [
-    ("wrong part hash", "poet.tang.1000.json: SHA-256 mismatch: expected 000"),
-    ("missing part", "poet.tang.2000.json: HTTP 404"),
-    ("not JSON", "cannot convert the files of tang_poems.txt: poet.tang.1000.json is not valid JSON"),
-    ("not poems", "poet.tang.1000.json: poem 0 has no 'paragraphs' list of strings"),
-    ("wrong text hash", "tang_poems.txt: SHA-256 mismatch after conversion"),
-])
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        ("wrong part hash", "poet.tang.1000.json: SHA-256 mismatch: expected 000"),
+        ("missing part", "poet.tang.2000.json: HTTP 404"),
+        ("not JSON", "cannot convert the files of tang_poems.txt: poet.tang.1000.json is not valid JSON"),
+        ("not poems", "poet.tang.1000.json: poem 0 has no 'paragraphs' list of strings"),
+        ("wrong text hash", "tang_poems.txt: SHA-256 mismatch after conversion"),
+    ],
+)
 def test_tang_failures_leave_nothing_behind(server, tmp_path, scratch, capsys, monkeypatch, change, fragment):
     files = encoded_sample()
     if change == "not JSON":
@@ -167,13 +177,17 @@ def test_tang_failures_leave_nothing_behind(server, tmp_path, scratch, capsys, m
     known = download_module.KNOWN_CORPORA["tang_poems"]
     if change == "wrong part hash":
         parts = known.parts[:1] + (Part(known.parts[1].path, "0" * 64),) + known.parts[2:]
-        monkeypatch.setitem(download_module.KNOWN_CORPORA, "tang_poems",
-                            KnownCorpus("test", known.base_url, parts, known.filename, known.sha256, known.convert))
+        monkeypatch.setitem(
+            download_module.KNOWN_CORPORA,
+            "tang_poems",
+            KnownCorpus("test", known.base_url, parts, known.filename, known.sha256, known.convert),
+        )
     if change == "missing part":
         monkeypatch.delitem(Handler.files, "/mirror/全唐诗/poet.tang.2000.json")
     folder = tmp_path / "data"
-    assert_user_error(call(capsys, "download", "tang_poems", "--dir", str(folder), "--mirror", f"{server}/mirror"),
-                      fragment)
+    assert_user_error(
+        call(capsys, "download", "tang_poems", "--dir", str(folder), "--mirror", f"{server}/mirror"), fragment
+    )
     assert not folder.exists() and list(scratch.iterdir()) == []
 
 
@@ -182,16 +196,20 @@ def test_any_url_with_and_without_a_hash(server, tmp_path, capsys):
     code, out, err = call(capsys, "download", "--url", f"{server}/input.txt", "--out", str(out_file))
     assert code == 0 and out_file.read_bytes() == BODY
     assert f"its SHA-256 is {GOOD_SHA}" in err and "warning" in err
-    code, out, err = call(capsys, "download", "--url", f"{server}/input.txt", "--sha256", GOOD_SHA.upper(),
-                          "--out", str(out_file))
+    code, out, err = call(
+        capsys, "download", "--url", f"{server}/input.txt", "--sha256", GOOD_SHA.upper(), "--out", str(out_file)
+    )
     assert code == 0 and "nothing downloaded" in err
 
 
-@pytest.mark.parametrize("path,sha,fragment", [
-    ("/input.txt", "0" * 64, "SHA-256 mismatch: expected 000"),
-    ("/missing", None, "HTTP 404 Not Found"),
-    ("/drop", None, "the connection dropped after"),
-])
+@pytest.mark.parametrize(
+    "path,sha,fragment",
+    [
+        ("/input.txt", "0" * 64, "SHA-256 mismatch: expected 000"),
+        ("/missing", None, "HTTP 404 Not Found"),
+        ("/drop", None, "the connection dropped after"),
+    ],
+)
 def test_failures_leave_nothing_behind(server, tmp_path, capsys, path, sha, fragment):
     out_file = tmp_path / "sub" / "x.txt"
     args = ["download", "--url", f"{server}{path}", "--out", str(out_file)] + (["--sha256", sha] if sha else [])
@@ -202,23 +220,31 @@ def test_failures_leave_nothing_behind(server, tmp_path, capsys, path, sha, frag
 
 def test_offline(tmp_path, capsys):
     import socket
+
     with socket.socket() as probe:  # a port with nothing listening
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    assert_user_error(call(capsys, "download", "--url", f"http://127.0.0.1:{port}/x", "--out", str(tmp_path / "x")),
-                      "cannot reach")
+    assert_user_error(
+        call(capsys, "download", "--url", f"http://127.0.0.1:{port}/x", "--out", str(tmp_path / "x")), "cannot reach"
+    )
 
 
-@pytest.mark.parametrize("args,fragment", [
-    ([], "give a corpus NAME or --url"),
-    (["nosuch"], "unknown corpus 'nosuch'; known corpora: tinyshakespeare, tang_poems"),
-    (["tang_poems", "--out", "f"], "--out and --sha256 go with --url"),
-    (["tang_poems", "--mirror", "ftp-ish:nonsense"], "not a URL charlm can fetch"),
-    (["--url", "http://127.0.0.1:1/x", "--out", "f", "--mirror", "http://127.0.0.1:1/"], "--mirror goes with a corpus"),
-    (["--url", "http://127.0.0.1:1/x"], "--url needs --out"),
-    (["--url", "http://127.0.0.1:1/x", "--out", "f", "--sha256", "xyz"], "--sha256 must be 64 hexadecimal"),
-    (["--url", "ftp-ish:nonsense", "--out", "f"], "not a URL charlm can fetch"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        ([], "give a corpus NAME or --url"),
+        (["nosuch"], "unknown corpus 'nosuch'; known corpora: tinyshakespeare, tang_poems"),
+        (["tang_poems", "--out", "f"], "--out and --sha256 go with --url"),
+        (["tang_poems", "--mirror", "ftp-ish:nonsense"], "not a URL charlm can fetch"),
+        (
+            ["--url", "http://127.0.0.1:1/x", "--out", "f", "--mirror", "http://127.0.0.1:1/"],
+            "--mirror goes with a corpus",
+        ),
+        (["--url", "http://127.0.0.1:1/x"], "--url needs --out"),
+        (["--url", "http://127.0.0.1:1/x", "--out", "f", "--sha256", "xyz"], "--sha256 must be 64 hexadecimal"),
+        (["--url", "ftp-ish:nonsense", "--out", "f"], "not a URL charlm can fetch"),
+    ],
+)
 def test_usage_errors(tmp_path, capsys, args, fragment, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert_user_error(call(capsys, "download", *args), fragment)

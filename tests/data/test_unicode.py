@@ -47,7 +47,7 @@ def test_min_freq_and_max_vocab_map_rare_characters_to_unk(tmp_path):
     c = corpus(tmp_path / "a", text, min_freq=30)
     assert c.vocab.specials == (UNK,) and c.vocab.chars == ["a", "b", "c", "d"]
     unk = c.vocab.special_id(UNK)
-    train_text = text[:int(len(text) * 0.9)]
+    train_text = text[: int(len(text) * 0.9)]
     assert int((c.train_ids.long() == unk).sum()) == train_text.count("e")  # every 'e' is trained as <unk>
     assert any("trained as <unk>" in n for n in c.notices)
     top = corpus(tmp_path / "b", text, max_vocab=3)
@@ -65,8 +65,9 @@ def test_unk_at_eval_and_in_prompts(tmp_path, write_config, capsys):
     result = json.loads(out)
     assert result["oov_chars"] == 5 * 4 and result["oov_rule"] == "scored as <unk>"  # d, g, g... counted
     assert result["chars"] == len("the dog sat on the log. " * 5) - 1  # nothing dropped: <unk> is scored
-    code, out, err = call(capsys, "sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "the dog",
-                          "--length", "5", "--seed", "1")
+    code, out, err = call(
+        capsys, "sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "the dog", "--length", "5", "--seed", "1"
+    )
     assert code == 0 and out.startswith("the dog") and "'d', 'g'" in err and "<unk>" in err
 
 
@@ -100,8 +101,20 @@ def test_byte_mode_eval_reports_bits_per_byte_and_per_char(tmp_path, write_confi
     total_bits = r["bits_per_byte"] * r["bytes"]
     assert r["bpc"] == pytest.approx(total_bits / r["chars"]) and r["bpc"] > r["bits_per_byte"]
     assert r["loss_nats"] == pytest.approx(r["bits_per_byte"] * math.log(2))
-    code, out, err = call(capsys, "sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "über",
-                          "--length", "60", "--seed", "2", "--temperature", "1.5")
+    code, out, err = call(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--prompt",
+        "über",
+        "--length",
+        "60",
+        "--seed",
+        "2",
+        "--temperature",
+        "1.5",
+    )
     assert code == 0 and out.startswith("über")
     out.encode("utf-8")  # printable: valid UTF-8 (partial sequences waited or were replaced)
 
@@ -115,16 +128,41 @@ def test_documents_mode_units():
 def test_documents_mode_trains_and_stops_at_the_end_marker(tmp_path, write_config, capsys):
     path = tmp_path / "poems.txt"
     path.write_text("".join(f"line {i % 7} of poem\n" for i in range(300)), encoding="utf-8")
-    config = write_config(tiny_config(path, data={"documents": "lines"},
-                                      train={"max_steps": 60, "lr": 0.02, "eval_interval": 60}))
+    config = write_config(
+        tiny_config(path, data={"documents": "lines"}, train={"max_steps": 60, "lr": 0.02, "eval_interval": 60})
+    )
     assert call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run"))[0] == 0
     c = load_corpus(DataConfig(path=str(path), documents="lines"))
     assert c.vocab.specials == (BOS_TOKEN, EOS_TOKEN) and "\n" not in c.vocab.chars
-    code, out, err = call(capsys, "sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "l",
-                          "--length", "200", "--stop-at-end", "--temperature", "0")
+    code, out, err = call(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--prompt",
+        "l",
+        "--length",
+        "200",
+        "--stop-at-end",
+        "--temperature",
+        "0",
+    )
     assert code == 0 and out.startswith("l") and out.count("\n") == 1  # one document, then stop
-    code, out, err = call(capsys, "sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "l",
-                          "--length", "60", "--num-samples", "2", "--stop-at-end", "--temperature", "0")
+    code, out, err = call(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--prompt",
+        "l",
+        "--length",
+        "60",
+        "--num-samples",
+        "2",
+        "--stop-at-end",
+        "--temperature",
+        "0",
+    )
     samples = [line for line in out.splitlines() if not line.startswith("==>")]
     assert len(samples) == 2 and all(s.startswith("l") for s in samples)
 
@@ -132,8 +170,10 @@ def test_documents_mode_trains_and_stops_at_the_end_marker(tmp_path, write_confi
 def test_stop_at_end_needs_documents(tmp_path, write_config, capsys, text_file):
     config = write_config(tiny_config(text_file))
     assert call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run"))[0] == 0
-    assert_user_error(call(capsys, "sample", "--checkpoint", str(tmp_path / "run"), "--stop-at-end"),
-                      "--stop-at-end needs a model trained with data.documents: lines")
+    assert_user_error(
+        call(capsys, "sample", "--checkpoint", str(tmp_path / "run"), "--stop-at-end"),
+        "--stop-at-end needs a model trained with data.documents: lines",
+    )
 
 
 def test_streamed_reading_across_chunk_boundaries(tmp_path):
@@ -179,14 +219,29 @@ def test_thousands_of_files_and_undecodable_ones(tmp_path):
 @needs_shared_data(TANG)
 def test_chinese_end_to_end(tmp_path, write_config, capsys):
     """Tang poems: 6,000 distinct characters; embeddings; a Chinese prompt; a Chinese held-out text."""
-    config = write_config(tiny_config(TANG, data={"val_fraction": 0.02},
-                                      model={"hidden_size": 32, "embedding_dim": 16},
-                                      train={"max_steps": 4, "eval_interval": 4, "batch_size": 8, "seq_len": 32}))
+    config = write_config(
+        tiny_config(
+            TANG,
+            data={"val_fraction": 0.02},
+            model={"hidden_size": 32, "embedding_dim": 16},
+            train={"max_steps": 4, "eval_interval": 4, "batch_size": 8, "seq_len": 32},
+        )
+    )
     code, out, err = call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run"))
     assert code == 0, err
     assert "vocabulary 5" in out or "vocabulary 6" in out  # ~6,000 symbols
-    code, out, err = call(capsys, "sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "春眠不覺曉",
-                          "--length", "20", "--seed", "0")
+    code, out, err = call(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--prompt",
+        "春眠不覺曉",
+        "--length",
+        "20",
+        "--seed",
+        "0",
+    )
     assert code == 0 and out.startswith("春眠不覺曉") and len(out.strip()) == 25
     held_out = tmp_path / "held_out.txt"
     held_out.write_text(Path(TANG).read_text(encoding="utf-8")[-3000:], encoding="utf-8")

@@ -40,8 +40,9 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny 2-layer LSTM trained once through the real CLI, with a prompt in its sample section."""
-    run_dir, text_file, _, _ = train_tiny_run(tmp_path_factory.mktemp("export"), model={"num_layers": 2},
-                                              sample={"prompt": "It was"})
+    run_dir, text_file, _, _ = train_tiny_run(
+        tmp_path_factory.mktemp("export"), model={"num_layers": 2}, sample={"prompt": "It was"}
+    )
     return run_dir, text_file
 
 
@@ -75,6 +76,7 @@ def checkpoint_model(run_dir: Path):
 
 # --- safetensors ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_safetensors_round_trip_through_the_cli(run, tmp_path, capsys):
     run_dir, text_file = run
@@ -99,14 +101,17 @@ def test_safetensors_round_trip_through_the_cli(run, tmp_path, capsys):
     from_file = call(capsys, "sample", "--checkpoint", out, *args)
     assert from_file.returncode == 0, from_file.stderr
     assert from_file.stdout == from_run.stdout and from_file.stdout.startswith("It was")
-    scored = [json.loads(call(capsys, "eval", "--checkpoint", path, "--text", text_file, "--json").stdout)
-              for path in (run_dir, out)]
+    scored = [
+        json.loads(call(capsys, "eval", "--checkpoint", path, "--text", text_file, "--json").stdout)
+        for path in (run_dir, out)
+    ]
     assert scored[0]["loss_nats"] == scored[1]["loss_nats"]
     info = call(capsys, "info", "--checkpoint", out, "--json")
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["vocab_size"] == len(vocab)
-    converted = call(capsys, "export", "--checkpoint", out, "--out", tmp_path / "from_safetensors.onnx",
-                     "--check-steps", "8")  # the safetensors file is a source for ONNX too
+    converted = call(
+        capsys, "export", "--checkpoint", out, "--out", tmp_path / "from_safetensors.onnx", "--check-steps", "8"
+    )  # the safetensors file is a source for ONNX too
     assert converted.returncode == 0, converted.stderr
     assert "checked in onnxruntime against charlm over 8 steps" in converted.stdout
 
@@ -148,16 +153,27 @@ def test_foreign_damaged_and_newer_safetensors_are_one_line(run, tmp_path, capsy
 
 # --- ONNX: the maths, in float64 -------------------------------------------------------------------------
 
-def tiny_model(cell_type: str, input: str = "embedding", backend: str = "reference", unit: str = "chars",
-               documents: bool = False, dtype=torch.float32):
+
+def tiny_model(
+    cell_type: str,
+    input: str = "embedding",
+    backend: str = "reference",
+    unit: str = "chars",
+    documents: bool = False,
+    dtype=torch.float32,
+):
     """A randomly initialised model and what describes it, built in-process (no training needed)."""
     specials = (BOS_TOKEN, EOS_TOKEN) if documents else ()
     chars = [] if unit == "bytes" else sorted(set(PARAGRAPH) - ({"\n"} if documents else set()))
     vocab = Vocab(chars, unit, specials)
-    cfg = validate_config(tiny_config(Path("unused.txt"),
-                                      model={"type": cell_type, "num_layers": 2, "input": input, "backend": backend},
-                                      data={"unit": unit, "documents": "lines" if documents else "none"},
-                                      sample={"prompt": "It was"}))
+    cfg = validate_config(
+        tiny_config(
+            Path("unused.txt"),
+            model={"type": cell_type, "num_layers": 2, "input": input, "backend": backend},
+            data={"unit": unit, "documents": "lines" if documents else "none"},
+            sample={"prompt": "It was"},
+        )
+    )
     torch.manual_seed(0)
     model = CharLM(cfg.model, len(vocab)).to(dtype).eval()
     return model, vocab, cfg
@@ -187,6 +203,7 @@ def test_single_step_module_is_the_model_one_step_at_a_time(cell_type, input):
 
 # --- ONNX: onnxruntime against charlm ---------------------------------------------------------------------
 
+
 def parity(path: Path, model, vocab, batch_size: int, steps: int = 12) -> tuple[float, float]:
     """Run both from the same random state on the same random ids, each carrying its own state;
     the largest absolute differences of logits and of states over all steps."""
@@ -198,7 +215,7 @@ def parity(path: Path, model, vocab, batch_size: int, steps: int = 12) -> tuple[
     worst_logits = worst_state = 0.0
     with torch.no_grad():
         for t in range(steps):
-            logits, ours = model(ids[:, t:t + 1], ours)
+            logits, ours = model(ids[:, t : t + 1], ours)
             out = session.run(None, dict(zip(names, [ids[:, t].numpy(), *theirs])))
             theirs = out[1:]
             worst_logits = max(worst_logits, float(np.abs(logits[:, 0].numpy() - out[0]).max()))
@@ -243,13 +260,22 @@ class ThreeStateCell(Cell):
 
 @pytest.mark.slow
 def test_a_new_cell_type_exports_its_own_state(monkeypatch, tmp_path):
-    spec = CellSpec(name="three", title="Three", cell=f"{__name__}:ThreeStateCell", channels=(),
-                    feature_channel="hidden", recurrent_weights=False, native=None, fused=None)
+    spec = CellSpec(
+        name="three",
+        title="Three",
+        cell=f"{__name__}:ThreeStateCell",
+        channels=(),
+        feature_channel="hidden",
+        recurrent_weights=False,
+        native=None,
+        fused=None,
+    )
     monkeypatch.setitem(REGISTRY, spec.name, spec)
     _, vocab, cfg = tiny_model("lstm")  # what the metadata describes; the model is the toy one
     torch.manual_seed(0)
-    model = CharLM(ModelConfig.model_construct(type="three", hidden_size=6, num_layers=2, embedding_dim=5),
-                   len(vocab), "reference").eval()
+    model = CharLM(
+        ModelConfig.model_construct(type="three", hidden_size=6, num_layers=2, embedding_dim=5), len(vocab), "reference"
+    ).eval()
     path = tmp_path / "three.onnx"
     write_onnx(path, model, vocab, cfg, {"step": 0})
     graph = onnx.load(str(path)).graph
@@ -264,13 +290,24 @@ def test_a_new_cell_type_exports_its_own_state(monkeypatch, tmp_path):
 def test_onnx_export_through_the_cli(run, onnx_file):
     path, result = onnx_file
     assert result.stdout.startswith(f"wrote {path} (onnx")
-    assert "checked in onnxruntime against charlm over 50 steps from the prompt 'It was' at batch sizes 1 and 3" \
-        in result.stdout and "every entry within" in result.stdout
+    assert (
+        "checked in onnxruntime against charlm over 50 steps from the prompt 'It was' at batch sizes 1 and 3"
+        in result.stdout
+        and "every entry within" in result.stdout
+    )
     graph = onnx.load(str(path))
-    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*graph.graph.input, *graph.graph.output]}
-    assert shapes == {"ids": ["batch"], "h": [2, "batch", 16], "c": [2, "batch", 16],
-                      "logits": ["batch", shapes["logits"][1]], "next_h": [2, "batch", 16], "next_c": [2, "batch", 16]}
+    shapes = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*graph.graph.input, *graph.graph.output]
+    }
+    assert shapes == {
+        "ids": ["batch"],
+        "h": [2, "batch", 16],
+        "c": [2, "batch", 16],
+        "logits": ["batch", shapes["logits"][1]],
+        "next_h": [2, "batch", 16],
+        "next_c": [2, "batch", 16],
+    }
     metadata = {p.key: p.value for p in graph.metadata_props}
     model, vocab = checkpoint_model(run[0])
     assert json.loads(metadata["charlm.vocab"]) == vocab.to_dict() and shapes["logits"][1] == len(vocab)
@@ -282,11 +319,11 @@ def test_onnx_export_through_the_cli(run, onnx_file):
 
 # --- scripts/onnx_sample.py -------------------------------------------------------------------------------
 
+
 def run_script(*args: str, blocker: Path) -> subprocess.CompletedProcess:
     """The script in a Python where `import torch` fails (blocker/torch.py comes first on the path)."""
     env = {**os.environ, "PYTHONPATH": str(blocker)}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
@@ -304,11 +341,14 @@ def test_onnx_sample_needs_no_torch_and_matches_charlm_sample(run, onnx_file, no
     greedy = run_script(str(path), *args, blocker=no_torch)
     assert greedy.returncode == 0, greedy.stderr
     assert greedy.stdout == run_cli("sample", "--checkpoint", str(run[0]), *args).stdout
-    top1 = run_script(str(path), "--prompt", "It was", "--length", "40", "--top-k", "1", "--seed", "2",
-                      blocker=no_torch)
+    top1 = run_script(
+        str(path), "--prompt", "It was", "--length", "40", "--top-k", "1", "--seed", "2", blocker=no_torch
+    )
     assert top1.stdout == greedy.stdout  # top_k 1 is argmax whatever the temperature
-    drawn = [run_script(str(path), "--length", "30", "--seed", "7", "--num-samples", "3", "--top-p", "0.9",
-                        blocker=no_torch) for _ in range(2)]
+    drawn = [
+        run_script(str(path), "--length", "30", "--seed", "7", "--num-samples", "3", "--top-p", "0.9", blocker=no_torch)
+        for _ in range(2)
+    ]
     assert drawn[0].returncode == 0, drawn[0].stderr
     assert drawn[0].stdout == drawn[1].stdout and drawn[0].stdout.count("==> sample ") == 3
     assert drawn[0].stdout.split("\n")[1].startswith("It was")  # the config's prompt by default
@@ -323,9 +363,16 @@ def load_script():
     return module
 
 
-@pytest.mark.parametrize("unit,specials,documents,newlines", [
-    ("chars", (), False, "keep"), ("chars", (UNK,), False, "lf"), ("bytes", (), False, "keep"),
-    ("chars", (UNK, BOS_TOKEN, EOS_TOKEN), True, "keep"), ("bytes", (BOS_TOKEN, EOS_TOKEN), True, "lf")])
+@pytest.mark.parametrize(
+    "unit,specials,documents,newlines",
+    [
+        ("chars", (), False, "keep"),
+        ("chars", (UNK,), False, "lf"),
+        ("bytes", (), False, "keep"),
+        ("chars", (UNK, BOS_TOKEN, EOS_TOKEN), True, "keep"),
+        ("bytes", (BOS_TOKEN, EOS_TOKEN), True, "lf"),
+    ],
+)
 def test_script_reads_prompts_and_decodes_as_charlm(unit, specials, documents, newlines):
     script = load_script()
     chars = [] if unit == "bytes" else sorted(set("It was the best of times, ") - ({"\n"} if documents else set()))
@@ -337,8 +384,9 @@ def test_script_reads_prompts_and_decodes_as_charlm(unit, specials, documents, n
     if UNK in specials or unit == "bytes":
         prompts += ["It was \u00e9t\u00e9 \u2603"]
     for prompt in prompts:
-        assert read(lambda prompt=prompt: script.prompt_ids(theirs, data, prompt), script.UsageError) == \
-            read(lambda prompt=prompt: prompt_ids(vocab, prompt, settings)[0].tolist(), UserError), prompt
+        assert read(lambda prompt=prompt: script.prompt_ids(theirs, data, prompt), script.UsageError) == read(
+            lambda prompt=prompt: prompt_ids(vocab, prompt, settings)[0].tolist(), UserError
+        ), prompt
     ids = torch.randint(len(vocab), (200,)).tolist()
     decoder = script.Decoder(theirs)
     assert "".join(decoder.feed(i) for i in ids) + decoder.flush() == vocab.decode(ids)
@@ -369,17 +417,23 @@ def test_script_decoding_rules():
 
 # --- mistakes ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_export_mistakes_are_one_line(run, tmp_path, capsys):
     run_dir = run[0]
-    assert_user_error(call(capsys, "export", "--checkpoint", run_dir, "--out", tmp_path / "m.bin"),
-                      "cannot tell the format")
-    assert_user_error(call(capsys, "export", "--checkpoint", run_dir, "--format", "gguf", "--out", tmp_path / "m"),
-                      "--format must be safetensors or onnx")
-    assert_user_error(call(capsys, "export", "--checkpoint", run_dir, "--out", tmp_path / "no" / "m.onnx"),
-                      "does not exist")
-    assert_user_error(call(capsys, "export", "--checkpoint", tmp_path / "none", "--out", tmp_path / "m.onnx"),
-                      "not found")
+    assert_user_error(
+        call(capsys, "export", "--checkpoint", run_dir, "--out", tmp_path / "m.bin"), "cannot tell the format"
+    )
+    assert_user_error(
+        call(capsys, "export", "--checkpoint", run_dir, "--format", "gguf", "--out", tmp_path / "m"),
+        "--format must be safetensors or onnx",
+    )
+    assert_user_error(
+        call(capsys, "export", "--checkpoint", run_dir, "--out", tmp_path / "no" / "m.onnx"), "does not exist"
+    )
+    assert_user_error(
+        call(capsys, "export", "--checkpoint", tmp_path / "none", "--out", tmp_path / "m.onnx"), "not found"
+    )
     assert_user_error(call(capsys, "export", "--checkpoint", run_dir, "--out", tmp_path), "is a folder")
 
 
@@ -393,16 +447,20 @@ def test_a_missing_extra_names_it(run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(blocker)}
 
     def charlm(*args):
-        return subprocess.run([sys.executable, "-m", "charlm", *args], env=env, capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "charlm", *args], env=env, capture_output=True, text=True, timeout=300
+        )
 
     result = charlm("export", "--checkpoint", str(run[0]), "--out", str(tmp_path / "m.onnx"))
-    assert_user_error(result, "charlm export needs the export extra (onnxscript is not installed): "
-                              "pip install 'charlm[export]'")
+    assert_user_error(
+        result, "charlm export needs the export extra (onnxscript is not installed): pip install 'charlm[export]'"
+    )
     assert not (tmp_path / "m.onnx").exists()
     (tmp_path / "m.safetensors").write_bytes(b"")
-    assert_user_error(charlm("sample", "--checkpoint", str(tmp_path / "m.safetensors")),
-                      "needs the export extra (safetensors is not installed)")
+    assert_user_error(
+        charlm("sample", "--checkpoint", str(tmp_path / "m.safetensors")),
+        "needs the export extra (safetensors is not installed)",
+    )
 
 
 def test_onnx_check_inputs_start_from_the_prompt():
@@ -412,8 +470,9 @@ def test_onnx_check_inputs_start_from_the_prompt():
     model, vocab, cfg = tiny_model("gru", "embedding", "fused")
     ids = check_inputs(model, vocab, cfg, 30, 3)
     prompt, _ = prompt_ids(vocab, "It was", TextSettings())
-    assert ids.shape == (3, 30) and (ids[:, :len(prompt)] == prompt).all()
+    assert ids.shape == (3, 30) and (ids[:, : len(prompt)] == prompt).all()
     assert len({tuple(row) for row in ids.tolist()}) == 3
-    continued = generate(model, prompt, 30 - len(prompt), 3, Decoding(temperature=1.0),
-                         torch.Generator().manual_seed(0))
-    assert torch.equal(ids[:, len(prompt):], continued)
+    continued = generate(
+        model, prompt, 30 - len(prompt), 3, Decoding(temperature=1.0), torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(ids[:, len(prompt) :], continued)

@@ -28,6 +28,7 @@ def run(tmp_path_factory):
 
 def call_quiet(*argv: str) -> int:
     from charlm.cli import main
+
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
     return exit_info.value.code
@@ -55,25 +56,33 @@ def with_model(exported: Path, **model) -> dict:
 
 
 def every_command(capsys, model_file: Path, text_file: Path, out_dir: Path) -> list:
-    return [call(capsys, "info", "--checkpoint", str(model_file)),
-            call(capsys, "sample", "--checkpoint", str(model_file), "--length", "5"),
-            call(capsys, "eval", "--checkpoint", str(model_file), "--text", str(text_file)),
-            call(capsys, "export", "--checkpoint", str(model_file), "--out", str(out_dir / "again.safetensors"))]
+    return [
+        call(capsys, "info", "--checkpoint", str(model_file)),
+        call(capsys, "sample", "--checkpoint", str(model_file), "--length", "5"),
+        call(capsys, "eval", "--checkpoint", str(model_file), "--text", str(text_file)),
+        call(capsys, "export", "--checkpoint", str(model_file), "--out", str(out_dir / "again.safetensors")),
+    ]
 
 
-@pytest.mark.parametrize("uri, expected", [
-    ("http://user:pass@mlflow.example:5000/api", "http://mlflow.example:5000/api"),
-    ("https://:s3cret@mlflow.example/", "https://mlflow.example/"),
-    ("https://p@ss:w@rd@host/x", "https://host/x"),
-    ("https://token@host", "https://host"),
-    ("user:pw@host:5000", "host:5000"),
-    ("http://host/?token=abc&experiment=1", "http://host/?token=REDACTED&experiment=1"),
-    ("sqlite:////abs/run/mlflow.db", "sqlite:////abs/run/mlflow.db"),
-    ("postgresql+psycopg2://me:pw@db:5432/mlflow?sslmode=require", "postgresql+psycopg2://db:5432/mlflow?sslmode=require"),
-    ("mlruns", "mlruns"),
-    ("file:///tmp/mlruns", "file:///tmp/mlruns"),
-    ("/home/a@b/mlruns", "/home/a@b/mlruns"),
-])
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("http://user:pass@mlflow.example:5000/api", "http://mlflow.example:5000/api"),
+        ("https://:s3cret@mlflow.example/", "https://mlflow.example/"),
+        ("https://p@ss:w@rd@host/x", "https://host/x"),
+        ("https://token@host", "https://host"),
+        ("user:pw@host:5000", "host:5000"),
+        ("http://host/?token=abc&experiment=1", "http://host/?token=REDACTED&experiment=1"),
+        ("sqlite:////abs/run/mlflow.db", "sqlite:////abs/run/mlflow.db"),
+        (
+            "postgresql+psycopg2://me:pw@db:5432/mlflow?sslmode=require",
+            "postgresql+psycopg2://db:5432/mlflow?sslmode=require",
+        ),
+        ("mlruns", "mlruns"),
+        ("file:///tmp/mlruns", "file:///tmp/mlruns"),
+        ("/home/a@b/mlruns", "/home/a@b/mlruns"),
+    ],
+)
 def test_redact_uri_strips_userinfo_and_secret_query_values(uri, expected):
     assert redact_uri(uri) == expected
 
@@ -102,8 +111,9 @@ except RunDirError as err:
 
 
 def dead_pid() -> int:
-    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                             check=True, timeout=60)
+    process = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True, timeout=60
+    )
     return int(process.stdout)
 
 
@@ -114,8 +124,15 @@ def test_two_starters_on_a_stale_lock_exactly_one_wins(tmp_path, attempt):
     (run_dir / ".lock").write_text(str(dead_pid()))
     meeting = tmp_path / "meeting"
     meeting.mkdir()
-    processes = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(run_dir), str(meeting), "4"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONTENDER, str(run_dir), str(meeting), "4"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     results = [process.communicate(timeout=120) for process in processes]
     outcomes = [out.split()[0] for out, _ in results if out]
     assert len(outcomes) == 4, results
@@ -141,16 +158,21 @@ def test_malformed_export_metadata_is_one_line_for_info(run, tmp_path, capsys, n
     assert_user_error(call(capsys, "info", "--checkpoint", str(crafted)), fragment)
 
 
-ABSURD = {"hidden_1e6": {"hidden_size": 10**6}, "hidden_1e7": {"hidden_size": 10**7},
-          "layers_1e4": {"num_layers": 10**4}, "embedding_1e9": {"embedding_dim": 10**9}}
+ABSURD = {
+    "hidden_1e6": {"hidden_size": 10**6},
+    "hidden_1e7": {"hidden_size": 10**7},
+    "layers_1e4": {"num_layers": 10**4},
+    "embedding_1e9": {"embedding_dim": 10**9},
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ABSURD))
 def test_absurd_sizes_in_an_export_are_one_line_for_every_command_before_any_allocation(run, tmp_path, capsys, name):
     _, text_file, exported = run
-    crafted = crafted_safetensors(exported, tmp_path / "absurd.safetensors",
-                                  charlm__config=with_model(exported, **ABSURD[name]))
+    crafted = crafted_safetensors(
+        exported, tmp_path / "absurd.safetensors", charlm__config=with_model(exported, **ABSURD[name])
+    )
     for result in every_command(capsys, crafted, text_file, tmp_path):
         assert_user_error(result, "model")
     assert not (tmp_path / "again.safetensors").exists()
@@ -161,8 +183,12 @@ def test_a_vocabulary_too_large_for_its_width_is_refused_before_any_allocation(r
     """Each is allowed alone; together (600,000 characters x a 16,384 wide head) they are ~1e10 parameters."""
     exported = run[2]
     vocab = {"unit": "chars", "specials": [], "chars": [chr(0x10000 + i) for i in range(600_000)]}
-    crafted = crafted_safetensors(exported, tmp_path / "wide.safetensors", charlm__vocab=vocab,
-                                  charlm__config=with_model(exported, hidden_size=2**14))
+    crafted = crafted_safetensors(
+        exported,
+        tmp_path / "wide.safetensors",
+        charlm__vocab=vocab,
+        charlm__config=with_model(exported, hidden_size=2**14),
+    )
     assert_user_error(call(capsys, "info", "--checkpoint", str(crafted)), "parameters")
 
 
@@ -194,9 +220,14 @@ def test_a_crafted_checkpoint_is_one_line_for_every_command(run, tmp_path, capsy
 
 def test_the_config_schema_bounds_sizes():
     from charlm.config import ConfigError, validate_config
+
     base = {"data": {"path": "x.txt"}, "train": {"max_steps": 1}}
-    for model in ({"hidden_size": 10**6}, {"num_layers": 10**4}, {"embedding_dim": 10**9},
-                  {"hidden_size": 2**16, "num_layers": 64}):
+    for model in (
+        {"hidden_size": 10**6},
+        {"num_layers": 10**4},
+        {"embedding_dim": 10**9},
+        {"hidden_size": 2**16, "num_layers": 64},
+    ):
         with pytest.raises(ConfigError, match="model"):
             validate_config({**base, "model": model})
     validate_config({**base, "model": {"hidden_size": 4096, "num_layers": 4}})  # big, but a machine holds it
@@ -209,12 +240,28 @@ def test_the_config_schema_bounds_sizes():
 def test_export_refuses_to_overwrite_its_own_source(run, capsys):
     run_dir = run[0]
     before = (run_dir / "best.pt").read_bytes()
-    assert_user_error(call(capsys, "export", "--checkpoint", str(run_dir), "--out", str(run_dir / "best.pt"),
-                           "--format", "safetensors"), "the checkpoint being exported")
+    assert_user_error(
+        call(
+            capsys, "export", "--checkpoint", str(run_dir), "--out", str(run_dir / "best.pt"), "--format", "safetensors"
+        ),
+        "the checkpoint being exported",
+    )
     assert (run_dir / "best.pt").read_bytes() == before
     # its source even with --force: the file being read is never replaced by what is made of it
-    assert_user_error(call(capsys, "export", "--checkpoint", str(run_dir / "best.pt"), "--out",
-                           str(run_dir / "best.pt"), "--format", "safetensors", "--force"), "its source")
+    assert_user_error(
+        call(
+            capsys,
+            "export",
+            "--checkpoint",
+            str(run_dir / "best.pt"),
+            "--out",
+            str(run_dir / "best.pt"),
+            "--format",
+            "safetensors",
+            "--force",
+        ),
+        "its source",
+    )
     assert (run_dir / "best.pt").read_bytes() == before
 
 
@@ -222,15 +269,28 @@ def test_export_refuses_to_overwrite_its_own_source(run, capsys):
 def test_export_refuses_a_checkpoint_file_of_a_run_without_force(run, tmp_path, capsys):
     run_dir = run[0]
     before = (run_dir / "last.pt").read_bytes()
-    assert_user_error(call(capsys, "export", "--checkpoint", str(run[2]), "--out", str(run_dir / "last.pt"),
-                           "--format", "safetensors"), "--force")
+    assert_user_error(
+        call(
+            capsys, "export", "--checkpoint", str(run[2]), "--out", str(run_dir / "last.pt"), "--format", "safetensors"
+        ),
+        "--force",
+    )
     assert (run_dir / "last.pt").read_bytes() == before
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     (copy / "last.pt").write_bytes(before)
-    code, _, err = call(capsys, "export", "--checkpoint", str(run_dir), "--out", str(copy / "last.pt"),
-                        "--format", "safetensors", "--force")
+    code, _, err = call(
+        capsys,
+        "export",
+        "--checkpoint",
+        str(run_dir),
+        "--out",
+        str(copy / "last.pt"),
+        "--format",
+        "safetensors",
+        "--force",
+    )
     assert code == 0, err
     assert (copy / "last.pt").read_bytes() != before  # --force: the user said so
 
@@ -250,8 +310,11 @@ def test_export_still_writes_a_new_file_and_replaces_an_earlier_export(run, tmp_
 def test_export_metadata_carries_no_credentials_or_absolute_paths(run, tmp_path, capsys):
     run_dir = run[0]
     payload = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
-    payload["config"]["train"].update(mlflow_uri="https://alice:hunter2@mlflow.example:5000/x?token=s3cr3tT0ken",
-                                      loggers=["jsonl", "mlflow"], init_from=str(run_dir.absolute() / "best.pt"))
+    payload["config"]["train"].update(
+        mlflow_uri="https://alice:hunter2@mlflow.example:5000/x?token=s3cr3tT0ken",
+        loggers=["jsonl", "mlflow"],
+        init_from=str(run_dir.absolute() / "best.pt"),
+    )
     payload["config"]["data"].update(val_path=str(tmp_path.absolute() / "val.txt"))
     source = tmp_path / "source.pt"
     torch.save(payload, source)

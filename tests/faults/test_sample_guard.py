@@ -23,6 +23,7 @@ def rows(n=6, V=20, seed=0):
 
 # --- the draw itself --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-45, 1e-40, 1e-30, 1e-8])
 def test_a_tiny_temperature_is_greedy(temperature):
     logits = rows()
@@ -58,9 +59,17 @@ def test_non_finite_scores_raise_undrawable_naming_the_rows(value, decoding):
     assert caught.value.rows == [2, 4]
 
 
-@pytest.mark.parametrize("decoding, field", [(Decoding(-1.0), "temperature"), (Decoding(math.inf), "temperature"),
-                                             (Decoding(math.nan), "temperature"), (Decoding(top_k=0), "top_k"),
-                                             (Decoding(top_p=0.0), "top_p"), (Decoding(top_p=math.nan), "top_p")])
+@pytest.mark.parametrize(
+    "decoding, field",
+    [
+        (Decoding(-1.0), "temperature"),
+        (Decoding(math.inf), "temperature"),
+        (Decoding(math.nan), "temperature"),
+        (Decoding(top_k=0), "top_k"),
+        (Decoding(top_p=0.0), "top_p"),
+        (Decoding(top_p=math.nan), "top_p"),
+    ],
+)
 def test_settings_nothing_can_be_drawn_with_are_named(decoding, field):
     assert decoding.problem().field == field
     with pytest.raises(ValueError, match=field):
@@ -68,6 +77,7 @@ def test_settings_nothing_can_be_drawn_with_are_named(decoding, field):
 
 
 # --- the command ------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -99,9 +109,14 @@ def test_sample_with_a_tiny_temperature_is_the_greedy_text(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, option", [(("--temperature", "inf"), "--temperature"),
-                                          (("--temperature", "nan"), "--temperature"),
-                                          (("--top-p", "nan"), "--top-p")])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (("--temperature", "inf"), "--temperature"),
+        (("--temperature", "nan"), "--temperature"),
+        (("--top-p", "nan"), "--top-p"),
+    ],
+)
 def test_sample_with_a_setting_nothing_can_be_drawn_with_is_one_line(run_dir, args, option):
     assert_one_line(sample(run_dir, *args), option)
 
@@ -110,8 +125,10 @@ def test_sample_with_a_setting_nothing_can_be_drawn_with_is_one_line(run_dir, ar
 @pytest.mark.parametrize("num_samples", ["1", "3"])
 def test_sample_from_a_model_with_nan_weights_is_one_line(run_dir, tmp_path, num_samples):
     payload = load_checkpoint(run_dir)
-    payload["model"] = {name: torch.full_like(value, float("nan")) if value.is_floating_point() else value
-                        for name, value in payload["model"].items()}
+    payload["model"] = {
+        name: torch.full_like(value, float("nan")) if value.is_floating_point() else value
+        for name, value in payload["model"].items()
+    }
     broken = tmp_path / "nan.pt"
     save_checkpoint(payload, broken)
     assert_one_line(sample(broken, "--num-samples", num_samples), "not finite", "earlier checkpoint")

@@ -28,13 +28,23 @@ def server(run_dir):
 @pytest.fixture(scope="module")
 def strict(run_dir):
     """Few connections, an API key that is not ASCII, and a public name."""
-    live = LiveServer(run_dir, "--max-connections", "4", "--api-key", "clé", "--client-timeout", str(CLIENT_TIMEOUT),
-                      "--allowed-hosts", "charlm.example.org,*.internal.example")
+    live = LiveServer(
+        run_dir,
+        "--max-connections",
+        "4",
+        "--api-key",
+        "clé",
+        "--client-timeout",
+        str(CLIENT_TIMEOUT),
+        "--allowed-hosts",
+        "charlm.example.org,*.internal.example",
+    )
     yield live
     live.stop()
 
 
 # --- raw HTTP -------------------------------------------------------------------------------
+
 
 def connect(live: LiveServer, receive_buffer: int = 0) -> socket.socket:
     sock = socket.socket()
@@ -78,8 +88,7 @@ def read_all(sock: socket.socket, limit_s: float = 10) -> bytes:
     return b"".join(chunks)
 
 
-def ask(live: LiveServer, method: str, path: str, host: bytes = None, headers: dict = None,
-        body: bytes = b"") -> Reply:
+def ask(live: LiveServer, method: str, path: str, host: bytes = None, headers: dict = None, body: bytes = b"") -> Reply:
     host = f"127.0.0.1:{live.port}".encode() if host is None else host
     with connect(live) as sock:
         sock.sendall(request_bytes(method, path, host, headers, body))
@@ -127,6 +136,7 @@ JSON = {"Content-Type": "application/json"}
 
 
 # --- slow clients and connections -------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_half_sent_requests_neither_block_the_server_nor_stay_open(server):
@@ -221,7 +231,9 @@ def test_the_event_queue_merges_in_linear_time_and_is_bounded():
         taken = await queue.take()
         merging = time.perf_counter() - start
         assert [(c.index, c.text[:2], len(c.text), len(c.probs), c.finish_reason) for c in taken] == [
-            (0, "aa", 45_000, 45_000, "length"), (1, "bb", 45_000, 45_000, None)]
+            (0, "aa", 45_000, 45_000, "length"),
+            (1, "bb", 45_000, 45_000, None),
+        ]
         assert merging < 2, f"{merging:.1f} s to merge 90,000 events"  # quadratic merging took minutes
         for _ in range(100_001):  # more than the cap behind: dropped, the request cancelled once
             queue.put({"index": 1, "text": "b", "probs": [0.5]})
@@ -240,9 +252,11 @@ def test_an_engine_error_keeps_its_status():
 
     async def scenario():
         ends = []
-        for event in ({"error": "n must be at least 1", "status": 400},
-                      {"error": "the model's scores ... are not finite", "status": 500},
-                      {"error": "the engine process ended"}):
+        for event in (
+            {"error": "n must be at least 1", "status": 400},
+            {"error": "the model's scores ... are not finite", "status": 500},
+            {"error": "the engine process ended"},
+        ):
             queue = EventQueue(asyncio.get_running_loop())
             queue.put(event)
             ends += await queue.take()
@@ -251,7 +265,10 @@ def test_an_engine_error_keeps_its_status():
     ends = asyncio.run(scenario())
     assert all(isinstance(end, End) for end in ends)
     assert [(end.status, end.kind) for end in ends] == [
-        (400, "invalid_request_error"), (500, "server_error"), (503, "server_error")]
+        (400, "invalid_request_error"),
+        (500, "server_error"),
+        (503, "server_error"),
+    ]
 
 
 @pytest.mark.slow
@@ -270,6 +287,7 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot_within_a_step_or_two(
 
 # --- where a request may come from, and what it may carry ----------------------------------------
 
+
 @pytest.mark.slow
 def test_a_foreign_host_is_refused(server):
     for method, path, body in [("GET", "/v1/models", b""), ("POST", "/v1/completions", COMPLETION), ("GET", "/", b"")]:
@@ -278,8 +296,13 @@ def test_a_foreign_host_is_refused(server):
         error = reply.json()["error"]
         assert "rebind.attacker.example" in error["message"] and "--allowed-hosts" in error["message"]
     assert health(server)["in_flight"] == 0
-    for host in [b"127.0.0.1", f"127.0.0.1:{server.port}".encode(), f"localhost:{server.port}".encode(),
-                 b"LocalHost", f"[::1]:{server.port}".encode()]:
+    for host in [
+        b"127.0.0.1",
+        f"127.0.0.1:{server.port}".encode(),
+        f"localhost:{server.port}".encode(),
+        b"LocalHost",
+        f"[::1]:{server.port}".encode(),
+    ]:
         assert ask(server, "GET", "/health", host).status == 200, host
     for host in [b"127.0.0.1.attacker.example", b"localhost.attacker.example:80", b"", b"127.0.0.1@evil"]:
         assert ask(server, "GET", "/health", host).status in (400, 421), host
@@ -297,8 +320,13 @@ def test_allowed_hosts_name_the_public_names(strict):
 @pytest.mark.slow
 def test_a_cross_site_form_post_runs_nothing(server):
     steps = health(server)["steps"]
-    for kind in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None,
-                 "application/jsonx"]:
+    for kind in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        None,
+        "application/jsonx",
+    ]:
         reply = ask(server, "POST", "/v1/completions", headers={"Content-Type": kind} if kind else {}, body=COMPLETION)
         assert reply.status == 415, (kind, reply.status)
         assert "application/json" in reply.json()["error"]["message"]
@@ -334,8 +362,14 @@ def test_the_bearer_scheme_is_any_case_and_the_key_is_the_bytes_sent(strict):
     host = f"127.0.0.1:{strict.port}".encode()
     for value in ["Bearer clé".encode(), "bearer clé".encode(), "BEARER  clé".encode()]:
         assert ask(strict, "GET", "/v1/models", host, {"Authorization": value}).status == 200, value
-    for value in [b"Bearer cle", "Bearer clé".encode("latin-1"), "Basic clé".encode(), b"Bearer",
-                  "Bearer clé ".encode() + b"x", "clé".encode()]:
+    for value in [
+        b"Bearer cle",
+        "Bearer clé".encode("latin-1"),
+        "Basic clé".encode(),
+        b"Bearer",
+        "Bearer clé ".encode() + b"x",
+        "clé".encode(),
+    ]:
         reply = ask(strict, "GET", "/v1/models", host, {"Authorization": value})
         assert reply.status == 401 and "Bearer" in reply.json()["error"]["message"], value
 

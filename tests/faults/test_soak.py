@@ -47,8 +47,13 @@ class Tally:
 
 
 def good_stream(client: httpx.Client, url: str, rng: random.Random, tally: Tally) -> None:
-    body = {"prompt": "it was", "max_tokens": rng.randint(20, MAX_TOKENS), "n": rng.choice([1, 1, 2]),
-            "temperature": 0.9, "stream": True}
+    body = {
+        "prompt": "it was",
+        "max_tokens": rng.randint(20, MAX_TOKENS),
+        "n": rng.choice([1, 1, 2]),
+        "temperature": 0.9,
+        "stream": True,
+    }
     start = time.monotonic()
     with client.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
         if response.status_code != 200:
@@ -61,8 +66,9 @@ def good_stream(client: httpx.Client, url: str, rng: random.Random, tally: Tally
             return tally.add("good", problem=f"error event {event}")
         texts[event["choices"][0]["index"]] += event["choices"][0]["text"]
     if events[-1:] != ["[DONE]"] or any(len(t) != body["max_tokens"] for t in texts):
-        return tally.add("good", problem=f"incomplete: {[len(t) for t in texts]} of {body['max_tokens']}, "
-                                         f"last {events[-1:]}")
+        return tally.add(
+            "good", problem=f"incomplete: {[len(t) for t in texts]} of {body['max_tokens']}, last {events[-1:]}"
+        )
     tally.add("good", latency=time.monotonic() - start)
 
 
@@ -79,8 +85,10 @@ def leave_while_waiting(port: int, rng: random.Random, tally: Tally) -> None:
     """A non-streaming request whose client closes its socket before the answer."""
     body = json.dumps({"prompt": "it", "max_tokens": MAX_TOKENS}).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         time.sleep(rng.uniform(0, 0.2))
     tally.add("disconnect")
 
@@ -89,7 +97,7 @@ BAD = [  # (headers, body, expected status)
     ({"Content-Type": "application/json"}, b"{not json", 400),
     ({"Content-Type": "text/plain"}, json.dumps({"prompt": "it"}).encode(), 415),
     ({"Content-Type": "application/json", "Host": "rebind.attacker.example"}, b"{}", 421),
-    ({"Content-Type": "application/json"}, json.dumps({"prompt": "it", "max_tokens": 10 ** 6}).encode(), 400),
+    ({"Content-Type": "application/json"}, json.dumps({"prompt": "it", "max_tokens": 10**6}).encode(), 400),
     ({"Content-Type": "application/json"}, json.dumps({"prompt": "it", "temperature": "hot"}).encode(), 400),
     ({"Content-Type": "application/json", "Content-Length": str(2 << 20)}, b"", 413),
 ]
@@ -104,8 +112,10 @@ def bad_request(client: httpx.Client, url: str, port: int, rng: random.Random, t
     headers, body, status = rng.choice(BAD)
     if "Content-Length" in headers:  # a declared size over the cap: the head alone is refused
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n" % (2 << 20))
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % (2 << 20)
+            )
             got = sock.recv(64)
         ok = got.startswith(b"HTTP/1.1 413")
     else:
@@ -158,10 +168,12 @@ def test_soak_32_clients_streaming_leaving_and_misbehaving(run_dir):
     latencies = sorted(tally.latencies)
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan")
     counts = tally.counts
-    print(f"\nsoak: {CLIENTS} clients for {SECONDS} s: {sum(counts.values())} requests, {counts['good']} good "
-          f"({len(latencies)} completed in full), {counts['disconnect']} disconnects, {counts['bad']} bad requests, "
-          f"{counts['transport']} transport errors; server RSS {before:.0f} -> {after:.0f} MB; "
-          f"p99 latency of good requests {p99:.2f} s (median {latencies[len(latencies) // 2]:.2f} s)")
+    print(
+        f"\nsoak: {CLIENTS} clients for {SECONDS} s: {sum(counts.values())} requests, {counts['good']} good "
+        f"({len(latencies)} completed in full), {counts['disconnect']} disconnects, {counts['bad']} bad requests, "
+        f"{counts['transport']} transport errors; server RSS {before:.0f} -> {after:.0f} MB; "
+        f"p99 latency of good requests {p99:.2f} s (median {latencies[len(latencies) // 2]:.2f} s)"
+    )
     assert not tally.problems, "\n".join(tally.problems[:10])
     assert counts["good"] > 50 and counts["disconnect"] > 20 and counts["bad"] > 20
     assert len(latencies) == counts["good"]

@@ -57,8 +57,9 @@ def test_a_tracker_that_raises_is_turned_off_with_one_warning(tmp_path, text_fil
 
     monkeypatch.setattr(tracking_module.TensorBoardLogger, "log", broken)
     run_dir = tmp_path / "run"
-    code, out, err = call(capsys, "train", "--config", write_tiny(tmp_path, text_file, loggers=["tensorboard"]),
-                          "--out", str(run_dir))
+    code, out, err = call(
+        capsys, "train", "--config", write_tiny(tmp_path, text_file, loggers=["tensorboard"]), "--out", str(run_dir)
+    )
     assert_trained_to_the_end(run_dir, code, out, err)
     lines = warnings(out, err)
     assert len(lines) == 1 and "tensorboard" in lines[0] and "tracking server went away" in lines[0], out + err
@@ -68,14 +69,16 @@ def test_a_tracker_that_raises_is_turned_off_with_one_warning(tmp_path, text_fil
 @pytest.mark.slow
 def test_a_tracker_that_raises_at_the_first_evaluation_costs_no_checkpoint(tmp_path, text_file, monkeypatch, capsys):
     """The reproduced defect: the sink was called before the evaluation's checkpoint was written."""
+
     def broken_at_eval(self, event):
         if event.name == "eval":
             raise RuntimeError("boom")
 
     monkeypatch.setattr(tracking_module.TensorBoardLogger, "log", broken_at_eval)
     run_dir = tmp_path / "run"
-    code, out, err = call(capsys, "train", "--config", write_tiny(tmp_path, text_file, loggers=["tensorboard"]),
-                          "--out", str(run_dir))
+    code, out, err = call(
+        capsys, "train", "--config", write_tiny(tmp_path, text_file, loggers=["tensorboard"]), "--out", str(run_dir)
+    )
     assert_trained_to_the_end(run_dir, code, out, err)
     assert len(warnings(out, err)) == 1
 
@@ -91,9 +94,14 @@ def test_a_tracker_that_hangs_neither_holds_training_nor_its_end(tmp_path, text_
     run_dir = tmp_path / "run"
     started = time.monotonic()
     try:
-        code, out, err = call(capsys, "train", "--config",
-                              write_tiny(tmp_path, text_file, loggers=["tensorboard"], logger_timeout=1),
-                              "--out", str(run_dir))
+        code, out, err = call(
+            capsys,
+            "train",
+            "--config",
+            write_tiny(tmp_path, text_file, loggers=["tensorboard"], logger_timeout=1),
+            "--out",
+            str(run_dir),
+        )
     finally:
         seconds = time.monotonic() - started
         release.set()

@@ -38,20 +38,38 @@ def sweep_files(tmp_path):
         config = tmp_path / "tiny.yaml"
         config.write_text(config_yaml(tiny_config(text, train={"mlflow_uri": TRACKING, **train})), encoding="utf-8")
         return config, space
+
     return write
 
 
 def start_tune(config: Path, space: Path, out: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    return subprocess.Popen([sys.executable, "-m", "charlm", "tune", "--config", str(config), "--space", str(space),
-                             "--out", str(out), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "charlm",
+            "tune",
+            "--config",
+            str(config),
+            "--space",
+            str(space),
+            "--out",
+            str(out),
+            *args,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def trainers(out: Path) -> list[int]:
     """Live processes training a trial of the sweep in `out` (zombies are dead already)."""
-    listing = subprocess.run(["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True,
-                             timeout=30).stdout
+    listing = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True, timeout=30
+    ).stdout
     found = []
     for line in listing.splitlines():
         pid, stat, args = (line.split(None, 2) + ["", ""])[:3]
@@ -137,9 +155,11 @@ def test_a_hung_up_worker_stops_its_trainer_and_queues_the_trial(optuna, sweep_f
             os.kill(pid, signal.SIGKILL)
     assert worker.returncode == 128 + signum, stderr
     name = signal.Signals(signum).name
-    assert stderr.strip().splitlines() == [f"charlm: interrupted ({name}) during the sweep; the study is saved and "
-                                           "a stopped trial resumes from its checkpoint when you run the same "
-                                           "command again"]
+    assert stderr.strip().splitlines() == [
+        f"charlm: interrupted ({name}) during the sweep; the study is saved and "
+        "a stopped trial resumes from its checkpoint when you run the same "
+        "command again"
+    ]
     assert "trial 0: stopped at step" in stdout
     assert not trainers(out)
     (trial,) = study_trials(optuna, out)
@@ -156,14 +176,17 @@ def _sleeper_env(tmp_path: Path, mode: str) -> dict:
 def test_a_tethered_process_ends_when_its_parent_is_killed(tmp_path, mode):
     """The trainer's tie to its worker: the parent-death signal where Linux has it, else (macOS) a watchdog
     that polls the parent pid; CHARLM_TETHER=poll runs the watchdog here."""
-    parent_code = ("import os, subprocess, sys, time\n"
-                   "child = subprocess.Popen([sys.executable, '-m', 'charlm.tune.tether', str(os.getpid()), 'sleeper'],"
-                   " stdout=subprocess.PIPE, text=True, start_new_session=True)\n"
-                   "assert child.stdout.readline() == 'up\\n', 'the tethered child did not start'\n"
-                   "print(child.pid, flush=True)\n"
-                   "time.sleep(120)\n")
-    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True,
-                              env=_sleeper_env(tmp_path, mode))
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-m', 'charlm.tune.tether', str(os.getpid()), 'sleeper'],"
+        " stdout=subprocess.PIPE, text=True, start_new_session=True)\n"
+        "assert child.stdout.readline() == 'up\\n', 'the tethered child did not start'\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, env=_sleeper_env(tmp_path, mode)
+    )
     try:
         child = int(parent.stdout.readline())
         parent.kill()
@@ -214,6 +237,7 @@ def test_trial_yaml_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, text_
 
     def crash(src, dst):  # the machine stops between writing the new file and putting it in place
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(atomic, "replace", crash)
     with pytest.raises(OSError):
         train_command(run_dir, validate_config(tiny_config(text_file), "test"))
@@ -224,24 +248,45 @@ def test_trial_yaml_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, text_
 @pytest.mark.slow
 def test_a_storage_password_never_shows_in_a_message(sweep_files, tmp_path):
     config, space = sweep_files()
-    for url in (f"postgresql://:{SECRET}@127.0.0.1:9/db", f"postgresql://bob:{SECRET}@127.0.0.1:9/db",
-                f"postgresql://127.0.0.1:9/db?password={SECRET}"):
-        result = run_cli("tune", "--config", str(config), "--space", str(space), "--out", str(tmp_path / "sweep"),
-                         "--trials", "1", "--storage", url, timeout=120)
+    for url in (
+        f"postgresql://:{SECRET}@127.0.0.1:9/db",
+        f"postgresql://bob:{SECRET}@127.0.0.1:9/db",
+        f"postgresql://127.0.0.1:9/db?password={SECRET}",
+    ):
+        result = run_cli(
+            "tune",
+            "--config",
+            str(config),
+            "--space",
+            str(space),
+            "--out",
+            str(tmp_path / "sweep"),
+            "--trials",
+            "1",
+            "--storage",
+            url,
+            timeout=120,
+        )
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "cannot open the study storage postgresql://" in lines[0], result.stderr
         assert SECRET not in result.stderr and SECRET not in result.stdout
 
 
-@pytest.mark.parametrize("url, shown", [
-    ("postgresql://bob:pw@db.example:5432/study", "postgresql://bob:***@db.example:5432/study"),
-    ("postgresql://:pw@db.example/study", "postgresql://:***@db.example/study"),
-    ("mysql+pymysql://bob:p@ss:w@db.example/study", "mysql+pymysql://bob:***@db.example/study"),
-    ("postgresql://bob@db.example/study", "postgresql://bob@db.example/study"),  # no password: nothing hidden
-    ("postgresql://db.example/study?user=bob&password=pw", "postgresql://db.example/study?user=bob&password=REDACTED"),
-    ("sqlite:////tmp/sweep/study.db", "sqlite:////tmp/sweep/study.db"),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://bob:pw@db.example:5432/study", "postgresql://bob:***@db.example:5432/study"),
+        ("postgresql://:pw@db.example/study", "postgresql://:***@db.example/study"),
+        ("mysql+pymysql://bob:p@ss:w@db.example/study", "mysql+pymysql://bob:***@db.example/study"),
+        ("postgresql://bob@db.example/study", "postgresql://bob@db.example/study"),  # no password: nothing hidden
+        (
+            "postgresql://db.example/study?user=bob&password=pw",
+            "postgresql://db.example/study?user=bob&password=REDACTED",
+        ),
+        ("sqlite:////tmp/sweep/study.db", "sqlite:////tmp/sweep/study.db"),
+    ],
+)
 def test_hide_password_keeps_the_user_and_hides_the_password(url, shown):
     from charlm.tune.credentials import hide_password
 
@@ -253,8 +298,20 @@ def test_the_study_database_holds_no_credentials(optuna, sweep_files, tmp_path):
     config, space = sweep_files()
     out = tmp_path / "sweep"
     # The trainer refuses these windows at once (exit 2): the trial fails after its config was stored.
-    result = run_cli("tune", "--config", str(config), "--space", str(space), "--out", str(out), "--trials", "1",
-                     "--set", "train.seq_len=5000", timeout=120)
+    result = run_cli(
+        "tune",
+        "--config",
+        str(config),
+        "--space",
+        str(space),
+        "--out",
+        str(out),
+        "--trials",
+        "1",
+        "--set",
+        "train.seq_len=5000",
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     (trial,) = study_trials(optuna, out)
     assert trial.user_attrs["config"]["train"]["mlflow_uri"] == "http://127.0.0.1:9/"
@@ -267,8 +324,18 @@ def test_a_searched_value_with_credentials_is_refused(sweep_files, tmp_path):
     config, _ = sweep_files()
     space = tmp_path / "secret-space.yaml"
     space.write_text(f"train.mlflow_uri: ['http://127.0.0.1:9/', '{TRACKING}']\n", encoding="utf-8")
-    result = run_cli("tune", "--config", str(config), "--space", str(space), "--out", str(tmp_path / "sweep"),
-                     "--trials", "1", timeout=120)
+    result = run_cli(
+        "tune",
+        "--config",
+        str(config),
+        "--space",
+        str(space),
+        "--out",
+        str(tmp_path / "sweep"),
+        "--trials",
+        "1",
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.mlflow_uri" in lines[0] and "credentials" in lines[0], result.stderr

@@ -37,7 +37,7 @@ def test_no_character_is_predicted_by_weights_that_learned_from_it(cell_type, ru
     changed[p:] = (changed[p:] + 1) % V
     first = read_dynamically(model(cell_type), ids, settings, keep_losses=True).losses
     second = read_dynamically(model(cell_type), changed, settings, keep_losses=True).losses
-    assert first[:p - 1] == second[:p - 1]  # bit for bit
+    assert first[: p - 1] == second[: p - 1]  # bit for bit
     assert first[p - 1] != second[p - 1]  # the first changed target
     # and the updates do reach later segments: without them the losses differ
     static = read_dynamically(model(cell_type), ids, DynamicSettings(segment=10, lr=0.0), keep_losses=True).losses
@@ -91,8 +91,22 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_eval_dynamic_json_reports_static_and_dynamic_side_by_side(trained, capsys):
     run_dir, text_file = trained
-    code, out, err = call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--json",
-                          "--dynamic", "--rule", "sgd", "--dynamic-lr", "0.05", "--segment", "32")
+    code, out, err = call(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(run_dir),
+        "--text",
+        str(text_file),
+        "--json",
+        "--dynamic",
+        "--rule",
+        "sgd",
+        "--dynamic-lr",
+        "0.05",
+        "--segment",
+        "32",
+    )
     assert code == 0, err
     facts = json.loads(out)
     plain = json.loads(call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--json")[1])
@@ -104,16 +118,20 @@ def test_eval_dynamic_json_reports_static_and_dynamic_side_by_side(trained, caps
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,fragment", [
-    (["--rule", "adam"], "update rule must be one of sgd, rms"),
-    (["--segment", "0"], "segment length must be at least 1"),
-    (["--decay", "1"], "decay must be in [0, 1)"),
-    (["--dynamic-lr", "-1"], "learning rate must be a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--rule", "adam"], "update rule must be one of sgd, rms"),
+        (["--segment", "0"], "segment length must be at least 1"),
+        (["--decay", "1"], "decay must be in [0, 1)"),
+        (["--dynamic-lr", "-1"], "learning rate must be a number >= 0"),
+    ],
+)
 def test_bad_dynamic_options_are_one_line(trained, capsys, args, fragment):
     run_dir, text_file = trained
-    assert_user_error(call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--dynamic",
-                           *args), fragment)
+    assert_user_error(
+        call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text_file), "--dynamic", *args), fragment
+    )
 
 
 @pytest.mark.slow

@@ -76,9 +76,11 @@ def test_parallel_streams_are_independent_passes():
     ids = torch.randint(0, 5, (41,))  # 40 predictions -> 4 streams of 10
     total = 0.0
     for s in range(4):
-        part = ids[s * 10: s * 10 + 11]
+        part = ids[s * 10 : s * 10 + 11]
         total += evaluate_ids(model, part, streams=1).loss_nats * 10
-    assert evaluate_ids(model, ids, streams=4, min_stream=10, warmup=0).loss_nats == pytest.approx(total / 40, abs=1e-12)
+    assert evaluate_ids(model, ids, streams=4, min_stream=10, warmup=0).loss_nats == pytest.approx(
+        total / 40, abs=1e-12
+    )
 
 
 def test_warmed_up_streams_agree_with_one_long_pass():
@@ -112,15 +114,23 @@ def test_eval_restores_training_mode():
 
 def test_windowed_scoring_reads_each_window_from_a_blank_state():
     from charlm.inference.evaluate import evaluate_windows
+
     torch.manual_seed(5)
     model = CharLM(ModelConfig(type="gru", hidden_size=6, num_layers=2, embedding_dim=3), 7, "native").double()
     ids = torch.randint(0, 7, (53,))
     # one window longer than the text: one pass from a blank state
     assert evaluate_windows(model, ids, 100).loss_nats == pytest.approx(
-        evaluate_ids(model, ids, streams=1).loss_nats, rel=1e-12)
+        evaluate_ids(model, ids, streams=1).loss_nats, rel=1e-12
+    )
     # windows of 10: 52 predictions in 6 windows, the last one of 2, each read on its own
     with torch.no_grad():
-        by_hand = sum(float(F.cross_entropy(model(ids[s:min(s + 10, 52)][None])[0][0], ids[s + 1:min(s + 11, 53)],
-                                            reduction="sum")) for s in range(0, 52, 10))
+        by_hand = sum(
+            float(
+                F.cross_entropy(
+                    model(ids[s : min(s + 10, 52)][None])[0][0], ids[s + 1 : min(s + 11, 53)], reduction="sum"
+                )
+            )
+            for s in range(0, 52, 10)
+        )
     result = evaluate_windows(model, ids, 10, batch=4)
     assert result.chars == 52 and result.loss_nats == pytest.approx(by_hand / 52, rel=1e-12)

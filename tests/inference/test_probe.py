@@ -35,7 +35,7 @@ def test_a_linear_rnn_gradient_shrinks_by_the_spectral_radius_per_step():
     norms = gradient_norms(model, text(200), max_k=12, positions=5, warmup=8)
     assert norms.cell is None and norms.positions == 5 and norms.ks == list(range(13))
     for k in range(13):
-        assert norms.hidden[k] == pytest.approx(norms.hidden[0] * a ** k, rel=1e-10)
+        assert norms.hidden[k] == pytest.approx(norms.hidden[0] * a**k, rel=1e-10)
 
 
 @pytest.mark.parametrize("cell_type", ["lstm", "gru", "rnn"])
@@ -47,12 +47,12 @@ def test_each_k_is_the_gradient_at_a_state_made_a_leaf_k_steps_back(cell_type):
     ids, max_k, warmup = text(120, seed=2), 6, 10
     norms = gradient_norms(model, ids, max_k=max_k, positions=3, warmup=warmup)
     starts = [0, (120 - (warmup + max_k + 2)) // 2, 120 - (warmup + max_k + 2)]
-    windows = torch.stack([ids[s:s + warmup + max_k + 2] for s in starts])
+    windows = torch.stack([ids[s : s + warmup + max_k + 2] for s in starts])
     for k in (0, 1, 3, max_k):
         with torch.no_grad():
-            _, state = model(windows[:, :warmup + max_k + 1 - k])
+            _, state = model(windows[:, : warmup + max_k + 1 - k])
         leaf = tuple(s.clone().requires_grad_() for s in state)
-        logits, _ = model(windows[:, warmup + max_k + 1 - k:warmup + max_k + 1], leaf) if k else (None, None)
+        logits, _ = model(windows[:, warmup + max_k + 1 - k : warmup + max_k + 1], leaf) if k else (None, None)
         if k == 0:  # the state that made the prediction: only the head lies between
             logits = model.head(leaf[0][-1])[:, None]
         loss = F.cross_entropy(logits[:, -1], windows[:, -1], reduction="sum")
@@ -75,8 +75,9 @@ def test_context_losses_are_the_losses_of_windows_read_from_a_blank_state():
     assert result.positions == 10
     with torch.no_grad():
         for k, loss in zip(ks, result.losses):
-            by_hand = [float(F.cross_entropy(model(ids[t - k + 1:t + 1][None])[0][0, -1], ids[t + 1]))
-                       for t in targets]
+            by_hand = [
+                float(F.cross_entropy(model(ids[t - k + 1 : t + 1][None])[0][0, -1], ids[t + 1])) for t in targets
+            ]
             assert loss == pytest.approx(sum(by_hand) / 10, rel=1e-10)
         logits, _ = model(ids[None, :-1])
         every = F.cross_entropy(logits[0], ids[1:], reduction="none")
@@ -110,19 +111,49 @@ def runs(tmp_path_factory):
 @pytest.mark.slow
 def test_probe_gradients_and_context_write_a_png_and_json(runs, capsys, tmp_path):
     (rnn, lstm), text_file = runs
-    code, out, err = call(capsys, "probe", "gradients", "--checkpoint", str(rnn), "--checkpoint", str(lstm),
-                          "--text", str(text_file), "--out", str(tmp_path / "grad.png"), "--max-k", "30",
-                          "--positions", "4")
+    code, out, err = call(
+        capsys,
+        "probe",
+        "gradients",
+        "--checkpoint",
+        str(rnn),
+        "--checkpoint",
+        str(lstm),
+        "--text",
+        str(text_file),
+        "--out",
+        str(tmp_path / "grad.png"),
+        "--max-k",
+        "30",
+        "--positions",
+        "4",
+    )
     assert code == 0, err
     assert out.split() == [str(tmp_path / "grad.png"), str(tmp_path / "grad.json")]
     assert (tmp_path / "grad.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     facts = json.loads((tmp_path / "grad.json").read_text())
-    assert facts["probe"] == "gradients" and [m["label"] for m in facts["models"]] == ["rnn (rnn 1x16)", "lstm (lstm 1x16)"]
+    assert facts["probe"] == "gradients" and [m["label"] for m in facts["models"]] == [
+        "rnn (rnn 1x16)",
+        "lstm (lstm 1x16)",
+    ]
     assert len(facts["models"][0]["hidden_grad_norm"]) == 31 and facts["models"][0]["cell_grad_norm"] is None
     assert len(facts["models"][1]["cell_grad_norm"]) == 31
 
-    code, out, err = call(capsys, "probe", "context", "--checkpoint", str(lstm), "--text", str(text_file),
-                          "--out", str(tmp_path / "ctx"), "--max-k", "64", "--positions", "50")
+    code, out, err = call(
+        capsys,
+        "probe",
+        "context",
+        "--checkpoint",
+        str(lstm),
+        "--text",
+        str(text_file),
+        "--out",
+        str(tmp_path / "ctx"),
+        "--max-k",
+        "64",
+        "--positions",
+        "50",
+    )
     assert code == 0, err
     facts = json.loads((tmp_path / "ctx.json").read_text())
     entry = facts["models"][0]
@@ -136,8 +167,10 @@ def test_probe_on_a_text_too_short_is_one_line(runs, capsys, tmp_path):
     (rnn, _), _ = runs
     short = tmp_path / "short.txt"
     short.write_text("It was the best", encoding="utf-8")
-    assert_user_error(call(capsys, "probe", "context", "--checkpoint", str(rnn), "--text", str(short),
-                           "--out", str(tmp_path / "c")), "give a longer --text or a smaller --max-k")
+    assert_user_error(
+        call(capsys, "probe", "context", "--checkpoint", str(rnn), "--text", str(short), "--out", str(tmp_path / "c")),
+        "give a longer --text or a smaller --max-k",
+    )
 
 
 @pytest.mark.slow
@@ -145,6 +178,22 @@ def test_probe_to_a_path_that_cannot_be_written_is_one_line(runs, capsys, tmp_pa
     (rnn, _), text_file = runs
     blocked = tmp_path / "a_file"
     blocked.write_text("not a folder", encoding="utf-8")
-    assert_user_error(call(capsys, "probe", "gradients", "--checkpoint", str(rnn), "--text", str(text_file),
-                           "--out", str(blocked / "grad"), "--max-k", "8", "--positions", "2"), "cannot write")
+    assert_user_error(
+        call(
+            capsys,
+            "probe",
+            "gradients",
+            "--checkpoint",
+            str(rnn),
+            "--text",
+            str(text_file),
+            "--out",
+            str(blocked / "grad"),
+            "--max-k",
+            "8",
+            "--positions",
+            "2",
+        ),
+        "cannot write",
+    )
     assert blocked.read_text(encoding="utf-8") == "not a folder"

@@ -89,8 +89,13 @@ def test_batched_samples_are_independent_and_seeded():
 
 def test_streaming_callback_sees_every_column():
     seen = []
-    out = generate(model(), torch.tensor([0]), 8, on_step=lambda ids: seen.append(int(ids[0])),
-                   generator=make_generator(torch.device("cpu"), 0)[0])
+    out = generate(
+        model(),
+        torch.tensor([0]),
+        8,
+        on_step=lambda ids: seen.append(int(ids[0])),
+        generator=make_generator(torch.device("cpu"), 0)[0],
+    )
     assert seen == out[0].tolist()
 
 

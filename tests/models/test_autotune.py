@@ -37,7 +37,7 @@ def test_measured_choice_is_made_cached_and_reused(measuring):
     assert first.backend == autotune.pick(first.seconds, "native")
     assert "measured in" in first.describe() and first.describe().startswith(f"backend auto -> {first.backend} (")
     entries = json.loads(measuring.read_text())
-    (key, entry), = entries.items()
+    ((key, entry),) = entries.items()
     assert entry["backend"] == first.backend and entry["took_s"] < 3.0
     assert json.loads(key)["mode"] == "train" and json.loads(key)["cpu"] == hardware.cpu_model()
 
@@ -97,7 +97,9 @@ class SimulatedMachine:
                 slow = self.burst if self.busy[0] <= self.now < self.busy[1] else 1.0
                 self.order.append(name)
                 self.now += self.cost[name] * slow
+
             return run
+
         return {name: call(name) for name in self.cost}
 
 
@@ -173,8 +175,9 @@ def test_train_says_the_measured_choice_then_reuses_it(tmp_path, monkeypatch, te
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variable,value,fragment", [("CHARLM_AUTO", "maybe", "CHARLM_AUTO"),
-                                                     ("CHARLM_MAX_ISA", "sse9", "CHARLM_MAX_ISA")])
+@pytest.mark.parametrize(
+    "variable,value,fragment", [("CHARLM_AUTO", "maybe", "CHARLM_AUTO"), ("CHARLM_MAX_ISA", "sse9", "CHARLM_MAX_ISA")]
+)
 def test_unknown_setting_is_one_line(tmp_path, monkeypatch, text_file, variable, value, fragment):
     from charlm.config import config_yaml
 
@@ -254,7 +257,8 @@ def test_doctor_reports_the_machine_and_auto_choices():
     assert facts["cpu"] == hardware.cpu_model() and facts["physical_cores"] >= 1 and facts["threads"] >= 1
     assert facts["torch"] == torch.__version__ and isinstance(facts["cpp_loops"], bool)
     assert {(row["cell"], row["precision"]) for row in facts["auto"]} == {
-        (cell, precision) for cell in ("rnn", "lstm", "gru", "mingru") for precision in ("fp32", "bf16")}
+        (cell, precision) for cell in ("rnn", "lstm", "gru", "mingru") for precision in ("fp32", "bf16")
+    }
     assert all(row["backend"] in ("native", "fused") for row in facts["auto"])
     screen = run_cli("doctor", "--threads", "1")
     assert screen.returncode == 0 and "ISA levels" in screen.stdout and "; 1 thread" in screen.stdout
@@ -272,6 +276,7 @@ def test_a_damaged_or_unwritable_cache_only_costs_a_measurement(measuring, monke
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
+
     monkeypatch.setattr(autotune, "write_text_atomic", read_only)
     picked = choose("auto", TINY, 30, CPU, "fp32", Workload.training(9, 16))
     assert picked.backend == "native" and "not cached: Permission denied" in picked.how

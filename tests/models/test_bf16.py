@@ -12,13 +12,16 @@ from charlm.config import validate_config
 from charlm.models.native import cpp_loops
 from charlm.training.run import train
 
-needs_bf16 = pytest.mark.skipif(not runtime.cpu_has_bf16_units() or cpp_loops() is None,
-                                reason="this CPU has no bf16 units (or the C++ loops are not built)")
+needs_bf16 = pytest.mark.skipif(
+    not runtime.cpu_has_bf16_units() or cpp_loops() is None,
+    reason="this CPU has no bf16 units (or the C++ loops are not built)",
+)
 
 
 def eval_json(capsys, run_dir, text, *options):
-    code, out, err = call(capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text), "--json",
-                          "--device", "cpu", *options)
+    code, out, err = call(
+        capsys, "eval", "--checkpoint", str(run_dir), "--text", str(text), "--json", "--device", "cpu", *options
+    )
     assert code == 0, err
     return json.loads(out), err
 
@@ -38,8 +41,22 @@ def test_eval_in_bf16_scores_as_fp32_does(trained, capsys):
 @pytest.mark.slow
 @needs_bf16
 def test_sample_in_bf16(trained, capsys):
-    code, out, err = call(capsys, "sample", "--checkpoint", str(trained[0]), "--device", "cpu", "--length", "30",
-                          "--seed", "3", "--precision", "bf16", "--prompt", "it was")
+    code, out, err = call(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(trained[0]),
+        "--device",
+        "cpu",
+        "--length",
+        "30",
+        "--seed",
+        "3",
+        "--precision",
+        "bf16",
+        "--prompt",
+        "it was",
+    )
     assert code == 0, err
     assert out.startswith("it was") and len(out) >= 30
 
@@ -69,5 +86,7 @@ def test_a_cpu_without_bf16_units_trains_in_fp32_saying_so(tmp_path, text_file, 
 
 
 def test_precision_must_be_fp32_or_bf16(trained, capsys):
-    assert_user_error(call(capsys, "eval", "--checkpoint", str(trained[0]), "--text", "x", "--precision", "fp8"),
-                      "--precision must be fp32 or bf16")
+    assert_user_error(
+        call(capsys, "eval", "--checkpoint", str(trained[0]), "--text", "x", "--precision", "fp8"),
+        "--precision must be fp32 or bf16",
+    )

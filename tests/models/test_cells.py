@@ -57,8 +57,13 @@ def test_stack_matches_torch_nn(cell_type, backend, dtype, tol, layers, batch):
     (ref_out * weights).sum().add(sum(s.sum() for s in ref_final)).backward()
     for k, cell in enumerate(stack.layers):
         for name in NAMES:
-            torch.testing.assert_close(getattr(cell, name).grad, getattr(ref, f"{name}_l{k}").grad,
-                                       atol=tol * 10, rtol=0, msg=f"grad of {name} layer {k}")
+            torch.testing.assert_close(
+                getattr(cell, name).grad,
+                getattr(ref, f"{name}_l{k}").grad,
+                atol=tol * 10,
+                rtol=0,
+                msg=f"grad of {name} layer {k}",
+            )
 
 
 @pytest.mark.parametrize("cell_type", WITH_TORCH_NN)
@@ -80,14 +85,16 @@ def test_gradcheck_one_step(cell_type):
     state = tuple(torch.randn(2, 4, dtype=torch.float64, requires_grad=True) for _ in range(cell.state_size))
 
     def step(x, *state_and_params):
-        return cell(x, tuple(state_and_params[:cell.state_size]))
+        return cell(x, tuple(state_and_params[: cell.state_size]))
 
     assert torch.autograd.gradcheck(step, (x, *state))
     # and with respect to the weights, through a functional call
     params = {name: p.detach().clone().requires_grad_() for name, p in cell.named_parameters()}
 
     def by_weights(*values):
-        return torch.func.functional_call(cell, dict(zip(params, values)), (x.detach(), tuple(s.detach() for s in state)))
+        return torch.func.functional_call(
+            cell, dict(zip(params, values)), (x.detach(), tuple(s.detach() for s in state))
+        )
 
     assert torch.autograd.gradcheck(by_weights, tuple(params.values()))
 
@@ -113,8 +120,8 @@ def test_initialisation_is_as_documented():
     cell = LSTMCell(10, 8)
     H = 8
     bias = cell.bias_ih + cell.bias_hh
-    assert torch.all(bias[H:2 * H] == 1.0), "forget gate bias starts at 1"
-    assert torch.all(bias[:H] == 0) and torch.all(bias[2 * H:] == 0)
+    assert torch.all(bias[H : 2 * H] == 1.0), "forget gate bias starts at 1"
+    assert torch.all(bias[:H] == 0) and torch.all(bias[2 * H :] == 0)
     for k in range(4):  # each gate's recurrent block is orthogonal
-        block = cell.weight_hh[k * H:(k + 1) * H].detach()
+        block = cell.weight_hh[k * H : (k + 1) * H].detach()
         torch.testing.assert_close(block @ block.T, torch.eye(H), atol=1e-5, rtol=0)

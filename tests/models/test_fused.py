@@ -72,8 +72,7 @@ def test_only_the_fused_backend_flattens(fake_cudnn):
     assert fake_cudnn.calls == []
 
 
-def test_the_trainer_builds_its_optimiser_and_average_on_the_flat_weights(fake_cudnn, tmp_path, text_file,
-                                                                         monkeypatch):
+def test_the_trainer_builds_its_optimiser_and_average_on_the_flat_weights(fake_cudnn, tmp_path, text_file, monkeypatch):
     """Flattening moves the weights' storage, so it must come before the weight average takes its
     references; with weight dropout cuDNN gets a masked weight_hh outside the buffer: it trains on."""
     built = []
@@ -84,8 +83,13 @@ def test_the_trainer_builds_its_optimiser_and_average_on_the_flat_weights(fake_c
         built.append(self)
 
     monkeypatch.setattr(trainer_module.Trainer, "__init__", spy_init)
-    cfg = validate_config(tiny_config(text_file, model={"backend": "fused", "num_layers": 2, "weight_dropout": 0.3},
-                                      train={"ema_decay": 0.9, "max_steps": 4}))
+    cfg = validate_config(
+        tiny_config(
+            text_file,
+            model={"backend": "fused", "num_layers": 2, "weight_dropout": 0.3},
+            train={"ema_decay": 0.9, "max_steps": 4},
+        )
+    )
     train(cfg, tmp_path / "flat", display=quiet())
     trainer = built[0]
     assert in_one_buffer(trainer.model)
@@ -108,14 +112,21 @@ def test_the_fused_kernel_gets_a_contiguous_state_under_gradient_accumulation(tm
         return real(x, hx, *args)
 
     monkeypatch.setattr(torch, "lstm", spy)
-    cfg = validate_config(tiny_config(text_file, model={"backend": "fused", "num_layers": 2},
-                                      train={"batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 3}))
+    cfg = validate_config(
+        tiny_config(
+            text_file,
+            model={"backend": "fused", "num_layers": 2},
+            train={"batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 3},
+        )
+    )
     train(cfg, tmp_path / "run", display=quiet())
     assert len(seen) >= 6 and all(all(flags) for flags in seen)
 
 
-@pytest.mark.parametrize("device_type,dtype,honoured", [
-    ("cuda", torch.bfloat16, False), ("cuda", torch.float16, True), ("cpu", torch.bfloat16, True)])
+@pytest.mark.parametrize(
+    "device_type,dtype,honoured",
+    [("cuda", torch.bfloat16, False), ("cuda", torch.float16, True), ("cpu", torch.bfloat16, True)],
+)
 def test_autocast_leaves_the_fused_kernel_where_it_would_change_its_dtype(device_type, dtype, honoured):
     """cuDNN's autocast path runs fp16 whatever dtype was asked: under bf16 the recurrence leaves it."""
     assert fused.autocast_runs_kernel_in(device_type, dtype) is honoured

@@ -17,8 +17,9 @@ KIND = "from charlm.models.native import cpp_loops; print(cpp_loops().bf16_step_
 
 
 def kernel_in_fresh_process(**env) -> str:
-    done = subprocess.run([sys.executable, "-c", KIND], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", KIND], env={**os.environ, **env}, capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()[-1]
 
@@ -51,9 +52,13 @@ def test_the_tile_code_computes_what_the_loops_expect(ops):
     """Forced onto oneDNN's micro-kernel (unpacked where there is no AMX), the bf16 layer tests pass."""
     if kernel_in_fresh_process(CHARLM_BF16_GEMM="brgemm") != "brgemm" and "amx_bf16" not in hardware.cpu_flags():
         pytest.skip("this torch build or CPU has no bf16 micro-kernel")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/test_layers.py", "-k", "bf16"],
-                          env={**os.environ, "CHARLM_BF16_GEMM": "brgemm"}, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layers.py", "-k", "bf16"],
+        env={**os.environ, "CHARLM_BF16_GEMM": "brgemm"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert " passed" in done.stdout and "failed" not in done.stdout

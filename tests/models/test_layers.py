@@ -131,8 +131,13 @@ def test_a_build_killed_midway_blocks_nothing(tmp_path):
     shutil.copy(library, cache / library.name)
     shutil.copy(library.with_name(library.name + ".sha256"), cache)  # the checksum it was cached with
     code = "import charlm.models.native as n; assert n.cpp_loops() is not None; print('loaded')"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                            env={**__import__("os").environ, "CHARLM_CACHE_DIR": str(cache)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "CHARLM_CACHE_DIR": str(cache)},
+    )
     assert result.returncode == 0 and "loaded" in result.stdout, result.stderr
     assert "building" not in result.stderr  # the cached library was used as is
 
@@ -186,8 +191,9 @@ def nan_pattern(stack, x, state):
     return torch.isnan(out), [torch.isnan(s) for s in final]
 
 
-@pytest.mark.parametrize("cell_type,poison",
-                         [(t, "input") for t in CELL_TYPES] + [(t, "weight_hh") for t in WITH_WEIGHT_HH])
+@pytest.mark.parametrize(
+    "cell_type,poison", [(t, "input") for t in CELL_TYPES] + [(t, "weight_hh") for t in WITH_WEIGHT_HH]
+)
 def test_every_backend_gives_the_same_non_finite_outcome(loops, cell_type, poison):
     """A NaN entering a gate comes out NaN in every backend: never quietly finite in one of them."""
     torch.manual_seed(5)
@@ -218,7 +224,7 @@ def test_every_backend_gives_the_same_non_finite_outcome(loops, cell_type, poiso
 # 16u; and for the LSTM, to no worse than 1.5x the error of oneDNN's own bf16 LSTM on the same
 # weights, the kernel torch.nn.LSTM runs under autocast.
 BF16 = [cell_type for cell_type in CELL_TYPES if lookup(cell_type).native_bf16]
-U = 2.0 ** -9
+U = 2.0**-9
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

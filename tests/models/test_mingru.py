@@ -31,8 +31,7 @@ def by_hand(x: torch.Tensor, h0: torch.Tensor, layers: list[dict]) -> tuple[torc
 
 
 def hand_parameters(stack: RecurrentStack) -> list[dict]:
-    return [{name: p.detach().clone().requires_grad_() for name, p in cell.named_parameters()}
-            for cell in stack.layers]
+    return [{name: p.detach().clone().requires_grad_() for name, p in cell.named_parameters()} for cell in stack.layers]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -147,8 +146,11 @@ def test_initialisation_is_as_documented():
 
 
 def test_unsupported_options_are_one_line_errors():
-    with pytest.raises(CellTypeError, match=r"^model.type mingru cannot run on the fused backend .*; use native or "
-                                            r"reference$"):
+    with pytest.raises(
+        CellTypeError,
+        match=r"^model.type mingru cannot run on the fused backend .*; use native or "
+        r"reference$",
+    ):
         RecurrentStack("mingru", 3, 4, 1, backend="fused")
     stack = RecurrentStack("mingru", 3, 4, 1)
     with pytest.raises(CellTypeError, match="cannot run on the fused backend"):

@@ -27,8 +27,13 @@ print(native.cpp_loops() is not None)
 
 
 def forward_in(cache) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", FORWARD], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "CHARLM_CACHE_DIR": str(cache), "CHARLM_NO_CPP": ""})
+    return subprocess.run(
+        [sys.executable, "-c", FORWARD],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CHARLM_CACHE_DIR": str(cache), "CHARLM_NO_CPP": ""},
+    )
 
 
 @pytest.mark.slow
@@ -64,6 +69,8 @@ def test_when_the_rebuild_fails_too_the_pytorch_loops_take_over(tmp_path, monkey
     assert native.cpp_loops() is None
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and "is damaged (recurrent-0123456789abcdef.so.sha256 is missing)" in lines[0]
-    assert lines[1] == ("charlm: the C++ step loop could not be built (Error building extension: g++ not found); "
-                        "using the PyTorch step loop (slower)")
+    assert lines[1] == (
+        "charlm: the C++ step loop could not be built (Error building extension: g++ not found); "
+        "using the PyTorch step loop (slower)"
+    )
     assert not damaged.exists()  # the next run tries a build again instead of loading it

@@ -26,6 +26,7 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 
 # --- introspection ------------------------------------------------------------------------
 
+
 def test_recorded_lstm_gates_reproduce_the_cell():
     torch.manual_seed(0)
     cell = LSTMCell(3, 5).double()
@@ -108,9 +109,11 @@ def test_inspection_surprisal_is_the_models_loss():
 
 # --- the page -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def viz_run(tmp_path_factory):
     from conftest import run_cli
+
     folder = tmp_path_factory.mktemp("viz")
     text = folder / "input.txt"
     text.write_text(('He said "stop (now)" and left.\n' * 3 + PARAGRAPH) * 70, encoding="utf-8")  # > 20,000
@@ -123,8 +126,18 @@ def viz_run(tmp_path_factory):
 @pytest.mark.slow
 def test_viz_writes_a_self_contained_page(viz_run, capsys):
     page = viz_run / "page.html"
-    code, out, err = call(capsys, "viz", "--checkpoint", str(viz_run / "run"), "--text", str(viz_run / "input.txt"),
-                          "--out", str(page), "--max-chars", "3000")
+    code, out, err = call(
+        capsys,
+        "viz",
+        "--checkpoint",
+        str(viz_run / "run"),
+        "--text",
+        str(viz_run / "input.txt"),
+        "--out",
+        str(page),
+        "--max-chars",
+        "3000",
+    )
     assert code == 0, err
     html = page.read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing fetched from the network
@@ -136,17 +149,22 @@ def test_viz_writes_a_self_contained_page(viz_run, capsys):
 @pytest.mark.slow
 def test_viz_errors(viz_run, capsys):
     assert_user_error(call(capsys, "viz", "--checkpoint", str(viz_run / "run")), "give --text FILE or --prompt TEXT")
-    assert_user_error(call(capsys, "viz", "--checkpoint", str(viz_run / "missing"), "--prompt", "hi"), "checkpoint not found")
+    assert_user_error(
+        call(capsys, "viz", "--checkpoint", str(viz_run / "missing"), "--prompt", "hi"), "checkpoint not found"
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source,content,fragment", [
-    ("--prompt", "", "--prompt is empty"),
-    ("--prompt", "a", "the text has fewer than 2 characters; nothing to show"),
-    ("--prompt", "ZQ€", "fewer than 2 characters the model knows (not in its vocabulary: 'Q', 'Z', '€')"),
-    ("--text", "", "is empty; give a file with text in it"),
-    ("--text", "ZZ\n", "fewer than 2 characters the model knows (not in its vocabulary: 'Z')"),
-])
+@pytest.mark.parametrize(
+    "source,content,fragment",
+    [
+        ("--prompt", "", "--prompt is empty"),
+        ("--prompt", "a", "the text has fewer than 2 characters; nothing to show"),
+        ("--prompt", "ZQ€", "fewer than 2 characters the model knows (not in its vocabulary: 'Q', 'Z', '€')"),
+        ("--text", "", "is empty; give a file with text in it"),
+        ("--text", "ZZ\n", "fewer than 2 characters the model knows (not in its vocabulary: 'Z')"),
+    ],
+)
 def test_viz_with_nothing_to_show_is_one_line(viz_run, tmp_path, capsys, source, content, fragment):
     """An empty text, or one the model cannot read, once ended in a torch.frombuffer traceback."""
     if source == "--text":
@@ -154,8 +172,9 @@ def test_viz_with_nothing_to_show_is_one_line(viz_run, tmp_path, capsys, source,
         path.write_text(content, encoding="utf-8")
         content = str(path)
     page = tmp_path / "page.html"
-    assert_user_error(call(capsys, "viz", "--checkpoint", str(viz_run / "run"), source, content, "--out", str(page)),
-                      fragment)
+    assert_user_error(
+        call(capsys, "viz", "--checkpoint", str(viz_run / "run"), source, content, "--out", str(page)), fragment
+    )
     assert not page.exists()
 
 
@@ -164,8 +183,16 @@ def _chromium() -> str | None:
 
 
 def _headless(*args: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+    ]
     return subprocess.run([_chromium(), *flags, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -195,40 +222,69 @@ frame.onload = () => {
 def test_page_in_a_real_browser(viz_run, capsys):
     """20,000 characters rendered by headless Chromium: coloured spans, and the selectors repaint them."""
     page = viz_run / "big.html"
-    assert call(capsys, "viz", "--checkpoint", str(viz_run / "run"), "--text", str(viz_run / "input.txt"),
-                "--out", str(page))[0] == 0
+    assert (
+        call(
+            capsys,
+            "viz",
+            "--checkpoint",
+            str(viz_run / "run"),
+            "--text",
+            str(viz_run / "input.txt"),
+            "--out",
+            str(page),
+        )[0]
+        == 0
+    )
     harness = viz_run / "harness.html"
     harness.write_text(HARNESS, encoding="utf-8")
     # The harness drives the page's own <select> elements and their change handlers inside an iframe.
-    dom = _headless("--allow-file-access-from-files", "--virtual-time-budget=30000", "--dump-dom",
-                    harness.resolve().as_uri()).stdout
+    dom = _headless(
+        "--allow-file-access-from-files", "--virtual-time-budget=30000", "--dump-dom", harness.resolve().as_uri()
+    ).stdout
     found = re.search(r'<pre id="out">(.*?)</pre>', dom, re.S)
     assert found and found.group(1) != "pending", dom[:500]
     result = json.loads(html_lib.unescape(found.group(1)))
     views = [result[k] for k in ("forget", "cell", "otherUnit", "surprisal")]
     assert all(len(v) == 20_000 for v in views) and result["text"] >= 20_000
     assert all(len(set(v)) > 20 for v in views)  # real colour variation, not one flat fill
-    assert all(a != b for i, a in enumerate(views) for b in views[i + 1:])  # every selection repaints
+    assert all(a != b for i, a in enumerate(views) for b in views[i + 1 :])  # every selection repaints
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "viz.png"
-    _headless("--window-size=1280,800", f"--screenshot={shot}",
-              page.resolve().as_uri() + "#view=unit&layer=0&unit=0&channel=forget")
+    _headless(
+        "--window-size=1280,800",
+        f"--screenshot={shot}",
+        page.resolve().as_uri() + "#view=unit&layer=0&unit=0&channel=forget",
+    )
     assert shot.exists() and shot.stat().st_size > 10_000
 
 
 # --- minGRU through the real CLI: its page shows its own channels ------------------------------
 
+
 @pytest.fixture(scope="module")
 def mingru_page(viz_run, tmp_path_factory):
     from conftest import run_cli
+
     folder = tmp_path_factory.mktemp("mingru")
     config = folder / "c.yaml"
-    config.write_text(config_yaml(tiny_config(viz_run / "input.txt", model={"type": "mingru", "num_layers": 2},
-                                                 train={"max_steps": 20})))
+    config.write_text(
+        config_yaml(
+            tiny_config(viz_run / "input.txt", model={"type": "mingru", "num_layers": 2}, train={"max_steps": 20})
+        )
+    )
     assert run_cli("train", "--config", str(config), "--out", str(folder / "run")).returncode == 0
     page = folder / "mingru.html"
-    result = run_cli("viz", "--checkpoint", str(folder / "run"), "--text", str(viz_run / "input.txt"),
-                     "--out", str(page), "--max-chars", "3000")
+    result = run_cli(
+        "viz",
+        "--checkpoint",
+        str(folder / "run"),
+        "--text",
+        str(viz_run / "input.txt"),
+        "--out",
+        str(page),
+        "--max-chars",
+        "3000",
+    )
     assert result.returncode == 0, result.stderr
     return page
 
@@ -247,13 +303,18 @@ def test_mingru_viz_page_has_its_channels(mingru_page):
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_mingru_page_in_a_real_browser(mingru_page):
     harness = mingru_page.parent / "harness.html"
-    harness.write_text(HARNESS.replace("big.html", mingru_page.name).replace("channel=forget", "channel=update")
-                       .replace('el.value = "cell"', 'el.value = "candidate"'), encoding="utf-8")
-    dom = _headless("--allow-file-access-from-files", "--virtual-time-budget=30000", "--dump-dom",
-                    harness.resolve().as_uri()).stdout
+    harness.write_text(
+        HARNESS.replace("big.html", mingru_page.name)
+        .replace("channel=forget", "channel=update")
+        .replace('el.value = "cell"', 'el.value = "candidate"'),
+        encoding="utf-8",
+    )
+    dom = _headless(
+        "--allow-file-access-from-files", "--virtual-time-budget=30000", "--dump-dom", harness.resolve().as_uri()
+    ).stdout
     found = re.search(r'<pre id="out">(.*?)</pre>', dom, re.S)
     assert found and found.group(1) != "pending", dom[:500]
     result = json.loads(html_lib.unescape(found.group(1)))
     views = [result[k] for k in ("forget", "cell", "otherUnit", "surprisal")]  # update, candidate, ...
     assert all(len(v) == 3000 for v in views) and all(len(set(v)) > 20 for v in views)
-    assert all(a != b for i, a in enumerate(views) for b in views[i + 1:])
+    assert all(a != b for i, a in enumerate(views) for b in views[i + 1 :])

@@ -11,8 +11,16 @@ pytest.importorskip("httpx")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--disable-quic"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+]
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 
 
@@ -65,8 +73,7 @@ def test_text_arrives_while_it_is_generated_and_stop_ends_it(page):
     seen = generated(page)
     assert page.is_disabled("#generate") and not page.is_disabled("#stop")  # still generating
     page.click("#stop")
-    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('stopped')",
-                           timeout=10000)
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('stopped')", timeout=10000)
     stopped_at = len(generated(page))
     assert 20 < stopped_at < 5000 and generated(page).startswith(seen)
     page.wait_for_timeout(500)

@@ -55,8 +55,14 @@ def test_engine_alone_equals_generate_and_in_a_batch_too():
             ids = vocab.encode("it was " * (1 + k % 3)).ids.long()
             decoding = Decoding(temperature=0.5 + 0.1 * k, top_k=None if k % 2 else 5, top_p=None if k % 3 else 0.9)
             sink = Collect()
-            job = Completion(ids, max_tokens=20 + k, decoding=decoding, generator=make_generator(
-                torch.device("cpu"), 100 + k)[0], n=1 + k % 2, sink=sink)
+            job = Completion(
+                ids,
+                max_tokens=20 + k,
+                decoding=decoding,
+                generator=make_generator(torch.device("cpu"), 100 + k)[0],
+                n=1 + k % 2,
+                sink=sink,
+            )
             jobs.append((job, sink, ids, decoding, k))
         # the first alone, the rest submitted together (they share the batch)
         engine.submit(jobs[0][0])
@@ -79,13 +85,14 @@ def test_a_long_prompt_is_read_between_steps_and_samples_as_generate_does():
     engine = Engine(model, vocab).start()
     try:
         running = Collect()
-        first = Completion(vocab.encode("it").ids.long(), 100_000, Decoding(),
-                           make_generator(torch.device("cpu"), 1)[0], sink=running)
+        first = Completion(
+            vocab.encode("it").ids.long(), 100_000, Decoding(), make_generator(torch.device("cpu"), 1)[0], sink=running
+        )
         engine.submit(first)
         while not running.events:
             time.sleep(0.01)
         chunks = 8
-        text = (PARAGRAPH * (1 + chunks * PROMPT_CHUNK // len(PARAGRAPH)))[:chunks * PROMPT_CHUNK - 5]
+        text = (PARAGRAPH * (1 + chunks * PROMPT_CHUNK // len(PARAGRAPH)))[: chunks * PROMPT_CHUNK - 5]
         ids = vocab.encode(text).ids.long()
         steps_between = []
 
@@ -123,8 +130,7 @@ def test_engine_refuses_more_than_its_cap_and_frees_cancelled_requests():
     try:
         ids = vocab.encode("it").ids.long()
         sinks = [Collect(), Collect()]
-        jobs = [Completion(ids, 100_000, Decoding(), make_generator(torch.device("cpu"), 1)[0], sink=s)
-                for s in sinks]
+        jobs = [Completion(ids, 100_000, Decoding(), make_generator(torch.device("cpu"), 1)[0], sink=s) for s in sinks]
         for job in jobs:
             engine.submit(job)
         with pytest.raises(Busy):
@@ -142,8 +148,11 @@ def test_stopping_the_engine_ends_requests_in_flight():
     model, vocab = small_model()
     engine = Engine(model, vocab).start()
     sink = Collect()
-    engine.submit(Completion(vocab.encode("it").ids.long(), 10**9, Decoding(),
-                             make_generator(torch.device("cpu"), 1)[0], sink=sink))
+    engine.submit(
+        Completion(
+            vocab.encode("it").ids.long(), 10**9, Decoding(), make_generator(torch.device("cpu"), 1)[0], sink=sink
+        )
+    )
     while not sink.events:
         time.sleep(0.01)
     engine.stop()
@@ -167,12 +176,18 @@ def test_a_bug_fails_the_requests_in_flight_and_the_engine_serves_on(capfd):
     engine = Engine(model, vocab).start()
     try:
         first = Collect()
-        engine.submit(Completion(vocab.encode("it").ids.long(), 50, Decoding(),
-                                 make_generator(torch.device("cpu"), 1)[0], sink=first))
+        engine.submit(
+            Completion(
+                vocab.encode("it").ids.long(), 50, Decoding(), make_generator(torch.device("cpu"), 1)[0], sink=first
+            )
+        )
         assert first.done.wait(60) and first.events[-1] == {"error": "internal error: RuntimeError", "status": 503}
         second = Collect()
-        engine.submit(Completion(vocab.encode("it").ids.long(), 5, Decoding(),
-                                 make_generator(torch.device("cpu"), 1)[0], sink=second))
+        engine.submit(
+            Completion(
+                vocab.encode("it").ids.long(), 5, Decoding(), make_generator(torch.device("cpu"), 1)[0], sink=second
+            )
+        )
         assert second.done.wait(60) and len(second.texts()[0]) == 5 and engine.in_flight == 0
     finally:
         engine.stop()
@@ -208,6 +223,7 @@ def test_stop_sequences_end_the_text_before_them_even_across_steps():
 
 # --- a live server --------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def server(run_dir):
     live = LiveServer(run_dir, "--max-tokens", "3000", "--max-requests", "40")
@@ -234,8 +250,21 @@ def test_completion_equals_charlm_sample_with_the_same_seed(server, run_dir):
     assert result["object"] == "text_completion" and choice["finish_reason"] == "length"
     assert len(choice["text"]) == 30 and result["usage"]["completion_tokens"] == 30
     assert result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + 30
-    sample = run_cli("sample", "--checkpoint", str(run_dir), "--prompt", "it was", "--length", "30",
-                     "--temperature", "0.7", "--top-k", "10", "--seed", "4")
+    sample = run_cli(
+        "sample",
+        "--checkpoint",
+        str(run_dir),
+        "--prompt",
+        "it was",
+        "--length",
+        "30",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "10",
+        "--seed",
+        "4",
+    )
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout == "it was" + choice["text"] + "\n"
 
@@ -283,8 +312,9 @@ BAD_REQUESTS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("body, status, fragment", BAD_REQUESTS)
 def test_bad_requests_get_a_json_error_and_status(server, body, status, fragment):
-    response = httpx.post(server.url + "/v1/completions", content=body, timeout=10,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        server.url + "/v1/completions", content=body, timeout=10, headers={"content-type": "application/json"}
+    )
     assert response.status_code == status
     error = response.json()["error"]
     assert fragment in error["message"] and error["code"] == status
@@ -305,8 +335,9 @@ def test_routes_methods_and_body_size(server):
 @pytest.mark.slow
 def test_32_parallel_requests_all_correct(server):
     bodies = [{"prompt": "it was", "max_tokens": 40, "temperature": 0.9, "seed": 1000 + k} for k in range(32)]
-    alone = [httpx.post(server.url + "/v1/completions", json=b, timeout=30).json()["choices"][0]["text"]
-             for b in bodies[:4]]
+    alone = [
+        httpx.post(server.url + "/v1/completions", json=b, timeout=30).json()["choices"][0]["text"] for b in bodies[:4]
+    ]
     results = [None] * 32
 
     def ask(k):
@@ -327,8 +358,9 @@ def test_32_parallel_requests_all_correct(server):
 
 @pytest.mark.slow
 def test_a_client_that_disconnects_frees_its_slot(server):
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
-                      json={"prompt": "it", "max_tokens": 3000, "stream": True}) as response:
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", timeout=30, json={"prompt": "it", "max_tokens": 3000, "stream": True}
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 break
@@ -342,8 +374,12 @@ def test_a_client_that_disconnects_frees_its_slot(server):
 def test_too_many_in_flight_is_429(run_dir):
     live = LiveServer(run_dir, "--max-requests", "1", "--max-tokens", "100000")
     try:
-        with httpx.stream("POST", live.url + "/v1/completions", timeout=30,
-                          json={"prompt": "it", "max_tokens": 100000, "stream": True}) as response:
+        with httpx.stream(
+            "POST",
+            live.url + "/v1/completions",
+            timeout=30,
+            json={"prompt": "it", "max_tokens": 100000, "stream": True},
+        ) as response:
             lines = response.iter_lines()  # kept: a dropped iterator closes the response (a disconnect)
             next(lines)
             second = httpx.post(live.url + "/v1/completions", json={"prompt": "it"}, timeout=10)
@@ -360,11 +396,16 @@ def test_api_key_is_required_on_the_api_only(run_dir):
         assert httpx.get(live.url + "/").status_code == 200
         denied = httpx.get(live.url + "/v1/models")
         assert denied.status_code == 401 and "Authorization: Bearer" in denied.json()["error"]["message"]
-        wrong = httpx.post(live.url + "/v1/completions", json={"prompt": "it"},
-                           headers={"Authorization": "Bearer nope"})
+        wrong = httpx.post(
+            live.url + "/v1/completions", json={"prompt": "it"}, headers={"Authorization": "Bearer nope"}
+        )
         assert wrong.status_code == 401
-        ok = httpx.post(live.url + "/v1/completions", json={"prompt": "it", "max_tokens": 5},
-                        headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        ok = httpx.post(
+            live.url + "/v1/completions",
+            json={"prompt": "it", "max_tokens": 5},
+            headers={"Authorization": "Bearer s3cret"},
+            timeout=30,
+        )
         assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) == 5
     finally:
         live.stop()
@@ -376,8 +417,9 @@ def test_sigint_ends_in_flight_streams_cleanly(run_dir):
     events = []
 
     def read():
-        with httpx.stream("POST", live.url + "/v1/completions", timeout=60,
-                          json={"prompt": "it", "max_tokens": 2000, "stream": True}) as response:
+        with httpx.stream(
+            "POST", live.url + "/v1/completions", timeout=60, json={"prompt": "it", "max_tokens": 2000, "stream": True}
+        ) as response:
             events.extend(sse_events(response))
 
     reader = threading.Thread(target=read)
@@ -395,8 +437,13 @@ def test_serve_without_the_extra_says_what_to_install(run_dir, tmp_path):
     blocker = tmp_path / "sitecustomize.py"
     blocker.write_text("import sys\nsys.modules['uvicorn'] = None\n", encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, "-m", "charlm", "serve", "--checkpoint", str(run_dir)], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "charlm", "serve", "--checkpoint", str(run_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "charlm: error: charlm serve needs the serving extra: pip install 'charlm[serve]'"
 
@@ -414,8 +461,12 @@ def test_a_public_host_warns(run_dir):
 @pytest.mark.slow
 def test_a_port_in_use_is_one_line_and_exit_2(server, run_dir):
     port = server.url.rsplit(":", 1)[1]
-    result = subprocess.run([sys.executable, "-m", "charlm", "serve", "--checkpoint", str(run_dir), "--port", port],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "charlm", "serve", "--checkpoint", str(run_dir), "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"charlm: error: cannot listen on 127.0.0.1:{port} (")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -439,16 +490,21 @@ def child_pids(pid: int) -> list[int]:
 def test_a_dead_engine_process_fails_requests_in_flight_and_then_503(run_dir):
     live = LiveServer(run_dir, "--max-tokens", "100000")
     try:
-        with httpx.stream("POST", live.url + "/v1/completions", timeout=30,
-                          json={"prompt": "it", "max_tokens": 100000, "stream": True}) as response:
+        with httpx.stream(
+            "POST",
+            live.url + "/v1/completions",
+            timeout=30,
+            json={"prompt": "it", "max_tokens": 100000, "stream": True},
+        ) as response:
             lines = response.iter_lines()
             next(lines)
-            engines = [pid for pid in child_pids(live.proc.pid)
-                       if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            engines = [
+                pid for pid in child_pids(live.proc.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ]
             assert len(engines) == 1
             os.kill(engines[0], signal.SIGKILL)
             rest = [line for line in lines if line.startswith("data: ")]
-        assert "engine process ended" in json.loads(rest[-1][len("data: "):])["error"]["message"]
+        assert "engine process ended" in json.loads(rest[-1][len("data: ") :])["error"]["message"]
         after = httpx.post(live.url + "/v1/completions", json={"prompt": "it"}, timeout=10)
         assert after.status_code == 503 and "restart the server" in after.json()["error"]["message"]
         health = httpx.get(live.url + "/health")

@@ -116,8 +116,11 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkey
 def test_only_the_helper_renames_files():
     """Every writer goes through charlm.atomic; a bare os.replace or rename elsewhere would skip its fsyncs."""
     package = Path(charlm.__file__).parent
-    offenders = [f"{path.relative_to(package)}:{number}: {line.strip()}"
-                 for path in sorted(package.rglob("*.py")) if path.name != "atomic.py"
-                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
-                 if re.search(r"\bos\.(replace|rename)\b|\.rename\(", line)]
+    offenders = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "atomic.py"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if re.search(r"\bos\.(replace|rename)\b|\.rename\(", line)
+    ]
     assert not offenders, "use charlm.atomic instead:\n" + "\n".join(offenders)

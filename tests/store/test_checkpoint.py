@@ -21,16 +21,24 @@ from charlm.store.checkpoint import (
     save_checkpoint,
 )
 
-CONFIG = {"data": {"path": "x.txt"}, "model": {"hidden_size": 8, "num_layers": 1, "embedding_dim": 4},
-          "train": {"max_steps": 1}}
+CONFIG = {
+    "data": {"path": "x.txt"},
+    "model": {"hidden_size": 8, "num_layers": 1, "embedding_dim": 4},
+    "train": {"max_steps": 1},
+}
 
 
 def payload():
     cfg = validate_config(CONFIG)
     torch.manual_seed(0)
     model = CharLM(cfg.model, 5, "native")
-    return {"config": cfg.to_dict(), "vocab": Vocab(list("abcde")).to_dict(), "model": model.state_dict(),
-            "step": 3, "best_val_loss": 1.5}, model
+    return {
+        "config": cfg.to_dict(),
+        "vocab": Vocab(list("abcde")).to_dict(),
+        "model": model.state_dict(),
+        "step": 3,
+        "best_val_loss": 1.5,
+    }, model
 
 
 def test_round_trip(tmp_path):
@@ -91,16 +99,21 @@ def test_code_in_a_checkpoint_never_runs(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("corrupt,message", [
-    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "damaged or not a checkpoint"),
-    (lambda p: p.write_bytes(os.urandom(2000)), "damaged or not a checkpoint"),
-    (lambda p: p.write_bytes(b""), "damaged or not a checkpoint"),
-    (lambda p: torch.save({"hello": 1}, p), "is not a charlm checkpoint"),
-    (lambda p: torch.save([1, 2], p), "is not a charlm checkpoint"),
-    (lambda p: torch.save({**payload()[0], "format": "charlm-checkpoint", "format_version": 99}, p),
-     "newer than this charlm"),
-    (lambda p: torch.save({"format": "charlm-checkpoint", "format_version": 1}, p), "incomplete"),
-])
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "damaged or not a checkpoint"),
+        (lambda p: p.write_bytes(os.urandom(2000)), "damaged or not a checkpoint"),
+        (lambda p: p.write_bytes(b""), "damaged or not a checkpoint"),
+        (lambda p: torch.save({"hello": 1}, p), "is not a charlm checkpoint"),
+        (lambda p: torch.save([1, 2], p), "is not a charlm checkpoint"),
+        (
+            lambda p: torch.save({**payload()[0], "format": "charlm-checkpoint", "format_version": 99}, p),
+            "newer than this charlm",
+        ),
+        (lambda p: torch.save({"format": "charlm-checkpoint", "format_version": 1}, p), "incomplete"),
+    ],
+)
 def test_damaged_or_foreign_files(tmp_path, corrupt, message):
     path = tmp_path / "ck.pt"
     save_checkpoint(payload()[0], path)

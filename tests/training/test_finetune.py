@@ -55,6 +55,7 @@ def new_config(tmp_path):
         path = tmp_path / name
         path.write_text(config_yaml(tiny_config(text, **sections)), encoding="utf-8")
         return path
+
     return write
 
 
@@ -77,7 +78,7 @@ def test_extended_vocab_keeps_old_ids_and_appends_new_chars_sorted():
     old = Vocab.from_text("the cat\n")
     new = old.extended(Vocab.from_text("a Zebra!"))
     assert new.chars == old.chars + ["!", "Z", "b", "r"]  # old order kept, the rest by code point
-    assert new.tokens()[:len(old)] == old.tokens()
+    assert new.tokens()[: len(old)] == old.tokens()
     text = "Zebra the cat!\n"
     ids = new.encode(text).ids
     assert new.decode(ids) == text
@@ -102,8 +103,8 @@ def test_given_vocab_keys_the_corpus_cache(tmp_path):
     again = load_corpus(data, cache=tmp_path / "cache", vocab=merged)
     assert len({own.fingerprint, a.fingerprint, b.fingerprint}) == 3 and again.fingerprint == a.fingerprint
     assert any("read from the cache" in n for n in again.notices)
-    assert a.vocab == merged and a.vocab.chars[:len(base.chars)] == base.chars
-    assert a.vocab.decode(a.train_ids) == NEW_TEXT[:a.train_ids.numel()]  # encoded with the merged ids
+    assert a.vocab == merged and a.vocab.chars[: len(base.chars)] == base.chars
+    assert a.vocab.decode(a.train_ids) == NEW_TEXT[: a.train_ids.numel()]  # encoded with the merged ids
 
 
 @pytest.mark.parametrize("input_kind", ["embedding", "onehot"])
@@ -120,9 +121,13 @@ def test_transfer_weights_moves_rows_by_token_and_initialises_new_ones(input_kin
     assert added == [UNK, "x", "y"]
     got = model.state_dict()
     new_ids, old_ids = torch.tensor([0, 5, 6]), torch.tensor([1, 2, 3, 4])  # new: <unk>, x, y; old: a..d
-    vocab_params = {"head.weight": 0, "head.bias": 0,
-                    ("embedding.weight" if input_kind == "embedding" else "rnn.layers.0.weight_ih"):
-                        0 if input_kind == "embedding" else 1}
+    vocab_params = {
+        "head.weight": 0,
+        "head.bias": 0,
+        ("embedding.weight" if input_kind == "embedding" else "rnn.layers.0.weight_ih"): 0
+        if input_kind == "embedding"
+        else 1,
+    }
     for name, tensor in got.items():
         if name not in vocab_params:
             assert torch.equal(tensor, trained[name]), name
@@ -152,8 +157,10 @@ def test_finetune_end_to_end(source, new_config, tmp_path, capsys):
     assert f"fine-tuning {source / 'best.pt'} (step {src['step']}" in result.stdout
     assert f"{len(NEW_CHARS)} new: {repr(NEW_CHARS[0])}" in result.stdout
     assert "frozen (train.freeze: embedding, head)" in result.stdout
-    assert (f"warning: embedding.weight, head.weight, head.bias frozen: the {len(NEW_CHARS)} new vocabulary entries' "
-            "rows there keep their initial values") in result.stdout
+    assert (
+        f"warning: embedding.weight, head.weight, head.bias frozen: the {len(NEW_CHARS)} new vocabulary entries' "
+        "rows there keep their initial values"
+    ) in result.stdout
 
     last = load(run_dir / "last.pt")
     old, vocab = Vocab.from_dict(src["vocab"]), Vocab.from_dict(last["vocab"])
@@ -161,8 +168,12 @@ def test_finetune_end_to_end(source, new_config, tmp_path, capsys):
     assert last["config"]["train"]["init_from"] == str(source / "best.pt")
     assert f"init_from: {source / 'best.pt'}" in (run_dir / "config.yaml").read_text()
     start = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    assert start["init_from"] == {"checkpoint": str(source / "best.pt"), "step": src["step"],
-                                  "best_val_loss": src["best_val_loss"], "new_tokens": NEW_CHARS}
+    assert start["init_from"] == {
+        "checkpoint": str(source / "best.pt"),
+        "step": src["step"],
+        "best_val_loss": src["best_val_loss"],
+        "new_tokens": NEW_CHARS,
+    }
     assert start["frozen"] == ["embedding.weight", "head.weight", "head.bias"]
 
     weights, n_old = last["model"], len(old)
@@ -176,7 +187,9 @@ def test_finetune_end_to_end(source, new_config, tmp_path, capsys):
     assert not torch.equal(weights["rnn.layers.0.weight_hh"], src["model"]["rnn.layers.0.weight_hh"])
 
     prompt = "Zebras jump {"
-    code, out, err = call(capsys, "sample", "--checkpoint", run_dir, "--prompt", prompt, "--length", "30", "--seed", "1")
+    code, out, err = call(
+        capsys, "sample", "--checkpoint", run_dir, "--prompt", prompt, "--length", "30", "--seed", "1"
+    )
     assert code == 0 and out.startswith(prompt) and len(out) == len(prompt) + 30 + 1, err
     assert_user_error(call(capsys, "sample", "--checkpoint", source, "--prompt", prompt), "never saw in training")
 
@@ -191,8 +204,9 @@ def test_resuming_a_finetuned_run_continues_it(source, new_config, tmp_path, cap
     whole, split = tmp_path / "whole", tmp_path / "split"
     code, _, err = call(capsys, "train", "--config", config, "--out", whole, "--init-from", copy)
     assert code == 0, err
-    code, _, err = call(capsys, "train", "--config", config, "--out", split, "--init-from", copy,
-                        "--set", "train.max_steps=3")
+    code, _, err = call(
+        capsys, "train", "--config", config, "--out", split, "--init-from", copy, "--set", "train.max_steps=3"
+    )
     assert code == 0, err
     shutil.rmtree(copy)
     code, out, err = call(capsys, "train", "--resume", "--out", split, "--set", "train.max_steps=6")
@@ -211,8 +225,10 @@ def test_resuming_a_finetuned_run_continues_it(source, new_config, tmp_path, cap
 def test_freeze_from_scratch_keeps_frozen_weights_bit_identical(new_config, tmp_path, capsys):
     """Without --init-from too: frozen parameters stay at their initial values (also in the weight
     average that best.pt holds, with clipping on), the others train; the optimiser holds only those."""
-    config = new_config(model={"num_layers": 2}, train={"freeze": ["embedding", "rnn.0", "head.bias"],
-                                                        "ema_decay": 0.9, "grad_clip": 0.5})
+    config = new_config(
+        model={"num_layers": 2},
+        train={"freeze": ["embedding", "rnn.0", "head.bias"], "ema_decay": 0.9, "grad_clip": 0.5},
+    )
     run_dir = tmp_path / "run"
     code, out, err = call(capsys, "train", "--config", config, "--out", run_dir)
     assert code == 0, err
@@ -230,29 +246,61 @@ def test_freeze_from_scratch_keeps_frozen_weights_bit_identical(new_config, tmp_
 def test_user_errors_are_one_line(source, new_config, tmp_path, capsys):
     config = new_config()
     out = ["--out", tmp_path / "run"]
-    assert_user_error(call(capsys, "train", "--config", config, *out, "--init-from", source,
-                           "--set", "model.hidden_size=32"),
-                      "--init-from: the checkpoint is a 1x16 lstm (embedding 8), the config asks for a 1x32 lstm "
-                      "(embedding 8); set model.hidden_size=16 (or train from scratch)")
-    assert_user_error(call(capsys, "train", "--config", config, *out, "--init-from", source,
-                           "--set", "model.type=gru", "--set", "model.input=onehot", "--set", "model.embedding_dim=4"),
-                      "set model.type=lstm model.input=embedding model.embedding_dim=8")
-    assert_user_error(call(capsys, "train", "--config", config, *out, "--init-from", source,
-                           "--set", "data.unit=bytes"), "data.unit is bytes here but chars in the checkpoint")
-    assert_user_error(call(capsys, "train", "--config", config, *out, "--init-from", tmp_path / "nowhere"),
-                      "--init-from: checkpoint not found")
-    assert_user_error(call(capsys, "train", "--resume", *out, "--init-from", source),
-                      "--init-from starts a new run from a trained model and --resume continues a run")
-    assert_user_error(call(capsys, "train", "--config", config, *out, "--set", "train.freeze=[rnn.1]"),
-                      "train.freeze: 'rnn.1' is no part of this model; valid names: embedding, rnn.0, head")
-    assert_user_error(call(capsys, "train", "--config", config, *out, "--overwrite",
-                           "--set", "train.freeze=[embedding, rnn, head]"), "freezes every parameter")
-    assert_user_error(call(capsys, "train", "--config", config, *out, "--overwrite", "--set", "train.freeze=['']"),
-                      "train.freeze: names must not be empty")
+    assert_user_error(
+        call(capsys, "train", "--config", config, *out, "--init-from", source, "--set", "model.hidden_size=32"),
+        "--init-from: the checkpoint is a 1x16 lstm (embedding 8), the config asks for a 1x32 lstm "
+        "(embedding 8); set model.hidden_size=16 (or train from scratch)",
+    )
+    assert_user_error(
+        call(
+            capsys,
+            "train",
+            "--config",
+            config,
+            *out,
+            "--init-from",
+            source,
+            "--set",
+            "model.type=gru",
+            "--set",
+            "model.input=onehot",
+            "--set",
+            "model.embedding_dim=4",
+        ),
+        "set model.type=lstm model.input=embedding model.embedding_dim=8",
+    )
+    assert_user_error(
+        call(capsys, "train", "--config", config, *out, "--init-from", source, "--set", "data.unit=bytes"),
+        "data.unit is bytes here but chars in the checkpoint",
+    )
+    assert_user_error(
+        call(capsys, "train", "--config", config, *out, "--init-from", tmp_path / "nowhere"),
+        "--init-from: checkpoint not found",
+    )
+    assert_user_error(
+        call(capsys, "train", "--resume", *out, "--init-from", source),
+        "--init-from starts a new run from a trained model and --resume continues a run",
+    )
+    assert_user_error(
+        call(capsys, "train", "--config", config, *out, "--set", "train.freeze=[rnn.1]"),
+        "train.freeze: 'rnn.1' is no part of this model; valid names: embedding, rnn.0, head",
+    )
+    assert_user_error(
+        call(capsys, "train", "--config", config, *out, "--overwrite", "--set", "train.freeze=[embedding, rnn, head]"),
+        "freezes every parameter",
+    )
+    assert_user_error(
+        call(capsys, "train", "--config", config, *out, "--overwrite", "--set", "train.freeze=['']"),
+        "train.freeze: names must not be empty",
+    )
     code, _, err = call(capsys, "train", "--config", config, *out, "--overwrite", "--set", "train.max_steps=2")
     assert code == 0, err
-    assert_user_error(call(capsys, "train", "--resume", *out, "--set", "train.max_steps=4",
-                           "--set", "train.freeze=[head]"), "cannot resume: train.freeze is ['head']")
+    assert_user_error(
+        call(capsys, "train", "--resume", *out, "--set", "train.max_steps=4", "--set", "train.freeze=[head]"),
+        "cannot resume: train.freeze is ['head']",
+    )
     # the source inside the run dir that --overwrite would move aside
-    assert_user_error(call(capsys, "train", "--config", config, *out, "--overwrite", "--init-from", tmp_path / "run"),
-                      "which --overwrite would move aside")
+    assert_user_error(
+        call(capsys, "train", "--config", config, *out, "--overwrite", "--init-from", tmp_path / "run"),
+        "which --overwrite would move aside",
+    )

@@ -70,8 +70,9 @@ def test_dropout_gradient_is_the_mask():
 def test_locked_dropout_model_matches_its_layers_by_hand(backend):
     """A 2-layer model with locked dropout: rebuilt by hand from its parts with the same masks."""
     torch.manual_seed(0)
-    cfg = ModelConfig(type="lstm", hidden_size=8, num_layers=2, dropout=0.5, embedding_dim=6, locked_dropout=True,
-                      input_dropout=0.3)
+    cfg = ModelConfig(
+        type="lstm", hidden_size=8, num_layers=2, dropout=0.5, embedding_dim=6, locked_dropout=True, input_dropout=0.3
+    )
     model = CharLM(cfg, 13, backend).double().train()
     idx = torch.randint(0, 13, (3, 9))
     refs = []  # built first: their initialisation draws from the RNG the masks come from
@@ -115,9 +116,13 @@ def test_model_reports_its_top_outputs():
 def test_embedding_dropout_needs_an_embedding(tmp_path):
     with pytest.raises(ConfigError, match="model.embedding_dropout needs model.input: embedding"):
         validate_config(tiny_config(tmp_path / "t.txt", model={"input": "onehot", "embedding_dropout": 0.1}))
-    cfg = validate_config(tiny_config(tmp_path / "t.txt", model={"locked_dropout": True, "input_dropout": 0.1,
-                                                                  "embedding_dropout": 0.1},
-                                      train={"ar": 2.0, "tar": 1.0}))
+    cfg = validate_config(
+        tiny_config(
+            tmp_path / "t.txt",
+            model={"locked_dropout": True, "input_dropout": 0.1, "embedding_dropout": 0.1},
+            train={"ar": 2.0, "tar": 1.0},
+        )
+    )
     assert cfg.model.locked_dropout and cfg.train.ar == 2.0 and cfg.train.tar == 1.0
 
 
@@ -125,11 +130,20 @@ def test_embedding_dropout_needs_an_embedding(tmp_path):
 def test_a_run_with_every_regulariser_learns(tmp_path, text_file, cli, write_config):
     """Through the CLI: locked, input and embedding dropout, AR and TAR, bf16 native; the val loss
     falls well below the untrained model's ln(V), and the logged loss is the cross-entropy alone."""
-    config = write_config(tiny_config(text_file, model={"num_layers": 2, "dropout": 0.2, "locked_dropout": True,
-                                                        "input_dropout": 0.1, "embedding_dropout": 0.1,
-                                                        "backend": "native"},
-                                      train={"max_steps": 60, "eval_interval": 60, "lr": 0.02, "ar": 2.0,
-                                             "tar": 1.0, "precision": "bf16"}))
+    config = write_config(
+        tiny_config(
+            text_file,
+            model={
+                "num_layers": 2,
+                "dropout": 0.2,
+                "locked_dropout": True,
+                "input_dropout": 0.1,
+                "embedding_dropout": 0.1,
+                "backend": "native",
+            },
+            train={"max_steps": 60, "eval_interval": 60, "lr": 0.02, "ar": 2.0, "tar": 1.0, "precision": "bf16"},
+        )
+    )
     result = cli("train", "--config", str(config), "--out", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -32,17 +32,31 @@ def quiet():
 
 
 def start_training(config, run_dir, *extra):
-    return subprocess.Popen([sys.executable, "-m", "charlm", "train", "--config", str(config), "--out", str(run_dir),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "charlm", "train", "--config", str(config), "--out", str(run_dir), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 @pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, text_file, write_config):
     """SIGKILL a real training process again and again, mostly mid-save (a save every step)."""
-    config = write_config(tiny_config(text_file, model={"hidden_size": 64, "num_layers": 2},
-                                      train={"max_steps": None, "max_time": "10m", "checkpoint_interval": 1,
-                                             "eval_interval": 7, "log_interval": 1}))
+    config = write_config(
+        tiny_config(
+            text_file,
+            model={"hidden_size": 64, "num_layers": 2},
+            train={
+                "max_steps": None,
+                "max_time": "10m",
+                "checkpoint_interval": 1,
+                "eval_interval": 7,
+                "log_interval": 1,
+            },
+        )
+    )
     run_dir = tmp_path / "run"
     proc = start_training(config, run_dir)
     assert wait_for(lambda: (run_dir / "last.pt").exists())
@@ -59,8 +73,16 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, text_file, 
         proc = start_training(config, run_dir, "--resume")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    final = run_cli("train", "--resume", "--out", str(run_dir), "--set", "train.max_time=null",
-                    "--set", f"train.max_steps={load_checkpoint(run_dir / 'last.pt')['step'] + 3}")
+    final = run_cli(
+        "train",
+        "--resume",
+        "--out",
+        str(run_dir),
+        "--set",
+        "train.max_time=null",
+        "--set",
+        f"train.max_steps={load_checkpoint(run_dir / 'last.pt')['step'] + 3}",
+    )
     assert final.returncode == 0, final.stderr
     assert "taking over the lock" in final.stdout
     assert steps == sorted(steps) and steps[-1] > 0  # progress was kept across kills
@@ -69,11 +91,14 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, text_file, 
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_143(tmp_path, text_file, write_config):
-    config = write_config(tiny_config(text_file, train={"max_steps": None, "max_time": "5m", "log_interval": 1,
-                                                        "eval_interval": 100_000}))
+    config = write_config(
+        tiny_config(text_file, train={"max_steps": None, "max_time": "5m", "log_interval": 1, "eval_interval": 100_000})
+    )
     run_dir = tmp_path / "run"
     proc = start_training(config, run_dir)
-    assert wait_for(lambda: (run_dir / "metrics.jsonl").exists() and '"train"' in (run_dir / "metrics.jsonl").read_text())
+    assert wait_for(
+        lambda: (run_dir / "metrics.jsonl").exists() and '"train"' in (run_dir / "metrics.jsonl").read_text()
+    )
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -138,8 +163,11 @@ def test_a_nan_inside_the_recurrence_is_seen_by_every_backend(tmp_path, text_fil
 
 def test_a_run_of_nans_rolls_back_with_a_lower_learning_rate(tmp_path, text_file, monkeypatch):
     monkeypatch.setattr(trainer_module.Trainer, "loss", staticmethod(InjectNaN(range(9, 12))))
-    cfg = validate_config(tiny_config(text_file, train={"max_steps": 16, "eval_interval": 4, "max_bad_steps": 3,
-                                                        "rollback_lr_factor": 0.25}))
+    cfg = validate_config(
+        tiny_config(
+            text_file, train={"max_steps": 16, "eval_interval": 4, "max_bad_steps": 3, "rollback_lr_factor": 0.25}
+        )
+    )
     outcome = train(cfg, tmp_path / "run", display=quiet())
     events = read_metrics(tmp_path / "run")
     rollbacks = [m for m in events if m["event"] == "rollback"]
@@ -152,10 +180,13 @@ def test_a_run_of_nans_rolls_back_with_a_lower_learning_rate(tmp_path, text_file
 def test_endless_nans_give_up_with_a_clear_message(tmp_path, text_file, monkeypatch, capsys):
     monkeypatch.setattr(trainer_module.Trainer, "loss", staticmethod(InjectNaN(range(3, 10_000))))
     config = tmp_path / "c.yaml"
-    config.write_text(json.dumps(tiny_config(text_file, train={"max_steps": 100, "max_bad_steps": 2,
-                                                               "max_rollbacks": 2})))
-    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run")),
-                      "training diverged: 2 non-finite steps in a row after 2 rollback(s)")
+    config.write_text(
+        json.dumps(tiny_config(text_file, train={"max_steps": 100, "max_bad_steps": 2, "max_rollbacks": 2}))
+    )
+    assert_user_error(
+        call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run")),
+        "training diverged: 2 non-finite steps in a row after 2 rollback(s)",
+    )
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 0  # the last good checkpoint is intact
     rollbacks = [m for m in read_metrics(tmp_path / "run") if m["event"] == "rollback"]
     assert [m["rollbacks"] for m in rollbacks] == [1, 2]  # it tried every rollback it was allowed first
@@ -177,9 +208,12 @@ def test_early_stopping(tmp_path, text_file, monkeypatch):
 def test_checkpoint_interval_in_steps(tmp_path, text_file, monkeypatch):
     saved = []
     real = contents_module.save_checkpoint
-    monkeypatch.setattr(contents_module, "save_checkpoint", lambda p, path: (saved.append((p["step"], path.name)),
-                                                                             real(p, path)))
-    cfg = validate_config(tiny_config(text_file, train={"max_steps": 10, "eval_interval": 100, "checkpoint_interval": 3}))
+    monkeypatch.setattr(
+        contents_module, "save_checkpoint", lambda p, path: (saved.append((p["step"], path.name)), real(p, path))
+    )
+    cfg = validate_config(
+        tiny_config(text_file, train={"max_steps": 10, "eval_interval": 100, "checkpoint_interval": 3})
+    )
     train(cfg, tmp_path / "run", display=quiet())
     # step 10 twice: before the final evaluation (which a signal may cut short) and with its result
     assert [s for s, name in saved if name == "last.pt"] == [0, 3, 6, 9, 10, 10]
@@ -192,8 +226,10 @@ def test_second_trainer_on_a_run_dir_refuses(tmp_path, text_file, write_config, 
     try:
         (run_dir / ".lock").write_text(str(owner.pid))
         config = write_config(tiny_config(text_file))
-        assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(run_dir)),
-                          f"is in use by another charlm train (pid {owner.pid})")
+        assert_user_error(
+            call(capsys, "train", "--config", str(config), "--out", str(run_dir)),
+            f"is in use by another charlm train (pid {owner.pid})",
+        )
     finally:
         owner.kill()
         owner.wait()
@@ -237,14 +273,17 @@ def test_unwritable_and_read_only_run_dirs(tmp_path, text_file, write_config, ca
     config = write_config(tiny_config(text_file))
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(blocker / "run")),
-                      "cannot write to run dir")
-    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(blocker)),
-                      "exists and is not a directory")
+    assert_user_error(
+        call(capsys, "train", "--config", str(config), "--out", str(blocker / "run")), "cannot write to run dir"
+    )
+    assert_user_error(
+        call(capsys, "train", "--config", str(config), "--out", str(blocker)), "exists and is not a directory"
+    )
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr("pathlib.Path.mkdir", read_only)
-    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "ro" / "run")),
-                      "Read-only file system")
+    assert_user_error(
+        call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "ro" / "run")), "Read-only file system"
+    )

@@ -30,9 +30,23 @@ def start(tmp_path: Path, config: dict, *args: str) -> subprocess.Popen:
     """`python -m charlm train` on `config` into tmp_path/run, with a corpus cache of its own."""
     (tmp_path / "c.yaml").write_text(config_yaml(config), encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHARLM_CACHE_DIR": str(tmp_path / "cache"), "CHARLM_NO_CPP": "1"}
-    return subprocess.Popen([sys.executable, "-m", "charlm", "train", "--config", str(tmp_path / "c.yaml"),
-                             "--out", str(tmp_path / "run"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "charlm",
+            "train",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--out",
+            str(tmp_path / "run"),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def ended_with_one_line(proc: subprocess.Popen, signum: int, tmp_path: Path) -> str:
@@ -68,8 +82,11 @@ def test_a_signal_during_the_final_evaluation(tmp_path):
     text = tmp_path / "input.txt"
     text.write_text(PARAGRAPH * 1200, encoding="utf-8")
     # 190,000 validation characters read as one stream, one step at a time: ~5 s of evaluation
-    config = tiny_config(text, data={"val_fraction": 0.7},
-                         train={"max_steps": 1, "log_interval": 1, "eval_interval": 100, "eval_batch_size": 1})
+    config = tiny_config(
+        text,
+        data={"val_fraction": 0.7},
+        train={"max_steps": 1, "log_interval": 1, "eval_interval": 100, "eval_batch_size": 1},
+    )
     proc = start(tmp_path, config)
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and '"train"' in metrics.read_text(), 60), proc.communicate()
@@ -97,9 +114,23 @@ def trained(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_sample_stops_quietly(trained, signum):
-    proc = subprocess.Popen([sys.executable, "-m", "charlm", "sample", "--checkpoint", str(trained),
-                             "--length", "1000000", "--prompt", "It was"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "charlm",
+            "sample",
+            "--checkpoint",
+            str(trained),
+            "--length",
+            "1000000",
+            "--prompt",
+            "It was",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         assert proc.stdout.read(20)  # it is streaming the sample
         proc.send_signal(signum)
@@ -115,13 +146,39 @@ def test_sample_stops_quietly(trained, signum):
 def torchrun(tmp_path: Path, config: dict) -> subprocess.Popen:
     """Two CPU processes (gloo); each rank's output goes to its own files under tmp_path/logs."""
     (tmp_path / "c.yaml").write_text(config_yaml(config), encoding="utf-8")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CHARLM_NO_CPP": "1",
-           "CHARLM_CACHE_DIR": str(tmp_path / "cache"),
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "--log-dir", str(tmp_path / "logs"), "--redirects", "3", "-m", "charlm", "train",
-                             "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "CHARLM_NO_CPP": "1",
+        "CHARLM_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--redirects",
+            "3",
+            "-m",
+            "charlm",
+            "train",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
@@ -169,8 +226,10 @@ def test_ddp_rank_1_signalled_while_rank_0_encodes(tmp_path, big_text):
 @pytest.mark.slow
 @needs_proc
 def test_ddp_rank_1_signalled_while_training(tmp_path, text_file):
-    config = tiny_config(text_file, train={"batch_size": 8, "max_steps": None, "max_time": "5m", "log_interval": 1,
-                                           "eval_interval": 100_000})
+    config = tiny_config(
+        text_file,
+        train={"batch_size": 8, "max_steps": None, "max_time": "5m", "log_interval": 1, "eval_interval": 100_000},
+    )
     launcher = torchrun(tmp_path, config)
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert wait_for(lambda: metrics.exists() and '"train"' in metrics.read_text(), 120), launcher.communicate()

@@ -25,9 +25,15 @@ from charlm.config import ConfigError, config_yaml, validate_config
 from charlm.store.metrics import read_metrics
 
 BOTH = {"loggers": ["jsonl", "tensorboard", "mlflow"]}
-TB_SCALARS = {"train": {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-                        "chars_per_sec": "train/chars_per_sec"},
-              "eval": {"val_loss": "val/loss", "val_bpc": "val/bpc"}}
+TB_SCALARS = {
+    "train": {
+        "loss": "train/loss",
+        "lr": "train/lr",
+        "grad_norm": "train/grad_norm",
+        "chars_per_sec": "train/chars_per_sec",
+    },
+    "eval": {"val_loss": "val/loss", "val_bpc": "val/bpc"},
+}
 
 
 def events(run_dir: Path, name: str) -> list[dict]:
@@ -42,8 +48,10 @@ def tensorboard(run_dir: Path) -> EventAccumulator:
 
 def tb_text(accumulator: EventAccumulator, tag: str) -> list[tuple[int, str]]:
     """Text summaries, with the four-space indent that makes TensorBoard's markdown keep them as they are."""
+
     def plain(value: bytes) -> str:
         return "\n".join(line.removeprefix("    ") for line in value.decode("utf-8").split("\n"))
+
     return [(e.step, plain(e.tensor_proto.string_val[0])) for e in accumulator.Tensors(f"{tag}/text_summary")]
 
 
@@ -97,8 +105,9 @@ def test_a_figure_added_in_the_loop_reaches_every_sink(tracked):
     accumulator = tensorboard(run_dir)
     client, run = mlflow_run(run_dir)
     for key in keys:
-        assert [(s.step, s.value) for s in accumulator.Scalars(f"train/{key}")] == \
-               [(e["step"], pytest.approx(e[key], rel=1e-6)) for e in rows], key
+        assert [(s.step, s.value) for s in accumulator.Scalars(f"train/{key}")] == [
+            (e["step"], pytest.approx(e[key], rel=1e-6)) for e in rows
+        ], key
         assert history(client, run.info.run_id, f"train/{key}") == [(e["step"], e[key]) for e in rows], key
     for e in rows:
         parts = ", ".join(f"{key.split('/')[1]} {e[key]:.3g}" for key in keys)
@@ -111,12 +120,39 @@ def test_every_number_of_a_train_or_eval_event_is_a_chart():
     from charlm.store.events import Event
     from charlm.training.tracking import scalars
 
-    train = Event("train", 4, {"epoch": 0, "loss": 2.5, "lr": 0.01, "grad_norm": 1.0, "chars_per_sec": 900.0,
-                               "elapsed": 3.0, "grad_norm/rnn.0": 0.5})
-    assert scalars(train) == {"train/loss": 2.5, "train/lr": 0.01, "train/grad_norm": 1.0,
-                              "train/chars_per_sec": 900.0, "train/grad_norm/rnn.0": 0.5}
-    evaluation = Event("eval", 4, {"epoch": 0, "val_loss": 2.0, "val_bpc": 2.9, "best_val_loss": None,
-                                   "elapsed": 3.0, "eval_seconds": 0.1, "new_best": True})
+    train = Event(
+        "train",
+        4,
+        {
+            "epoch": 0,
+            "loss": 2.5,
+            "lr": 0.01,
+            "grad_norm": 1.0,
+            "chars_per_sec": 900.0,
+            "elapsed": 3.0,
+            "grad_norm/rnn.0": 0.5,
+        },
+    )
+    assert scalars(train) == {
+        "train/loss": 2.5,
+        "train/lr": 0.01,
+        "train/grad_norm": 1.0,
+        "train/chars_per_sec": 900.0,
+        "train/grad_norm/rnn.0": 0.5,
+    }
+    evaluation = Event(
+        "eval",
+        4,
+        {
+            "epoch": 0,
+            "val_loss": 2.0,
+            "val_bpc": 2.9,
+            "best_val_loss": None,
+            "elapsed": 3.0,
+            "eval_seconds": 0.1,
+            "new_best": True,
+        },
+    )
     assert scalars(evaluation) == {"val/loss": 2.0, "val/bpc": 2.9, "eval/eval_seconds": 0.1}
     assert scalars(Event("skip", 5, {"loss": float("nan"), "grad_norm": 1.0, "streak": 1})) == {}
 
@@ -174,13 +210,22 @@ def test_samples_for_the_loggers_leave_training_as_it_was(tracked, tmp_path):
     """--quiet with jsonl alone draws no preview; the tracked run drew one per evaluation: same numbers."""
     run_dir, _, _ = tracked
     plain = tmp_path / "plain"
-    result = run_cli("train", "--config", str(run_dir.parent / "tiny.yaml"), "--out", str(plain), "--quiet",
-                     "--set", "train.loggers=[jsonl]")
+    result = run_cli(
+        "train",
+        "--config",
+        str(run_dir.parent / "tiny.yaml"),
+        "--out",
+        str(plain),
+        "--quiet",
+        "--set",
+        "train.loggers=[jsonl]",
+    )
     assert result.returncode == 0, result.stderr
     assert not events(plain, "sample") and not (plain / "tensorboard").exists() and not (plain / "mlflow.db").exists()
     for event, fields in (("train", ("loss", "lr", "grad_norm")), ("eval", ("val_loss", "val_bpc"))):
-        assert [[e[f] for f in fields] for e in events(plain, event)] == \
-               [[e[f] for f in fields] for e in events(run_dir, event)]
+        assert [[e[f] for f in fields] for e in events(plain, event)] == [
+            [e[f] for f in fields] for e in events(run_dir, event)
+        ]
 
 
 @pytest.mark.slow
@@ -207,8 +252,9 @@ def test_resume_continues_the_same_tensorboard_folder_and_mlflow_run(tmp_path):
     again = run_cli("train", "--resume", "--out", str(run_dir))
     assert again.returncode == 0, again.stderr
     latest = {e["step"]: e["loss"] for e in events(run_dir, "train")}  # the last line of each step wins
-    assert [(s.step, s.value) for s in tensorboard(run_dir).Scalars("train/loss")] == \
-           [(step, pytest.approx(latest[step], rel=1e-6)) for step in (2, 4, 6, 8, 10)]
+    assert [(s.step, s.value) for s in tensorboard(run_dir).Scalars("train/loss")] == [
+        (step, pytest.approx(latest[step], rel=1e-6)) for step in (2, 4, 6, 8, 10)
+    ]
     assert mlflow_run(run_dir)[1].info.status == "FINISHED"
 
 
@@ -217,8 +263,9 @@ def test_overwrite_moves_the_replaced_runs_tracking_files_aside_with_its_other_f
     run_dir, _, config, _ = train_tiny_run(tmp_path, train=BOTH)
     # (no client opened on the store before it moves: SQLAlchemy would keep the moved file open)
     first_id = json.loads((run_dir / "mlflow-run.json").read_text())["run_id"]
-    again = run_cli("train", "--config", str(config), "--out", str(run_dir), "--overwrite",
-                    "--set", "train.max_steps=4")
+    again = run_cli(
+        "train", "--config", str(config), "--out", str(run_dir), "--overwrite", "--set", "train.max_steps=4"
+    )
     assert again.returncode == 0, again.stderr
     [aside] = run_dir.glob("replaced-*")
     _, second = mlflow_run(run_dir)
@@ -231,12 +278,26 @@ def test_overwrite_moves_the_replaced_runs_tracking_files_aside_with_its_other_f
 
 @pytest.mark.slow
 def test_ctrl_c_ends_the_mlflow_run_as_killed(tmp_path, text_file, write_config):
-    config = write_config(tiny_config(text_file, train={"max_steps": None, "max_time": "5m", "log_interval": 1,
-                                                        "eval_interval": 100_000, "loggers": ["mlflow"]}))
+    config = write_config(
+        tiny_config(
+            text_file,
+            train={
+                "max_steps": None,
+                "max_time": "5m",
+                "log_interval": 1,
+                "eval_interval": 100_000,
+                "loggers": ["mlflow"],
+            },
+        )
+    )
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "charlm", "train", "--config", str(config), "--out", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charlm", "train", "--config", str(config), "--out", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     metrics = run_dir / "metrics.jsonl"
     try:
         deadline = time.time() + 120
@@ -257,19 +318,35 @@ def test_ctrl_c_ends_the_mlflow_run_as_killed(tmp_path, text_file, write_config)
 @pytest.mark.slow
 def test_an_error_ends_the_mlflow_run_as_failed_in_a_shared_store(tmp_path, text_file, monkeypatch, capsys):
     """A store of the user's own (train.mlflow_uri) with a named experiment; charlm run from elsewhere."""
-    monkeypatch.setattr(trainer_module.Trainer, "loss", staticmethod(lambda logits, targets: logits.sum() * float("nan")))
+    monkeypatch.setattr(
+        trainer_module.Trainer, "loss", staticmethod(lambda logits, targets: logits.sum() * float("nan"))
+    )
     store = tmp_path / "store"
     store.mkdir()
     uri = f"sqlite:///{store / 'shared.db'}"
     config = tmp_path / "c.yaml"
-    config.write_text(config_yaml(tiny_config(text_file, train={
-        "max_steps": 50, "max_bad_steps": 1, "max_rollbacks": 0, "loggers": ["mlflow"], "mlflow_uri": uri,
-        "mlflow_experiment": "charlm tests"})), encoding="utf-8")
+    config.write_text(
+        config_yaml(
+            tiny_config(
+                text_file,
+                train={
+                    "max_steps": 50,
+                    "max_bad_steps": 1,
+                    "max_rollbacks": 0,
+                    "loggers": ["mlflow"],
+                    "mlflow_uri": uri,
+                    "mlflow_experiment": "charlm tests",
+                },
+            )
+        ),
+        encoding="utf-8",
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run")),
-                      "training diverged")
+    assert_user_error(
+        call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run")), "training diverged"
+    )
     client, run = mlflow_run(tmp_path / "run", uri)
     assert run.info.status == "FAILED"
     assert client.get_experiment(run.info.experiment_id).name == "charlm tests"
@@ -278,26 +355,35 @@ def test_an_error_ends_the_mlflow_run_as_failed_in_a_shared_store(tmp_path, text
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("logger, module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"),
-                                            ("mlflow", "sqlalchemy")])
+@pytest.mark.parametrize(
+    "logger, module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("mlflow", "sqlalchemy")]
+)
 def test_a_missing_library_is_one_line_before_anything_is_written(tmp_path, text_file, write_config, logger, module):
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n", encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     config = write_config(tiny_config(text_file, train={"loggers": ["jsonl", logger]}))
-    result = subprocess.run([sys.executable, "-m", "charlm", "train", "--config", str(config), "--out",
-                             str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "charlm", "train", "--config", str(config), "--out", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"charlm: error: train.loggers names {logger}, which needs the track extra: "
-                                     "pip install 'charlm[track]'")
+    assert result.stderr.strip() == (
+        f"charlm: error: train.loggers names {logger}, which needs the track extra: pip install 'charlm[track]'"
+    )
     assert not (tmp_path / "run").exists()
 
 
 def test_a_store_mlflow_refuses_is_one_line_before_anything_is_written(tmp_path, text_file, write_config, capsys):
     config = write_config(tiny_config(text_file, train={"loggers": ["mlflow"], "mlflow_uri": "nosuchscheme://x"}))
-    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run")),
-                      "train.mlflow_uri: MLflow cannot log to nosuchscheme://x: ")
+    assert_user_error(
+        call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run")),
+        "train.mlflow_uri: MLflow cannot log to nosuchscheme://x: ",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -318,6 +404,16 @@ def test_loggers_config(text_file):
 
 def test_an_unknown_logger_through_the_cli(tmp_path, text_file, write_config, capsys):
     config = write_config(tiny_config(text_file))
-    assert_user_error(call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run"),
-                           "--set", "train.loggers=[jsonl,tensorbord]"),
-                      "train.loggers: each name must be jsonl, tensorboard or mlflow (got 'tensorbord')")
+    assert_user_error(
+        call(
+            capsys,
+            "train",
+            "--config",
+            str(config),
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "train.loggers=[jsonl,tensorbord]",
+        ),
+        "train.loggers: each name must be jsonl, tensorboard or mlflow (got 'tensorbord')",
+    )

@@ -59,9 +59,22 @@ def test_small_lstm_memorises_a_short_text(tmp_path, write_config):
     # Ending well under a third of that means the LSTM uses longer context: it has memorised.
     floor = bigram_entropy(sentence * 200)
     assert floor > 0.25
-    cfg = validate_config(tiny_config(path, model={"hidden_size": 48}, data={"val_fraction": 0.1},
-                                      train={"max_steps": 300, "eval_interval": 300, "log_interval": 300,
-                                             "batch_size": 8, "seq_len": 32, "lr": 0.01, "lr_schedule": "cosine"}))
+    cfg = validate_config(
+        tiny_config(
+            path,
+            model={"hidden_size": 48},
+            data={"val_fraction": 0.1},
+            train={
+                "max_steps": 300,
+                "eval_interval": 300,
+                "log_interval": 300,
+                "batch_size": 8,
+                "seq_len": 32,
+                "lr": 0.01,
+                "lr_schedule": "cosine",
+            },
+        )
+    )
     outcome = train(cfg, tmp_path / "run", display=quiet())
     final_train = [m for m in read_metrics(tmp_path / "run") if m["event"] == "train"][-1]["loss"]
     assert final_train < floor / 3
@@ -110,8 +123,9 @@ def test_weight_average_by_hand():
 
 
 def test_ema_validates_and_saves_the_average(text_file, tmp_path):
-    cfg = validate_config(tiny_config(text_file, train={"max_steps": 24, "eval_interval": 8, "lr": 0.05,
-                                                        "ema_decay": 0.9}))
+    cfg = validate_config(
+        tiny_config(text_file, train={"max_steps": 24, "eval_interval": 8, "lr": 0.05, "ema_decay": 0.9})
+    )
     train(cfg, tmp_path / "run", display=quiet())
     evals = [m for m in read_metrics(tmp_path / "run") if m["event"] == "eval"]
     last = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -137,8 +151,11 @@ def test_a_carried_state_resumes_across_precisions(text_file, tmp_path, first, t
     kernel refuses a bf16 state, so a resume casts it to the model's own dtype (and the reverse)."""
     model = {"backend": "fused", "num_layers": 2}
     run_dir = tmp_path / "run"
-    train(validate_config(tiny_config(text_file, model=model, train={"precision": first, "max_steps": 4})),
-          run_dir, display=quiet())
+    train(
+        validate_config(tiny_config(text_file, model=model, train={"precision": first, "max_steps": 4})),
+        run_dir,
+        display=quiet(),
+    )
     saved = load_checkpoint(run_dir / "last.pt")["train_state"]
     assert saved[0].dtype == (torch.bfloat16 if first == "bf16" else torch.float32)
     resumed = validate_config(tiny_config(text_file, model=model, train={"precision": then, "max_steps": 6}))
@@ -149,12 +166,42 @@ def test_the_display_shows_the_figures_an_event_brings():
     """The plain lines (not a terminal): the known figures in their places, any others after them."""
     console = Console(record=True, force_terminal=False, width=200)
     display = TrainingDisplay(console)
-    display.log(Event("train", 4, {"epoch": 1, "loss": 2.5, "lr": 0.01, "grad_norm": 1.5, "chars_per_sec": 1234.0,
-                                   "elapsed": 2.0, "grad_norm/embedding": 0.25, "grad_norm/rnn.0": 1.25}))
-    display.log(Event("train", 6, {"epoch": 1, "loss": 2.25, "lr": 0.01, "grad_norm": 1.5, "chars_per_sec": 999.0,
-                                   "elapsed": 3.0}))
-    display.log(Event("eval", 6, {"epoch": 1, "val_loss": 2.0, "val_bpc": 2.885, "best_val_loss": 2.0,
-                                  "elapsed": 3.5, "eval_seconds": 0.5, "new_best": True}))
+    display.log(
+        Event(
+            "train",
+            4,
+            {
+                "epoch": 1,
+                "loss": 2.5,
+                "lr": 0.01,
+                "grad_norm": 1.5,
+                "chars_per_sec": 1234.0,
+                "elapsed": 2.0,
+                "grad_norm/embedding": 0.25,
+                "grad_norm/rnn.0": 1.25,
+            },
+        )
+    )
+    display.log(
+        Event(
+            "train", 6, {"epoch": 1, "loss": 2.25, "lr": 0.01, "grad_norm": 1.5, "chars_per_sec": 999.0, "elapsed": 3.0}
+        )
+    )
+    display.log(
+        Event(
+            "eval",
+            6,
+            {
+                "epoch": 1,
+                "val_loss": 2.0,
+                "val_bpc": 2.885,
+                "best_val_loss": 2.0,
+                "elapsed": 3.5,
+                "eval_seconds": 0.5,
+                "new_best": True,
+            },
+        )
+    )
     display.log(Event("sample", 6, {"text": "ab\ncd"}))
     display.log(Event("skip", 7, {"loss": float("nan"), "grad_norm": 1.0, "streak": 1}))  # the record's alone
     assert console.export_text().splitlines() == [

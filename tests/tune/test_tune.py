@@ -37,6 +37,7 @@ def sweep_files(tmp_path, write_config):
         space = tmp_path / "space.yaml"
         space.write_text(space_text, encoding="utf-8")
         return write_config(tiny_config(text, **sections)), space
+
     return write
 
 
@@ -46,9 +47,25 @@ def tune(config: Path, space: Path, out: Path, *args: str) -> subprocess.Complet
 
 def start_tune(config: Path, space: Path, out: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    return subprocess.Popen([sys.executable, "-m", "charlm", "tune", "--config", str(config), "--space", str(space),
-                             "--out", str(out), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "charlm",
+            "tune",
+            "--config",
+            str(config),
+            "--space",
+            str(space),
+            "--out",
+            str(out),
+            *args,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def study_trials(optuna, out: Path, name: str = "tiny"):
@@ -60,20 +77,26 @@ def events(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("space_text, extra, expected", [
-    ("model.hiden_size: [8, 16]\n", [], "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
-    ("modle.hidden_size: [8]\n", [], "unknown section 'modle'; did you mean 'model'?"),
-    ("train.lr: {low: 0.1, high: 0.01}\n", [], "train.lr: low must be below high (got low 0.1, high 0.01)"),
-    ("train.lr: {low: 0.0, high: 0.1, log: true}\n", [], "train.lr: log: true needs low > 0"),
-    ("train.lr: {low: 0.001, hi: 0.1}\n", [], "train.lr: unknown range setting 'hi'"),
-    ("model.num_layers: {low: 1, high: 2.5}\n", [], "model.num_layers: takes whole numbers"),
-    ("model.hidden_size: []\n", [], "model.hidden_size: the list of choices is empty"),
-    ("model.hidden_size: [0, 16]\n", [], "model.hidden_size: 0 makes an invalid config: model.hidden_size: "
-                                         "input should be greater than 0 (got 0)"),
-    ("model.type: {low: 1, high: 2}\n", [], "model.type: a range needs a number key"),
-    ("train.lr: [0.01, 0.02]\n", ["--set", "train.lr=0.01"], "train.lr: given with --set and searched"),
-    ("- train.lr\n", [], "a space file maps config keys to choices or ranges"),
-])
+@pytest.mark.parametrize(
+    "space_text, extra, expected",
+    [
+        ("model.hiden_size: [8, 16]\n", [], "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
+        ("modle.hidden_size: [8]\n", [], "unknown section 'modle'; did you mean 'model'?"),
+        ("train.lr: {low: 0.1, high: 0.01}\n", [], "train.lr: low must be below high (got low 0.1, high 0.01)"),
+        ("train.lr: {low: 0.0, high: 0.1, log: true}\n", [], "train.lr: log: true needs low > 0"),
+        ("train.lr: {low: 0.001, hi: 0.1}\n", [], "train.lr: unknown range setting 'hi'"),
+        ("model.num_layers: {low: 1, high: 2.5}\n", [], "model.num_layers: takes whole numbers"),
+        ("model.hidden_size: []\n", [], "model.hidden_size: the list of choices is empty"),
+        (
+            "model.hidden_size: [0, 16]\n",
+            [],
+            "model.hidden_size: 0 makes an invalid config: model.hidden_size: input should be greater than 0 (got 0)",
+        ),
+        ("model.type: {low: 1, high: 2}\n", [], "model.type: a range needs a number key"),
+        ("train.lr: [0.01, 0.02]\n", ["--set", "train.lr=0.01"], "train.lr: given with --set and searched"),
+        ("- train.lr\n", [], "a space file maps config keys to choices or ranges"),
+    ],
+)
 def test_space_mistakes_are_one_line_and_exit_2(sweep_files, tmp_path, space_text, extra, expected):
     config, space = sweep_files(space_text)
     result = tune(config, space, tmp_path / "sweep", "--trials", "2", *extra)
@@ -107,8 +130,10 @@ def test_values_that_only_clash_together_fail_their_trial(optuna, sweep_files, t
     config, space = sweep_files("train.lr: [0.001]\ntrain.min_lr: [0.005]\n", train={"lr": 0.02})
     result = tune(config, space, tmp_path / "sweep", "--trials", "1")
     assert result.returncode == 2
-    assert "trial 0: failed: these values together: train: train.min_lr (0.005) must not exceed train.lr (0.001)" \
+    assert (
+        "trial 0: failed: these values together: train: train.min_lr (0.005) must not exceed train.lr (0.001)"
         in result.stdout
+    )
     (trial,) = study_trials(optuna, tmp_path / "sweep")
     assert trial.state.name == "FAIL" and "must not exceed" in trial.user_attrs["message"]
     assert not list((tmp_path / "sweep").glob("trial_*"))  # no trainer was started
@@ -120,9 +145,26 @@ def test_without_optuna_it_names_the_extra(sweep_files, tmp_path):
     blocker.mkdir()
     (blocker / "optuna.py").write_text("raise ModuleNotFoundError(\"No module named 'optuna'\", name='optuna')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "charlm", "tune", "--config", str(config), "--space", str(space),
-                             "--trials", "1", "--out", str(tmp_path / "sweep")], env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "charlm",
+            "tune",
+            "--config",
+            str(config),
+            "--space",
+            str(space),
+            "--trials",
+            "1",
+            "--out",
+            str(tmp_path / "sweep"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "charlm: error: charlm tune needs the tune extra: pip install 'charlm[tune]'"
 
@@ -169,8 +211,12 @@ def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(optuna,
     assert all(t.state.name == "COMPLETE" for t in finished)
     # A place taken past --trials by a worker that asked at the last moment is put back, unrun.
     assert all(t.state.name == "WAITING" and not t.params for t in trials if not t.state.is_finished())
-    started = [line.split(":")[0] for stdout, _ in outputs for line in stdout.splitlines()
-               if line.startswith("trial ") and "model.hidden_size=" in line]
+    started = [
+        line.split(":")[0]
+        for stdout, _ in outputs
+        for line in stdout.splitlines()
+        if line.startswith("trial ") and "model.hidden_size=" in line
+    ]
     assert sorted(started) == [f"trial {i}" for i in range(n)]  # each run once, by one worker or the other
     assert sorted(p.name for p in out.glob("trial_*")) == [f"trial_{i:04d}" for i in range(n)]
     for i in range(n):
@@ -185,8 +231,19 @@ def test_a_hopeless_trial_is_pruned_and_its_trainer_stopped(optuna, sweep_files,
     assert first.returncode == 0, first.stderr
     # The third trial learns nothing (lr 1e-6): at its first evaluation it is worse than the median.
     budget = 5000
-    result = tune(config, space, out, "--trials", "3", "--startup-trials", "2",
-                  "--set", "train.lr=1.0e-6", "--set", f"train.max_steps={budget}")
+    result = tune(
+        config,
+        space,
+        out,
+        "--trials",
+        "3",
+        "--startup-trials",
+        "2",
+        "--set",
+        "train.lr=1.0e-6",
+        "--set",
+        f"train.max_steps={budget}",
+    )
     assert result.returncode == 0, result.stderr
     assert "trial 2: pruned at step" in result.stdout
 
