@@ -1,11 +1,13 @@
 """The config: a YAML file (plus `--set` overrides) becomes typed, validated objects once, here.
 
-`schema` holds the four frozen sections and their checks; `loading` reads and writes YAML
-(the only module that imports yaml), applies overrides and turns every validation problem
-into one line naming its dotted key. Imports only charlm.errors and charlm.models.registry (a
+`schema` holds the whole Config with its data and sample sections; `model` and `train` the two
+larger sections and their checks; `base` the frozen section base and ConfigError; `loading`
+reads and writes YAML (the only module that imports yaml), applies overrides and turns every
+validation problem into one line naming its dotted key. Imports only charlm.errors and charlm.models.registry (a
 torch-free leaf: the cell types and backends): every other package may import the config.
 """
 
+from charlm.config.base import ConfigError
 from charlm.config.loading import (
     apply_override,
     config_yaml,
@@ -16,21 +18,10 @@ from charlm.config.loading import (
     sample_settings,
     validate_config,
 )
+from charlm.config.model import BACKEND_CHOICES, BACKENDS, Backend, ModelConfig
 from charlm.config.redact import redact_uri
-from charlm.config.schema import (
-    BACKEND_CHOICES,
-    BACKENDS,
-    SECTIONS,
-    Backend,
-    Config,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    SampleConfig,
-    TrainConfig,
-    parse_duration,
-    with_absolute_paths,
-)
+from charlm.config.schema import SECTIONS, Config, DataConfig, SampleConfig, with_absolute_paths
+from charlm.config.train import TrainConfig, parse_duration
 
 __all__ = [
     "BACKEND_CHOICES",

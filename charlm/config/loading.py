@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from charlm.config.schema import SECTIONS, Config, ConfigError, SampleConfig
+from charlm.config.base import ConfigError
+from charlm.config.schema import SECTIONS, Config, SampleConfig
 
 # --- YAML reading -------------------------------------------------------------------------
 
