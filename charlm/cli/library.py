@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from charlm.training.runtime import autocast, resolve_device, usable_precision, use_threads
     from charlm.tune.results import best_row, trial_rows, write_results
     from charlm.tune.space import load_space
-    from charlm.tune.study import Sweep, import_optuna, open_study, work
+    from charlm.tune.study import Sweep, import_optuna, open_study
+    from charlm.tune.worker import work
 
 # module -> the names read from it (the same as above, line for line)
 LAZY: dict[str, tuple[str, ...]] = {
@@ -75,7 +76,8 @@ LAZY: dict[str, tuple[str, ...]] = {
     "charlm.training.runtime": ("autocast", "resolve_device", "usable_precision", "use_threads"),
     "charlm.tune.results": ("best_row", "trial_rows", "write_results"),
     "charlm.tune.space": ("load_space",),
-    "charlm.tune.study": ("Sweep", "import_optuna", "open_study", "work"),
+    "charlm.tune.study": ("Sweep", "import_optuna", "open_study"),
+    "charlm.tune.worker": ("work",),
 }
 _MODULE_OF = {name: module for module, names in LAZY.items() for name in names}
 
