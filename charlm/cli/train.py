@@ -17,7 +17,7 @@ from charlm.errors import UserError
 from charlm.store.rundir import BEST, CONFIG, LAST
 
 if TYPE_CHECKING:
-    from charlm.training.trainer import TrainOutcome
+    from charlm.training.loop import TrainOutcome
 
 
 def train(

@@ -13,14 +13,15 @@ from charlm.store.checkpoint import check_resumable
 from charlm.store.events import Display, Event, RunMetrics
 from charlm.store.metrics import NoMetrics
 from charlm.store.rundir import RunLock, write_config
-from charlm.training import announce, distributed
+from charlm.training import announce, distributed, loop
 from charlm.training.announce import FINISHED, STARTING
 from charlm.training.context import RunContext, resolve_context
 from charlm.training.loggers import open_loggers
+from charlm.training.loop import TrainOutcome
 from charlm.training.runtime import describe_device
 from charlm.training.setup import Start, build_model, check_same_freeze, prepare, stage
 from charlm.training.signals import StopRequests
-from charlm.training.trainer import Trainer, TrainOutcome
+from charlm.training.trainer import Trainer
 
 
 def train(
@@ -56,7 +57,7 @@ def _train_locked(ctx: RunContext, display: Display, notices: tuple[str, ...]) -
         trainer, metrics = _start(ctx, display, notices)
     try:
         with display:
-            return trainer.run(metrics)
+            return loop.run(trainer, metrics)
     except Interrupted as stop:  # only from the final evaluation: the loop itself stops between steps
         stop.during = stop.during or announce.final_evaluation_note(trainer, ctx.run_dir)
         raise

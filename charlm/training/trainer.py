@@ -1,13 +1,13 @@
-"""The training loop: one update per train_step (learning rate, micro-batches, clip, step, carried state, then
-log / evaluate / checkpoint) and the run around it. Handed its model, it does not know which cell it trains;
-under torchrun it trains this rank's slice of the streams (see distributed.py)."""
+"""The training step: one update per train_step (learning rate, micro-batches, clip, step, carried state, then
+log / evaluate / checkpoint; the run around the steps is loop.py's). Handed its model, it does not know which cell
+it trains; under torchrun it trains this rank's slice of the streams (see distributed.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 
@@ -16,7 +16,6 @@ import torch
 from charlm.config import Config
 from charlm.data.batches import TBPTTBatches
 from charlm.data.corpus import Corpus
-from charlm.errors import Interrupted
 from charlm.inference.evaluate import EvalResult
 from charlm.models.cells import State
 from charlm.models.model import CharLM
@@ -32,23 +31,8 @@ from charlm.training.objective import activation_penalties, cross_entropy
 from charlm.training.optim import Budget, WeightAverage, build_optimizer, learning_rate
 from charlm.training.recovery import AfterBadStep
 from charlm.training.runtime import autocast, batch_to_device, grad_scaler
-from charlm.training.signals import StopRequests
 from charlm.training.validation import is_new_best, preview, validate
 from charlm.training.wrapping import WrappedModel
-
-
-@dataclass
-class TrainOutcome:
-    run_dir: Path
-    step: int
-    epoch: int
-    elapsed: float
-    stop_reason: str  # "budget", "early_stop" or "interrupted"
-    best_val_loss: float | None
-    best_step: int | None
-    last_val: EvalResult | None
-    signal: int | None = None
-    main: bool = True  # the process that reports (rank 0 under torchrun)
 
 
 class StepEnd(Enum):  # how a train_step ended
@@ -98,8 +82,14 @@ class Trainer:
         self.last_eval_step, self.bad_streak = -1, 0
         self._t0 = time.perf_counter()
         self.saved_at = (0, 0.0)  # (step, elapsed) of the last checkpoint
-        self.metrics: RunMetrics = NoMetrics()  # the run's record, handed to run()
+        self.metrics: RunMetrics = NoMetrics()  # the run's record, handed to begin()
         self.interval = IntervalStats(device)
+
+    def begin(self, metrics: RunMetrics) -> None:
+        """Before the first step of the run (loop.run): events go to `metrics` from here on; the model trains."""
+        self.metrics = metrics
+        self.net.train()
+        self.interval.start()
 
     # --- one step -----------------------------------------------------------------------
 
@@ -284,70 +274,3 @@ class Trainer:
         event = Event(name, self.pos.step, values)
         self.metrics.log(event)
         self.display.log(event)
-
-    # --- the loop -----------------------------------------------------------------------
-
-    def run(self, metrics: RunMetrics) -> TrainOutcome:
-        """Train to the budget, a signal or the end of patience; events go to `metrics` and the display."""
-        self.metrics = metrics
-        self.net.train()
-        self.interval.start()
-        reason = "budget"
-        with StopRequests() as stop:
-            while not self.stop_now(stop):
-                if self.train_step() is StepEnd.OUT_OF_PATIENCE:
-                    reason = "early_stop"
-                    break
-            # The signal itself, not just whether there was one: a rank that received none reports it too.
-            signum = distributed.max_over_ranks(stop.signal or 0, self.world, self.device) or None
-            if signum is not None and reason == "budget":
-                reason = "interrupted"
-            final_eval = reason == "budget" and self.last_eval_step != self.pos.step
-            if reason == "interrupted" or (final_eval and self.saved_at[0] != self.pos.step):
-                self.save()  # before a final evaluation too: a signal may cut that one short
-        if final_eval:
-            self.final_evaluation(stop.signal)
-        self.end(reason)
-        return TrainOutcome(
-            self.run_dir,
-            self.pos.step,
-            self.pos.epoch,
-            self.elapsed(),
-            reason,
-            self.pos.best_val_loss,
-            self.pos.best_step,
-            self.last_val,
-            signum,
-            self.world.main,
-        )
-
-    def stop_now(self, stop: StopRequests) -> bool:
-        """Budget spent or a signal received, on any rank: then on every rank, at the same step."""
-        local = stop.signal is not None or self.budget.reached(self.pos.step, self.elapsed())
-        return distributed.any_rank(local, self.world, self.device)
-
-    def final_evaluation(self, pending: int | None) -> None:
-        """The evaluation at the end of the budget, with last.pt already written. It runs outside
-        StopRequests: a signal ends it at once (Interrupted) instead of after the whole val split."""
-        try:
-            if pending is not None:  # it came during the save just before
-                raise Interrupted(pending)
-            self.evaluate()
-        except Interrupted:
-            self.end("interrupted")
-            raise
-
-    def end(self, reason: str) -> None:
-        pos = self.pos
-        self.emit(
-            "end",
-            {
-                "epoch": pos.epoch,
-                "elapsed": self.elapsed(),
-                "reason": reason,
-                "best_val_loss": pos.best_val_loss,
-                "best_step": pos.best_step,
-                "skipped_steps": pos.skipped_steps,
-                "rollbacks": pos.rollbacks,
-            },
-        )
