@@ -12,7 +12,7 @@ from conftest import run_cli, tiny_config
 from charlm import hardware
 from charlm.config import ModelConfig
 from charlm.errors import UserError
-from charlm.models import autotune
+from charlm.models import autotune, timing
 from charlm.models.autotune import Workload, choose
 from charlm.models.native import build_flags
 
@@ -109,7 +109,7 @@ def blocks_of(order: list[str]) -> list[str]:
 
 def test_timing_runs_in_blocks_a_b_b_a_and_stops_early_on_a_clear_lead():
     machine = SimulatedMachine({"native": 0.05, "fused": 0.1})
-    seconds = autotune.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
+    seconds = timing.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
     assert seconds == pytest.approx({"native": 0.05, "fused": 0.1})
     # warm-up blocks A B B A, then round A B, round B A: 2x is decisive after two rounds
     assert blocks_of(machine.order) == ["native", "fused", "native", "fused", "native"]
@@ -118,7 +118,7 @@ def test_timing_runs_in_blocks_a_b_b_a_and_stops_early_on_a_clear_lead():
 
 def test_a_near_tie_gets_every_round_the_budget_allows_and_keeps_within_it():
     machine = SimulatedMachine({"native": 0.1, "fused": 0.097})
-    seconds = autotune.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
+    seconds = timing.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
     assert seconds["fused"] < seconds["native"]
     assert len(blocks_of(machine.order)) >= 8
     assert machine.now <= 2.7
@@ -127,14 +127,14 @@ def test_a_near_tie_gets_every_round_the_budget_allows_and_keeps_within_it():
 def test_a_burst_of_noise_spoils_one_block_not_the_answer():
     # 3x slower calls for 0.1 s after the warm-up: one timed block is spoilt
     machine = SimulatedMachine({"native": 0.09, "fused": 0.1}, burst=3.0, busy=(0.9, 1.0))
-    seconds = autotune.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
+    seconds = timing.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
     assert seconds == pytest.approx({"native": 0.09, "fused": 0.1})
     assert autotune.pick(seconds, "native") == "native"
 
 
 def test_a_call_longer_than_the_budget_still_times_each_backend_once():
     machine = SimulatedMachine({"native": 1.5, "fused": 1.2})
-    seconds = autotune.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
+    seconds = timing.time_in_blocks(machine.runs(), budget=2.7, clock=machine.clock)
     assert seconds == pytest.approx({"native": 1.5, "fused": 1.2})
     assert machine.order == ["native", "fused", "fused", "native", "native", "fused"]
 
