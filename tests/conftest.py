@@ -18,7 +18,7 @@ from charlm.config import config_yaml
 # The tests build the C++ step loop and encode corpora into a cache of their own, never the user's.
 os.environ["CHARLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="charlm-test-cache-")
 # `model.backend: auto` from the fixed table, not from timing this machine: the same backend on every
-# run (tests/test_autotune.py measures, with this unset).
+# run (tests/models/test_autotune.py measures, with this unset).
 os.environ["CHARLM_AUTO"] = "fixed"
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -53,7 +53,7 @@ def test_the_tile_code_computes_what_the_loops_expect(ops):
     if kernel_in_fresh_process(CHARLM_BF16_GEMM="brgemm") != "brgemm" and "amx_bf16" not in hardware.cpu_flags():
         pytest.skip("this torch build or CPU has no bf16 micro-kernel")
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layers.py", "-k", "bf16"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/models/test_layers.py", "-k", "bf16"],
         env={**os.environ, "CHARLM_BF16_GEMM": "brgemm"},
         capture_output=True,
         text=True,
