@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+# Where `charlm download tinyshakespeare` puts it when run from the repository root.
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare" / "input.txt"
 IGNORE = -100  # target id of padding in the last validation window
 
 
@@ -208,7 +209,9 @@ def main() -> None:
     args = parse_args()
     if not args.data.is_file():
         print(
-            f"error: data file not found: {args.data} (give Tiny Shakespeare's input.txt with --data)", file=sys.stderr
+            f"error: data file not found: {args.data} (run `charlm download tinyshakespeare` from the "
+            "repository root, or give Tiny Shakespeare's input.txt with --data)",
+            file=sys.stderr,
         )
         sys.exit(2)
     torch.manual_seed(args.seed)
