@@ -1,0 +1,71 @@
+"""docs/reference/ is generated from the code: the committed pages match what the script writes, and
+every config key and every command's option appears in them."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import typer.main
+
+from charlm.cli.commands import build_app
+from charlm.config import SECTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+HINT = "run `python scripts/reference_docs.py` and commit docs/reference/"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("reference_docs", ROOT / "scripts" / "reference_docs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("reference_docs", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def committed(relative: Path) -> str:
+    path = ROOT / relative
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def commands(command, path="charlm"):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from commands(sub, f"{path} {name}")
+
+
+def test_committed_pages_are_what_the_script_writes():
+    script = load_script()
+    generated = script.pages()
+    assert generated == script.pages(), "the reference pages differ between two runs"
+    stale = [str(relative) for relative, text in generated.items() if committed(relative) != text]
+    assert not stale, f"{', '.join(stale)} out of date: {HINT}"
+
+
+def test_every_config_key_is_in_the_config_page():
+    page = committed(Path("docs/reference/config.md"))
+    missing = []
+    for section, model in SECTIONS.items():
+        heading = f"## `{section}`"
+        body = page.split(heading, 1)[1].split("\n## ", 1)[0] if heading in page else ""
+        missing += [f"{section}.{name}" for name in model.model_fields if f"| `{name}` |" not in body]
+    assert not missing, f"config keys missing from docs/reference/config.md: {', '.join(missing)}; {HINT}"
+
+
+def test_every_command_option_is_in_the_cli_page():
+    page = committed(Path("docs/reference/cli.md"))
+    missing = []
+    for path, command in commands(typer.main.get_command(build_app())):
+        heading = f"# `{path}`"
+        if path != "charlm" and heading not in page:
+            missing.append(path)
+            continue
+        body = page.split(heading, 1)[-1].split("\n#", 1)[0] if path != "charlm" else page
+        for param in command.params:
+            for opt in [*param.opts, *getattr(param, "secondary_opts", [])]:
+                shown = f"`{opt}`" if opt.startswith("-") else f"`{(param.metavar or param.name).upper()}`"
+                if path != "charlm" and shown not in body:
+                    missing.append(f"{path} {opt}")
+    assert not missing, f"missing from docs/reference/cli.md: {', '.join(missing)}; {HINT}"
