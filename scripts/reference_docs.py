@@ -1,7 +1,9 @@
 """Write docs/reference/config.md and docs/reference/cli.md from the code, so they cannot drift.
 
-The config page walks the pydantic sections (charlm.config.SECTIONS): each key's type, default and
-description (the Field's description, else the field's comment in its module's source). The CLI
+The config page walks the pydantic sections (charlm.config.SECTIONS): each section's docstring, and each
+key's type, default, description (the Field's description, else the field's comment in its module's source;
+tests/test_reference_docs.py requires the description) and range; "see the Training guide" and the other
+LINKS phrases become links into the site. The example errors come from the validation code itself. The CLI
 page walks the click objects of the Typer app (typer.main.get_command), not rendered --help text, so
 the output does not depend on the terminal width. The output is the same bytes on every run.
 
@@ -15,6 +17,7 @@ import argparse
 import ast
 import inspect
 import io
+import json
 import sys
 import tokenize
 import types
@@ -27,7 +30,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from charlm.cli.commands import build_app
-from charlm.config import SECTIONS
+from charlm.config import SECTIONS, ConfigError, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PAGE = Path("docs/reference/config.md")
@@ -90,51 +93,123 @@ def yaml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(yaml_value(v) for v in value) + "]"
     if isinstance(value, str):
-        return repr(value) if value.strip() != value or not value else value
+        # quoted (a YAML double-quoted string is JSON's) where a bare word would read differently
+        return json.dumps(value, ensure_ascii=False) if value.strip() != value or not value else value
     return str(value)
 
 
-def bounds(metadata: Any) -> list[str]:
-    """A Field's constraints as users read them: > 0, <= 1024, at least 1 character."""
-    found = []
-    for attr, symbol in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-        value = getattr(metadata, attr, None)
-        if value is not None:
-            found.append(f"{symbol} {value}")
-    if getattr(metadata, "min_length", None) is not None:
-        found.append(f"length >= {metadata.min_length}")
-    return found
+def number(value: float) -> str:
+    """A bound as a reader writes it: 1,048,576 rather than 1048576."""
+    return f"{value:,}" if isinstance(value, int) and abs(value) >= 10_000 else f"{value:g}"
+
+
+def is_int(annotation: Any) -> bool:
+    """int, or int | None: a bound such as > 0 then reads "at least 1"."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return annotation is int or int in args
+
+
+def allowed(info: Any) -> str:
+    """A Field's constraints as a sentence: "Range: (0, 1).", "Range: 1 to 1,024.", "Range: at least 0."."""
+    low = high = None  # (value, inclusive)
+    nonempty = False
+    for metadata in info.metadata:
+        for attr, bound in (("gt", False), ("ge", True)):
+            if getattr(metadata, attr, None) is not None:
+                low = (getattr(metadata, attr), bound)
+        for attr, bound in (("lt", False), ("le", True)):
+            if getattr(metadata, attr, None) is not None:
+                high = (getattr(metadata, attr), bound)
+        nonempty = nonempty or bool(getattr(metadata, "min_length", None))
+    if is_int(info.annotation):  # whole numbers: > 0 is at least 1
+        low = (low[0] + 1, True) if low and not low[1] else low
+        high = (high[0] - 1, True) if high and not high[1] else high
+        if low and high:
+            return f"Range: {number(low[0])} to {number(high[0])}."
+    if low and high:
+        return f"Range: {'[' if low[1] else '('}{number(low[0])}, {number(high[0])}{']' if high[1] else ')'}."
+    if low:
+        return f"Range: {'at least' if low[1] else 'greater than'} {number(low[0])}."
+    if high:
+        return f"Range: {'at most' if high[1] else 'less than'} {number(high[0])}."
+    return "Must not be an empty string." if nonempty else ""
+
+
+# Plain words in the descriptions that become links on the site (relative to docs/reference/).
+LINKS = {
+    "Models and backends page": "../internals/models.md",
+    "Training guide": "../guide/training.md",
+    "Fine-tuning guide": "../guide/fine-tuning.md",
+    "Tracking runs guide": "../guide/tracking.md",
+}
+
+EXAMPLE_CONFIG = """\
+data:
+  path: builtin:python-stdlib   # required
+model:
+  type: lstm
+  hidden_size: 256
+train:
+  max_steps: 2000               # a budget: max_steps, max_time or both
+  lr: 2e-3
+"""
+EXAMPLE_MISTAKES = {"data": {"path": "input.txt"}, "train": {"max_step": 2000, "lr": -1}}
+
+
+def linked(text: str) -> str:
+    """`text` with each LINKS phrase made a link into the site."""
+    for phrase, target in LINKS.items():
+        text = text.replace(f"the {phrase}", f"the [{phrase}]({target})")
+    return text
+
+
+def example_errors() -> str:
+    """What the CLI prints for EXAMPLE_MISTAKES, from the validation code itself."""
+    try:
+        validate_config(EXAMPLE_MISTAKES, "config.yaml")
+    except ConfigError as err:
+        return "".join(f"charlm: error: {line}\n" for line in str(err).splitlines())
+    raise AssertionError("EXAMPLE_MISTAKES validated")
+
+
+def default_of(info: Any) -> str:
+    if info.is_required() or (info.default_factory is None and info.default is PydanticUndefined):
+        return "required"
+    if info.default_factory is not None:
+        return f"`{yaml_value(info.default_factory())}`"
+    return f"`{yaml_value(info.default)}`"
 
 
 def config_page() -> str:
+    names = [f"[`{name}`](#{name})" for name in SECTIONS]  # each heading's anchor
     out = [
         HEADER,
         "# Config reference\n\n",
-        "A config has four sections. Every key can be set in YAML or overridden with "
-        "`--set section.key=value` (the value is parsed as YAML). Unknown keys, wrong types and "
-        "out-of-range values are errors naming the dotted key.\n",
+        f"A config is one YAML file with the sections {', '.join(names[:-1])} and {names[-1]}. "
+        "Only `data.path` and a training budget (`train.max_steps`, `train.max_time` or both) are required; every "
+        "other key has the default shown below.\n\n",
+        f"```yaml\n{EXAMPLE_CONFIG}```\n\n",
+        "Every key can also be set on the command line with `--set section.key=value`, as often as needed, for "
+        "example `--set train.lr=1e-3 --set model.dropout=0.2`. The value is parsed as YAML: `1e-3`, `true`, "
+        "`null`, `[0.9, 0.95]`.\n\n",
+        "Unknown keys, wrong types and out-of-range values are errors naming the dotted key (with the closest "
+        "valid name for a typo), one problem per line, exit code 2:\n\n",
+        f"```text\n{example_errors()}```\n\n",
+        "The commands and their options are in the [CLI reference](cli.md).\n",
     ]
     for section, model in SECTIONS.items():
         out.append(f"\n## `{section}`\n\n")
-        doc = (model.__doc__ or "").strip()
+        doc = inspect.cleandoc(model.__doc__ or "")
         if doc and model.__doc__ != BaseModel.__doc__ and "A base class" not in doc:
-            out.append(f"{cell(doc)}\n\n")
+            out.append(f"{linked(' '.join(doc.split()))}\n\n")
         out.append("| key | type | default | description |\n| --- | --- | --- | --- |\n")
         comments = field_comments(model)
         for name, info in model.model_fields.items():
-            if info.is_required():
-                default = "required"
-            elif info.default_factory is not None:
-                default = f"`{yaml_value(info.default_factory())}`"  # type: ignore[call-arg]
-            elif info.default is PydanticUndefined:
-                default = "required"
-            else:
-                default = f"`{yaml_value(info.default)}`"
-            constraints = [bound for m in info.metadata for bound in bounds(m)]
             description = info.description or comments.get(name, "")
-            if constraints:
-                description = f"{description} ({', '.join(constraints)})" if description else ", ".join(constraints)
-            out.append(f"| `{name}` | {type_name(info.annotation)} | {cell(default)} | {cell(description)} |\n")
+            description = " ".join(part for part in (description, allowed(info)) if part)
+            out.append(
+                f"| `{name}` | {type_name(info.annotation)} | {cell(default_of(info))} | {linked(cell(description))} |\n"
+            )
     return "".join(out)
 
 

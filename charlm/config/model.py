@@ -33,17 +33,76 @@ MAX_GATES = 4  # the most gate blocks of any cell type (LSTM: i, f, g, o): the c
 
 
 class ModelConfig(Section):
-    type: CellType = "lstm"
-    hidden_size: int = Field(256, gt=0, le=MAX_WIDTH)
-    num_layers: int = Field(2, gt=0, le=MAX_LAYERS)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    weight_dropout: float = Field(0.0, ge=0, lt=1)  # DropConnect on the recurrent weights
-    locked_dropout: bool = False  # dropout masks held for all steps of a window (variational dropout)
-    input_dropout: float = Field(0.0, ge=0, lt=1)  # on the embedded (or one-hot) input
-    embedding_dropout: float = Field(0.0, ge=0, lt=1)  # whole characters' embedding rows
-    input: Literal["onehot", "embedding"] = "embedding"
-    embedding_dim: int = Field(64, gt=0, le=MAX_WIDTH)
-    backend: Backend = registry.AUTO  # kept as written; the run resolves auto (registry.resolve_backend)
+    """The network: the recurrent cell and its size, dropout, how characters enter it, and the backend that runs
+    it. A model with its vocabulary must stay under 2^33 (8.6 billion) parameters, more than any machine could
+    train."""
+
+    type: CellType = Field(
+        "lstm",
+        description="The recurrent cell: `rnn` (tanh), `lstm`, `gru` or `mingru`; see the Models and backends page.",
+    )
+    hidden_size: int = Field(
+        256,
+        gt=0,
+        le=MAX_WIDTH,
+        description="Hidden units per layer (H).",
+    )
+    num_layers: int = Field(
+        2,
+        gt=0,
+        le=MAX_LAYERS,
+        description="Stacked recurrent layers (L).",
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout between the recurrent layers and before the output layer, while training.",
+    )
+    weight_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="DropConnect on the recurrent weights (`weight_hh`) while training: one random mask per layer "
+        "per window, shared by all its steps. `mingru` has no recurrent weights, so it needs `0`.",
+    )
+    locked_dropout: bool = Field(
+        False,
+        description="`true`: every dropout mask is drawn once per window and used at all its steps (variational "
+        "dropout); `false`: a fresh mask at every step.",
+    )
+    input_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the model's input: the embedded (or one-hot) characters.",
+    )
+    embedding_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Drops whole characters: zeroes random rows of the embedding table at each forward call while "
+        "training. Needs `input: embedding`.",
+    )
+    input: Literal["onehot", "embedding"] = Field(
+        "embedding",
+        description="How a character enters the network: `onehot` (the input is the one-hot vector) or "
+        "`embedding` (a learned table of `embedding_dim` numbers per character).",
+    )
+    embedding_dim: int = Field(
+        64,
+        gt=0,
+        le=MAX_WIDTH,
+        description="Size of each character's embedding (E). Ignored with `input: onehot`.",
+    )
+    # Kept as written in config.yaml; the run resolves auto (registry.resolve_backend).
+    backend: Backend = Field(
+        registry.AUTO,
+        description="What runs the recurrence: `auto` (the fastest correct backend for the device and precision, "
+        "measured on the run's shapes), `native` (charlm's own step loops), `fused` (torch's kernels: cuDNN on a "
+        "GPU) or `reference` (each cell's equations in a Python loop). All give the same weights, so a model "
+        "trained with one runs with another; `mingru` has no `fused`. See the Models and backends page.",
+    )
 
     def parameter_bound(self, vocab_size: int) -> int:
         """At least the parameters of this model over `vocab_size` symbols (MAX_GATES gate blocks per layer)."""
