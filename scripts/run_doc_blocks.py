@@ -13,7 +13,9 @@ seconds and off the network, both made by a shell function named `charlm` (it wi
   corpus (the same bytes, so the same SHA-256 checks pass);
 - `charlm train` gets `--set` overrides for a tiny model and a 20-step budget.
 The folder also holds a reader's own text for the "your own text" examples: my_book.txt (English), my_texts/
-(a few files) and poems.txt (a Tang poem per line), cut from the shared corpora.
+(a few files) and poems.txt (a Tang poem per line), cut from the shared corpora. The Tang poems' upstream JSON files
+are not mirrored here, so their converted file is placed where `charlm download tang_poems` writes it (the same
+bytes): that command then finds it, checks its SHA-256 and leaves it be. Pages run in parallel (--jobs).
 
     python scripts/run_doc_blocks.py README.md docs/quickstart.md
     python scripts/run_doc_blocks.py --list README.md     # the blocks, without running them
@@ -24,6 +26,7 @@ Exit 0 when every runnable block exits 0; 1 naming the first block that failed, 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import http.server
 import os
@@ -137,6 +140,8 @@ def reader_folder(where: Path) -> Path:
     if TANG_POEMS.exists():
         poems = TANG_POEMS.read_text(encoding="utf-8").splitlines()[:3000]
         (where / "poems.txt").write_text("\n".join(poems) + "\n", encoding="utf-8")
+        (where / "data" / "tang_poems").mkdir(parents=True)
+        (where / "data" / "tang_poems" / "tang_poems.txt").symlink_to(TANG_POEMS)
     return where
 
 
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("pages", nargs="+", type=Path, help="Markdown pages, relative to the repository root")
     parser.add_argument("--list", action="store_true", help="print the blocks and their marking; run nothing")
+    parser.add_argument("--jobs", type=int, default=2, help="pages run at once (default: 2)")
     parser.add_argument("--verbose", action="store_true", help="print what the blocks print")
     parser.add_argument("--workdir", type=Path, help="where the reader's folders go (default: a temp folder)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for one page")
@@ -186,11 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with tempfile.TemporaryDirectory(prefix="charlm-doc-blocks-") as tmp, corpus_mirror() as mirror:
         base = args.workdir or Path(tmp)
-        for page in pages:
-            folder = reader_folder(base / page.stem)
-            if not run_page(page, folder, mirror, args.timeout, args.verbose):
-                return 1
-    return 0
+        # One folder per page, named by its path (README, docs-quickstart, docs-zh-learning-path, ...).
+        folders = [reader_folder(base / "-".join(page.relative_to(ROOT).with_suffix("").parts)) for page in pages]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            passed = list(
+                pool.map(
+                    lambda page, folder: run_page(page, folder, mirror, args.timeout, args.verbose), pages, folders
+                )
+            )
+    return 0 if all(passed) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""The front page, the quick start, the user guides and the learning paths work as written: every bash block is
+marked runnable or says why not, the front page's and quick start's runnable blocks cover download, train, sample
+and eval, and (slow) every runnable block runs, on tiny data (scripts/run_doc_blocks.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import needs_shared_data
+
+ROOT = Path(__file__).resolve().parents[2]
+FRONT = [ROOT / "README.md", ROOT / "docs" / "quickstart.md"]
+GUIDES = ["training", "data", "sampling", "evaluation", "fine-tuning", "visualisation"]
+PAGES = [
+    *FRONT,
+    *(ROOT / "docs" / "guide" / f"{name}.md" for name in GUIDES),
+    ROOT / "docs" / "learning-path.md",
+    ROOT / "docs" / "zh" / "learning-path.md",
+]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_doc_blocks", ROOT / "scripts" / "run_doc_blocks.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("run_doc_blocks", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_bash_block_is_marked(page):
+    script = load_script()
+    assert script.blocks(page), f"{page.name} has no bash blocks"
+
+
+def test_an_unmarked_block_is_refused(tmp_path):
+    script = load_script()
+    page = tmp_path / "page.md"
+    page.write_text("Text.\n\n```bash\ncharlm train --config x.yaml\n```\n", encoding="utf-8")
+    with pytest.raises(script.MarkingError, match=r"page.md:3: a bash block needs"):
+        script.blocks(page)
+    page.write_text("<!-- not runnable: a server -->\n```bash\ncharlm serve\n```\n", encoding="utf-8")
+    assert [b.runnable for b in script.blocks(page)] == [False]
+
+
+@pytest.mark.parametrize("page", FRONT, ids=lambda p: p.name)
+def test_the_runnable_blocks_cover_the_main_job(page):
+    script = load_script()
+    runnable = "\n".join(block.text for block in script.blocks(page) if block.runnable)
+    for command in ("charlm download", "charlm train", "charlm sample", "charlm eval"):
+        assert command in runnable, f"no runnable block of {page.name} runs {command}"
+
+
+@pytest.mark.slow
+@needs_shared_data(SHAKESPEARE)
+def test_the_runnable_blocks_run_as_written(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_doc_blocks.py"), "--workdir", str(tmp_path)]
+        + [str(page) for page in PAGES],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
