@@ -13,11 +13,14 @@ import typer
 from charlm.cli import library as lib
 from charlm.cli.common import console
 from charlm.config import load_config, with_absolute_paths
-from charlm.errors import UserError
+from charlm.errors import Interrupted, UserError
 from charlm.store.rundir import BEST, CONFIG, LAST
 
 if TYPE_CHECKING:
     from charlm.training.loop import TrainOutcome
+
+# What a signal cut short while the library loads, before the run (and its own stages) began.
+LOADING = "while loading torch; nothing was written"
 
 
 def train(
@@ -56,7 +59,11 @@ def train(
     sets += [f"train.init_from={json.dumps(str(init_from))}"] if init_from is not None else []  # quoted: any path
     cfg = with_absolute_paths(load_config(config, sets))
     run_dir = out if out is not None else Path("runs") / config.stem
-    outcome = lib.train(cfg, run_dir, resume=resume, overwrite=overwrite, display=lib.TrainingDisplay(quiet=quiet))
+    try:
+        start_run, display = lib.train, lib.TrainingDisplay(quiet=quiet)  # imports torch: seconds on a cold start
+    except Interrupted as stop:
+        raise Interrupted(stop.signum, LOADING) from None
+    outcome = start_run(cfg, run_dir, resume=resume, overwrite=overwrite, display=display)
     if outcome.main:
         _report_training(outcome, run_dir)
     if outcome.signal is not None:

@@ -8,6 +8,7 @@ torch-free leaf: the cell types and backends): every other package may import th
 """
 
 from charlm.config.base import ConfigError
+from charlm.config.durations import parse_duration
 from charlm.config.loading import (
     apply_override,
     config_yaml,
@@ -21,7 +22,7 @@ from charlm.config.loading import (
 from charlm.config.model import BACKEND_CHOICES, BACKENDS, Backend, ModelConfig
 from charlm.config.redact import redact_uri
 from charlm.config.schema import SECTIONS, Config, DataConfig, SampleConfig, with_absolute_paths
-from charlm.config.train import TrainConfig, parse_duration
+from charlm.config.train import TrainConfig
 
 __all__ = [
     "BACKEND_CHOICES",

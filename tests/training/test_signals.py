@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PARAGRAPH, ROOT, run_cli, tiny_config, wait_for
+from conftest import PARAGRAPH, ROOT, call, run_cli, tiny_config, wait_for
 
 from charlm.config import config_yaml
+from charlm.errors import Interrupted
 from charlm.store.checkpoint import load_checkpoint
 
 
@@ -261,3 +262,21 @@ def test_the_console_script_runs_the_command():
         pytest.skip("charlm is not installed as a console script beside this python")
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "train" in done.stdout
+
+
+def test_ctrl_c_while_train_loads_torch_ends_in_one_line(monkeypatch, capsys, tmp_path):
+    """The library (torch) loads on first use, seconds on a cold start: a signal then is before the run began."""
+    import charlm.cli.train as train_command
+
+    class LoadingLibrary:
+        @property
+        def train(self):
+            raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(train_command, "lib", LoadingLibrary())
+    config = tmp_path / "c.yaml"
+    config.write_text(config_yaml(tiny_config(tmp_path / "text.txt")), encoding="utf-8")
+    code, out, err = call(capsys, "train", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert code == 130
+    assert err == "charlm: interrupted (SIGINT) while loading torch; nothing was written\n"
+    assert not (tmp_path / "run").exists()
