@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -198,3 +199,13 @@ def trained(tmp_path_factory):
     """A tiny run trained once per module through the real entry point (a subprocess)."""
     run_dir, _, config, result = train_tiny_run(tmp_path_factory.mktemp("trained"))
     return run_dir, config, result
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as a module (the scripts are not a package), registered under its name."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module

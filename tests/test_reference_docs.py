@@ -3,28 +3,18 @@ every config key and every command's option appears in them, and every config ke
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import typer.main
 import yaml
+from conftest import load_script
 
 from charlm.cli.commands import build_app
 from charlm.config import SECTIONS, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HINT = "run `python scripts/reference_docs.py` and commit docs/reference/"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("reference_docs", ROOT / "scripts" / "reference_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("reference_docs", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def committed(relative: Path) -> str:
@@ -39,7 +29,7 @@ def commands(command, path="charlm"):
 
 
 def test_committed_pages_are_what_the_script_writes():
-    script = load_script()
+    script = load_script("reference_docs")
     generated = script.pages()
     assert generated == script.pages(), "the reference pages differ between two runs"
     stale = [str(relative) for relative, text in generated.items() if committed(relative) != text]
@@ -76,7 +66,7 @@ def test_every_config_section_has_a_docstring():
 
 
 def test_config_page_links_point_at_pages_of_the_site():
-    script = load_script()
+    script = load_script("reference_docs")
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     for phrase, target in script.LINKS.items():
         page = target.removeprefix("../")  # from docs/reference/ to the docs/ root
@@ -90,7 +80,7 @@ def test_config_page_links_point_at_pages_of_the_site():
 
 
 def test_the_example_config_on_the_page_is_valid():
-    script = load_script()
+    script = load_script("reference_docs")
     cfg = validate_config(yaml.safe_load(script.EXAMPLE_CONFIG))
     assert cfg.data.path == "builtin:python-stdlib"
 

@@ -4,13 +4,12 @@ and eval, and (slow) every runnable block runs, on tiny data (scripts/run_doc_bl
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import needs_shared_data
+from conftest import load_script, needs_shared_data
 
 ROOT = Path(__file__).resolve().parents[2]
 FRONT = [ROOT / "README.md", ROOT / "docs" / "quickstart.md"]
@@ -24,23 +23,14 @@ PAGES = [
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_doc_blocks", ROOT / "scripts" / "run_doc_blocks.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("run_doc_blocks", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_bash_block_is_marked(page):
-    script = load_script()
+    script = load_script("run_doc_blocks")
     assert script.blocks(page), f"{page.name} has no bash blocks"
 
 
 def test_an_unmarked_block_is_refused(tmp_path):
-    script = load_script()
+    script = load_script("run_doc_blocks")
     page = tmp_path / "page.md"
     page.write_text("Text.\n\n```bash\ncharlm train --config x.yaml\n```\n", encoding="utf-8")
     with pytest.raises(script.MarkingError, match=r"page.md:3: a bash block needs"):
@@ -51,7 +41,7 @@ def test_an_unmarked_block_is_refused(tmp_path):
 
 @pytest.mark.parametrize("page", FRONT, ids=lambda p: p.name)
 def test_the_runnable_blocks_cover_the_main_job(page):
-    script = load_script()
+    script = load_script("run_doc_blocks")
     runnable = "\n".join(block.text for block in script.blocks(page) if block.runnable)
     for command in ("charlm download", "charlm train", "charlm sample", "charlm eval"):
         assert command in runnable, f"no runnable block of {page.name} runs {command}"

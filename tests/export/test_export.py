@@ -4,7 +4,6 @@ scripts/onnx_sample.py samples from the .onnx file with numpy and onnxruntime on
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from conftest import PARAGRAPH, ROOT, run_cli, tiny_config, train_tiny_run
+from conftest import PARAGRAPH, ROOT, load_script, run_cli, tiny_config, train_tiny_run
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -356,13 +355,6 @@ def test_onnx_sample_needs_no_torch_and_matches_charlm_sample(run, onnx_file, no
     assert bad.returncode == 2 and "never saw in training" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("onnx_sample", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "unit,specials,documents,newlines",
     [
@@ -374,7 +366,7 @@ def load_script():
     ],
 )
 def test_script_reads_prompts_and_decodes_as_charlm(unit, specials, documents, newlines):
-    script = load_script()
+    script = load_script("onnx_sample")
     chars = [] if unit == "bytes" else sorted(set("It was the best of times, ") - ({"\n"} if documents else set()))
     vocab = Vocab(chars, unit, specials)
     data = {"unit": unit, "newlines": newlines, "normalize": "none", "documents": "lines" if documents else "none"}
@@ -402,7 +394,7 @@ def read(ids, error: type) -> list[int] | str:
 
 
 def test_script_decoding_rules():
-    script = load_script()
+    script = load_script("onnx_sample")
     rng = np.random.default_rng(0)
     logits = np.array([[0.1, 2.0, -1.0, 1.9], [3.0, 0.0, 0.5, -2.0]], dtype=np.float32)
     argmax = logits.argmax(-1)
