@@ -34,6 +34,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,7 +49,7 @@ TANG_POEMS = SHARED_DATA / "chinese" / "tang_poems.txt"
 RUNNABLE = re.compile(r"^<!--\s*runnable\s*-->$")
 NOT_RUNNABLE = re.compile(r"^<!--\s*not runnable:\s*\S.*-->$")
 MARK = "@@doc-block line "
-FENCE_OPEN = re.compile(r"^```(bash|sh|shell|console)\s*$")
+FENCE_OPEN = re.compile(r"^\s*```(bash|sh|shell|console)\s*$")  # indented too: in a list item or a note
 
 # A tiny model and a 20-step budget: every train command of the docs finishes in seconds, whatever its config.
 TINY_TRAIN = (
@@ -98,7 +99,8 @@ def blocks(page: Path) -> list[Block]:
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), None)
         if end is None:
             raise MarkingError(f"{page}:{i + 1}: the bash block is never closed")
-        found.append(Block(page, i + 1, "\n".join(lines[i + 1 : end]), bool(RUNNABLE.match(above))))
+        text = textwrap.dedent("\n".join(lines[i + 1 : end]))
+        found.append(Block(page, i + 1, text, bool(RUNNABLE.match(above))))
         i = end + 1
     return found
 
@@ -148,7 +150,8 @@ def reader_folder(where: Path) -> Path:
 def run_page(page: Path, folder: Path, mirror: str, timeout: float, verbose: bool = False) -> bool:
     """Run a page's runnable blocks in order in one bash, as a reader pastes them into one terminal."""
     runnable = [b for b in blocks(page) if b.runnable]
-    env = dict(os.environ, DOC_MIRROR=mirror, DOC_TINY_TRAIN=TINY_TRAIN)
+    # DO_NOT_TRACK: MLflow's usage telemetry would reach for the network (the tracking guide says so)
+    env = dict(os.environ, DOC_MIRROR=mirror, DOC_TINY_TRAIN=TINY_TRAIN, DO_NOT_TRACK="true")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     script = PRELUDE + "".join(f"echo '{MARK}{b.line}' >&2\n{b.text}\n" for b in runnable)
     print(f"{page.relative_to(ROOT)}: {len(runnable)} runnable blocks", flush=True)
