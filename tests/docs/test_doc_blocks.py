@@ -13,7 +13,7 @@ from conftest import load_script, needs_shared_data
 
 ROOT = Path(__file__).resolve().parents[2]
 FRONT = [ROOT / "README.md", ROOT / "docs" / "quickstart.md"]
-GUIDES = ["training", "data", "sampling", "evaluation", "fine-tuning", "visualisation", "tracking"]
+GUIDES = ["training", "data", "sampling", "evaluation", "fine-tuning", "visualisation", "tracking", "export"]
 PAGES = [
     *FRONT,
     *(ROOT / "docs" / "guide" / f"{name}.md" for name in GUIDES),
